@@ -1,0 +1,3 @@
+DROP TABLE templates;
+DROP TABLE environment_events;
+DROP TABLE environments;

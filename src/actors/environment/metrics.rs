@@ -1,0 +1,148 @@
+//! Metrics sampled from inside a running environment over SSH: one shell command prints tagged
+//! lines from /proc and df; [`parse`] turns them into a [`Sample`]. Pure, so it is tested on text.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+/// Two CPU readings a second apart, memory, the disk holding the working directory, network
+/// byte counters (all interfaces but loopback) and uptime.
+pub const COMMAND: &str = r#"sh -c 'echo "cpu1 $(head -n1 /proc/stat)"; sleep 1; echo "cpu2 $(head -n1 /proc/stat)"; awk "/^MemTotal:|^MemAvailable:/ {print \"mem \" \$1 \" \" \$2}" /proc/meminfo; df -Pk . | awk "NR==2 {print \"disk \" \$2 \" \" \$3}"; awk "NR>2 {gsub(\":\", \" \"); if (\$1 != \"lo\") {rx += \$2; tx += \$10}} END {print \"net \" rx+0 \" \" tx+0}" /proc/net/dev; awk "{print \"uptime \" \$1}" /proc/uptime'"#;
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Sample {
+    /// Percent of CPU time busy over the sampling second.
+    pub cpu_usage: f64,
+    /// Percent of memory in use (total minus available).
+    pub memory_usage: f64,
+    /// Percent of the disk in use.
+    pub disk_usage: f64,
+    /// Bytes received since boot.
+    pub network_in: u64,
+    /// Bytes sent since boot.
+    pub network_out: u64,
+    /// Seconds since boot.
+    pub uptime: u64,
+    pub timestamp: DateTime<Utc>,
+}
+
+fn cpu_counters(line: &str) -> Option<(u64, u64)> {
+    // "cpu  user nice system idle iowait irq softirq steal ..."
+    let values: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    if values.len() < 4 {
+        return None;
+    }
+    let idle = values[3] + values.get(4).copied().unwrap_or(0);
+    Some((values.iter().sum(), idle))
+}
+
+fn percent(part: f64, whole: f64) -> f64 {
+    if whole <= 0.0 {
+        0.0
+    } else {
+        ((part / whole) * 1000.0).round() / 10.0
+    }
+}
+
+/// Parse the output of [`COMMAND`]; `None` when it holds nothing usable.
+pub fn parse(output: &str, timestamp: DateTime<Utc>) -> Option<Sample> {
+    let mut cpu1 = None;
+    let mut cpu2 = None;
+    let (mut mem_total, mut mem_available) = (None, None);
+    let mut disk = None;
+    let mut net = (0, 0);
+    let mut uptime = 0;
+    for line in output.lines() {
+        let (tag, rest) = line.split_once(' ').unwrap_or((line, ""));
+        let nums: Vec<&str> = rest.split_whitespace().collect();
+        match tag {
+            "cpu1" => cpu1 = cpu_counters(rest),
+            "cpu2" => cpu2 = cpu_counters(rest),
+            "mem" => match (
+                nums.first(),
+                nums.get(1).and_then(|v| v.parse::<f64>().ok()),
+            ) {
+                (Some(&"MemTotal:"), Some(v)) => mem_total = Some(v),
+                (Some(&"MemAvailable:"), Some(v)) => mem_available = Some(v),
+                _ => {}
+            },
+            "disk" => {
+                if let (Some(total), Some(used)) = (
+                    nums.first().and_then(|v| v.parse::<f64>().ok()),
+                    nums.get(1).and_then(|v| v.parse::<f64>().ok()),
+                ) {
+                    disk = Some(percent(used, total));
+                }
+            }
+            "net" => {
+                net = (
+                    nums.first().and_then(|v| v.parse().ok()).unwrap_or(0),
+                    nums.get(1).and_then(|v| v.parse().ok()).unwrap_or(0),
+                );
+            }
+            "uptime" => {
+                uptime = nums
+                    .first()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .map_or(0, |v| v as u64);
+            }
+            _ => {}
+        }
+    }
+    let cpu_usage = match (cpu1, cpu2) {
+        (Some((t1, i1)), Some((t2, i2))) if t2 > t1 => {
+            let total = (t2 - t1) as f64;
+            percent(total - i2.saturating_sub(i1) as f64, total)
+        }
+        _ => 0.0,
+    };
+    let memory_usage = match (mem_total, mem_available) {
+        (Some(total), Some(available)) => percent(total - available, total),
+        _ => return None,
+    };
+    Some(Sample {
+        cpu_usage,
+        memory_usage,
+        disk_usage: disk.unwrap_or(0.0),
+        network_in: net.0,
+        network_out: net.1,
+        uptime,
+        timestamp,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_command_output() {
+        let out = "cpu1 cpu  100 0 100 800 0 0 0 0 0 0\n\
+                   cpu2 cpu  150 0 150 900 0 0 0 0 0 0\n\
+                   mem MemTotal: 1000\nmem MemAvailable: 250\n\
+                   disk 2000 500\nnet 12345 678\nuptime 3600.52\n";
+        let s = parse(out, Utc::now()).expect("sample");
+        assert_eq!(s.cpu_usage, 50.0);
+        assert_eq!(s.memory_usage, 75.0);
+        assert_eq!(s.disk_usage, 25.0);
+        assert_eq!((s.network_in, s.network_out, s.uptime), (12345, 678, 3600));
+        assert!(parse("garbage", Utc::now()).is_none());
+    }
+
+    #[test]
+    fn the_command_runs_here() {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(COMMAND.trim_start_matches("sh -c ").trim_matches('\''))
+            .output()
+            .expect("sh");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let s = parse(&text, Utc::now()).expect("real sample");
+        assert!(s.memory_usage > 0.0 && s.memory_usage <= 100.0, "{text}");
+        assert!(s.uptime > 0, "{text}");
+        assert!(s.disk_usage > 0.0, "{text}");
+    }
+}

@@ -1,0 +1,379 @@
+//! The environments supervisor and its children, one [`actor::EnvironmentActor`] per environment.
+//!
+//! It starts an actor for every environment that is not terminated when the server starts, and
+//! for each new one. A failed actor is restarted with exponential backoff within the restart
+//! policy; past it the environment is put in `error` (recoverable with `POST /recover`) and its
+//! actor stays down. Actors that end normally (terminated) are forgotten.
+
+pub mod actor;
+pub mod machine;
+pub mod metrics;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+
+use self::actor::{EnvArgs, EnvDeps, EnvMsg, EnvUpdate, EnvironmentActor};
+use self::machine::{Event, Machine};
+use super::directory::{Directory, Pending, RestartDecision, RestartPolicy, RestartTracker};
+use crate::clock::{db_now, from_db};
+use crate::store::environments::{self as store, NewEvent, StatusChange};
+
+pub const SUPERVISOR_ID: &str = "environments";
+const KIND: &str = "environment";
+
+pub fn actor_id(environment_id: &str) -> String {
+    format!("{KIND}:{environment_id}")
+}
+
+/// Live environment actors by environment id, for the front end to message directly. Written
+/// only by the supervisor; the lock is held just to clone or replace a reference.
+pub type EnvRegistry = Arc<RwLock<HashMap<String, (ActorRef<EnvMsg>, Pending)>>>;
+
+pub enum EnvironmentsMsg {
+    /// Start the actor of this environment (new, resumed, or recovered after giving up).
+    Spawn(String),
+    /// Scheduled restart after a backoff.
+    Respawn(String),
+    /// Fault injection: make one environment actor panic. Replies whether it existed.
+    Crash {
+        environment_id: String,
+        reply: RpcReplyPort<bool>,
+    },
+    /// Fault injection: make the supervisor itself panic.
+    CrashSelf(String),
+}
+
+pub struct EnvironmentsSupervisor;
+
+pub struct EnvironmentsArgs {
+    pub pending: Pending,
+    pub directory: Directory,
+    pub policy: RestartPolicy,
+    pub deps: Arc<EnvDeps>,
+    pub registry: EnvRegistry,
+}
+
+pub struct EnvironmentsState {
+    args: EnvironmentsArgs,
+    by_actor: HashMap<ActorId, (String, String)>, // actor → (environment id, owner)
+    trackers: HashMap<String, RestartTracker>,
+}
+
+impl EnvironmentsState {
+    async fn spawn(
+        &mut self,
+        myself: &ActorRef<EnvironmentsMsg>,
+        environment_id: &str,
+    ) -> Result<(), ActorProcessingErr> {
+        if self.registry_has(environment_id) {
+            return Ok(());
+        }
+        let owner = {
+            let mut conn = self.args.deps.db.get().await?;
+            match store::get(&mut conn, environment_id).await? {
+                Some(row) if row.status != "terminated" => row.user_id,
+                _ => return Ok(()),
+            }
+        };
+        let pending = Pending::default();
+        let id = actor_id(environment_id);
+        // In the directory before it starts, so the actor can record its phase from pre_start.
+        self.args.directory.starting(
+            KIND,
+            &id,
+            Some(SUPERVISOR_ID),
+            Some(&owner),
+            self.args.policy,
+            pending.clone(),
+        );
+        let spawned = Actor::spawn_linked(
+            None,
+            EnvironmentActor,
+            EnvArgs {
+                environment_id: environment_id.to_string(),
+                deps: self.args.deps.clone(),
+                pending: pending.clone(),
+                directory: self.args.directory.clone(),
+                directory_id: id.clone(),
+            },
+            myself.get_cell(),
+        )
+        .await;
+        let actor = match spawned {
+            Ok((actor, _)) => actor,
+            Err(e) => {
+                // pre_start failed (e.g. the database was unreachable): count it like a crash.
+                tracing::error!(environment = environment_id, error = %e, "environment actor failed to start");
+                return self
+                    .failed(myself, environment_id, &owner, &e.to_string())
+                    .await;
+            }
+        };
+        self.args.directory.started(
+            KIND,
+            &id,
+            Some(SUPERVISOR_ID),
+            Some(&owner),
+            self.args.policy,
+            pending.clone(),
+        );
+        self.by_actor
+            .insert(actor.get_id(), (environment_id.to_string(), owner));
+        self.args
+            .registry
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(environment_id.to_string(), (actor, pending));
+        Ok(())
+    }
+
+    fn registry_has(&self, environment_id: &str) -> bool {
+        self.args
+            .registry
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(environment_id)
+    }
+
+    fn forget(&mut self, actor: ActorId) -> Option<(String, String)> {
+        let (env_id, owner) = self.by_actor.remove(&actor)?;
+        self.args
+            .registry
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&env_id);
+        Some((env_id, owner))
+    }
+
+    async fn failed(
+        &mut self,
+        myself: &ActorRef<EnvironmentsMsg>,
+        environment_id: &str,
+        owner: &str,
+        error: &str,
+    ) -> Result<(), ActorProcessingErr> {
+        let id = actor_id(environment_id);
+        let now = self.args.directory.now();
+        let policy = self.args.policy;
+        let tracker = self
+            .trackers
+            .entry(environment_id.to_string())
+            .or_insert_with(|| RestartTracker::new(policy));
+        match tracker.on_failure(now) {
+            RestartDecision::Restart(n) => {
+                let base = self.args.deps.config.environments.restart_backoff_ms.max(1);
+                let delay = Duration::from_millis(base.saturating_mul(1 << (n - 1).min(10)));
+                tracing::warn!(actor = %id, restart = n, delay_ms = delay.as_millis() as u64, error, "environment actor failed; restarting after backoff");
+                if !self.args.directory.has(&id) {
+                    self.args.directory.started(
+                        KIND,
+                        &id,
+                        Some(SUPERVISOR_ID),
+                        Some(owner),
+                        policy,
+                        Pending::default(),
+                    );
+                }
+                self.args.directory.failed(&id, error, false);
+                self.args.directory.set_phase(&id, Some("restarting"));
+                let env_id = environment_id.to_string();
+                myself.send_after(delay, move || EnvironmentsMsg::Respawn(env_id));
+            }
+            RestartDecision::GiveUp => {
+                tracing::error!(actor = %id, error, "environment actor failed past its restart limit; environment set to error");
+                if !self.args.directory.has(&id) {
+                    self.args.directory.started(
+                        KIND,
+                        &id,
+                        Some(SUPERVISOR_ID),
+                        Some(owner),
+                        policy,
+                        Pending::default(),
+                    );
+                }
+                self.args.directory.failed(&id, error, true);
+                let message = format!(
+                    "The environment's actor failed {} times within {} s ({error}); recover to retry",
+                    policy.limit + 1,
+                    policy.window.num_seconds()
+                );
+                if let Err(e) = self.mark_error(environment_id, &message).await {
+                    tracing::error!(environment = environment_id, error = %e, "could not record the failure");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The actor is down for good: persist `error` on its behalf (keeping the failed phase).
+    async fn mark_error(&self, environment_id: &str, message: &str) -> anyhow::Result<()> {
+        let deps = &self.args.deps;
+        let mut conn = deps.db.get().await?;
+        let Some(row) = store::get(&mut conn, environment_id).await? else {
+            return Ok(());
+        };
+        let machine = Machine {
+            status: row.status.parse().unwrap_or(machine::Status::Error),
+            phase: row.phase.as_deref().and_then(|p| p.parse().ok()),
+            progress: row.progress.clamp(0, 100) as u8,
+            has_instance: row.instance_id.is_some(),
+            error: row.error_message.clone(),
+        };
+        let Ok((next, _)) = machine.step(&Event::Failed {
+            message: message.to_string(),
+        }) else {
+            return Ok(()); // already in error (or terminated)
+        };
+        let now = db_now(deps.clock.as_ref());
+        let change = StatusChange {
+            status: next.status.as_str().into(),
+            progress: i32::from(next.progress),
+            phase: next.phase.map(|p| p.as_str().to_string()),
+            message: Some(message.to_string()),
+            error_message: Some(message.to_string()),
+            installation_completed: row.installation_completed,
+            updated_at: now,
+        };
+        let event = NewEvent {
+            environment_id: environment_id.to_string(),
+            occurred_at: now,
+            kind: "status".into(),
+            level: "error".into(),
+            source: "supervisor".into(),
+            message: message.to_string(),
+            status: Some(change.status.clone()),
+            status_version: None,
+        };
+        let version = store::record_transition(&mut conn, environment_id, &change, event).await?;
+        let _ = deps.bus.send(EnvUpdate::EnvironmentStatus {
+            environment_id: environment_id.to_string(),
+            user_id: row.user_id,
+            status: next.status,
+            status_version: version,
+            progress: next.progress,
+            message: Some(message.to_string()),
+            timestamp: from_db(now),
+        });
+        Ok(())
+    }
+}
+
+impl Actor for EnvironmentsSupervisor {
+    type Msg = EnvironmentsMsg;
+    type State = EnvironmentsState;
+    type Arguments = EnvironmentsArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: EnvironmentsArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        // Every environment not in a final state gets its actor back.
+        let ids = {
+            let mut conn = args.deps.db.get().await?;
+            store::resumable_ids(&mut conn).await?
+        };
+        args.registry
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        for id in ids {
+            args.pending.sent();
+            let _ = myself.cast(EnvironmentsMsg::Spawn(id));
+        }
+        Ok(EnvironmentsState {
+            args,
+            by_actor: HashMap::new(),
+            trackers: HashMap::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state.args.pending.handled();
+        match msg {
+            EnvironmentsMsg::Spawn(environment_id) => {
+                // An explicit spawn (create, recover) starts from a clean restart record.
+                state.trackers.remove(&environment_id);
+                state.spawn(&myself, &environment_id).await?;
+            }
+            EnvironmentsMsg::Respawn(environment_id) => {
+                state.spawn(&myself, &environment_id).await?;
+            }
+            EnvironmentsMsg::Crash {
+                environment_id,
+                reply,
+            } => {
+                let target = state
+                    .args
+                    .registry
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&environment_id)
+                    .cloned();
+                let found = match target {
+                    Some((actor, pending)) => {
+                        pending.sent();
+                        actor
+                            .cast(EnvMsg::Crash(format!(
+                                "fault injection: crash requested for {}",
+                                actor_id(&environment_id)
+                            )))
+                            .is_ok()
+                    }
+                    None => false,
+                };
+                let _ = reply.send(found);
+            }
+            EnvironmentsMsg::CrashSelf(message) => panic!("{message}"),
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorFailed(cell, error) => {
+                if let Some((env_id, owner)) = state.forget(cell.get_id()) {
+                    state
+                        .failed(&myself, &env_id, &owner, &error.to_string())
+                        .await?;
+                }
+            }
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                if let Some((env_id, _)) = state.forget(cell.get_id()) {
+                    tracing::debug!(environment = %env_id, ?reason, "environment actor stopped");
+                    state.trackers.remove(&env_id);
+                    state.args.directory.remove(&actor_id(&env_id));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state
+            .args
+            .registry
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        Ok(())
+    }
+}

@@ -1,0 +1,345 @@
+//! The supervision tree (ractor): root → sessions supervisor → UserSession actors, and root →
+//! environments supervisor. [`Actors`] is the front end's handle: it forwards messages into the
+//! tree and never blocks on it.
+
+pub mod directory;
+pub mod environment;
+pub mod root;
+pub mod session;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration as StdDuration;
+
+use ractor::{Actor, ActorRef};
+use tokio::task::JoinHandle;
+
+use directory::{ActorStatus, Directory, Pending, RestartPolicy};
+use environment::actor::{EnvDeps, EnvMsg, EnvUpdate};
+use environment::machine::{Event, Rejected, Status};
+use environment::{EnvRegistry, EnvironmentsMsg};
+use root::{ROOT_ID, RootArgs, RootMsg, RootSupervisor, Slot, read_slot};
+use session::SessionsMsg;
+
+/// How long a fault-injection request waits for the supervisor's answer.
+const CRASH_REPLY_TIMEOUT: StdDuration = StdDuration::from_secs(5);
+/// How long a request waits for an environment actor to take a command.
+const COMMAND_TIMEOUT: StdDuration = StdDuration::from_secs(10);
+
+/// An environment actor could not be reached (restarting after a failure, or busy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EnvUnavailable;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashOutcome {
+    Crashed,
+    NotFound,
+    /// The root has no supervisor above it; crashing it would stop the tree.
+    NotAllowed,
+}
+
+#[derive(Clone)]
+pub struct Actors {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: ActorRef<RootMsg>,
+    root_task: Mutex<Option<JoinHandle<()>>>,
+    sessions: Slot<SessionsMsg>,
+    environments: Slot<EnvironmentsMsg>,
+    sessions_pending: Pending,
+    environments_pending: Pending,
+    directory: Directory,
+    env_registry: EnvRegistry,
+    env_deps: Arc<EnvDeps>,
+}
+
+impl Actors {
+    pub async fn start(
+        directory: Directory,
+        policy: RestartPolicy,
+        session_idle: StdDuration,
+        env_deps: Arc<EnvDeps>,
+    ) -> anyhow::Result<Self> {
+        let env_registry: EnvRegistry = Arc::default();
+        let sessions: Slot<SessionsMsg> = Arc::default();
+        let environments: Slot<EnvironmentsMsg> = Arc::default();
+        let sessions_pending = Pending::default();
+        let environments_pending = Pending::default();
+        let (root, task) = Actor::spawn(
+            None,
+            RootSupervisor,
+            RootArgs {
+                directory: directory.clone(),
+                policy,
+                session_idle,
+                sessions: sessions.clone(),
+                environments: environments.clone(),
+                sessions_pending: sessions_pending.clone(),
+                environments_pending: environments_pending.clone(),
+                env_deps: env_deps.clone(),
+                env_registry: env_registry.clone(),
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("starting the supervision tree: {e}"))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                root,
+                root_task: Mutex::new(Some(task)),
+                sessions,
+                environments,
+                sessions_pending,
+                environments_pending,
+                directory,
+                env_registry,
+                env_deps,
+            }),
+        })
+    }
+
+    fn send_environments(&self, msg: EnvironmentsMsg) {
+        if let Some(sup) = read_slot(&self.inner.environments) {
+            self.inner.environments_pending.sent();
+            if sup.cast(msg).is_err() {
+                self.inner.environments_pending.handled();
+            }
+        }
+    }
+
+    /// Start (or restart after giving up) the actor of an environment.
+    pub fn spawn_environment(&self, environment_id: &str) {
+        self.send_environments(EnvironmentsMsg::Spawn(environment_id.to_string()));
+    }
+
+    fn environment(&self, environment_id: &str) -> Option<(ActorRef<EnvMsg>, Pending)> {
+        self.inner
+            .env_registry
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(environment_id)
+            .cloned()
+    }
+
+    pub fn environment_running(&self, environment_id: &str) -> bool {
+        self.environment(environment_id).is_some()
+    }
+
+    async fn call_environment<T: Send + 'static>(
+        &self,
+        environment_id: &str,
+        msg: impl FnOnce(ractor::RpcReplyPort<T>) -> EnvMsg,
+    ) -> Result<T, EnvUnavailable> {
+        let (actor, pending) = self.environment(environment_id).ok_or(EnvUnavailable)?;
+        pending.sent();
+        match actor.call(msg, Some(COMMAND_TIMEOUT)).await {
+            Ok(ractor::rpc::CallResult::Success(value)) => Ok(value),
+            _ => Err(EnvUnavailable),
+        }
+    }
+
+    /// Send a user's command to an environment's actor.
+    pub async fn command(
+        &self,
+        environment_id: &str,
+        event: Event,
+    ) -> Result<Result<Status, Rejected>, EnvUnavailable> {
+        self.call_environment(environment_id, |reply| EnvMsg::Command { event, reply })
+            .await
+    }
+
+    /// The latest metrics sample and those since `since`.
+    pub async fn metrics(
+        &self,
+        environment_id: &str,
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> Result<
+        (
+            Option<environment::metrics::Sample>,
+            Vec<environment::metrics::Sample>,
+        ),
+        EnvUnavailable,
+    > {
+        self.call_environment(environment_id, |reply| EnvMsg::Metrics { since, reply })
+            .await
+    }
+
+    /// Tell an environment's actor its settings changed.
+    pub async fn reload(&self, environment_id: &str) -> Result<(), EnvUnavailable> {
+        self.call_environment(environment_id, |reply| EnvMsg::Reload { reply })
+            .await
+    }
+
+    /// A live feed of one environment's updates.
+    pub async fn subscribe(
+        &self,
+        environment_id: &str,
+    ) -> Result<tokio::sync::broadcast::Receiver<EnvUpdate>, EnvUnavailable> {
+        self.call_environment(environment_id, |reply| EnvMsg::Subscribe { reply })
+            .await
+    }
+
+    /// Every environment status change (filter by user).
+    pub fn status_feed(&self) -> tokio::sync::broadcast::Receiver<EnvUpdate> {
+        self.inner.env_deps.bus.subscribe()
+    }
+
+    pub fn directory(&self) -> &Directory {
+        &self.inner.directory
+    }
+
+    fn send_sessions(&self, msg: SessionsMsg) {
+        if let Some(sup) = read_slot(&self.inner.sessions) {
+            self.inner.sessions_pending.sent();
+            if sup.cast(msg).is_err() {
+                self.inner.sessions_pending.handled();
+            }
+        }
+    }
+
+    /// A login session was used: its actor is started if needed and told.
+    pub fn touch_session(&self, session_id: &str, user_id: &str) {
+        self.send_sessions(SessionsMsg::Touch {
+            session_id: session_id.to_string(),
+            user_id: user_id.to_string(),
+        });
+    }
+
+    /// Open or resume a terminal in a login session (its session actor owns the terminal).
+    pub async fn open_terminal(
+        &self,
+        session_id: &str,
+        user_id: &str,
+        request: session::TerminalRequest,
+    ) -> Result<crate::terminal::actor::Attachment, String> {
+        let Some(sup) = read_slot(&self.inner.sessions) else {
+            return Err("sessions are unavailable".into());
+        };
+        self.inner.sessions_pending.sent();
+        let (session_id, user_id) = (session_id.to_string(), user_id.to_string());
+        match sup
+            .call(
+                |reply| SessionsMsg::OpenTerminal {
+                    session_id,
+                    user_id,
+                    request: Box::new(request),
+                    reply,
+                },
+                Some(StdDuration::from_secs(40)),
+            )
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(result)) => result,
+            _ => Err("the session did not answer".into()),
+        }
+    }
+
+    /// Stop the actors of these login sessions (they were revoked or logged out).
+    pub fn stop_sessions(&self, session_ids: Vec<String>, reason: &str) {
+        if session_ids.is_empty() {
+            return;
+        }
+        self.send_sessions(SessionsMsg::Stop {
+            session_ids,
+            reason: reason.to_string(),
+        });
+    }
+
+    /// Fault injection: make the actor with this directory id panic.
+    pub async fn crash(&self, id: &str) -> CrashOutcome {
+        let message = format!("fault injection: crash requested for {id}");
+        if id == ROOT_ID {
+            return CrashOutcome::NotAllowed;
+        }
+        if id == session::SUPERVISOR_ID {
+            return match read_slot(&self.inner.sessions) {
+                Some(sup) if sup.cast(SessionsMsg::CrashSelf(message)).is_ok() => {
+                    self.inner.sessions_pending.sent();
+                    CrashOutcome::Crashed
+                }
+                _ => CrashOutcome::NotFound,
+            };
+        }
+        if id == environment::SUPERVISOR_ID {
+            return match read_slot(&self.inner.environments) {
+                Some(sup) if sup.cast(EnvironmentsMsg::CrashSelf(message)).is_ok() => {
+                    self.inner.environments_pending.sent();
+                    CrashOutcome::Crashed
+                }
+                _ => CrashOutcome::NotFound,
+            };
+        }
+        if let Some(environment_id) = id.strip_prefix("environment:") {
+            let Some(sup) = read_slot(&self.inner.environments) else {
+                return CrashOutcome::NotFound;
+            };
+            self.inner.environments_pending.sent();
+            let environment_id = environment_id.to_string();
+            let reply = sup
+                .call(
+                    |reply| EnvironmentsMsg::Crash {
+                        environment_id,
+                        reply,
+                    },
+                    Some(CRASH_REPLY_TIMEOUT),
+                )
+                .await;
+            return match reply {
+                Ok(ractor::rpc::CallResult::Success(true)) => CrashOutcome::Crashed,
+                _ => CrashOutcome::NotFound,
+            };
+        }
+        let Some(session_id) = id.strip_prefix("session:") else {
+            return CrashOutcome::NotFound;
+        };
+        let Some(sup) = read_slot(&self.inner.sessions) else {
+            return CrashOutcome::NotFound;
+        };
+        self.inner.sessions_pending.sent();
+        let session_id = session_id.to_string();
+        let reply = sup
+            .call(
+                |reply| SessionsMsg::Crash {
+                    session_id,
+                    message,
+                    reply,
+                },
+                Some(CRASH_REPLY_TIMEOUT),
+            )
+            .await;
+        match reply {
+            Ok(ractor::rpc::CallResult::Success(true)) => CrashOutcome::Crashed,
+            _ => CrashOutcome::NotFound,
+        }
+    }
+
+    /// Names of tree parts that are not running (for readiness).
+    pub fn unhealthy(&self) -> Vec<&'static str> {
+        let mut down = Vec::new();
+        if self.inner.root.get_status() != ractor::ActorStatus::Running {
+            down.push(ROOT_ID);
+        }
+        for id in [session::SUPERVISOR_ID, environment::SUPERVISOR_ID] {
+            if self.inner.directory.status_of(id) != Some(ActorStatus::Running) {
+                down.push(id);
+            }
+        }
+        down
+    }
+
+    /// Stop the whole tree and wait for it.
+    pub async fn shutdown(&self) {
+        self.inner.root.stop(Some("server shutting down".into()));
+        let task = self
+            .inner
+            .root_task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        self.inner.directory.remove(ROOT_ID);
+        self.inner.directory.remove_descendants(ROOT_ID);
+    }
+}

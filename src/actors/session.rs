@@ -1,0 +1,595 @@
+//! The sessions supervisor and its children, one UserSession actor per login session.
+//!
+//! A UserSession is the live side of a login: it starts on login (or on first use after a server
+//! restart), stops on logout, revocation, password change or when idle, and will own the session's
+//! WebSocket connections and terminals. The supervisor restarts a failed session actor within the
+//! restart policy and leaves it down past it, recording the failure for ops.
+
+use std::collections::HashMap;
+use std::time::Duration as StdDuration;
+
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::time::Instant;
+
+use super::directory::{Directory, Pending, RestartDecision, RestartPolicy, RestartTracker};
+use crate::terminal::actor::{Attachment, TerminalActor, TerminalArgs, TerminalMsg};
+
+/// What a WebSocket asks for when it opens a terminal.
+pub struct TerminalRequest {
+    /// Resume this terminal (if it still exists in this session).
+    pub terminal_id: Option<String>,
+    /// The last output offset the client has.
+    pub offset: Option<u64>,
+    /// Everything to start a new terminal with, if one is needed.
+    pub args: TerminalArgs,
+    /// Terminals (attached or in their grace period) this session may hold at once; each holds
+    /// an SSH connection and an output ring.
+    pub max_terminals: usize,
+}
+
+pub const SUPERVISOR_ID: &str = "sessions";
+const SESSION_KIND: &str = "session";
+
+pub fn actor_id(session_id: &str) -> String {
+    format!("{SESSION_KIND}:{session_id}")
+}
+
+// ---------------------------------------------------------------- the UserSession actor
+
+pub enum SessionMsg {
+    /// The session was used (any authenticated request or connection).
+    Touch,
+    /// Attach a WebSocket to a terminal of this session, creating the terminal if needed.
+    OpenTerminal {
+        request: Box<TerminalRequest>,
+        reply: RpcReplyPort<Result<Attachment, String>>,
+    },
+    /// The session ended (logout, revocation, password change): close its terminals, then stop.
+    Shutdown(String),
+    /// Stop now, whether or not the terminals have finished closing.
+    ForceStop,
+    /// Timer tick: stop if idle for too long.
+    IdleCheck,
+    /// Fault injection (ops drills and tests): panic inside the handler.
+    Crash(String),
+}
+
+pub struct UserSession;
+
+pub struct SessionArgs {
+    pub session_id: String,
+    pub user_id: String,
+    pub idle_after: StdDuration,
+    pub pending: Pending,
+    pub directory: Directory,
+}
+
+pub struct SessionState {
+    args: SessionArgs,
+    last_activity: Instant,
+    terminals: HashMap<String, (ActorRef<TerminalMsg>, String)>, // id → (actor, environment id)
+    /// Shutting down: stop once the last terminal has closed.
+    closing: Option<String>,
+}
+
+/// How long a shutting-down session waits for its terminals to close their WebSockets.
+const SHUTDOWN_GRACE: StdDuration = StdDuration::from_secs(2);
+
+/// How long attaching to a terminal may take (connecting SSH included).
+const ATTACH_TIMEOUT: StdDuration = StdDuration::from_secs(30);
+
+impl SessionState {
+    async fn open_terminal(
+        &mut self,
+        myself: &ActorRef<SessionMsg>,
+        request: Box<TerminalRequest>,
+    ) -> Result<Attachment, String> {
+        let env_id = request.args.environment.id.clone();
+        let existing = request
+            .terminal_id
+            .as_ref()
+            .and_then(|id| self.terminals.get(id))
+            .filter(|(_, env)| *env == env_id)
+            .map(|(actor, _)| actor.clone());
+        let (actor, offset, expired) = match existing {
+            Some(actor) => (actor, request.offset, false),
+            None if self.terminals.len() >= request.max_terminals => {
+                return Err(format!(
+                    "too many open terminals in this session ({}); close some or let detached ones expire",
+                    self.terminals.len()
+                ));
+            }
+            None => {
+                let terminal_id = request.args.terminal_id.clone();
+                let directory = request.args.directory.clone();
+                let directory_id = request.args.directory_id.clone();
+                directory.started(
+                    "terminal",
+                    &directory_id,
+                    Some(&actor_id(&self.args.session_id)),
+                    Some(&self.args.user_id),
+                    RestartPolicy {
+                        limit: 0,
+                        window: chrono::Duration::seconds(1),
+                    },
+                    Pending::default(),
+                );
+                let spawned =
+                    Actor::spawn_linked(None, TerminalActor, request.args, myself.get_cell()).await;
+                let actor = match spawned {
+                    Ok((actor, _)) => actor,
+                    Err(e) => {
+                        directory.remove(&directory_id);
+                        return Err(e.to_string());
+                    }
+                };
+                self.terminals.insert(terminal_id, (actor.clone(), env_id));
+                // A new terminal streams from its very first byte (tmux's first screen).
+                (actor, Some(0), request.terminal_id.is_some())
+            }
+        };
+        let reply = actor
+            .call(
+                |reply| TerminalMsg::Attach { offset, reply },
+                Some(ATTACH_TIMEOUT),
+            )
+            .await;
+        match reply {
+            Ok(ractor::rpc::CallResult::Success(mut attachment)) => {
+                if expired && attachment.notice.is_none() {
+                    attachment.notice = Some(crate::terminal::protocol::ServerFrame::info(
+                        "That terminal has ended; this is a new one (your tmux session is kept)",
+                    ));
+                }
+                Ok(attachment)
+            }
+            _ => Err("the terminal did not answer".into()),
+        }
+    }
+}
+
+impl Actor for UserSession {
+    type Msg = SessionMsg;
+    type State = SessionState;
+    type Arguments = SessionArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: SessionArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        // Check a few times per idle period; the task ends by itself when the actor stops.
+        let every = (args.idle_after / 4).max(StdDuration::from_millis(10));
+        myself.send_interval(every, || SessionMsg::IdleCheck);
+        Ok(SessionState {
+            args,
+            last_activity: Instant::now(),
+            terminals: HashMap::new(),
+            closing: None,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SessionMsg::Touch => {
+                state.args.pending.handled();
+                state.last_activity = Instant::now();
+            }
+            SessionMsg::OpenTerminal { request, reply } => {
+                state.args.pending.handled();
+                state.last_activity = Instant::now();
+                let result = state.open_terminal(&myself, request).await;
+                let _ = reply.send(result);
+            }
+            SessionMsg::Shutdown(reason) => {
+                state.args.pending.handled();
+                // Terminals first, so each WebSocket gets 1008 "Session ended"; then stop.
+                for (terminal, _) in state.terminals.values() {
+                    let _ = terminal.cast(TerminalMsg::Close {
+                        code: 1008,
+                        reason: "Session ended".into(),
+                    });
+                }
+                if state.terminals.is_empty() {
+                    myself.stop(Some(reason));
+                } else {
+                    state.closing = Some(reason);
+                    myself.send_after(SHUTDOWN_GRACE, || SessionMsg::ForceStop);
+                }
+            }
+            SessionMsg::ForceStop => {
+                myself.stop(state.closing.take());
+            }
+            SessionMsg::IdleCheck => {
+                // Open terminals keep a session alive.
+                if state.terminals.is_empty()
+                    && state.last_activity.elapsed() >= state.args.idle_after
+                {
+                    tracing::debug!(session = %state.args.session_id, "session actor idle; stopping");
+                    myself.stop(Some("idle".into()));
+                }
+            }
+            SessionMsg::Crash(message) => {
+                state.args.pending.handled();
+                panic!("{message}");
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // Terminals are not restarted blindly: the client is told (its WebSocket closes) and may
+        // reconnect. Overridden also because ractor's default would stop the session here.
+        let (cell, failure) = match event {
+            SupervisionEvent::ActorTerminated(cell, _, _) => (cell, None),
+            SupervisionEvent::ActorFailed(cell, error) => (cell, Some(error.to_string())),
+            _ => return Ok(()),
+        };
+        let id = cell.get_id();
+        let gone: Vec<String> = state
+            .terminals
+            .iter()
+            .filter(|(_, (actor, _))| actor.get_id() == id)
+            .map(|(tid, _)| tid.clone())
+            .collect();
+        for terminal_id in gone {
+            state.terminals.remove(&terminal_id);
+            let directory_id = crate::terminal::directory_id(&terminal_id);
+            match &failure {
+                Some(error) => {
+                    tracing::warn!(terminal = %terminal_id, error, "terminal actor failed; not restarted");
+                    state.args.directory.failed(&directory_id, error, true);
+                    state.args.directory.remove(&directory_id);
+                }
+                None => state.args.directory.remove(&directory_id),
+            }
+        }
+        if state.terminals.is_empty() && state.closing.is_some() {
+            myself.stop(state.closing.take());
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- the sessions supervisor
+
+pub enum SessionsMsg {
+    /// A session was used: make sure its actor runs and tell it.
+    Touch { session_id: String, user_id: String },
+    /// Stop these sessions' actors (logout, revocation, password change, account deletion).
+    Stop {
+        session_ids: Vec<String>,
+        reason: String,
+    },
+    /// Open (or resume) a terminal in this session.
+    OpenTerminal {
+        session_id: String,
+        user_id: String,
+        request: Box<TerminalRequest>,
+        reply: RpcReplyPort<Result<Attachment, String>>,
+    },
+    /// Fault injection: make one session actor panic. Replies whether it existed.
+    Crash {
+        session_id: String,
+        message: String,
+        reply: RpcReplyPort<bool>,
+    },
+    /// Fault injection: make the supervisor itself panic.
+    CrashSelf(String),
+}
+
+pub struct SessionsSupervisor;
+
+pub struct SessionsArgs {
+    pub directory: Directory,
+    pub policy: RestartPolicy,
+    pub idle_after: StdDuration,
+    pub pending: Pending,
+}
+
+struct Child {
+    actor: ActorRef<SessionMsg>,
+    user_id: String,
+    pending: Pending,
+}
+
+pub struct SessionsState {
+    args: SessionsArgs,
+    children: HashMap<String, Child>,
+    by_actor: HashMap<ActorId, String>,
+    trackers: HashMap<String, RestartTracker>,
+}
+
+impl SessionsState {
+    async fn spawn_child(
+        &mut self,
+        myself: &ActorRef<SessionsMsg>,
+        session_id: &str,
+        user_id: &str,
+    ) -> Result<(), ActorProcessingErr> {
+        let pending = Pending::default();
+        let (actor, _) = Actor::spawn_linked(
+            None,
+            UserSession,
+            SessionArgs {
+                session_id: session_id.to_string(),
+                user_id: user_id.to_string(),
+                idle_after: self.args.idle_after,
+                pending: pending.clone(),
+                directory: self.args.directory.clone(),
+            },
+            myself.get_cell(),
+        )
+        .await?;
+        let id = actor_id(session_id);
+        self.args.directory.started(
+            SESSION_KIND,
+            &id,
+            Some(SUPERVISOR_ID),
+            Some(user_id),
+            self.args.policy,
+            pending.clone(),
+        );
+        self.by_actor.insert(actor.get_id(), session_id.to_string());
+        self.children.insert(
+            session_id.to_string(),
+            Child {
+                actor,
+                user_id: user_id.to_string(),
+                pending,
+            },
+        );
+        Ok(())
+    }
+
+    fn forget(&mut self, actor: ActorId) -> Option<(String, Child)> {
+        let session_id = self.by_actor.remove(&actor)?;
+        let child = self.children.remove(&session_id)?;
+        Some((session_id, child))
+    }
+}
+
+impl Actor for SessionsSupervisor {
+    type Msg = SessionsMsg;
+    type State = SessionsState;
+    type Arguments = SessionsArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: SessionsArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(SessionsState {
+            args,
+            children: HashMap::new(),
+            by_actor: HashMap::new(),
+            trackers: HashMap::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state.args.pending.handled();
+        match msg {
+            SessionsMsg::Touch {
+                session_id,
+                user_id,
+            } => {
+                if let Some(child) = state.children.get(&session_id) {
+                    child.pending.sent();
+                    let _ = child.actor.cast(SessionMsg::Touch);
+                    return Ok(());
+                }
+                let now = state.args.directory.now();
+                if let Some(tracker) = state.trackers.get_mut(&session_id)
+                    && !tracker.window_passed(now)
+                {
+                    // Given up on within this window: stays down (ops can see why).
+                    return Ok(());
+                }
+                state.spawn_child(&myself, &session_id, &user_id).await?;
+            }
+            SessionsMsg::Stop {
+                session_ids,
+                reason,
+            } => {
+                for session_id in session_ids {
+                    state.trackers.remove(&session_id);
+                    if let Some(child) = state.children.get(&session_id) {
+                        child.pending.sent();
+                        if child
+                            .actor
+                            .cast(SessionMsg::Shutdown(reason.clone()))
+                            .is_err()
+                        {
+                            child.actor.stop(Some(reason.clone()));
+                        }
+                    } else {
+                        state.args.directory.remove(&actor_id(&session_id));
+                    }
+                }
+            }
+            SessionsMsg::OpenTerminal {
+                session_id,
+                user_id,
+                request,
+                reply,
+            } => {
+                if !state.children.contains_key(&session_id) {
+                    let now = state.args.directory.now();
+                    let down = state
+                        .trackers
+                        .get_mut(&session_id)
+                        .is_some_and(|t| !t.window_passed(now));
+                    if down {
+                        let _ =
+                            reply.send(Err("this session is down after repeated failures".into()));
+                        return Ok(());
+                    }
+                    state.spawn_child(&myself, &session_id, &user_id).await?;
+                }
+                match state.children.get(&session_id) {
+                    Some(child) => {
+                        child.pending.sent();
+                        let _ = child
+                            .actor
+                            .cast(SessionMsg::OpenTerminal { request, reply });
+                    }
+                    None => {
+                        let _ = reply.send(Err("no session actor".into()));
+                    }
+                }
+            }
+            SessionsMsg::Crash {
+                session_id,
+                message,
+                reply,
+            } => {
+                let found = match state.children.get(&session_id) {
+                    Some(child) => {
+                        child.pending.sent();
+                        child.actor.cast(SessionMsg::Crash(message)).is_ok()
+                    }
+                    None => false,
+                };
+                let _ = reply.send(found);
+            }
+            SessionsMsg::CrashSelf(message) => panic!("{message}"),
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorFailed(cell, error) => {
+                let Some((session_id, child)) = state.forget(cell.get_id()) else {
+                    return Ok(());
+                };
+                let id = actor_id(&session_id);
+                let now = state.args.directory.now();
+                let policy = state.args.policy;
+                let tracker = state
+                    .trackers
+                    .entry(session_id.clone())
+                    .or_insert_with(|| RestartTracker::new(policy));
+                let decision = tracker.on_failure(now);
+                let text = error.to_string();
+                match decision {
+                    RestartDecision::Restart(n) => {
+                        tracing::warn!(actor = %id, restart = n, error = %text, "session actor failed; restarting");
+                        state.args.directory.failed(&id, &text, false);
+                        state
+                            .spawn_child(&myself, &session_id, &child.user_id)
+                            .await?;
+                    }
+                    RestartDecision::GiveUp => {
+                        tracing::error!(actor = %id, error = %text, "session actor failed past its restart limit; leaving it down");
+                        state.args.directory.failed(&id, &text, true);
+                    }
+                }
+            }
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                if let Some((session_id, _)) = state.forget(cell.get_id()) {
+                    tracing::debug!(session = %session_id, reason = ?reason, "session actor stopped");
+                    state.args.directory.remove(&actor_id(&session_id));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use chrono::Duration;
+
+    fn directory_has(directory: &Directory, id: &str) -> bool {
+        directory
+            .tree()
+            .iter()
+            .any(|n| n.children.iter().any(|c| c.id == id))
+            || directory.tree().iter().any(|n| n.id == id)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_session_actors_stop_and_come_back_on_use() {
+        let directory = Directory::new(ManualClock::starting_now());
+        let idle = StdDuration::from_secs(30 * 60);
+        let (sup, _) = Actor::spawn(
+            None,
+            SessionsSupervisor,
+            SessionsArgs {
+                directory: directory.clone(),
+                policy: RestartPolicy {
+                    limit: 3,
+                    window: Duration::seconds(60),
+                },
+                idle_after: idle,
+                pending: Pending::default(),
+            },
+        )
+        .await
+        .expect("spawn");
+        directory.started(
+            "supervisor",
+            SUPERVISOR_ID,
+            None,
+            None,
+            RestartPolicy {
+                limit: 3,
+                window: Duration::seconds(60),
+            },
+            Pending::default(),
+        );
+        let touch = || SessionsMsg::Touch {
+            session_id: "s1".into(),
+            user_id: "u1".into(),
+        };
+        sup.cast(touch()).expect("cast");
+        while !directory_has(&directory, "session:s1") {
+            tokio::task::yield_now().await;
+        }
+        // Use within the idle period keeps it alive.
+        tokio::time::sleep(idle / 2).await;
+        sup.cast(touch()).expect("cast");
+        tokio::time::sleep(idle / 2 + StdDuration::from_secs(60)).await;
+        assert!(directory_has(&directory, "session:s1"), "touched recently");
+        // Past the idle period without use it stops by itself...
+        tokio::time::sleep(idle + StdDuration::from_secs(60 * 10)).await;
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            !directory_has(&directory, "session:s1"),
+            "idle actor stopped"
+        );
+        // ...and the next use starts it again.
+        sup.cast(touch()).expect("cast");
+        while !directory_has(&directory, "session:s1") {
+            tokio::task::yield_now().await;
+        }
+        sup.stop(None);
+    }
+}

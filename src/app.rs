@@ -1,0 +1,303 @@
+//! The application: everything a request handler may use, built once at start, and the running
+//! server ([`start`] → [`RunningServer`]) that tests start on `127.0.0.1:0` and stop at will.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration as StdDuration;
+
+use anyhow::Context;
+use chrono::{DateTime, Duration, Utc};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::actors::Actors;
+use crate::actors::directory::{Directory, RestartPolicy};
+use crate::actors::environment::actor::EnvDeps;
+use crate::auth::google::GoogleVerifier;
+use crate::auth::passwords::PasswordHashing;
+use crate::auth::tokens::Tokens;
+use crate::clock::{SharedClock, db_now};
+use crate::config::{Config, ProviderKind};
+use crate::http::limits::RateLimits;
+use crate::http::metrics::Metrics;
+use crate::provider::Provider;
+use crate::secrets::{self, Sealer};
+use crate::store::audit::{self, NewAuditEvent};
+use crate::store::{Db, DbUrl};
+
+pub struct App {
+    pub config: Config,
+    pub db: Db,
+    pub clock: SharedClock,
+    pub tokens: Tokens,
+    pub passwords: PasswordHashing,
+    pub google: Option<GoogleVerifier>,
+    pub actors: Actors,
+    pub metrics: Metrics,
+    pub limits: RateLimits,
+    pub sealer: Sealer,
+    pub provider: Arc<dyn Provider>,
+    pub ws_connections: Arc<crate::http::ws::ConnectionCounts>,
+    pub started_at: DateTime<Utc>,
+}
+
+pub type AppState = Arc<App>;
+
+/// Who did something, for the audit trail.
+#[derive(Debug, Clone, Default)]
+pub struct AuditContext {
+    pub ip: Option<String>,
+    pub request_id: Option<String>,
+}
+
+impl App {
+    /// Record an audit event. A failure to record is logged, never shown to the client.
+    pub async fn audit(
+        &self,
+        ctx: &AuditContext,
+        event: &str,
+        user_id: Option<&str>,
+        session_id: Option<&str>,
+        detail: serde_json::Value,
+    ) {
+        let row = NewAuditEvent {
+            occurred_at: db_now(self.clock.as_ref()),
+            event: event.to_string(),
+            user_id: user_id.map(str::to_string),
+            session_id: session_id.map(str::to_string),
+            ip_address: ctx.ip.clone(),
+            request_id: ctx.request_id.clone(),
+            detail: (!detail.is_null()).then(|| detail.to_string()),
+        };
+        let result = match self.db.get().await {
+            Ok(mut conn) => audit::insert(&mut conn, &row).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            tracing::error!(event, error = %e, "could not record audit event");
+        }
+    }
+}
+
+/// Create the data directory readable by this user only (it holds the secrets and the database).
+fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating data dir {}", dir.display()))?;
+    } else if std::fs::metadata(dir)?.permissions().mode() & 0o077 != 0 {
+        tracing::warn!(dir = %dir.display(), "data dir is accessible to other users; consider chmod 700");
+    }
+    Ok(())
+}
+
+/// Status changes kept for slow subscribers of the all-environments feed before they lag.
+const EVENT_BUS_CAPACITY: usize = 1024;
+
+async fn start_provider(config: &Config) -> anyhow::Result<Arc<dyn Provider>> {
+    Ok(match config.provider.kind {
+        ProviderKind::Local => Arc::new(
+            crate::provider::local::LocalProvider::start(&config.server.data_dir, &config.local)
+                .await
+                .context("starting the local provider's SSH server")?,
+        ),
+        ProviderKind::Contabo => Arc::new(crate::provider::contabo::ContaboProvider::new(
+            &config.contabo,
+        )?),
+    })
+}
+
+/// Write the built-in templates into the store (admins' own templates are kept).
+async fn load_templates(db: &Db, clock: &dyn crate::clock::Clock) -> anyhow::Result<()> {
+    let mut conn = db.get().await?;
+    let now = db_now(clock);
+    for template in crate::templates::builtin() {
+        let row = crate::store::templates::TemplateRow {
+            id: template.id().to_string(),
+            definition: serde_json::to_string(&template)?,
+            builtin: true,
+            updated_at: now,
+        };
+        crate::store::templates::upsert(&mut conn, &row).await?;
+    }
+    Ok(())
+}
+
+/// Open the store named by the configuration and bring its schema up to date.
+pub async fn open_store(config: &Config) -> anyhow::Result<Db> {
+    let url = DbUrl::from_config(config.database.url.expose(), &config.server.data_dir)
+        .context("database.url is not a supported URL")?;
+    let db = Db::connect(
+        &url,
+        config.database.max_connections,
+        StdDuration::from_secs(config.database.acquire_timeout_seconds),
+    )
+    .await
+    .context("opening the database")?;
+    let applied = db.migrate().await.context("migrating the database")?;
+    if !applied.is_empty() {
+        tracing::info!(
+            backend = db.backend(),
+            ?applied,
+            "applied database migrations"
+        );
+    }
+    Ok(db)
+}
+
+/// Build the application: store, secrets, tokens, the supervision tree.
+pub async fn build(config: Config, clock: SharedClock) -> anyhow::Result<AppState> {
+    let data_dir = &config.server.data_dir;
+    create_private_dir(data_dir)?;
+    let db = open_store(&config).await?;
+
+    let jwt_key = if config.auth.secret_key.is_empty() {
+        secrets::load_or_create_key(data_dir, secrets::JWT_KEY_FILE)?
+    } else {
+        config.auth.secret_key.expose().as_bytes().to_vec()
+    };
+    let sealer = Sealer::new(&secrets::load_or_create_key(
+        data_dir,
+        secrets::SEAL_KEY_FILE,
+    )?)?;
+    let tokens = Tokens::new(
+        &jwt_key,
+        &config.auth.issuer,
+        &config.auth.audience,
+        Duration::minutes(config.auth.access_token_minutes.into()),
+        clock.clone(),
+    );
+
+    let provider = start_provider(&config).await?;
+    load_templates(&db, clock.as_ref()).await?;
+    let (bus, _) = tokio::sync::broadcast::channel(EVENT_BUS_CAPACITY);
+    let env_deps = Arc::new(EnvDeps {
+        db: db.clone(),
+        clock: clock.clone(),
+        provider: provider.clone(),
+        sealer: sealer.clone(),
+        config: config.clone(),
+        bus,
+    });
+
+    let directory = Directory::new(clock.clone());
+    let policy = RestartPolicy {
+        limit: config.actors.restart_limit,
+        window: Duration::seconds(config.actors.restart_window_seconds as i64),
+    };
+    let actors = Actors::start(
+        directory,
+        policy,
+        StdDuration::from_secs(config.actors.session_idle_minutes * 60),
+        env_deps,
+    )
+    .await?;
+
+    if config.provider.kind == ProviderKind::Local {
+        tracing::warn!(
+            "provider.kind = \"local\": environments are shells ON THIS HOST for every account; use it for development or single-user hosts only"
+        );
+    }
+    if !config.registration_open() {
+        tracing::warn!(
+            "self-registration is closed (local provider on a non-loopback address); create accounts with `devpocket user create` or set server.registration = \"open\""
+        );
+    }
+
+    Ok(Arc::new(App {
+        passwords: PasswordHashing::new(config.auth.hash_concurrency as usize),
+        google: GoogleVerifier::from_config(&config.google, clock.clone()),
+        limits: RateLimits::new(&config.rate_limit, &config.terminals),
+        metrics: Metrics::new(),
+        started_at: clock.now(),
+        tokens,
+        sealer,
+        provider,
+        ws_connections: Arc::default(),
+        actors,
+        db,
+        clock,
+        config,
+    }))
+}
+
+/// A server running in the background of this process.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub app: AppState,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// Base URL, e.g. `http://127.0.0.1:41234`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stop accepting, drain in-flight requests (within the drain timeout), stop the actors.
+    pub async fn stop(mut self) {
+        self.stop_inner().await;
+    }
+
+    async fn stop_inner(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        self.app.actors.shutdown().await;
+        self.app.provider.shutdown().await;
+        self.app.db.close();
+    }
+
+    /// Run until the server stops by itself (it does not, short of `stop`).
+    pub async fn wait(mut self) {
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Build the application and serve it on `listener` until [`RunningServer::stop`].
+pub async fn start_on(
+    listener: TcpListener,
+    config: Config,
+    clock: SharedClock,
+) -> anyhow::Result<RunningServer> {
+    let addr = listener.local_addr()?;
+    let app = build(config, clock).await?;
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(crate::http::serve(listener, app.clone(), async move {
+        let _ = rx.await;
+    }));
+    tracing::info!(%addr, "DevPocket server listening");
+    Ok(RunningServer {
+        addr,
+        app,
+        shutdown: Some(tx),
+        task: Some(task),
+    })
+}
+
+/// Bind the configured address and start.
+pub async fn start(config: Config, clock: SharedClock) -> anyhow::Result<RunningServer> {
+    let addr = config.bind_addr();
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    start_on(listener, config, clock).await
+}

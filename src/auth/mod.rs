@@ -1,0 +1,202 @@
+//! Authentication: password hashing, access/refresh tokens, Google ID tokens, input rules and the
+//! lockout rule.
+
+pub mod google;
+pub mod passwords;
+pub mod tokens;
+
+use chrono::{DateTime, Duration, Utc};
+
+use crate::error::FieldError;
+
+pub const USERNAME_MIN: usize = 3;
+pub const USERNAME_MAX: usize = 30;
+pub const PASSWORD_MIN: usize = 8;
+pub const PASSWORD_MAX: usize = 128;
+/// RFC 5321's limit on a forward path.
+pub const EMAIL_MAX: usize = 254;
+pub const FULL_NAME_MAX: usize = 100;
+pub const AVATAR_URL_MAX: usize = 2048;
+
+pub fn check_username(field: &str, username: &str, errors: &mut Vec<FieldError>) {
+    let len = username.chars().count();
+    if !(USERNAME_MIN..=USERNAME_MAX).contains(&len) {
+        errors.push(FieldError::new(
+            field,
+            "length",
+            format!("Username must be {USERNAME_MIN}-{USERNAME_MAX} characters"),
+        ));
+    } else if !username
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        errors.push(FieldError::new(
+            field,
+            "pattern",
+            "Username may contain only letters, digits, '_' and '-'",
+        ));
+    }
+}
+
+pub fn check_email(field: &str, email: &str, errors: &mut Vec<FieldError>) {
+    if !is_plausible_email(email) {
+        errors.push(FieldError::new(
+            field,
+            "email",
+            "Not a valid e-mail address",
+        ));
+    }
+}
+
+/// A deliberately simple check: one '@', a non-empty local part, a dotted domain, no spaces.
+fn is_plausible_email(email: &str) -> bool {
+    if email.len() > EMAIL_MAX || email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return false;
+    }
+    let Some((local, domain)) = email.split_once('@') else {
+        return false;
+    };
+    !local.is_empty()
+        && !domain.contains('@')
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !domain.contains("..")
+}
+
+pub fn check_password(field: &str, password: &str, errors: &mut Vec<FieldError>) {
+    let len = password.chars().count();
+    if !(PASSWORD_MIN..=PASSWORD_MAX).contains(&len) {
+        errors.push(FieldError::new(
+            field,
+            "length",
+            format!("Password must be {PASSWORD_MIN}-{PASSWORD_MAX} characters"),
+        ));
+        return;
+    }
+    let lower = password.chars().any(|c| c.is_lowercase());
+    let upper = password.chars().any(|c| c.is_uppercase());
+    let digit = password.chars().any(|c| c.is_ascii_digit());
+    if !(lower && upper && digit) {
+        errors.push(FieldError::new(
+            field,
+            "weak_password",
+            "Password must contain a lower-case letter, an upper-case letter and a digit",
+        ));
+    }
+}
+
+pub fn check_optional_len(
+    field: &str,
+    value: Option<&str>,
+    max: usize,
+    errors: &mut Vec<FieldError>,
+) {
+    if value.is_some_and(|v| v.chars().count() > max) {
+        errors.push(FieldError::new(
+            field,
+            "length",
+            format!("Must be at most {max} characters"),
+        ));
+    }
+}
+
+/// Where an account stands before a password is even looked at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockState {
+    /// Not locked; `failures` failed attempts so far.
+    Open { failures: u32 },
+    /// Locked until the given time.
+    Locked { until: DateTime<Utc> },
+    /// A lock has run out: the counter starts again from zero.
+    Expired,
+}
+
+pub fn lock_state(
+    failures: i32,
+    locked_until: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> LockState {
+    match locked_until {
+        Some(until) if until > now => LockState::Locked { until },
+        Some(_) => LockState::Expired,
+        None => LockState::Open {
+            failures: failures.max(0) as u32,
+        },
+    }
+}
+
+/// After a failed attempt that brought the count to `failures`: the lock to set, if any.
+pub fn lock_after_failure(
+    failures: u32,
+    threshold: u32,
+    now: DateTime<Utc>,
+    lock_for: Duration,
+) -> Option<DateTime<Utc>> {
+    (failures >= threshold).then(|| now + lock_for)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errs(f: impl Fn(&mut Vec<FieldError>)) -> Vec<&'static str> {
+        let mut e = Vec::new();
+        f(&mut e);
+        e.iter().map(|e| e.code).collect()
+    }
+
+    #[test]
+    fn usernames() {
+        assert!(errs(|e| check_username("u", "dev_user-1", e)).is_empty());
+        assert_eq!(errs(|e| check_username("u", "ab", e)), ["length"]);
+        assert_eq!(
+            errs(|e| check_username("u", &"a".repeat(31), e)),
+            ["length"]
+        );
+        assert_eq!(errs(|e| check_username("u", "bad name", e)), ["pattern"]);
+        assert_eq!(errs(|e| check_username("u", "émile", e)), ["pattern"]);
+    }
+
+    #[test]
+    fn emails() {
+        for ok in ["a@b.co", "first.last+tag@sub.example.org"] {
+            assert!(errs(|e| check_email("e", ok, e)).is_empty(), "{ok}");
+        }
+        for bad in [
+            "", "plain", "a@b", "@b.co", "a@@b.co", "a b@c.de", "a@.co", "a@b..co", "a@b.co.",
+        ] {
+            assert_eq!(errs(|e| check_email("e", bad, e)), ["email"], "{bad}");
+        }
+    }
+
+    #[test]
+    fn passwords() {
+        assert!(errs(|e| check_password("p", "Secret123", e)).is_empty());
+        assert_eq!(errs(|e| check_password("p", "Sh0rt", e)), ["length"]);
+        assert_eq!(
+            errs(|e| check_password("p", "alllowercase1", e)),
+            ["weak_password"]
+        );
+        assert_eq!(
+            errs(|e| check_password("p", "NoDigitsHere", e)),
+            ["weak_password"]
+        );
+        assert_eq!(
+            errs(|e| check_password("p", &format!("Aa1{}", "x".repeat(126)), e)),
+            ["length"]
+        );
+    }
+
+    #[test]
+    fn lockout_rule() {
+        let now = Utc::now();
+        assert_eq!(lock_state(3, None, now), LockState::Open { failures: 3 });
+        let until = now + Duration::minutes(1);
+        assert_eq!(lock_state(5, Some(until), now), LockState::Locked { until });
+        assert_eq!(lock_state(5, Some(now), now), LockState::Expired);
+        let lock = Duration::minutes(30);
+        assert_eq!(lock_after_failure(4, 5, now, lock), None);
+        assert_eq!(lock_after_failure(5, 5, now, lock), Some(now + lock));
+    }
+}

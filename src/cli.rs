@@ -1,0 +1,348 @@
+//! The command line: `devpocket [--config FILE] [serve | migrate | user create | user set-plan |
+//! templates list | templates validate | templates render]`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+use crate::app;
+use crate::auth::{self as rules, passwords::PasswordHashing};
+use crate::clock::{SystemClock, db_now};
+use crate::config::Config;
+use crate::store::users::{self, NewUser, Plan, username_key};
+use crate::templates;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "devpocket",
+    version,
+    about = "DevPocket Server: the backend of a mobile-first cloud IDE"
+)]
+pub struct Cli {
+    /// Configuration file (TOML) layered over the embedded defaults; see config/default.toml.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the server (the default).
+    Serve,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Manage accounts.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Environment templates (no database needed).
+    #[command(subcommand)]
+    Templates(TemplatesCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum TemplatesCommand {
+    /// List the templates: id, category, display name, docker.
+    List {
+        /// Also templates from this directory (*.yaml; same name replaces a built-in one).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// Render every built-in template (and those in DIR) with sample values and check it; exits
+    /// non-zero if any fails.
+    Validate {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// Print a template's user-data rendered with sample values (fresh keys).
+    Render {
+        name: String,
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum UserCommand {
+    /// Create an account.
+    Create {
+        #[arg(long)]
+        username: String,
+        #[arg(long)]
+        email: String,
+        /// The password (visible to other local users in the process list: prefer --password-stdin).
+        #[arg(long, conflicts_with = "password_stdin")]
+        password: Option<String>,
+        /// Read the password from standard input.
+        #[arg(long)]
+        password_stdin: bool,
+        /// free, starter, pro or admin.
+        #[arg(long, default_value = "free")]
+        plan: String,
+        #[arg(long)]
+        full_name: Option<String>,
+    },
+    /// Change the plan of an account given by username or e-mail.
+    SetPlan { user: String, plan: String },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Template commands read files only: no configuration, runtime or database.
+    if let Some(Command::Templates(command)) = cli.command {
+        return exit_code(templates_command(command));
+    }
+    let config = match Config::load(cli.config.as_deref(), std::env::vars()) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprint!("{errors}");
+            return ExitCode::from(2);
+        }
+    };
+    crate::logging::init(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    exit_code(runtime.block_on(run(cli.command.unwrap_or(Command::Serve), config)))
+}
+
+fn exit_code(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Serve => serve(config).await,
+        Command::Migrate => {
+            let db = app::open_store(&config).await?;
+            println!("database ({}) is up to date", db.backend());
+            Ok(())
+        }
+        Command::User(UserCommand::Create {
+            username,
+            email,
+            password,
+            password_stdin,
+            plan,
+            full_name,
+        }) => {
+            let password = match (password, password_stdin) {
+                (Some(p), _) => p,
+                (None, true) => {
+                    let mut text = String::new();
+                    std::io::stdin().read_to_string(&mut text)?;
+                    text.trim_end_matches(['\r', '\n']).to_string()
+                }
+                (None, false) => bail!("give --password or --password-stdin"),
+            };
+            create_user(&config, &username, &email, &password, &plan, full_name).await
+        }
+        Command::User(UserCommand::SetPlan { user, plan }) => set_plan(&config, &user, &plan).await,
+        Command::Templates(command) => templates_command(command),
+    }
+}
+
+fn templates_command(command: TemplatesCommand) -> anyhow::Result<()> {
+    match command {
+        TemplatesCommand::List { dir } => list_templates(dir.as_deref()),
+        TemplatesCommand::Validate { dir } => validate_templates(dir.as_deref()),
+        TemplatesCommand::Render { name, dir } => render_template(&name, dir.as_deref()),
+    }
+}
+
+fn list_templates(dir: Option<&Path>) -> anyhow::Result<()> {
+    let all = templates::catalog(dir)?;
+    let header = ["ID", "CATEGORY", "DISPLAY NAME", "DOCKER"];
+    let rows: Vec<[&str; 4]> = all
+        .iter()
+        .map(|t| {
+            let docker = if t.docker { "yes" } else { "no" };
+            [t.id(), t.category.as_str(), t.display_name.as_str(), docker]
+        })
+        .collect();
+    let width = |i: usize| {
+        rows.iter()
+            .map(|r| r[i].chars().count())
+            .chain([header[i].len()])
+            .max()
+            .unwrap_or(0)
+    };
+    let widths = [width(0), width(1), width(2)];
+    for row in std::iter::once(header).chain(rows) {
+        println!(
+            "{:w0$}  {:w1$}  {:w2$}  {}",
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2]
+        );
+    }
+    Ok(())
+}
+
+fn validate_templates(dir: Option<&Path>) -> anyhow::Result<()> {
+    let mut results: Vec<(String, Result<usize, templates::TemplateError>)> = templates::builtin()
+        .iter()
+        .map(|t| (t.name.clone(), templates::check(t)))
+        .collect();
+    if let Some(dir) = dir {
+        for (path, loaded) in templates::load_dir_each(dir)? {
+            let name = match &loaded {
+                Ok(t) => format!("{} from {}", t.name, path.display()),
+                Err(_) => path.display().to_string(),
+            };
+            results.push((name, loaded.and_then(|t| templates::check(&t))));
+        }
+    }
+    let total = results.len();
+    let mut failed = 0;
+    for (name, result) in results {
+        match result {
+            Ok(size) => println!("ok {name} ({:.1} KiB)", size as f64 / 1024.0),
+            Err(e) => {
+                failed += 1;
+                println!("FAIL {e}");
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {total} templates failed");
+    }
+    Ok(())
+}
+
+fn render_template(name: &str, dir: Option<&Path>) -> anyhow::Result<()> {
+    let all = templates::catalog(dir)?;
+    let template = all
+        .iter()
+        .find(|t| t.name == name)
+        .with_context(|| format!("no template '{name}'"))?;
+    print!(
+        "{}",
+        templates::render(template, &templates::sample_vars())?
+    );
+    Ok(())
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let server = app::start(config, Arc::new(SystemClock)).await?;
+    shutdown_signal().await;
+    tracing::info!("shutting down: draining requests");
+    server.stop().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let sigterm = async {
+        match term.as_mut() {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = sigterm => {}
+    }
+}
+
+fn parse_plan(plan: &str) -> anyhow::Result<Plan> {
+    Plan::parse(plan).with_context(|| format!("unknown plan '{plan}' (free, starter, pro, admin)"))
+}
+
+async fn create_user(
+    config: &Config,
+    username: &str,
+    email: &str,
+    password: &str,
+    plan: &str,
+    full_name: Option<String>,
+) -> anyhow::Result<()> {
+    let plan = parse_plan(plan)?;
+    let email = email.trim().to_lowercase();
+    let username = username.trim();
+    let mut errors = Vec::new();
+    rules::check_username("--username", username, &mut errors);
+    rules::check_email("--email", &email, &mut errors);
+    rules::check_password("--password", password, &mut errors);
+    if !errors.is_empty() {
+        let lines: Vec<String> = errors
+            .iter()
+            .map(|e| format!("{}: {}", e.field, e.message))
+            .collect();
+        bail!("{}", lines.join("; "));
+    }
+    let db = app::open_store(config).await?;
+    let mut conn = db.get().await?;
+    if users::by_email(&mut conn, &email).await?.is_some() {
+        bail!("Email already registered");
+    }
+    if users::by_username(&mut conn, username).await?.is_some() {
+        bail!("Username already taken");
+    }
+    let hash = PasswordHashing::new(1).hash(password).await?;
+    let now = db_now(&SystemClock);
+    let user = users::insert(
+        &mut conn,
+        &NewUser {
+            id: uuid::Uuid::new_v4().to_string(),
+            username: username.to_string(),
+            username_key: username_key(username),
+            email,
+            password_hash: Some(hash),
+            full_name,
+            avatar_url: None,
+            google_id: None,
+            is_active: true,
+            is_verified: false,
+            subscription_plan: plan.as_str().to_string(),
+            failed_logins: 0,
+            created_at: now,
+            updated_at: now,
+            last_login: None,
+        },
+    )
+    .await?;
+    println!(
+        "created user {} ({}) on plan {}",
+        user.username,
+        user.id,
+        plan.as_str()
+    );
+    Ok(())
+}
+
+async fn set_plan(config: &Config, login: &str, plan: &str) -> anyhow::Result<()> {
+    let plan = parse_plan(plan)?;
+    let db = app::open_store(config).await?;
+    let mut conn = db.get().await?;
+    let user = users::by_login(&mut conn, login)
+        .await?
+        .with_context(|| format!("no user '{login}'"))?;
+    users::set_plan(&mut conn, &user.id, plan, db_now(&SystemClock)).await?;
+    println!("{} is now on plan {}", user.username, plan.as_str());
+    Ok(())
+}

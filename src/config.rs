@@ -1,0 +1,701 @@
+//! Configuration: one plain struct, loaded once and validated as a whole.
+//!
+//! Layers, later ones win: the embedded `config/default.toml` (which also documents every key), an
+//! optional file given with `--config`, `DEVPOCKET_<SECTION>__<KEY>` environment variables, and the
+//! original server's plain names (`DATABASE_URL`, `SECRET_KEY`, `ALLOWED_ORIGINS`,
+//! `GOOGLE_CLIENT_ID`, `CONTABO_*`). Secrets are wrapped in [`Secret`] so they never print.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::value::Value;
+use figment::{Figment, Provider};
+use serde::{Deserialize, Serialize};
+
+/// The embedded defaults; the same text ships as `config/default.toml`.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Prefix of the structured environment overrides.
+const ENV_PREFIX: &str = "DEVPOCKET_";
+
+/// A value that must never appear in logs, `Debug` output or error messages.
+#[derive(Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The secret itself; call only where it is used, never to print it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "***" })
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub database: DatabaseConfig,
+    pub auth: AuthConfig,
+    pub rate_limit: RateLimitConfig,
+    pub log: LogConfig,
+    pub actors: ActorsConfig,
+    pub google: GoogleConfig,
+    pub provider: ProviderConfig,
+    pub environments: EnvironmentsConfig,
+    pub terminals: TerminalsConfig,
+    pub local: LocalConfig,
+    pub contabo: ContaboConfig,
+    pub ops: OpsConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub bind: String,
+    pub data_dir: PathBuf,
+    pub environment: String,
+    pub allowed_origins: Vec<String>,
+    pub max_body_bytes: u64,
+    pub max_connections: u32,
+    pub header_read_timeout_seconds: u64,
+    pub drain_timeout_seconds: u64,
+    pub trust_forwarded_for: bool,
+    pub hsts: bool,
+    pub registration: Registration,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Registration {
+    Auto,
+    Open,
+    Closed,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    pub url: Secret,
+    pub max_connections: u32,
+    pub acquire_timeout_seconds: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub secret_key: Secret,
+    pub access_token_minutes: u32,
+    pub refresh_token_days: u32,
+    pub lockout_threshold: u32,
+    pub lockout_minutes: u32,
+    pub issuer: String,
+    pub audience: String,
+    pub hash_concurrency: u32,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    pub enabled: bool,
+    pub per_minute: u32,
+    pub auth_per_minute: u32,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActorsConfig {
+    pub restart_limit: u32,
+    pub restart_window_seconds: u64,
+    pub session_idle_minutes: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GoogleConfig {
+    pub client_id: String,
+    pub jwks_url: String,
+    pub issuers: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub kind: ProviderKind,
+    pub poll_initial_ms: u64,
+    pub poll_max_ms: u64,
+    pub provision_timeout_seconds: u64,
+    pub install_timeout_seconds: u64,
+    pub ssh_connect_timeout_seconds: u64,
+    pub max_create_attempts: u32,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvironmentsConfig {
+    pub metrics_interval_seconds: u64,
+    pub metrics_retention_hours: u64,
+    pub restart_backoff_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TerminalsConfig {
+    pub grace_seconds: u64,
+    pub ring_bytes: usize,
+    pub max_connections_per_user: usize,
+    pub idle_timeout_seconds: u64,
+    pub ping_interval_seconds: u64,
+    pub max_message_bytes: usize,
+    pub reconnect_attempts: u32,
+    pub max_terminals_per_session: usize,
+    pub input_bytes_per_second: u32,
+    pub input_burst_bytes: u32,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalConfig {
+    pub ssh_port: u16,
+    pub shell: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    Local,
+    Contabo,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Contabo => "contabo",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContaboConfig {
+    pub api_url: String,
+    pub auth_url: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub username: String,
+    pub password: Secret,
+    pub region: String,
+    pub product_id: String,
+    pub image_id: String,
+    pub ssh_port: u16,
+    pub period: u32,
+    pub request_timeout_seconds: u64,
+    pub max_retries: u32,
+    pub retry_base_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpsConfig {
+    pub fault_injection: bool,
+}
+
+/// Every problem found in a configuration, reported together.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problem(s)):", self.0.len())?;
+        for problem in &self.0 {
+            writeln!(f, "  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Plain (unprefixed) variable names of the original server and the key each sets.
+const PLAIN_NAMES: &[(&str, &str)] = &[
+    ("DATABASE_URL", "database.url"),
+    ("SECRET_KEY", "auth.secret_key"),
+    ("GOOGLE_CLIENT_ID", "google.client_id"),
+    ("CONTABO_API_URL", "contabo.api_url"),
+    ("CONTABO_AUTH_URL", "contabo.auth_url"),
+    ("CONTABO_CLIENT_ID", "contabo.client_id"),
+    ("CONTABO_CLIENT_SECRET", "contabo.client_secret"),
+    ("CONTABO_USERNAME", "contabo.username"),
+    ("CONTABO_API_USER", "contabo.username"),
+    ("CONTABO_PASSWORD", "contabo.password"),
+    ("CONTABO_API_PASSWORD", "contabo.password"),
+    ("CONTABO_REGION", "contabo.region"),
+    ("CONTABO_DEFAULT_REGION", "contabo.region"),
+    ("CONTABO_PRODUCT_ID", "contabo.product_id"),
+    ("CONTABO_IMAGE_ID", "contabo.image_id"),
+    ("CONTABO_SSH_PORT", "contabo.ssh_port"),
+];
+
+impl Config {
+    /// The embedded defaults alone (what `devpocket` runs with when nothing is configured).
+    pub fn defaults() -> Self {
+        Self::load(None, std::iter::empty()).expect("the embedded default configuration is valid")
+    }
+
+    /// Load from the layers described in the module docs. `env` is passed in (rather than read
+    /// here) so tests can give their own.
+    pub fn load<I>(file: Option<&Path>, env: I) -> Result<Self, ConfigErrors>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let mut problems = Vec::new();
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(path) = file {
+            if path.is_file() {
+                figment = figment.merge(Toml::file(path));
+            } else {
+                problems.push(format!("config file {} does not exist", path.display()));
+            }
+        }
+        for (key, value) in env_overrides(env, &mut problems) {
+            figment = figment.merge(Serialized::default(&key, value));
+        }
+        let config = extract_sections(&figment, &mut problems);
+        match config {
+            Some(config) if problems.is_empty() => {
+                let semantic = config.problems();
+                if semantic.is_empty() {
+                    Ok(config)
+                } else {
+                    Err(ConfigErrors(semantic))
+                }
+            }
+            _ => Err(ConfigErrors(problems)),
+        }
+    }
+
+    /// Semantic checks that serde cannot express; every problem is returned.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.server.bind.parse::<SocketAddr>().is_err() {
+            p.push(format!(
+                "server.bind: '{}' is not an address:port (e.g. 127.0.0.1:8000)",
+                self.server.bind
+            ));
+        }
+        if self.server.data_dir.as_os_str().is_empty() {
+            p.push("server.data_dir: must not be empty".into());
+        }
+        for origin in &self.server.allowed_origins {
+            let ok = origin == "*"
+                || ((origin.starts_with("http://") || origin.starts_with("https://"))
+                    && !origin.ends_with('/'));
+            if !ok {
+                p.push(format!(
+                    "server.allowed_origins: '{origin}' must be \"*\" or scheme://host[:port] without a trailing slash"
+                ));
+            }
+        }
+        if self.server.max_body_bytes == 0 {
+            p.push("server.max_body_bytes: must be above 0".into());
+        }
+        let url = self.database.url.expose();
+        if !url.is_empty() && crate::store::DbUrl::parse(url).is_none() {
+            p.push(
+                "database.url: must start with sqlite://, postgres:// or postgresql:// (value hidden)"
+                    .into(),
+            );
+        }
+        positive(
+            &mut p,
+            "server.max_connections",
+            self.server.max_connections,
+        );
+        if self.server.header_read_timeout_seconds == 0 {
+            p.push("server.header_read_timeout_seconds: must be above 0".into());
+        }
+        if self.database.max_connections == 0 {
+            p.push("database.max_connections: must be at least 1".into());
+        }
+        let secret = self.auth.secret_key.expose();
+        if !secret.is_empty() && secret.len() < 32 {
+            p.push("auth.secret_key: must be at least 32 characters (value hidden)".into());
+        }
+        positive(
+            &mut p,
+            "auth.access_token_minutes",
+            self.auth.access_token_minutes,
+        );
+        positive(
+            &mut p,
+            "auth.refresh_token_days",
+            self.auth.refresh_token_days,
+        );
+        positive(
+            &mut p,
+            "auth.lockout_threshold",
+            self.auth.lockout_threshold,
+        );
+        positive(&mut p, "auth.lockout_minutes", self.auth.lockout_minutes);
+        positive(&mut p, "auth.hash_concurrency", self.auth.hash_concurrency);
+        positive(&mut p, "rate_limit.per_minute", self.rate_limit.per_minute);
+        positive(
+            &mut p,
+            "rate_limit.auth_per_minute",
+            self.rate_limit.auth_per_minute,
+        );
+        if self.auth.issuer.is_empty() || self.auth.audience.is_empty() {
+            p.push("auth.issuer and auth.audience: must not be empty".into());
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            p.push(format!(
+                "log.level: '{}' is not a valid filter",
+                self.log.level
+            ));
+        }
+        if self.actors.restart_window_seconds == 0 {
+            p.push("actors.restart_window_seconds: must be above 0".into());
+        }
+        if self.actors.session_idle_minutes == 0 {
+            p.push("actors.session_idle_minutes: must be above 0".into());
+        }
+        if !self.google.client_id.is_empty() && !is_http_url(&self.google.jwks_url) {
+            p.push("google.jwks_url: must be an http(s) URL".into());
+        }
+        if self.provider.poll_initial_ms == 0
+            || self.provider.poll_max_ms < self.provider.poll_initial_ms
+        {
+            p.push("provider.poll_initial_ms / poll_max_ms: need 0 < initial <= max".into());
+        }
+        if self.terminals.ring_bytes < 1024 || self.terminals.max_connections_per_user == 0 {
+            p.push(
+                "terminals.ring_bytes (>= 1024) and max_connections_per_user (>= 1) are too small"
+                    .into(),
+            );
+        }
+        if self.terminals.ping_interval_seconds == 0 || self.terminals.idle_timeout_seconds == 0 {
+            p.push(
+                "terminals.ping_interval_seconds and idle_timeout_seconds: must be above 0".into(),
+            );
+        }
+        if self.environments.metrics_interval_seconds == 0 {
+            p.push("environments.metrics_interval_seconds: must be above 0".into());
+        }
+        if ![1, 3, 6, 12].contains(&self.contabo.period) {
+            p.push("contabo.period: must be 1, 3, 6 or 12 (months)".into());
+        }
+        if self.provider.kind == ProviderKind::Contabo {
+            let c = &self.contabo;
+            for (key, empty) in [
+                ("contabo.client_id", c.client_id.is_empty()),
+                ("contabo.client_secret", c.client_secret.is_empty()),
+                ("contabo.username", c.username.is_empty()),
+                ("contabo.password", c.password.is_empty()),
+            ] {
+                if empty {
+                    p.push(format!("{key}: required when provider.kind = \"contabo\""));
+                }
+            }
+            if !is_http_url(&c.api_url) || !is_http_url(&c.auth_url) {
+                p.push("contabo.api_url and contabo.auth_url: must be http(s) URLs".into());
+            }
+        }
+        p
+    }
+
+    /// The address to listen on (validated by [`Config::problems`]).
+    pub fn bind_addr(&self) -> SocketAddr {
+        self.server
+            .bind
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8000)))
+    }
+
+    /// Whether self-registration is open under this configuration (see `server.registration`).
+    pub fn registration_open(&self) -> bool {
+        match self.server.registration {
+            Registration::Open => true,
+            Registration::Closed => false,
+            Registration::Auto => {
+                self.provider.kind != ProviderKind::Local || self.bind_addr().ip().is_loopback()
+            }
+        }
+    }
+}
+
+/// Top-level sections; anything else in a file or variable is a mistake worth reporting.
+const SECTIONS: [&str; 13] = [
+    "server",
+    "database",
+    "auth",
+    "rate_limit",
+    "log",
+    "actors",
+    "google",
+    "provider",
+    "environments",
+    "terminals",
+    "local",
+    "contabo",
+    "ops",
+];
+
+/// Extract section by section so that a mistake in one section does not hide those in others.
+fn extract_sections(figment: &Figment, problems: &mut Vec<String>) -> Option<Config> {
+    if let Ok(data) = figment.data() {
+        for dict in data.values() {
+            for key in dict.keys().filter(|k| !SECTIONS.contains(&k.as_str())) {
+                problems.push(format!("{key}: unknown section"));
+            }
+        }
+    }
+    fn section<T: serde::de::DeserializeOwned>(
+        figment: &Figment,
+        name: &str,
+        problems: &mut Vec<String>,
+    ) -> Option<T> {
+        match figment.extract_inner::<T>(name) {
+            Ok(value) => Some(value),
+            Err(errors) => {
+                for e in errors {
+                    let field: Vec<&str> = e
+                        .path
+                        .iter()
+                        .map(String::as_str)
+                        .filter(|p| *p != name)
+                        .collect();
+                    let path = if field.is_empty() {
+                        name.to_string()
+                    } else {
+                        format!("{name}.{}", field.join("."))
+                    };
+                    problems.push(format!("{path}: {}", e.kind));
+                }
+                None
+            }
+        }
+    }
+    let server = section(figment, "server", problems);
+    let database = section(figment, "database", problems);
+    let auth = section(figment, "auth", problems);
+    let rate_limit = section(figment, "rate_limit", problems);
+    let log = section(figment, "log", problems);
+    let actors = section(figment, "actors", problems);
+    let google = section(figment, "google", problems);
+    let provider = section(figment, "provider", problems);
+    let environments = section(figment, "environments", problems);
+    let terminals = section(figment, "terminals", problems);
+    let local = section(figment, "local", problems);
+    let contabo = section(figment, "contabo", problems);
+    let ops = section(figment, "ops", problems);
+    Some(Config {
+        server: server?,
+        database: database?,
+        auth: auth?,
+        rate_limit: rate_limit?,
+        log: log?,
+        actors: actors?,
+        google: google?,
+        provider: provider?,
+        environments: environments?,
+        terminals: terminals?,
+        local: local?,
+        contabo: contabo?,
+        ops: ops?,
+    })
+}
+
+fn positive(problems: &mut Vec<String>, key: &str, value: u32) {
+    if value == 0 {
+        problems.push(format!("{key}: must be above 0"));
+    }
+}
+
+fn is_http_url(s: &str) -> bool {
+    s.starts_with("http://") || s.starts_with("https://")
+}
+
+/// Turn environment variables into `(dotted.key, value)` overrides, plain names first so the
+/// structured `DEVPOCKET_` names win over them.
+fn env_overrides<I>(env: I, problems: &mut Vec<String>) -> Vec<(String, Value)>
+where
+    I: IntoIterator<Item = (String, String)>,
+{
+    let mut plain = Vec::new();
+    let mut structured = Vec::new();
+    for (name, raw) in env {
+        if let Some(rest) = name.strip_prefix(ENV_PREFIX) {
+            // Only SECTION__KEY names are configuration; others (e.g. DEVPOCKET_TEST_*) are not ours.
+            let Some((section, key)) = rest.split_once("__") else {
+                continue;
+            };
+            let key = format!("{}.{}", section.to_lowercase(), key.to_lowercase());
+            if key.ends_with("allowed_origins") && !raw.trim_start().starts_with('[') {
+                structured.push((key, comma_list(&raw)));
+            } else {
+                structured.push((key, parse_env_value(&raw)));
+            }
+        } else if name == "ALLOWED_ORIGINS" {
+            plain.push(("server.allowed_origins".to_string(), comma_list(&raw)));
+        } else if let Some((_, key)) = PLAIN_NAMES.iter().find(|(n, _)| *n == name) {
+            // Secrets and URLs stay strings; only the port is a number.
+            let value = if key.ends_with("ssh_port") {
+                parse_env_value(&raw)
+            } else {
+                Value::from(raw)
+            };
+            plain.push((key.to_string(), value));
+        } else if name.starts_with("CONTABO_") && !raw.is_empty() {
+            problems.push(format!(
+                "{name}: not a known setting (see config/default.toml, section [contabo])"
+            ));
+        }
+    }
+    plain.extend(structured);
+    plain
+}
+
+fn parse_env_value(raw: &str) -> Value {
+    Value::from_str(raw).unwrap_or_else(|_| Value::from(raw.to_string()))
+}
+
+fn comma_list(raw: &str) -> Value {
+    let items: Vec<String> = raw
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    Value::serialize(items).unwrap_or_else(|_| Value::from(Vec::<Value>::new()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid_and_local() {
+        let c = Config::defaults();
+        assert_eq!(c.server.bind, "127.0.0.1:8000");
+        assert_eq!(c.server.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.provider.kind, ProviderKind::Local);
+        assert!(c.database.url.is_empty());
+        assert!(c.registration_open());
+    }
+
+    #[test]
+    fn structured_env_overrides_win_over_plain_names() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("DEVPOCKET_SERVER__BIND", "0.0.0.0:9000"),
+                ("DEVPOCKET_RATE_LIMIT__AUTH_PER_MINUTE", "7"),
+                ("DEVPOCKET_AUTH__LOCKOUT_MINUTES", "2"),
+                ("DATABASE_URL", "sqlite:///tmp/a.db"),
+                ("DEVPOCKET_DATABASE__URL", "postgres://u:p@h/db"),
+                ("ALLOWED_ORIGINS", "https://a.example, https://b.example"),
+                ("CONTABO_USERNAME", "me@example.com"),
+                ("DEVPOCKET_TEST_DATABASE_URL", "ignored"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(c.server.bind, "0.0.0.0:9000");
+        assert_eq!(c.rate_limit.auth_per_minute, 7);
+        assert_eq!(c.auth.lockout_minutes, 2);
+        assert_eq!(c.database.url.expose(), "postgres://u:p@h/db");
+        assert_eq!(
+            c.server.allowed_origins,
+            vec!["https://a.example", "https://b.example"]
+        );
+        assert_eq!(c.contabo.username, "me@example.com");
+        // Local provider on a public bind: self-registration closes by default.
+        assert!(!c.registration_open());
+    }
+
+    #[test]
+    fn every_problem_is_reported_and_secrets_stay_hidden() {
+        let err = Config::load(
+            None,
+            env(&[
+                ("DEVPOCKET_SERVER__BIND", "nowhere"),
+                ("DEVPOCKET_DATABASE__URL", "mysql://root:hunter2@db/x"),
+                ("SECRET_KEY", "short-secret-value"),
+                ("DEVPOCKET_AUTH__LOCKOUT_THRESHOLD", "0"),
+            ]),
+        )
+        .expect_err("invalid");
+        let text = err.to_string();
+        assert!(text.contains("server.bind"), "{text}");
+        assert!(text.contains("database.url"), "{text}");
+        assert!(text.contains("auth.secret_key"), "{text}");
+        assert!(text.contains("auth.lockout_threshold"), "{text}");
+        assert_eq!(err.0.len(), 4, "{text}");
+        assert!(!text.contains("hunter2") && !text.contains("short-secret-value"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_types_are_errors() {
+        let err = Config::load(None, env(&[("DEVPOCKET_SERVER__BOGUS", "1")])).expect_err("bad");
+        assert!(err.to_string().contains("bogus"), "{err}");
+        let err = Config::load(
+            None,
+            env(&[
+                ("DEVPOCKET_LOG__FORMAT", "xml"),
+                ("DEVPOCKET_AUTH__LOCKOUT_MINUTES", "soon"),
+                ("DEVPOCKET_NOPE__X", "1"),
+            ]),
+        )
+        .expect_err("bad");
+        let text = err.to_string();
+        assert!(
+            text.contains("log.format") && text.contains("xml"),
+            "{text}"
+        );
+        assert!(text.contains("auth.lockout_minutes"), "{text}");
+        assert!(text.contains("nope: unknown section"), "{text}");
+    }
+
+    #[test]
+    fn secret_debug_is_redacted() {
+        let s = Secret::new("topsecret");
+        assert_eq!(format!("{s:?}"), "***");
+        let c = Config::load(None, env(&[("SECRET_KEY", &"k".repeat(40))])).expect("valid");
+        assert!(!format!("{c:?}").contains(&"k".repeat(40)));
+    }
+}

@@ -1,0 +1,219 @@
+//! The boundary error: every failure a client can see, with its HTTP status, a stable `code` and a
+//! human `detail` (the shape of API.md). Internal failures are logged with the request id and
+//! answered with a generic message; nothing internal leaks to the client.
+
+use http::{HeaderName, HeaderValue, StatusCode};
+use serde::Serialize;
+
+/// One field that failed validation.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+    pub code: &'static str,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+            code,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub detail: String,
+    pub errors: Vec<FieldError>,
+    pub retry_after: Option<u64>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The cause of an internal error, for the log only.
+    pub source: Option<anyhow::Error>,
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            detail: detail.into(),
+            errors: Vec::new(),
+            retry_after: None,
+            headers: Vec::new(),
+            source: None,
+        }
+    }
+
+    pub fn bad_request(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, detail)
+    }
+
+    /// 401 with `WWW-Authenticate: Bearer`, so clients know to refresh or sign in again.
+    pub fn unauthorized(detail: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::UNAUTHORIZED, "unauthorized", detail);
+        e.headers.push((
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer"),
+        ));
+        e
+    }
+
+    pub fn forbidden(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, code, detail)
+    }
+
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", detail)
+    }
+
+    pub fn conflict(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, code, detail)
+    }
+
+    pub fn validation(errors: Vec<FieldError>) -> Self {
+        let mut e = Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_error",
+            "Validation error",
+        );
+        e.errors = errors;
+        e
+    }
+
+    pub fn rate_limited(retry_after: u64) -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "Too many requests; slow down",
+        );
+        e.retry_after = Some(retry_after);
+        e
+    }
+
+    pub fn unavailable(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, code, detail)
+    }
+
+    pub fn internal(source: impl Into<anyhow::Error>) -> Self {
+        let mut e = Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "Internal server error",
+        );
+        e.source = Some(source.into());
+        e
+    }
+
+    pub fn with_retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+
+    /// The JSON body of API.md.
+    pub fn body(&self) -> serde_json::Value {
+        let mut body = serde_json::json!({ "detail": self.detail, "code": self.code });
+        if !self.errors.is_empty() {
+            body["errors"] = serde_json::json!(self.errors);
+        }
+        if let Some(seconds) = self.retry_after {
+            body["retry_after"] = serde_json::json!(seconds);
+        }
+        body
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        match e {
+            crate::store::StoreError::Unavailable(_) => {
+                let mut err = Self::unavailable("database_unavailable", "Database unavailable");
+                err.source = Some(e.into());
+                err
+            }
+            other => Self::internal(other),
+        }
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        Self::internal(e)
+    }
+}
+
+/// Turn a serde_json error on a request body into the API's answer: malformed JSON is a 400,
+/// well-formed JSON of the wrong shape a 422 naming the field where serde can tell.
+pub fn json_body_error(e: &serde_json::Error) -> ApiError {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => {
+            ApiError::bad_request("invalid_json", "Request body is not valid JSON")
+        }
+        Category::Data => {
+            let text = e.to_string();
+            let message = text.split(" at line ").next().unwrap_or(&text).to_string();
+            let field = between(&message, "field `", "`")
+                .unwrap_or("body")
+                .to_string();
+            let code = if message.starts_with("missing field") {
+                "required"
+            } else {
+                "invalid"
+            };
+            ApiError::validation(vec![FieldError::new(field, code, message)])
+        }
+    }
+}
+
+fn between<'a>(s: &'a str, start: &str, end: &str) -> Option<&'a str> {
+    let from = s.find(start)? + start.len();
+    let len = s[from..].find(end)?;
+    Some(&s[from..from + len])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Login {
+        username_or_email: String,
+        password: String,
+    }
+
+    #[test]
+    fn body_errors_are_classified() {
+        let e = serde_json::from_str::<Login>("{not json").expect_err("syntax");
+        let api = json_body_error(&e);
+        assert_eq!(api.status, StatusCode::BAD_REQUEST);
+        assert_eq!(api.code, "invalid_json");
+
+        let e = serde_json::from_str::<Login>(r#"{"password":"x"}"#).expect_err("missing");
+        let api = json_body_error(&e);
+        assert_eq!(api.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(api.errors[0].field, "username_or_email");
+        assert_eq!(api.errors[0].code, "required");
+
+        let e = serde_json::from_str::<Login>(r#"{"username_or_email":1,"password":"x"}"#)
+            .expect_err("type");
+        assert_eq!(json_body_error(&e).errors[0].code, "invalid");
+    }
+
+    #[test]
+    fn unauthorized_carries_www_authenticate() {
+        let e = ApiError::unauthorized("nope");
+        assert!(
+            e.headers
+                .iter()
+                .any(|(k, v)| k == http::header::WWW_AUTHENTICATE && v == "Bearer")
+        );
+        assert_eq!(e.body()["detail"], "nope");
+    }
+}

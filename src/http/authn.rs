@@ -1,0 +1,87 @@
+//! Authentication of a request: a bearer access token whose session is still live and whose user
+//! is still active. Every failure is a 401 with `WWW-Authenticate: Bearer`.
+
+use chrono::Duration;
+use http::HeaderMap;
+use http::header::AUTHORIZATION;
+
+use crate::app::App;
+use crate::auth::tokens::TokenError;
+use crate::clock::{db_now, from_db};
+use crate::error::{ApiError, ApiResult};
+use crate::store::sessions::{self, Session};
+use crate::store::users::User;
+
+/// `last_used_at` is written at most this often per session (not on every request).
+const TOUCH_INTERVAL: Duration = Duration::seconds(60);
+
+/// The caller of an authenticated request.
+#[derive(Debug, Clone)]
+pub struct AuthUser {
+    pub user: User,
+    pub session: Session,
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+pub async fn authenticate_headers(app: &App, headers: &HeaderMap) -> ApiResult<AuthUser> {
+    let token = bearer(headers).ok_or_else(|| ApiError::unauthorized("Not authenticated"))?;
+    authenticate_token(app, token).await
+}
+
+pub async fn authenticate_token(app: &App, token: &str) -> ApiResult<AuthUser> {
+    let claims = app.tokens.verify_access(token).map_err(|e| match e {
+        TokenError::Expired => ApiError::unauthorized("Token has expired"),
+        TokenError::Invalid | TokenError::WrongType => {
+            ApiError::unauthorized("Could not validate credentials")
+        }
+    })?;
+    let mut conn = app.db.get().await?;
+    let (session, user) = sessions::with_user(&mut conn, &claims.sid)
+        .await?
+        .filter(|(s, u)| s.user_id == claims.sub && u.id == claims.sub)
+        .ok_or_else(|| ApiError::unauthorized("Could not validate credentials"))?;
+    let now = db_now(app.clock.as_ref());
+    if !session.is_live(now) {
+        return Err(ApiError::unauthorized("Session has ended"));
+    }
+    if !user.is_active {
+        return Err(ApiError::unauthorized("Account is disabled"));
+    }
+    if from_db(now) - from_db(session.last_used_at) >= TOUCH_INTERVAL {
+        sessions::touch(&mut conn, &session.id, now).await?;
+    }
+    app.actors.touch_session(&session.id, &user.id);
+    Ok(AuthUser { user, session })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn bearer_parsing() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer abc.def"));
+        assert_eq!(bearer(&h), Some("abc.def"));
+        h.insert(AUTHORIZATION, HeaderValue::from_static("bearer  xyz"));
+        assert_eq!(bearer(&h), Some("xyz"));
+        h.insert(
+            AUTHORIZATION,
+            HeaderValue::from_static("Basic dXNlcjpwdw=="),
+        );
+        assert_eq!(bearer(&h), None);
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer "));
+        assert_eq!(bearer(&h), None);
+    }
+}

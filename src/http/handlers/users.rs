@@ -1,0 +1,303 @@
+//! `/api/v1/users/me`: profile, password change, account deletion, sessions.
+
+use chrono::{DateTime, Utc};
+use http::Response;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{UserResponse, message};
+use crate::app::AppState;
+use crate::auth as rules;
+use crate::clock::{db_now, from_db};
+use crate::error::{ApiError, ApiResult, FieldError};
+use crate::http::{Body, Ctx, ok};
+use crate::store::sessions;
+use crate::store::users::{self, ProfileChanges, username_key};
+
+/// How long account deletion waits for the account's environments to be deleted.
+const ENVIRONMENT_DELETE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileUpdate {
+    #[serde(default)]
+    full_name: Option<String>,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    avatar_url: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct PasswordChange {
+    current_password: String,
+    new_password: String,
+}
+
+#[derive(Deserialize, Default)]
+pub struct DeleteAccount {
+    #[serde(default)]
+    password: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+pub struct RevokeAllQuery {
+    #[serde(default)]
+    keep_current: Option<bool>,
+}
+
+#[derive(Serialize)]
+struct SessionView {
+    id: String,
+    user_agent: Option<String>,
+    ip_address: Option<String>,
+    created_at: DateTime<Utc>,
+    last_used_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+    current: bool,
+}
+
+pub async fn profile(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
+    let auth = ctx.user()?;
+    let mut conn = app.db.get().await?;
+    let now = db_now(app.clock.as_ref());
+    let live = sessions::list_live(&mut conn, &auth.user.id, now).await?;
+    let mut body = serde_json::to_value(UserResponse::from(&auth.user))
+        .map_err(|e| ApiError::internal(anyhow::Error::from(e)))?;
+    body["active_sessions"] = json!(live.len());
+    body["plan_limits"] = json!({ "max_environments": auth.user.plan().max_environments() });
+    let by_status = crate::store::environments::count_by_status(&mut conn, &auth.user.id).await?;
+    let active: i64 = by_status
+        .iter()
+        .filter(|(s, _)| s != "terminated")
+        .map(|(_, n)| n)
+        .sum();
+    let running = by_status
+        .iter()
+        .find(|(s, _)| s == "running")
+        .map_or(0, |(_, n)| *n);
+    body["environments"] = json!({
+        "total": active,
+        "running": running,
+        "by_status": by_status.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+    });
+    ok(&body)
+}
+
+pub async fn update_profile(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
+    let auth = ctx.user()?;
+    let req: ProfileUpdate = ctx.json()?;
+    let mut errors = Vec::new();
+    let username = req.username.map(|u| u.trim().to_string());
+    if let Some(username) = &username {
+        rules::check_username("username", username, &mut errors);
+    }
+    let full_name = req.full_name.map(|n| n.trim().to_string());
+    rules::check_optional_len(
+        "full_name",
+        full_name.as_deref(),
+        rules::FULL_NAME_MAX,
+        &mut errors,
+    );
+    let avatar_url = req.avatar_url.map(|a| a.trim().to_string());
+    if let Some(url) = avatar_url.as_deref().filter(|u| !u.is_empty()) {
+        if !(url.starts_with("https://") || url.starts_with("http://")) {
+            errors.push(FieldError::new(
+                "avatar_url",
+                "url",
+                "Must be an http(s) URL",
+            ));
+        }
+        rules::check_optional_len("avatar_url", Some(url), rules::AVATAR_URL_MAX, &mut errors);
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::validation(errors));
+    }
+    let mut conn = app.db.get().await?;
+    if let Some(name) = &username
+        && username_key(name) != auth.user.username_key
+        && users::by_username(&mut conn, name).await?.is_some()
+    {
+        return Err(ApiError::bad_request(
+            "username_taken",
+            "Username already taken",
+        ));
+    }
+    let changes = ProfileChanges {
+        username_key: username.as_deref().map(username_key),
+        username,
+        full_name: full_name.map(|n| Some(n).filter(|n| !n.is_empty())),
+        avatar_url: avatar_url.map(|a| Some(a).filter(|a| !a.is_empty())),
+        updated_at: Some(db_now(app.clock.as_ref())),
+    };
+    let user = match users::update_profile(&mut conn, &auth.user.id, &changes).await {
+        Ok(user) => user,
+        Err(e) if e.unique_violation().is_some() => {
+            return Err(ApiError::bad_request(
+                "username_taken",
+                "Username already taken",
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    ok(&UserResponse::from(&user))
+}
+
+pub async fn change_password(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
+    let auth = ctx.user()?;
+    let req: PasswordChange = ctx.json()?;
+    let mut errors = Vec::new();
+    rules::check_password("new_password", &req.new_password, &mut errors);
+    if !errors.is_empty() {
+        return Err(ApiError::validation(errors));
+    }
+    let current_ok = match &auth.user.password_hash {
+        Some(hash) => app.passwords.verify(&req.current_password, hash).await,
+        None => false,
+    };
+    if !current_ok {
+        return Err(ApiError::bad_request(
+            "wrong_password",
+            "Current password is incorrect",
+        ));
+    }
+    let hash = app.passwords.hash(&req.new_password).await?;
+    let mut conn = app.db.get().await?;
+    let now = db_now(app.clock.as_ref());
+    users::set_password(&mut conn, &auth.user.id, &hash, now).await?;
+    let ended = sessions::revoke_all(
+        &mut conn,
+        &auth.user.id,
+        Some(&auth.session.id),
+        "password_change",
+        now,
+    )
+    .await?;
+    let count = ended.len();
+    app.actors.stop_sessions(ended, "password changed");
+    app.audit(
+        &ctx.audit(),
+        "password_change",
+        Some(&auth.user.id),
+        Some(&auth.session.id),
+        json!({ "sessions_ended": count }),
+    )
+    .await;
+    ok(&json!({
+        "message": "Password changed; other sessions have been signed out",
+        "sessions_ended": count,
+    }))
+}
+
+pub async fn delete_account(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
+    let auth = ctx.user()?;
+    let req: DeleteAccount = ctx.json_or_default()?;
+    if let Some(hash) = &auth.user.password_hash {
+        let Some(password) = req.password.as_deref() else {
+            return Err(ApiError::validation(vec![FieldError::new(
+                "password",
+                "required",
+                "Password is required to delete the account",
+            )]));
+        };
+        if !app.passwords.verify(password, hash).await {
+            return Err(ApiError::bad_request(
+                "wrong_password",
+                "Password is incorrect",
+            ));
+        }
+    }
+    // Environments first: their provider resources must be released before the account goes.
+    if !super::environments::delete_all_for_user(&app, &auth.user.id, ENVIRONMENT_DELETE_WAIT)
+        .await?
+    {
+        return Err(ApiError::conflict(
+            "environments_pending",
+            "Your environments are still being deleted; try again in a minute",
+        ));
+    }
+    let mut conn = app.db.get().await?;
+    let now = db_now(app.clock.as_ref());
+    let ended =
+        sessions::revoke_all(&mut conn, &auth.user.id, None, "account_deleted", now).await?;
+    app.actors.stop_sessions(ended, "account deleted");
+    users::delete(&mut conn, &auth.user.id).await?;
+    app.audit(
+        &ctx.audit(),
+        "account_deleted",
+        Some(&auth.user.id),
+        Some(&auth.session.id),
+        json!({ "username": auth.user.username }),
+    )
+    .await;
+    ok(&message("Account deleted"))
+}
+
+pub async fn list_sessions(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
+    let auth = ctx.user()?;
+    let mut conn = app.db.get().await?;
+    let now = db_now(app.clock.as_ref());
+    let list: Vec<SessionView> = sessions::list_live(&mut conn, &auth.user.id, now)
+        .await?
+        .into_iter()
+        .map(|s| SessionView {
+            current: s.id == auth.session.id,
+            id: s.id,
+            user_agent: s.user_agent,
+            ip_address: s.ip_address,
+            created_at: from_db(s.created_at),
+            last_used_at: from_db(s.last_used_at),
+            expires_at: from_db(s.expires_at),
+        })
+        .collect();
+    ok(&json!({ "sessions": list, "total": list.len() }))
+}
+
+pub async fn revoke_session(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
+    let auth = ctx.user()?;
+    let id = ctx.param("session_id").to_string();
+    let mut conn = app.db.get().await?;
+    let not_found = || ApiError::not_found("Session not found");
+    let (session, _) = sessions::with_user(&mut conn, &id)
+        .await?
+        .filter(|(s, _)| s.user_id == auth.user.id)
+        .ok_or_else(not_found)?;
+    let now = db_now(app.clock.as_ref());
+    if !sessions::revoke(&mut conn, &session.id, "revoked_by_user", now).await? {
+        return Err(not_found());
+    }
+    app.actors
+        .stop_sessions(vec![session.id.clone()], "session revoked");
+    app.audit(
+        &ctx.audit(),
+        "session_revoked",
+        Some(&auth.user.id),
+        Some(&auth.session.id),
+        json!({ "revoked_session": session.id }),
+    )
+    .await;
+    ok(&message("Session revoked"))
+}
+
+pub async fn revoke_all(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
+    let auth = ctx.user()?;
+    let query: RevokeAllQuery = ctx.query()?;
+    let keep = query
+        .keep_current
+        .unwrap_or(false)
+        .then_some(auth.session.id.as_str());
+    let mut conn = app.db.get().await?;
+    let now = db_now(app.clock.as_ref());
+    let ended = sessions::revoke_all(&mut conn, &auth.user.id, keep, "revoked_all", now).await?;
+    let count = ended.len();
+    app.actors.stop_sessions(ended, "all sessions revoked");
+    app.audit(
+        &ctx.audit(),
+        "session_revoked",
+        Some(&auth.user.id),
+        Some(&auth.session.id),
+        json!({ "all": true, "count": count, "kept_current": keep.is_some() }),
+    )
+    .await;
+    ok(&json!({ "message": "Sessions revoked", "revoked": count }))
+}

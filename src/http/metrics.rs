@@ -1,0 +1,123 @@
+//! Prometheus metrics: requests by route, method and status; latency by route; live actors and
+//! restarts by kind (read from the actor directory at scrape time).
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::actors::directory::Directory;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: String,
+    route: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: String,
+}
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<RouteLabels, Histogram>,
+    actors_live: Family<KindLabels, Gauge>,
+    actor_restarts: Family<KindLabels, Counter>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~33 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency =
+            Family::<RouteLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> _);
+        let actors_live = Family::<KindLabels, Gauge>::default();
+        let actor_restarts = Family::<KindLabels, Counter>::default();
+        let mut registry = Registry::with_prefix("devpocket");
+        registry.register(
+            "http_requests",
+            "HTTP requests by method, route pattern and status",
+            requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by route pattern",
+            latency.clone(),
+        );
+        registry.register("actors_live", "Running actors by kind", actors_live.clone());
+        registry.register(
+            "actor_restarts",
+            "Actor restarts granted by supervisors, by kind",
+            actor_restarts.clone(),
+        );
+        Self {
+            registry: Mutex::new(registry),
+            requests,
+            latency,
+            actors_live,
+            actor_restarts,
+        }
+    }
+
+    /// `route` is the matched pattern (bounded cardinality), never the raw path.
+    pub fn observe(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                method: method.to_string(),
+                route: route.to_string(),
+                status,
+            })
+            .inc();
+        self.latency
+            .get_or_create(&RouteLabels {
+                route: route.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// The text exposition, with actor figures refreshed from the directory.
+    pub fn render(&self, directory: &Directory) -> String {
+        self.actors_live.clear();
+        for (kind, live) in directory.live_by_kind() {
+            self.actors_live
+                .get_or_create(&KindLabels { kind: kind.into() })
+                .set(live);
+        }
+        for (kind, total) in directory.restarts_by_kind() {
+            let counter = self
+                .actor_restarts
+                .get_or_create(&KindLabels { kind: kind.into() });
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        if encode(&mut out, &registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

@@ -1,0 +1,502 @@
+//! The thin hyper front end: accept → request id → CORS preflight → route → rate limit → bounded
+//! body → authenticate → handler → error shape, security headers, metrics, access log. Handlers
+//! read the store for queries and send messages into the actor tree for commands.
+
+pub mod authn;
+pub mod handlers;
+pub mod limits;
+pub mod metrics;
+pub mod openapi;
+pub mod router;
+pub mod ws;
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::app::{AppState, AuditContext};
+use crate::error::{ApiError, ApiResult, json_body_error};
+use authn::AuthUser;
+use router::{Access, ROUTER, RouteMatch};
+
+pub type Body = Full<Bytes>;
+
+/// Longest `X-Request-Id` taken from a client; longer or odd ones are replaced.
+const MAX_REQUEST_ID_LEN: usize = 128;
+/// After a body proves too large, read and discard at most this much more so the client sees the
+/// 413 instead of a reset connection, then give up on the connection.
+const OVERSIZE_DRAIN_LIMIT: u64 = 32 * 1024 * 1024;
+/// How often idle rate-limit state is pruned.
+const LIMITER_HOUSEKEEPING: Duration = Duration::from_secs(60);
+const CSP: &str = "default-src 'none'; frame-ancestors 'none'";
+
+/// Everything a handler gets about its request. Owned, so handlers are `'static` futures.
+pub struct Ctx {
+    pub method: Method,
+    pub route: &'static str,
+    pub params: Vec<(String, String)>,
+    pub query: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub ip: IpAddr,
+    pub request_id: String,
+    pub auth: Option<AuthUser>,
+}
+
+impl Ctx {
+    pub fn param(&self, name: &str) -> &str {
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("")
+    }
+
+    /// The request body as JSON of type `T` (400 malformed, 422 wrong shape).
+    pub fn json<T: DeserializeOwned>(&self) -> ApiResult<T> {
+        if self.body.is_empty() {
+            return Err(ApiError::validation(vec![crate::error::FieldError::new(
+                "body",
+                "required",
+                "A JSON body is required",
+            )]));
+        }
+        serde_json::from_slice(&self.body).map_err(|e| json_body_error(&e))
+    }
+
+    /// Like [`Ctx::json`], but an empty body is `T::default()`.
+    pub fn json_or_default<T: DeserializeOwned + Default>(&self) -> ApiResult<T> {
+        if self.body.iter().all(u8::is_ascii_whitespace) {
+            Ok(T::default())
+        } else {
+            self.json()
+        }
+    }
+
+    /// The query string as `T` (422 naming the parameter when it does not fit).
+    pub fn query<T: DeserializeOwned>(&self) -> ApiResult<T> {
+        serde_urlencoded::from_str(&self.query).map_err(|e| {
+            ApiError::validation(vec![crate::error::FieldError::new(
+                "query",
+                "invalid",
+                e.to_string(),
+            )])
+        })
+    }
+
+    /// The authenticated caller (present on every route whose access is not public).
+    pub fn user(&self) -> ApiResult<&AuthUser> {
+        self.auth
+            .as_ref()
+            .ok_or_else(|| ApiError::unauthorized("Not authenticated"))
+    }
+
+    pub fn audit(&self) -> AuditContext {
+        AuditContext {
+            ip: Some(self.ip.to_string()),
+            request_id: Some(self.request_id.clone()),
+        }
+    }
+
+    pub fn user_agent(&self) -> Option<String> {
+        self.headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.chars().take(256).collect())
+    }
+}
+
+pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+pub fn ok<T: Serialize>(value: &T) -> ApiResult<Response<Body>> {
+    Ok(json(StatusCode::OK, value))
+}
+
+pub fn text(content_type: &'static str, body: String) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+fn error_response(err: &ApiError) -> Response<Body> {
+    let mut resp = json(err.status, &err.body());
+    for (name, value) in &err.headers {
+        resp.headers_mut().insert(name.clone(), value.clone());
+    }
+    if let Some(seconds) = err.retry_after {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    resp
+}
+
+/// Serve until `shutdown` resolves, then drain in-flight requests for at most the configured
+/// drain timeout and cut what is left.
+pub async fn serve(
+    listener: TcpListener,
+    app: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let permits = Arc::new(Semaphore::new(app.config.server.max_connections as usize));
+    let mut connections = JoinSet::new();
+    let mut housekeeping = tokio::time::interval(LIMITER_HOUSEKEEPING);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(_) = connections.join_next() => {}
+            _ = housekeeping.tick() => app.limits.housekeeping(),
+            permit = permits.clone().acquire_owned() => {
+                let Ok(permit) = permit else { break };
+                let accepted = tokio::select! {
+                    _ = &mut shutdown => break,
+                    accepted = listener.accept() => accepted,
+                };
+                let (stream, peer) = match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                connections.spawn(serve_connection(app.clone(), stream, peer, stop_rx.clone(), permit));
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    drop(listener);
+    let drain = Duration::from_secs(app.config.server.drain_timeout_seconds);
+    let drained = tokio::time::timeout(drain, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            remaining = connections.len(),
+            "drain timeout reached; closing remaining connections"
+        );
+        connections.shutdown().await;
+    }
+    tracing::info!("HTTP front end stopped");
+}
+
+async fn serve_connection(
+    app: AppState,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(
+            app.config.server.header_read_timeout_seconds,
+        ));
+    let service = hyper::service::service_fn(move |req| handle(app.clone(), peer, req));
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = stop.wait_for(|stopping| *stopping) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}
+
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| {
+            !s.is_empty()
+                && s.len() <= MAX_REQUEST_ID_LEN
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        })
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+fn client_ip(app: &AppState, headers: &HeaderMap, peer: SocketAddr) -> IpAddr {
+    if app.config.server.trust_forwarded_for {
+        // The proxy appends the address it saw; the last entry is the one we can trust.
+        let forwarded = headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .and_then(|ip| ip.trim().parse().ok());
+        if let Some(ip) = forwarded {
+            return ip;
+        }
+    }
+    peer.ip()
+}
+
+async fn handle(
+    app: AppState,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let request_id = request_id(req.headers());
+    let ip = client_ip(&app, req.headers(), peer);
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+
+    let (route, result) = dispatch(&app, req, ip, &request_id).await;
+    let mut resp = match result {
+        Ok(resp) => resp,
+        Err(err) => {
+            if let Some(source) = &err.source {
+                tracing::error!(request_id = %request_id, route, error = format!("{source:#}"), "request failed");
+            }
+            error_response(&err)
+        }
+    };
+    finish(&app, &mut resp, &request_id, origin.as_ref());
+    let status = resp.status().as_u16();
+    let elapsed = started.elapsed();
+    app.metrics
+        .observe(metric_method(&method), route, status, elapsed);
+    tracing::info!(
+        request_id = %request_id,
+        %ip,
+        method = %method,
+        path = %path,
+        status,
+        latency_ms = elapsed.as_secs_f64() * 1000.0,
+        "request"
+    );
+    Ok(resp)
+}
+
+fn metric_method(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        Method::HEAD => "HEAD",
+        _ => "OTHER",
+    }
+}
+
+/// Route, limit, read, authenticate, call. Returns the route pattern (for metrics) and the result.
+async fn dispatch(
+    app: &AppState,
+    req: Request<Incoming>,
+    ip: IpAddr,
+    request_id: &str,
+) -> (&'static str, ApiResult<Response<Body>>) {
+    if req.method() == Method::OPTIONS
+        && req
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+    {
+        return ("preflight", Ok(preflight(app, req.headers())));
+    }
+    let (route, params) = match ROUTER.find(req.method(), req.uri().path()) {
+        RouteMatch::Found(route, params) => (route, params),
+        RouteMatch::MethodNotAllowed(allowed) => {
+            let mut err = ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "Method not allowed",
+            );
+            if let Ok(v) = HeaderValue::from_str(&allowed) {
+                err.headers.push((header::ALLOW, v));
+            }
+            return ("unmatched", Err(err));
+        }
+        RouteMatch::NotFound => return ("unmatched", Err(ApiError::not_found("Not found"))),
+    };
+    let pattern = route.path;
+    if let Err(wait) = app.limits.check(route.rate, ip) {
+        return (pattern, Err(ApiError::rate_limited(wait)));
+    }
+    if let Some(kind) = route.websocket {
+        // Authentication happens on the socket, so a refusal is a close frame with a reason.
+        return (pattern, ws::upgrade(app, req, kind, params, ip, request_id));
+    }
+    let (parts, body) = req.into_parts();
+    let body = match read_body(body, parts.headers.get(header::CONTENT_LENGTH), app).await {
+        Ok(body) => body,
+        Err(err) => return (pattern, Err(err)),
+    };
+    let mut ctx = Ctx {
+        method: parts.method,
+        route: pattern,
+        params,
+        query: parts.uri.query().unwrap_or("").to_string(),
+        headers: parts.headers,
+        body,
+        ip,
+        request_id: request_id.to_string(),
+        auth: None,
+    };
+    if route.access != Access::Public {
+        match authn::authenticate_headers(app, &ctx.headers).await {
+            Ok(user) => {
+                if route.access == Access::Admin && !user.user.is_admin() {
+                    return (
+                        pattern,
+                        Err(ApiError::forbidden(
+                            "admin_required",
+                            "Admin access required",
+                        )),
+                    );
+                }
+                ctx.auth = Some(user);
+            }
+            Err(err) => return (pattern, Err(err)),
+        }
+    }
+    (pattern, (route.handler)(app.clone(), ctx).await)
+}
+
+/// Read the body up to `server.max_body_bytes`; past it answer 413 (after draining a bounded
+/// amount so the client gets to read the answer).
+async fn read_body(
+    mut body: Incoming,
+    content_length: Option<&HeaderValue>,
+    app: &AppState,
+) -> ApiResult<Bytes> {
+    let max = app.config.server.max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("Request body is larger than {max} bytes"),
+        )
+    };
+    let declared = content_length
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut collected = Vec::new();
+    let mut seen: u64 = 0;
+    let over_from_start = declared.is_some_and(|n| n > max);
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|_| ApiError::bad_request("bad_body", "The request body could not be read"))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len() as u64;
+        if over_from_start || seen > max {
+            if seen > max + OVERSIZE_DRAIN_LIMIT {
+                break;
+            }
+            collected = Vec::new();
+            continue;
+        }
+        collected.extend_from_slice(&data);
+    }
+    if over_from_start || seen > max {
+        return Err(too_large());
+    }
+    Ok(Bytes::from(collected))
+}
+
+fn allowed_origin<'a>(app: &AppState, origin: Option<&'a HeaderValue>) -> Option<&'a HeaderValue> {
+    let origin = origin?;
+    let text = origin.to_str().ok()?;
+    let allowed = &app.config.server.allowed_origins;
+    allowed
+        .iter()
+        .any(|a| a == "*" || a == text)
+        .then_some(origin)
+}
+
+fn preflight(app: &AppState, headers: &HeaderMap) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    if allowed_origin(app, headers.get(header::ORIGIN)).is_some() {
+        let h = resp.headers_mut();
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST, PUT, PATCH, DELETE, OPTIONS"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("authorization, content-type, x-request-id"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+    }
+    resp
+}
+
+/// Headers every response carries.
+fn finish(
+    app: &AppState,
+    resp: &mut Response<Body>,
+    request_id: &str,
+    origin: Option<&HeaderValue>,
+) {
+    let allowed = allowed_origin(app, origin).cloned();
+    let h = resp.headers_mut();
+    let set = |h: &mut HeaderMap, name: HeaderName, value: &'static str| {
+        h.insert(name, HeaderValue::from_static(value));
+    };
+    set(h, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+    set(h, header::X_FRAME_OPTIONS, "DENY");
+    set(
+        h,
+        header::REFERRER_POLICY,
+        "strict-origin-when-cross-origin",
+    );
+    set(h, header::CONTENT_SECURITY_POLICY, CSP);
+    if !h.contains_key(header::CACHE_CONTROL) {
+        set(h, header::CACHE_CONTROL, "no-store");
+    }
+    if app.config.server.hsts {
+        set(
+            h,
+            header::STRICT_TRANSPORT_SECURITY,
+            "max-age=31536000; includeSubDomains",
+        );
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert("x-request-id", v);
+    }
+    if let Some(origin) = allowed {
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        h.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static("x-request-id, retry-after"),
+        );
+        h.append(header::VARY, HeaderValue::from_static("Origin"));
+    }
+}

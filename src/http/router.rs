@@ -1,0 +1,764 @@
+//! The route table: one entry per method and path, with what it needs (access, rate class) and
+//! what it documents (summary, body, answers). Matching tolerates a trailing slash. The OpenAPI
+//! document is generated from this same table, so it cannot drift from what exists.
+
+use std::sync::LazyLock;
+
+use futures_util::future::BoxFuture;
+use http::{Method, Response};
+
+use super::handlers::{admin, auth, environments as env, health, templates, users};
+use super::limits::RateClass;
+use super::{Body, Ctx};
+use crate::app::AppState;
+use crate::error::ApiResult;
+
+pub type Handler = fn(AppState, Ctx) -> BoxFuture<'static, ApiResult<Response<Body>>>;
+
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Public,
+    /// A valid access token of a live session.
+    User,
+    /// As `User`, on the admin plan.
+    Admin,
+}
+
+pub struct Route {
+    pub method: Method,
+    /// matchit pattern, `{name}` for a parameter.
+    pub path: &'static str,
+    pub handler: Handler,
+    pub access: Access,
+    pub rate: RateClass,
+    pub tag: &'static str,
+    pub summary: &'static str,
+    /// Name of the request body schema in the OpenAPI components, if it takes one.
+    pub body: Option<&'static str>,
+    /// Query parameters: (name, description).
+    pub query: &'static [(&'static str, &'static str)],
+    /// Success status and the response schema name (or a description).
+    pub ok: (u16, &'static str),
+    /// A WebSocket endpoint: upgraded, authenticated by `?token=`.
+    pub websocket: Option<super::ws::WsKind>,
+}
+
+macro_rules! handler {
+    ($f:path) => {
+        |app, ctx| Box::pin($f(app, ctx))
+    };
+}
+
+#[allow(clippy::too_many_arguments)]
+fn route(
+    method: Method,
+    path: &'static str,
+    handler: Handler,
+    access: Access,
+    rate: RateClass,
+    tag: &'static str,
+    summary: &'static str,
+    body: Option<&'static str>,
+    ok: (u16, &'static str),
+) -> Route {
+    Route {
+        method,
+        path,
+        handler,
+        access,
+        rate,
+        tag,
+        summary,
+        body,
+        query: &[],
+        ok,
+        websocket: None,
+    }
+}
+
+fn websocket(
+    path: &'static str,
+    kind: super::ws::WsKind,
+    summary: &'static str,
+    query: &'static [(&'static str, &'static str)],
+) -> Route {
+    Route {
+        query,
+        websocket: Some(kind),
+        ..route(
+            Method::GET,
+            path,
+            handler!(health::not_a_websocket),
+            Access::Public,
+            RateClass::Api,
+            "websockets",
+            summary,
+            None,
+            (101, "Switching Protocols (WebSocket)"),
+        )
+    }
+}
+
+fn routes() -> Vec<Route> {
+    use Access::*;
+    use RateClass::*;
+    let get = Method::GET;
+    let post = Method::POST;
+    let put = Method::PUT;
+    let delete = Method::DELETE;
+    vec![
+        route(
+            get.clone(),
+            "/health",
+            handler!(health::health),
+            Public,
+            Exempt,
+            "health",
+            "Service health",
+            None,
+            (200, "Health"),
+        ),
+        route(
+            get.clone(),
+            "/health/live",
+            handler!(health::live),
+            Public,
+            Exempt,
+            "health",
+            "Liveness probe",
+            None,
+            (200, "Liveness"),
+        ),
+        route(
+            get.clone(),
+            "/health/ready",
+            handler!(health::ready),
+            Public,
+            Exempt,
+            "health",
+            "Readiness probe: 503 names the failing check",
+            None,
+            (200, "Readiness"),
+        ),
+        route(
+            get.clone(),
+            "/metrics",
+            handler!(health::metrics),
+            Public,
+            Exempt,
+            "health",
+            "Prometheus metrics (text exposition)",
+            None,
+            (200, "text/plain"),
+        ),
+        route(
+            get.clone(),
+            "/api/v1/info",
+            handler!(health::info),
+            Public,
+            Api,
+            "health",
+            "Server name, version, features and plan limits",
+            None,
+            (200, "Info"),
+        ),
+        route(
+            get.clone(),
+            "/api/v1/openapi.json",
+            handler!(health::openapi),
+            Public,
+            Api,
+            "health",
+            "This OpenAPI document",
+            None,
+            (200, "OpenAPI document"),
+        ),
+        route(
+            post.clone(),
+            "/api/v1/auth/register",
+            handler!(auth::register),
+            Public,
+            Credentials,
+            "auth",
+            "Create an account; answers with tokens",
+            Some("RegisterRequest"),
+            (201, "AuthResponse"),
+        ),
+        route(
+            post.clone(),
+            "/api/v1/auth/login",
+            handler!(auth::login),
+            Public,
+            Credentials,
+            "auth",
+            "Sign in with username or e-mail and password",
+            Some("LoginRequest"),
+            (200, "AuthResponse"),
+        ),
+        route(
+            post.clone(),
+            "/api/v1/auth/google",
+            handler!(auth::google),
+            Public,
+            Credentials,
+            "auth",
+            "Sign in with a Google ID token",
+            Some("GoogleRequest"),
+            (200, "AuthResponse"),
+        ),
+        route(
+            post.clone(),
+            "/api/v1/auth/refresh",
+            handler!(auth::refresh),
+            Public,
+            Credentials,
+            "auth",
+            "Rotate a refresh token; reuse of a spent one ends the session",
+            Some("RefreshRequest"),
+            (200, "AuthResponse"),
+        ),
+        route(
+            post.clone(),
+            "/api/v1/auth/logout",
+            handler!(auth::logout),
+            User,
+            Api,
+            "auth",
+            "End this session at once",
+            None,
+            (200, "Message"),
+        ),
+        route(
+            get.clone(),
+            "/api/v1/auth/me",
+            handler!(auth::me),
+            User,
+            Api,
+            "auth",
+            "The signed-in user",
+            None,
+            (200, "UserResponse"),
+        ),
+        route(
+            get.clone(),
+            "/api/v1/users/me",
+            handler!(users::profile),
+            User,
+            Api,
+            "users",
+            "Profile with session counts",
+            None,
+            (200, "ProfileResponse"),
+        ),
+        route(
+            put.clone(),
+            "/api/v1/users/me",
+            handler!(users::update_profile),
+            User,
+            Api,
+            "users",
+            "Change full name, username or avatar",
+            Some("ProfileUpdate"),
+            (200, "UserResponse"),
+        ),
+        route(
+            delete.clone(),
+            "/api/v1/users/me",
+            handler!(users::delete_account),
+            User,
+            Api,
+            "users",
+            "Delete the account (password required)",
+            Some("DeleteAccountRequest"),
+            (200, "Message"),
+        ),
+        route(
+            post.clone(),
+            "/api/v1/users/me/password",
+            handler!(users::change_password),
+            User,
+            Api,
+            "users",
+            "Change password; every other session ends",
+            Some("PasswordChange"),
+            (200, "Message"),
+        ),
+        route(
+            get.clone(),
+            "/api/v1/users/me/sessions",
+            handler!(users::list_sessions),
+            User,
+            Api,
+            "users",
+            "Live login sessions",
+            None,
+            (200, "SessionList"),
+        ),
+        route(
+            delete.clone(),
+            "/api/v1/users/me/sessions/{session_id}",
+            handler!(users::revoke_session),
+            User,
+            Api,
+            "users",
+            "Revoke one session",
+            None,
+            (200, "Message"),
+        ),
+        Route {
+            query: &[(
+                "keep_current",
+                "true to keep the calling session alive (default false)",
+            )],
+            ..route(
+                post.clone(),
+                "/api/v1/users/me/sessions/revoke-all",
+                handler!(users::revoke_all),
+                User,
+                Api,
+                "users",
+                "Revoke every session (log out everywhere)",
+                None,
+                (200, "RevokedCount"),
+            )
+        },
+        Route {
+            query: &[
+                (
+                    "status",
+                    "only environments in this status (also status_filter)",
+                ),
+                ("status_filter", "alias of status"),
+            ],
+            ..route(
+                get.clone(),
+                "/api/v1/environments",
+                handler!(env::list),
+                User,
+                Api,
+                "environments",
+                "Your environments",
+                None,
+                (200, "EnvironmentList"),
+            )
+        },
+        route(
+            post.clone(),
+            "/api/v1/environments",
+            handler!(env::create),
+            User,
+            Api,
+            "environments",
+            "Create an environment (provisioning continues in its actor)",
+            Some("CreateEnvironment"),
+            (201, "EnvironmentResponse"),
+        ),
+        route(
+            get.clone(),
+            "/api/v1/environments/{environment_id}",
+            handler!(env::get),
+            User,
+            Api,
+            "environments",
+            "One environment",
+            None,
+            (200, "EnvironmentResponse"),
+        ),
+        route(
+            put.clone(),
+            "/api/v1/environments/{environment_id}",
+            handler!(env::update),
+            User,
+            Api,
+            "environments",
+            "Rename or change variables",
+            Some("UpdateEnvironment"),
+            (200, "EnvironmentResponse"),
+        ),
+        route(
+            delete.clone(),
+            "/api/v1/environments/{environment_id}",
+            handler!(env::delete),
+            User,
+            Api,
+            "environments",
+            "Delete: deleting, then terminated (the row stays)",
+            None,
+            (202, "CommandAccepted"),
+        ),
+        route(
+            post.clone(),
+            "/api/v1/environments/{environment_id}/start",
+            handler!(env::start),
+            User,
+            Api,
+            "environments",
+            "Start a stopped environment",
+            None,
+            (202, "CommandAccepted"),
+        ),
+        route(
+            post.clone(),
+            "/api/v1/environments/{environment_id}/stop",
+            handler!(env::stop),
+            User,
+            Api,
+            "environments",
+            "Stop a running environment",
+            None,
+            (202, "CommandAccepted"),
+        ),
+        route(
+            post.clone(),
+            "/api/v1/environments/{environment_id}/restart",
+            handler!(env::restart),
+            User,
+            Api,
+            "environments",
+            "Restart",
+            None,
+            (202, "CommandAccepted"),
+        ),
+        route(
+            post.clone(),
+            "/api/v1/environments/{environment_id}/recover",
+            handler!(env::recover),
+            User,
+            Api,
+            "environments",
+            "Resume an environment in error from the phase that failed",
+            None,
+            (202, "CommandAccepted"),
+        ),
+        route(
+            post.clone(),
+            "/api/v1/environments/{environment_id}/snapshot",
+            handler!(env::snapshot),
+            User,
+            Api,
+            "environments",
+            "Take a snapshot",
+            Some("SnapshotRequest"),
+            (201, "CommandAccepted"),
+        ),
+        route(
+            get.clone(),
+            "/api/v1/environments/{environment_id}/snapshots",
+            handler!(env::snapshots),
+            User,
+            Api,
+            "environments",
+            "Snapshots at the provider",
+            None,
+            (200, "SnapshotList"),
+        ),
+        route(
+            post.clone(),
+            "/api/v1/environments/{environment_id}/snapshots/{snapshot_id}/restore",
+            handler!(env::restore),
+            User,
+            Api,
+            "environments",
+            "Roll back to a snapshot",
+            None,
+            (202, "CommandAccepted"),
+        ),
+        route(
+            post.clone(),
+            "/api/v1/environments/{environment_id}/resize",
+            handler!(env::resize),
+            User,
+            Api,
+            "environments",
+            "Change size (422 unsupported_by_provider where the provider cannot)",
+            Some("ResizeRequest"),
+            (202, "CommandAccepted"),
+        ),
+        Route {
+            query: &[("hours", "1-168 (default 1)")],
+            ..route(
+                get.clone(),
+                "/api/v1/environments/{environment_id}/metrics",
+                handler!(env::metrics),
+                User,
+                Api,
+                "environments",
+                "CPU, memory, disk, network sampled from the environment",
+                None,
+                (200, "Metrics"),
+            )
+        },
+        Route {
+            query: &[
+                ("lines", "1-1000 (default 100)"),
+                ("since", "RFC 3339 time"),
+            ],
+            ..route(
+                get.clone(),
+                "/api/v1/environments/{environment_id}/logs",
+                handler!(env::logs),
+                User,
+                Api,
+                "environments",
+                "Status changes and installation output",
+                None,
+                (200, "Logs"),
+            )
+        },
+        Route {
+            query: &[("category", "only this category")],
+            ..route(
+                get.clone(),
+                "/api/v1/templates",
+                handler!(templates::list),
+                Public,
+                Api,
+                "templates",
+                "Environment templates",
+                None,
+                (200, "TemplateList"),
+            )
+        },
+        route(
+            post.clone(),
+            "/api/v1/templates",
+            handler!(templates::create),
+            Admin,
+            Api,
+            "templates",
+            "Add a template (validated)",
+            Some("Template"),
+            (201, "Template"),
+        ),
+        route(
+            get.clone(),
+            "/api/v1/templates/{template_id}",
+            handler!(templates::get),
+            Public,
+            Api,
+            "templates",
+            "One template",
+            None,
+            (200, "Template"),
+        ),
+        route(
+            put.clone(),
+            "/api/v1/templates/{template_id}",
+            handler!(templates::replace),
+            Admin,
+            Api,
+            "templates",
+            "Replace a template (built-ins are restored at start)",
+            Some("Template"),
+            (200, "Template"),
+        ),
+        route(
+            delete.clone(),
+            "/api/v1/templates/{template_id}",
+            handler!(templates::delete),
+            Admin,
+            Api,
+            "templates",
+            "Remove an admin-added template",
+            None,
+            (200, "Message"),
+        ),
+        route(
+            get.clone(),
+            "/api/v1/regions",
+            handler!(env::regions),
+            Public,
+            Api,
+            "environments",
+            "Regions of the configured provider",
+            None,
+            (200, "RegionList"),
+        ),
+        route(
+            get.clone(),
+            "/api/v1/sizes",
+            handler!(env::sizes),
+            Public,
+            Api,
+            "environments",
+            "Sizes of the configured provider",
+            None,
+            (200, "SizeList"),
+        ),
+        websocket(
+            "/api/v1/ws/terminal/{environment_id}",
+            super::ws::WsKind::Terminal,
+            "Terminal WebSocket (JSON text frames: input/resize/ping/ack → welcome/output/pong/error/info/exit); resumable",
+            &[
+                ("token", "access token"),
+                ("terminal_id", "resume this terminal"),
+                ("offset", "last output offset received"),
+                ("cols", "terminal width"),
+                ("rows", "terminal height"),
+            ],
+        ),
+        websocket(
+            "/api/v1/ws/logs/{environment_id}",
+            super::ws::WsKind::Logs,
+            "Environment log WebSocket: history, then live events",
+            &[
+                ("token", "access token"),
+                ("follow", "false: close after the history"),
+            ],
+        ),
+        websocket(
+            "/api/v1/ws/events",
+            super::ws::WsKind::Events,
+            "Status changes of all your environments, live",
+            &[("token", "access token")],
+        ),
+        route(
+            get.clone(),
+            "/api/v1/admin/actors",
+            handler!(admin::actors),
+            Admin,
+            Api,
+            "admin",
+            "The live supervision tree",
+            None,
+            (200, "ActorTree"),
+        ),
+        route(
+            post.clone(),
+            "/api/v1/admin/actors/{actor_id}/crash",
+            handler!(admin::crash),
+            Admin,
+            Api,
+            "admin",
+            "Fault injection: make an actor panic (ops.fault_injection only)",
+            None,
+            (202, "Message"),
+        ),
+        Route {
+            query: &[
+                ("event", "only this event (e.g. login_failed)"),
+                ("user_id", "only events about this user"),
+                ("since", "RFC 3339 time, inclusive"),
+                ("until", "RFC 3339 time, exclusive"),
+                ("limit", "page size, 1-500 (default 50)"),
+                ("offset", "events to skip (default 0)"),
+            ],
+            ..route(
+                get,
+                "/api/v1/admin/audit",
+                handler!(admin::audit),
+                Admin,
+                Api,
+                "admin",
+                "Audit events, newest first",
+                None,
+                (200, "AuditPage"),
+            )
+        },
+    ]
+}
+
+pub enum RouteMatch<'a> {
+    Found(&'a Route, Vec<(String, String)>),
+    /// The path exists for other methods (their list, for `Allow`).
+    MethodNotAllowed(String),
+    NotFound,
+}
+
+pub struct Router {
+    routes: Vec<Route>,
+    paths: matchit::Router<Vec<usize>>,
+}
+
+pub static ROUTER: LazyLock<Router> = LazyLock::new(|| Router::new(routes()));
+
+impl Router {
+    fn new(routes: Vec<Route>) -> Self {
+        let mut by_path: Vec<(&'static str, Vec<usize>)> = Vec::new();
+        for (i, r) in routes.iter().enumerate() {
+            match by_path.iter_mut().find(|(p, _)| *p == r.path) {
+                Some((_, v)) => v.push(i),
+                None => by_path.push((r.path, vec![i])),
+            }
+        }
+        let mut paths = matchit::Router::new();
+        for (path, indices) in by_path {
+            if let Err(e) = paths.insert(path, indices) {
+                panic!("route table is inconsistent at {path}: {e}");
+            }
+        }
+        Self { routes, paths }
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    pub fn find(&self, method: &Method, path: &str) -> RouteMatch<'_> {
+        let path = if path.len() > 1 {
+            path.trim_end_matches('/')
+        } else {
+            path
+        };
+        let Ok(found) = self.paths.at(path) else {
+            return RouteMatch::NotFound;
+        };
+        let params: Vec<(String, String)> = found
+            .params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let wanted = if method == Method::HEAD {
+            &Method::GET
+        } else {
+            method
+        };
+        match found
+            .value
+            .iter()
+            .map(|&i| &self.routes[i])
+            .find(|r| r.method == *wanted)
+        {
+            Some(route) => RouteMatch::Found(route, params),
+            None => RouteMatch::MethodNotAllowed(
+                found
+                    .value
+                    .iter()
+                    .map(|&i| self.routes[i].method.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trailing_slash_params_and_methods() {
+        let r = &*ROUTER;
+        assert!(matches!(
+            r.find(&Method::GET, "/api/v1/users/me/"),
+            RouteMatch::Found(..)
+        ));
+        match r.find(&Method::DELETE, "/api/v1/users/me/sessions/abc") {
+            RouteMatch::Found(route, params) => {
+                assert_eq!(route.path, "/api/v1/users/me/sessions/{session_id}");
+                assert_eq!(params, vec![("session_id".to_string(), "abc".to_string())]);
+            }
+            _ => panic!("no match"),
+        }
+        match r.find(&Method::PATCH, "/api/v1/users/me") {
+            RouteMatch::MethodNotAllowed(allow) => assert_eq!(allow, "GET, PUT, DELETE"),
+            _ => panic!("expected 405"),
+        }
+        assert!(matches!(
+            r.find(&Method::GET, "/nope"),
+            RouteMatch::NotFound
+        ));
+        assert!(matches!(r.find(&Method::GET, "/"), RouteMatch::NotFound));
+    }
+}

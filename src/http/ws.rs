@@ -1,0 +1,574 @@
+//! WebSockets on the hyper front end (tokio-tungstenite): the terminal, logs and events streams.
+//!
+//! The upgrade is accepted first and every rejection is a close frame with code 1008 and one of
+//! API.md's reasons (`Authentication failed`, `Too many connections`, `Environment not found`,
+//! `Environment not ready`), so the app sees why. Frames are bounded in size; the server pings;
+//! a client that sends nothing for the idle timeout is closed.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::broadcast;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+
+use super::Body;
+use super::authn::{AuthUser, authenticate_token};
+use crate::actors::environment::actor::EnvUpdate;
+use crate::actors::session::TerminalRequest;
+use crate::app::{AppState, AuditContext};
+use crate::clock::from_db;
+use crate::error::ApiError;
+use crate::store::environments::{self as store, Environment};
+use crate::terminal::actor::{In, Out, Stats, TerminalArgs};
+use crate::terminal::protocol::{self, ClientFrame, EnvironmentInfo, ServerFrame};
+
+type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// Which stream a WebSocket route serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WsKind {
+    Terminal,
+    Logs,
+    Events,
+}
+
+/// Log history sent on the logs stream before live updates.
+const LOG_HISTORY: i64 = 1000;
+/// How long a logs stream waits for a just-created environment's actor to come up.
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
+
+/// Live WebSockets per user; a guard gives the slot back when the connection ends.
+#[derive(Default)]
+pub struct ConnectionCounts(Mutex<HashMap<String, usize>>);
+
+pub struct ConnectionSlot {
+    counts: Arc<ConnectionCounts>,
+    user_id: String,
+}
+
+impl ConnectionCounts {
+    pub fn acquire(self: &Arc<Self>, user_id: &str, limit: usize) -> Option<ConnectionSlot> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(user_id.to_string()).or_insert(0);
+        if *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(ConnectionSlot {
+            counts: self.clone(),
+            user_id: user_id.to_string(),
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.user_id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.user_id);
+            }
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct WsQuery {
+    token: Option<String>,
+    terminal_id: Option<String>,
+    offset: Option<u64>,
+    cols: Option<u32>,
+    rows: Option<u32>,
+    follow: Option<bool>,
+}
+
+fn bad_upgrade() -> ApiError {
+    ApiError::bad_request("websocket_required", "This endpoint speaks WebSocket only")
+}
+
+/// Validate the upgrade request, answer 101 and run the stream on the upgraded connection.
+pub fn upgrade(
+    app: &AppState,
+    mut req: Request<Incoming>,
+    kind: WsKind,
+    params: Vec<(String, String)>,
+    ip: IpAddr,
+    request_id: &str,
+) -> Result<Response<Body>, ApiError> {
+    let headers = req.headers();
+    let is_upgrade = headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let version_ok = headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v == "13");
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned();
+    let (true, true, Some(key)) = (is_upgrade, version_ok, key) else {
+        return Err(bad_upgrade());
+    };
+    let query: WsQuery =
+        serde_urlencoded::from_str(req.uri().query().unwrap_or("")).unwrap_or_default();
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let app = app.clone();
+    let audit = AuditContext {
+        ip: Some(ip.to_string()),
+        request_id: Some(request_id.to_string()),
+    };
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(app.config.terminals.max_message_bytes))
+            .max_frame_size(Some(app.config.terminals.max_message_bytes));
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        let env_id = params
+            .iter()
+            .find(|(k, _)| k == "environment_id")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        run(app, ws, kind, env_id, query, audit).await;
+    });
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    Ok(resp)
+}
+
+async fn close(ws: &mut Ws, code: u16, reason: &str) {
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.to_string().into(),
+    };
+    let _ = ws.send(Message::Close(Some(frame))).await;
+    let _ = ws.flush().await;
+}
+
+async fn send(ws: &mut Ws, frame: &ServerFrame) -> bool {
+    ws.send(Message::text(frame.to_json())).await.is_ok()
+}
+
+/// Authenticate, check the per-user limit and (for environment streams) ownership.
+async fn admit(app: &AppState, ws: &mut Ws, query: &WsQuery) -> Option<(AuthUser, ConnectionSlot)> {
+    let Some(token) = query.token.as_deref().filter(|t| !t.is_empty()) else {
+        close(ws, 1008, "Authentication failed").await;
+        return None;
+    };
+    let Ok(user) = authenticate_token(app, token).await else {
+        close(ws, 1008, "Authentication failed").await;
+        return None;
+    };
+    let limit = app.config.terminals.max_connections_per_user;
+    let Some(slot) = app.ws_connections.acquire(&user.user.id, limit) else {
+        close(ws, 1008, "Too many connections").await;
+        return None;
+    };
+    Some((user, slot))
+}
+
+async fn owned_environment(
+    app: &AppState,
+    ws: &mut Ws,
+    user: &AuthUser,
+    env_id: &str,
+) -> Option<Environment> {
+    let found = match app.db.get().await {
+        Ok(mut conn) => store::get_owned(&mut conn, env_id, &user.user.id)
+            .await
+            .ok()
+            .flatten(),
+        Err(_) => None,
+    };
+    if found.is_none() {
+        close(ws, 1008, "Environment not found").await;
+    }
+    found
+}
+
+async fn run(
+    app: AppState,
+    mut ws: Ws,
+    kind: WsKind,
+    env_id: String,
+    query: WsQuery,
+    audit: AuditContext,
+) {
+    let Some((user, _slot)) = admit(&app, &mut ws, &query).await else {
+        return;
+    };
+    match kind {
+        WsKind::Terminal => terminal(app, ws, user, &env_id, query, audit).await,
+        WsKind::Logs => logs(app, ws, user, &env_id, query).await,
+        WsKind::Events => events(app, ws, user).await,
+    }
+}
+
+fn env_info(env: &Environment) -> EnvironmentInfo {
+    EnvironmentInfo {
+        id: env.id.clone(),
+        name: env.name.clone(),
+        template: env.template.clone(),
+        status: env.status.clone(),
+    }
+}
+
+async fn terminal(
+    app: AppState,
+    mut ws: Ws,
+    user: AuthUser,
+    env_id: &str,
+    query: WsQuery,
+    audit: AuditContext,
+) {
+    let Some(env) = owned_environment(&app, &mut ws, &user, env_id).await else {
+        return;
+    };
+    if env.status != "running" {
+        close(&mut ws, 1008, "Environment not ready").await;
+        return;
+    }
+    let cfg = &app.config.terminals;
+    let target = match crate::actors::environment::actor::ssh_target(
+        &env,
+        app.provider.as_ref(),
+        &app.sealer,
+        Duration::from_secs(app.config.provider.ssh_connect_timeout_seconds),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = send(
+                &mut ws,
+                &ServerFrame::error(format!("Cannot reach the environment: {e}")),
+            )
+            .await;
+            close(&mut ws, 1011, "Environment unreachable").await;
+            return;
+        }
+    };
+    let terminal_id = uuid::Uuid::new_v4().to_string();
+    let stats = Arc::new(Stats::default());
+    // The close is audited by the terminal itself when it ends (its byte counts are then final).
+    let on_close = {
+        let (app, audit) = (app.clone(), audit.clone());
+        let (user_id, session_id) = (user.user.id.clone(), user.session.id.clone());
+        let (env_id, tid) = (env.id.clone(), terminal_id.clone());
+        Box::new(move |bytes_in: u64, bytes_out: u64| {
+            tokio::spawn(async move {
+                let detail = json!({ "environment_id": env_id, "terminal_id": tid, "bytes_in": bytes_in, "bytes_out": bytes_out });
+                app.audit(
+                    &audit,
+                    "terminal_closed",
+                    Some(&user_id),
+                    Some(&session_id),
+                    detail,
+                )
+                .await;
+            });
+        }) as Box<dyn FnOnce(u64, u64) + Send + Sync>
+    };
+    let request = TerminalRequest {
+        terminal_id: query.terminal_id.clone(),
+        offset: query.offset,
+        args: TerminalArgs {
+            terminal_id: terminal_id.clone(),
+            environment: env_info(&env),
+            target,
+            cols: query.cols.unwrap_or(80).clamp(1, protocol::MAX_COLS),
+            rows: query.rows.unwrap_or(24).clamp(1, protocol::MAX_ROWS),
+            ring_bytes: cfg.ring_bytes,
+            grace: Duration::from_secs(cfg.grace_seconds),
+            reconnect_attempts: cfg.reconnect_attempts,
+            feed: app.actors.subscribe(&env.id).await.ok(),
+            stats: stats.clone(),
+            directory: app.actors.directory().clone(),
+            directory_id: crate::terminal::directory_id(&terminal_id),
+            on_close: Some(on_close),
+        },
+        max_terminals: cfg.max_terminals_per_session,
+    };
+    let attachment = match app
+        .actors
+        .open_terminal(&user.session.id, &user.user.id, request)
+        .await
+    {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = send(
+                &mut ws,
+                &ServerFrame::error(format!("Cannot open a terminal: {e}")),
+            )
+            .await;
+            close(&mut ws, 1011, "Terminal unavailable").await;
+            return;
+        }
+    };
+    let created = attachment.terminal_id == terminal_id;
+    if created {
+        let dir_stats = stats.clone();
+        let dir_env = env.id.clone();
+        app.actors.directory().set_detail(
+            &crate::terminal::directory_id(&terminal_id),
+            Arc::new(move || {
+                json!({
+                    "environment_id": dir_env,
+                    "bytes_in": dir_stats.bytes_in.load(std::sync::atomic::Ordering::Relaxed),
+                    "bytes_out": dir_stats.bytes_out.load(std::sync::atomic::Ordering::Relaxed),
+                    "attached": dir_stats.attached.load(std::sync::atomic::Ordering::Relaxed),
+                })
+            }),
+        );
+        app.audit(
+            &audit,
+            "terminal_opened",
+            Some(&user.user.id),
+            Some(&user.session.id),
+            json!({ "environment_id": env.id, "terminal_id": terminal_id }),
+        )
+        .await;
+    }
+    if let Ok(mut conn) = app.db.get().await {
+        let _ = store::touch_accessed(&mut conn, &env.id, crate::clock::db_now(app.clock.as_ref()))
+            .await;
+    }
+    bridge(&app, ws, attachment, &env, &user.user.id).await;
+}
+
+/// The terminal loop: a dispatcher between the WebSocket and the terminal's queues.
+async fn bridge(
+    app: &AppState,
+    mut ws: Ws,
+    attachment: crate::terminal::actor::Attachment,
+    env: &Environment,
+    user_id: &str,
+) {
+    let cfg = &app.config.terminals;
+    let crate::terminal::actor::Attachment {
+        terminal,
+        terminal_id,
+        connection,
+        mut frames,
+        input,
+        offset,
+        replay,
+        notice,
+        closed,
+    } = attachment;
+    let welcome = ServerFrame::Welcome {
+        message: format!("Connected to {}", env.name),
+        environment: env_info(env),
+        terminal_id: terminal_id.clone(),
+        offset,
+    };
+    let mut ok = send(&mut ws, &welcome).await;
+    for frame in [notice, replay].into_iter().flatten() {
+        ok = ok && send(&mut ws, &frame).await;
+    }
+    let mut ping = tokio::time::interval(Duration::from_secs(cfg.ping_interval_seconds));
+    ping.tick().await;
+    let idle = Duration::from_secs(cfg.idle_timeout_seconds);
+    let mut last_heard = tokio::time::Instant::now();
+    let mut closing = closed.clone();
+    while ok {
+        tokio::select! {
+            msg = ws.next() => {
+                last_heard = tokio::time::Instant::now();
+                match msg {
+                    Some(Ok(Message::Text(text))) => match protocol::decode(text.as_str()) {
+                        Ok(ClientFrame::Input(data)) => {
+                            app.limits.terminal_input(user_id, data.len()).await;
+                            if input.send(In::Data(data.into_bytes())).await.is_err() { break; }
+                        }
+                        Ok(ClientFrame::Resize { cols, rows }) => {
+                            if input.send(In::Resize { cols, rows }).await.is_err() { break; }
+                        }
+                        Ok(ClientFrame::Ping) => ok = send(&mut ws, &ServerFrame::Pong).await,
+                        Ok(ClientFrame::Ack { .. }) => {}
+                        Err(bad) => ok = send(&mut ws, &ServerFrame::error(bad.0)).await,
+                    },
+                    Some(Ok(Message::Binary(_))) => {
+                        ok = send(&mut ws, &ServerFrame::error("binary frames are not supported; send JSON text frames")).await;
+                    }
+                    Some(Ok(Message::Close(_))) | None => break,
+                    Some(Ok(_)) => {} // ping/pong are answered by tungstenite
+                    Some(Err(e)) => {
+                        let too_big = matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_));
+                        if too_big {
+                            close(&mut ws, 1009, "Message too big").await;
+                        }
+                        break;
+                    }
+                }
+            }
+            out = frames.recv() => match out {
+                Some(Out::Frame(frame)) => ok = send(&mut ws, &frame).await,
+                Some(Out::Close(code, reason)) => { close(&mut ws, code, &reason).await; break; }
+                None => {
+                    let reason = closed.borrow().clone().unwrap_or((1011, "Terminal ended".into()));
+                    // Deliver what is still queued (an exit code, say) before closing.
+                    close(&mut ws, reason.0, &reason.1).await;
+                    break;
+                }
+            },
+            _ = closing.changed() => {
+                while let Ok(Out::Frame(frame)) = frames.try_recv() {
+                    if !send(&mut ws, &frame).await { break; }
+                }
+                let reason = closed.borrow().clone().unwrap_or((1000, "Closed".into()));
+                close(&mut ws, reason.0, &reason.1).await;
+                break;
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() >= idle {
+                    close(&mut ws, 1000, "Idle timeout").await;
+                    break;
+                }
+                ok = ws.send(Message::Ping(Bytes::new())).await.is_ok();
+            }
+        }
+    }
+    let _ = terminal.cast(crate::terminal::actor::TerminalMsg::Detached { connection });
+}
+
+async fn logs(app: AppState, mut ws: Ws, user: AuthUser, env_id: &str, query: WsQuery) {
+    let Some(env) = owned_environment(&app, &mut ws, &user, env_id).await else {
+        return;
+    };
+    let follow = query.follow.unwrap_or(true);
+    // Subscribe before reading history so nothing falls between the two. A just-created
+    // environment's actor may still be starting: give it a moment.
+    let mut feed = None;
+    if follow && env.status != "terminated" {
+        let deadline = tokio::time::Instant::now() + SUBSCRIBE_WAIT;
+        loop {
+            feed = app.actors.subscribe(&env.id).await.ok();
+            if feed.is_some() || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let history = match app.db.get().await {
+        Ok(mut conn) => store::events(&mut conn, &env.id, None, LOG_HISTORY)
+            .await
+            .map(|(e, _)| e)
+            .unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
+    for event in &history {
+        let frame = match event.kind.as_str() {
+            "installation_log" => {
+                json!({ "type": "installation_log", "environment_id": env.id, "data": event.message, "timestamp": from_db(event.occurred_at) })
+            }
+            "installation_complete" => {
+                json!({ "type": "installation_complete", "environment_id": env.id, "status": "running", "installation_status": "completed", "message": event.message })
+            }
+            "installation_error" => {
+                json!({ "type": "installation_error", "environment_id": env.id, "error": event.message, "is_critical": true })
+            }
+            "status" => {
+                json!({ "type": "environment_status", "environment_id": env.id, "status": event.status, "status_version": event.status_version, "message": event.message, "timestamp": from_db(event.occurred_at) })
+            }
+            _ => {
+                json!({ "type": "info", "environment_id": env.id, "message": event.message, "timestamp": from_db(event.occurred_at) })
+            }
+        };
+        if ws.send(Message::text(frame.to_string())).await.is_err() {
+            return;
+        }
+    }
+    match feed {
+        Some(feed) => live(&app, ws, feed, None).await,
+        None => close(&mut ws, 1000, "History complete").await,
+    }
+}
+
+async fn events(app: AppState, ws: Ws, user: AuthUser) {
+    let feed = app.actors.status_feed();
+    live(&app, ws, feed, Some(user.user.id.clone())).await;
+}
+
+/// Forward a feed (only this user's environments when `user` is given), answer pings, close on
+/// idle.
+async fn live(
+    app: &AppState,
+    mut ws: Ws,
+    mut feed: broadcast::Receiver<EnvUpdate>,
+    user: Option<String>,
+) {
+    let cfg = &app.config.terminals;
+    let mut ping = tokio::time::interval(Duration::from_secs(cfg.ping_interval_seconds));
+    ping.tick().await;
+    let idle = Duration::from_secs(cfg.idle_timeout_seconds);
+    let mut last_heard = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            update = feed.recv() => match update {
+                Ok(update) => {
+                    if let (Some(me), EnvUpdate::EnvironmentStatus { user_id, .. }) = (&user, &update)
+                        && user_id != me
+                    {
+                        continue;
+                    }
+                    if user.is_some() && !matches!(update, EnvUpdate::EnvironmentStatus { .. }) {
+                        continue;
+                    }
+                    let text = serde_json::to_string(&update).unwrap_or_default();
+                    if ws.send(Message::text(text)).await.is_err() { return; }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    let note = json!({ "type": "info", "message": format!("{n} updates were skipped; refresh to catch up") });
+                    if ws.send(Message::text(note.to_string())).await.is_err() { return; }
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    close(&mut ws, 1000, "Stream ended").await;
+                    return;
+                }
+            },
+            msg = ws.next() => {
+                last_heard = tokio::time::Instant::now();
+                match msg {
+                    Some(Ok(Message::Text(text))) => {
+                        if matches!(protocol::decode(text.as_str()), Ok(ClientFrame::Ping))
+                            && !send(&mut ws, &ServerFrame::Pong).await
+                        {
+                            return;
+                        }
+                    }
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                    Some(Ok(_)) => {}
+                }
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() >= idle {
+                    close(&mut ws, 1000, "Idle timeout").await;
+                    return;
+                }
+                if ws.send(Message::Ping(Bytes::new())).await.is_err() { return; }
+            }
+        }
+    }
+}

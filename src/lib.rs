@@ -1,0 +1,40 @@
+//! DevPocket Server: the backend of a mobile-first cloud IDE.
+//!
+//! An actor system (ractor on tokio) behind a thin hyper front end. The crate map:
+//!
+//! - [`config`] — the one configuration struct: embedded defaults, file, environment; validated
+//!   as a whole.
+//! - [`app`] — the application state handlers share, and the running server (`start`, `stop`).
+//! - [`http`] — the front end: routing, limits, errors, security headers, metrics, handlers.
+//! - [`actors`] — the supervision tree: root, sessions and environments supervisors, the
+//!   UserSession actor, restart policy and the ops directory.
+//! - [`provider`] — where environments run: the trait, Contabo (real API client) and local.
+//! - [`auth`] — passwords (argon2id), access/refresh tokens, Google ID tokens, input rules, lockout.
+//! - [`store`] — diesel-async over SQLite or PostgreSQL: schema, migrations, one module per table.
+//! - [`secrets`] — generated key files and AEAD sealing of secrets at rest.
+//! - [`clock`] — time as a dependency, so tests move it instead of sleeping.
+//! - [`error`] — the API error shape (`detail` + `code`).
+//! - [`ssh`] — SSH: key handling, the client bridge (pinned host keys) and the local provider's
+//!   server.
+//! - [`templates`] — environment templates: metadata and cloud-init user-data, rendering, checks.
+//! - [`terminal`] — the terminal protocol, output ring, and the terminal actor (WebSocket ↔ SSH).
+//! - [`cli`] — the command line (`serve`, `migrate`, `user ...`).
+//! - [`logging`] — tracing setup (pretty or JSON).
+
+#![recursion_limit = "512"]
+
+pub mod actors;
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod logging;
+pub mod provider;
+pub mod secrets;
+pub mod ssh;
+pub mod store;
+pub mod templates;
+pub mod terminal;

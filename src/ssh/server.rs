@@ -1,0 +1,901 @@
+//! The local provider's SSH server: loopback only, public-key auth through an [`Authorizer`],
+//! PTY shells and commands in the environment's workspace directory.
+//!
+//! Each accepted session channel gets its own task that owns the russh channel and runs the
+//! protocol for it in order (`pty-req`, `shell`/`exec`, `window-change`, data, EOF, close); the
+//! connection handler only authenticates, counts channels and answers requests. Child processes
+//! are tied to their channel: when the client closes it or the connection drops, a PTY is hung
+//! up (the shell gets SIGHUP), and whatever is still running after [`KILL_GRACE`] is killed.
+//!
+//! Flow control: output waits for the client's channel window, so a slow client holds the child
+//! back through the PTY or pipe. Input goes to the child through a bounded queue; a child that
+//! stops reading its input stalls this connection (russh acknowledges windows on receipt, not on
+//! consumption), and input it does not take within [`INPUT_STALL_LIMIT`] is dropped so a wedged
+//! child cannot wedge the connection for good.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use russh::keys::{PrivateKey, PublicKey};
+use russh::server::{self, Auth, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::{
+    Channel, ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Disconnect, MethodKind,
+    MethodSet,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, ChildStdin};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// Concurrent connections: the local provider serves one host's terminals and commands; past
+/// this, new connections wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Session channels open at once on one connection (a terminal plus a few commands).
+pub const MAX_CHANNELS_PER_CONNECTION: usize = 16;
+/// Client messages russh queues per channel before it stops reading the connection: a typing
+/// burst or a small paste (at most 32 × 32 KiB packets).
+const CHANNEL_BUFFER: usize = 32;
+/// Client input chunks (each at most one 32 KiB packet) waiting for the child to read them.
+const INPUT_QUEUE: usize = 32;
+/// Read size for child output: one SSH packet's worth.
+const OUTPUT_CHUNK: usize = 32 * 1024;
+/// How long input may wait for a child that does not read it before it is dropped.
+pub const INPUT_STALL_LIMIT: Duration = Duration::from_secs(30);
+/// Time a hung-up shell gets to exit on SIGHUP before it is killed.
+pub const KILL_GRACE: Duration = Duration::from_secs(2);
+/// After the child exits, output still in flight is forwarded until the stream has been quiet
+/// this long (a background job may keep the PTY or pipe open)...
+const DRAIN_IDLE: Duration = Duration::from_millis(200);
+/// ...or at most this long.
+const DRAIN_MAX: Duration = Duration::from_secs(10);
+/// From TCP accept to the client's version line.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// From the version line to successful authentication (OpenSSH's LoginGraceTime is 120 s).
+const AUTH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Keepalives find dead clients of idle terminals within about two minutes.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_MAX: usize = 3;
+/// A connection with no traffic at all (keepalive replies count) for this long is dropped.
+const INACTIVITY_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// Pause after a failed accept (usually out of file descriptors).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How long `stop()` waits for sessions to end and children to be reaped.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection being shut down gets to say goodbye.
+const DISCONNECT_GRACE: Duration = Duration::from_secs(2);
+/// Environment variables a session inherits from the server process; everything else
+/// (database URLs, provider credentials) stays out of user shells.
+const INHERITED_ENV: &[&str] = &[
+    "HOME", "USER", "LOGNAME", "PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR",
+];
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// What an authorized session runs in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionSpec {
+    /// Working directory of every shell and command (the workspace).
+    pub workdir: PathBuf,
+    /// Extra environment, on top of the inherited basics.
+    pub env: Vec<(String, String)>,
+    /// The shell: `shell -l` for a login shell, `shell -c <command>` for commands.
+    pub shell: PathBuf,
+}
+
+/// Decides who gets in.
+pub trait Authorizer: Send + Sync + 'static {
+    /// Which session a user/key pair gets, or None to reject. Called for public-key auth only
+    /// (password auth is always rejected).
+    fn authorize(&self, user: &str, key: &PublicKey) -> Option<SessionSpec>;
+}
+
+/// A running server. `stop()` ends it; dropping it does the same without waiting.
+pub struct LocalSshServer {
+    pub addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    accept: JoinHandle<()>,
+    /// Closed once every connection and channel task has ended (each holds a sender).
+    all_done: mpsc::Receiver<()>,
+}
+
+impl std::fmt::Debug for LocalSshServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalSshServer")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl LocalSshServer {
+    /// Bind (e.g. `127.0.0.1:0`) and start accepting.
+    pub async fn start(
+        bind: SocketAddr,
+        host_key: PrivateKey,
+        authorizer: Arc<dyn Authorizer>,
+    ) -> anyhow::Result<Self> {
+        if !bind.ip().is_loopback() {
+            tracing::warn!(%bind, "the local SSH server gives shells on this host; it should listen on loopback only");
+        }
+        let listener = TcpListener::bind(bind)
+            .await
+            .with_context(|| format!("binding the local SSH server to {bind}"))?;
+        let addr = listener.local_addr()?;
+        let config = Arc::new(server_config(host_key));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (done_tx, all_done) = mpsc::channel(1);
+        let accept = tokio::spawn(accept_loop(
+            listener,
+            config,
+            authorizer,
+            shutdown_rx,
+            done_tx,
+        ));
+        tracing::info!(%addr, "local SSH server listening");
+        Ok(Self {
+            addr,
+            shutdown,
+            accept,
+            all_done,
+        })
+    }
+
+    /// Stop accepting, disconnect every client, and wait (bounded) until their children are
+    /// gone.
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.accept.await;
+        if tokio::time::timeout(STOP_TIMEOUT, self.all_done.recv())
+            .await
+            .is_err()
+        {
+            tracing::warn!("local SSH server: sessions still ending after the stop timeout");
+        }
+    }
+}
+
+fn server_config(host_key: PrivateKey) -> server::Config {
+    server::Config {
+        methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+        // OpenSSH clients open with a "none" probe; answer it at once.
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keys: vec![host_key],
+        channel_buffer_size: CHANNEL_BUFFER,
+        max_auth_attempts: 6,
+        inactivity_timeout: Some(INACTIVITY_TIMEOUT),
+        keepalive_interval: Some(KEEPALIVE_INTERVAL),
+        keepalive_max: KEEPALIVE_MAX,
+        nodelay: true,
+        ..Default::default()
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    config: Arc<server::Config>,
+    authorizer: Arc<dyn Authorizer>,
+    mut shutdown: watch::Receiver<bool>,
+    done: mpsc::Sender<()>,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let next = async {
+            let permit = slots.clone().acquire_owned().await.ok()?;
+            Some((listener.accept().await, permit))
+        };
+        let (accepted, permit) = tokio::select! {
+            () = until_set(&mut shutdown) => return,
+            next = next => match next {
+                Some(next) => next,
+                None => return,
+            },
+        };
+        let (socket, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "local SSH server: accept failed");
+                // Mostly fd exhaustion: do not spin on it.
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let (authed_tx, authed_rx) = oneshot::channel();
+        let handler = ConnectionHandler {
+            authorizer: authorizer.clone(),
+            spec: None,
+            authed: Some(authed_tx),
+            channels: HashMap::new(),
+            done: done.clone(),
+        };
+        let config = config.clone();
+        let shutdown = shutdown.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            serve_connection(socket, config, handler, authed_rx, shutdown).await;
+            tracing::debug!(%peer, "local SSH connection ended");
+            drop((permit, done));
+        });
+    }
+}
+
+/// Resolves once the flag is set or its sender is gone (a dropped `LocalSshServer` stops too).
+async fn until_set(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|set| *set).await;
+}
+
+async fn serve_connection(
+    socket: TcpStream,
+    config: Arc<server::Config>,
+    handler: ConnectionHandler,
+    authed: oneshot::Receiver<()>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let session = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        server::run_stream(config, socket, handler),
+    )
+    .await
+    {
+        Ok(Ok(session)) => session,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "local SSH handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    let handle = session.handle();
+    tokio::pin!(session);
+    let auth_deadline = async {
+        if tokio::time::timeout(AUTH_TIMEOUT, authed).await.is_ok() {
+            // Authenticated (or the session ended first): no deadline any more.
+            std::future::pending::<()>().await;
+        }
+    };
+    let reason = tokio::select! {
+        result = &mut session => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "local SSH session ended with an error");
+            }
+            return;
+        }
+        () = auth_deadline => "authentication timeout",
+        () = until_set(&mut shutdown) => "server stopping",
+    };
+    let goodbye = handle.disconnect(Disconnect::ByApplication, reason.into(), "en".into());
+    let _ = tokio::time::timeout(DISCONNECT_GRACE, goodbye).await;
+    let _ = tokio::time::timeout(DISCONNECT_GRACE, &mut session).await;
+}
+
+/// Per-connection russh handler: authentication, channel bookkeeping, request replies.
+struct ConnectionHandler {
+    authorizer: Arc<dyn Authorizer>,
+    /// Set by successful authentication.
+    spec: Option<Arc<SessionSpec>>,
+    authed: Option<oneshot::Sender<()>>,
+    channels: HashMap<ChannelId, ChannelEntry>,
+    done: mpsc::Sender<()>,
+}
+
+/// What the handler knows about a channel, to answer requests the way its task will act on them.
+struct ChannelEntry {
+    pty: bool,
+    started: bool,
+    /// Shared with the channel's task; a count of one means the task has ended.
+    alive: Arc<()>,
+}
+
+impl server::Handler for ConnectionHandler {
+    type Error = russh::Error;
+
+    async fn auth_publickey_offered(
+        &mut self,
+        user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        // Spare the signature check for keys that would be refused anyway.
+        Ok(match self.authorizer.authorize(user, offer.public_key) {
+            Some(_) => Auth::Accept,
+            None => Auth::reject(),
+        })
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        let Some(spec) = self.authorizer.authorize(user, key.public_key) else {
+            tracing::info!(user, "local SSH: public key refused");
+            return Ok(Auth::reject());
+        };
+        tracing::debug!(user, workdir = %spec.workdir.display(), "local SSH: authenticated");
+        self.spec = Some(Arc::new(spec));
+        if let Some(authed) = self.authed.take() {
+            let _ = authed.send(());
+        }
+        Ok(Auth::Accept)
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(spec) = self.spec.clone() else {
+            return Ok(()); // dropping `reply` refuses the channel
+        };
+        self.channels
+            .retain(|_, entry| Arc::strong_count(&entry.alive) > 1);
+        if self.channels.len() >= MAX_CHANNELS_PER_CONNECTION {
+            tracing::warn!("local SSH: too many channels on one connection");
+            return Ok(());
+        }
+        let alive = Arc::new(());
+        self.channels.insert(
+            channel.id(),
+            ChannelEntry {
+                pty: false,
+                started: false,
+                alive: alive.clone(),
+            },
+        );
+        let done = self.done.clone();
+        tokio::spawn(async move {
+            run_channel(channel, spec).await;
+            drop((alive, done));
+        });
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.channels.remove(&channel);
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _col_width: u32,
+        _row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let ok = match self.channels.get_mut(&channel) {
+            Some(entry) if !entry.pty && !entry.started => {
+                entry.pty = true;
+                true
+            }
+            _ => false,
+        };
+        Self::reply(session, channel, ok)
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let ok = self.start(channel);
+        Self::reply(session, channel, ok)
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        _data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let ok = self.start(channel);
+        Self::reply(session, channel, ok)
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        _col_width: u32,
+        _row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let ok = self.channels.get(&channel).is_some_and(|entry| entry.pty);
+        Self::reply(session, channel, ok)
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        _variable_name: &str,
+        _variable_value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // The environment comes from the SessionSpec only.
+        Self::reply(session, channel, false)
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        _name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        Self::reply(session, channel, false)
+    }
+
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single_connection: bool,
+        _x11_auth_protocol: &str,
+        _x11_auth_cookie: &str,
+        _x11_screen_number: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        Self::reply(session, channel, false)
+    }
+}
+
+impl ConnectionHandler {
+    fn reply(session: &mut Session, channel: ChannelId, ok: bool) -> Result<(), russh::Error> {
+        if ok {
+            session.channel_success(channel)
+        } else {
+            session.channel_failure(channel)
+        }
+    }
+
+    /// The first `shell`/`exec` on a channel starts its program; later ones are refused.
+    fn start(&mut self, channel: ChannelId) -> bool {
+        match self.channels.get_mut(&channel) {
+            Some(entry) if !entry.started => {
+                entry.started = true;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// What a channel runs.
+enum Program {
+    Shell,
+    Exec(Bytes),
+}
+
+struct PtyParams {
+    term: String,
+    size: pty_process::Size,
+}
+
+/// How a channel's program ended.
+enum Outcome {
+    /// It exited: report the status, then EOF and close.
+    Exited(u32),
+    /// The client closed the channel or went away; the child has been dealt with.
+    ClientGone,
+}
+
+/// Input for the child, in arrival order.
+enum Input {
+    Data(Bytes),
+    Resize(pty_process::Size),
+    Eof,
+}
+
+/// One channel, from open to close: collect `pty-req`, start the program on `shell`/`exec`,
+/// then shuttle data until the program exits or the client leaves.
+async fn run_channel(channel: Channel<Msg>, spec: Arc<SessionSpec>) {
+    let (mut rx, tx) = channel.split();
+    let mut pty: Option<PtyParams> = None;
+    let program = loop {
+        match rx.wait().await {
+            Some(ChannelMsg::RequestPty {
+                term,
+                col_width,
+                row_height,
+                ..
+            }) if pty.is_none() => {
+                pty = Some(PtyParams {
+                    term,
+                    size: pty_size(col_width, row_height),
+                });
+            }
+            Some(ChannelMsg::WindowChange {
+                col_width,
+                row_height,
+                ..
+            }) => {
+                if let Some(params) = pty.as_mut() {
+                    params.size = pty_size(col_width, row_height);
+                }
+            }
+            Some(ChannelMsg::RequestShell { .. }) => break Program::Shell,
+            Some(ChannelMsg::Exec { command, .. }) => break Program::Exec(command.into()),
+            Some(ChannelMsg::Close) | None => return,
+            // Data before a program has nowhere to go; env and other requests are refused.
+            Some(_) => {}
+        }
+    };
+    let outcome = match pty {
+        Some(params) => run_in_pty(&mut rx, &tx, &spec, params, &program).await,
+        None => run_with_pipes(&mut rx, &tx, &spec, &program).await,
+    };
+    let status = match outcome {
+        Ok(Outcome::ClientGone) => return,
+        Ok(Outcome::Exited(status)) => status,
+        Err(e) => {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "local SSH: cannot start the program"
+            );
+            let message = format!(
+                "devpocket: cannot start {}: {e:#}\r\n",
+                spec.shell.display()
+            );
+            let _ = tx.extended_data_bytes(1, message.into_bytes()).await;
+            127
+        }
+    };
+    let _ = tx.exit_status(status).await;
+    let _ = tx.eof().await;
+    let _ = tx.close().await;
+}
+
+/// SSH gives columns first, `Size::new` takes rows first.
+fn pty_size(cols: u32, rows: u32) -> pty_process::Size {
+    let (rows, cols) = rows_cols(cols, rows);
+    pty_process::Size::new(rows, cols)
+}
+
+/// `(rows, cols)` clamped to what a PTY takes: at least 1 (OpenSSH `-tt` without a terminal
+/// sends 0×0), at most `u16::MAX`.
+fn rows_cols(cols: u32, rows: u32) -> (u16, u16) {
+    let clamp = |v: u32| u16::try_from(v.max(1)).unwrap_or(u16::MAX);
+    (clamp(rows), clamp(cols))
+}
+
+fn program_args(program: &Program) -> Vec<OsString> {
+    match program {
+        Program::Shell => vec!["-l".into()],
+        Program::Exec(command) => vec![
+            "-c".into(),
+            std::ffi::OsStr::from_bytes(command).to_os_string(),
+        ],
+    }
+}
+
+/// The child's whole environment: a few basics inherited from the server, the spec's variables,
+/// `TERM` for a PTY, and `DEVPOCKET_WORKSPACE`.
+fn session_env(spec: &SessionSpec, term: Option<&str>) -> Vec<(OsString, OsString)> {
+    let mut env: Vec<(OsString, OsString)> = INHERITED_ENV
+        .iter()
+        .filter_map(|name| std::env::var_os(name).map(|value| ((*name).into(), value)))
+        .collect();
+    if std::env::var_os("PATH").is_none() {
+        env.push(("PATH".into(), DEFAULT_PATH.into()));
+    }
+    env.push(("SHELL".into(), spec.shell.clone().into()));
+    env.extend(
+        spec.env
+            .iter()
+            .map(|(name, value)| (name.into(), value.into())),
+    );
+    if let Some(term) = term {
+        env.push(("TERM".into(), term.into()));
+    }
+    env.push(("DEVPOCKET_WORKSPACE".into(), spec.workdir.clone().into()));
+    env
+}
+
+async fn run_in_pty(
+    rx: &mut ChannelReadHalf,
+    tx: &ChannelWriteHalf<Msg>,
+    spec: &SessionSpec,
+    params: PtyParams,
+    program: &Program,
+) -> anyhow::Result<Outcome> {
+    let (pty, pts) = pty_process::open().context("opening a PTY")?;
+    pty.resize(params.size).context("sizing the PTY")?;
+    let mut child = pty_process::Command::new(&spec.shell)
+        .args(program_args(program))
+        .env_clear()
+        .envs(session_env(spec, Some(&params.term)))
+        .current_dir(&spec.workdir)
+        .kill_on_drop(true)
+        .spawn(pts)
+        .with_context(|| format!("in {}", spec.workdir.display()))?;
+    let (reader, writer) = pty.into_split();
+    let ended = supervise(
+        rx,
+        tx,
+        &mut child,
+        InputSink::Pty(writer),
+        Box::new(reader),
+        None,
+    )
+    .await;
+    // The PTY is closed now (its halves lived in the futures `supervise` dropped).
+    Ok(match ended {
+        Some(status) => Outcome::Exited(exit_code(status)),
+        None => {
+            // Hung up: an interactive shell passes SIGHUP on to its jobs and exits.
+            if tokio::time::timeout(KILL_GRACE, child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+            }
+            Outcome::ClientGone
+        }
+    })
+}
+
+async fn run_with_pipes(
+    rx: &mut ChannelReadHalf,
+    tx: &ChannelWriteHalf<Msg>,
+    spec: &SessionSpec,
+    program: &Program,
+) -> anyhow::Result<Outcome> {
+    let mut child = tokio::process::Command::new(&spec.shell)
+        .args(program_args(program))
+        .env_clear()
+        .envs(session_env(spec, None))
+        .current_dir(&spec.workdir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group: a Ctrl-C at the server's terminal is not meant for it.
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("in {}", spec.workdir.display()))?;
+    let stdin = child.stdin.take();
+    let stdout = child.stdout.take().context("no stdout pipe")?;
+    let stderr = child.stderr.take().context("no stderr pipe")?;
+    let ended = supervise(
+        rx,
+        tx,
+        &mut child,
+        InputSink::Pipe(stdin),
+        Box::new(stdout),
+        Some(Box::new(stderr)),
+    )
+    .await;
+    Ok(match ended {
+        Some(status) => Outcome::Exited(exit_code(status)),
+        None => {
+            // No hangup without a PTY: the pipes are closed, the child is killed.
+            let _ = child.kill().await;
+            Outcome::ClientGone
+        }
+    })
+}
+
+type Output = Box<dyn AsyncRead + Send + Unpin>;
+
+/// Run a started child until it exits and its output is drained (`Some(status)`), or until the
+/// client closes the channel or goes away (`None`; the child is still to be dealt with).
+async fn supervise(
+    rx: &mut ChannelReadHalf,
+    tx: &ChannelWriteHalf<Msg>,
+    child: &mut Child,
+    sink: InputSink,
+    stdout: Output,
+    stderr: Option<Output>,
+) -> Option<ExitStatus> {
+    let (input_tx, input_rx) = mpsc::channel(INPUT_QUEUE);
+    let (exited_tx, exited_rx) = watch::channel(false);
+    let finished = async {
+        let wait = async {
+            let status = child.wait().await;
+            let _ = exited_tx.send(true);
+            status
+        };
+        let stderr_pump = async {
+            if let Some(stderr) = stderr {
+                pump_output(stderr, tx, Some(1), exited_rx.clone()).await;
+            }
+        };
+        let stdout_pump = pump_output(stdout, tx, None, exited_rx.clone());
+        let (status, (), ()) = tokio::join!(wait, stdout_pump, stderr_pump);
+        status
+    };
+    let client = async {
+        let forward = forward_input(rx, input_tx);
+        let write = write_input(sink, input_rx);
+        tokio::pin!(forward, write);
+        let mut writing = true;
+        loop {
+            tokio::select! {
+                () = &mut forward => return,
+                () = &mut write, if writing => writing = false,
+            }
+        }
+    };
+    tokio::select! {
+        status = finished => match status {
+            Ok(status) => Some(status),
+            Err(e) => {
+                tracing::warn!(error = %e, "local SSH: waiting for the child failed");
+                Some(ExitStatus::from_raw(255 << 8))
+            }
+        },
+        () = client => None,
+    }
+}
+
+/// Child output to the channel, waiting for the client's window: everything until EOF (or EIO,
+/// how a PTY reports that its last writer is gone). Once the child has exited, it also stops when
+/// the output goes quiet ([`DRAIN_IDLE`], at most [`DRAIN_MAX`]), since a background job may
+/// hold the stream open.
+async fn pump_output(
+    mut src: Output,
+    tx: &ChannelWriteHalf<Msg>,
+    ext: Option<u32>,
+    mut exited: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; OUTPUT_CHUNK];
+    let mut drain_until: Option<tokio::time::Instant> = None;
+    loop {
+        let read = match drain_until {
+            None => tokio::select! {
+                read = src.read(&mut buf) => read,
+                () = until_set(&mut exited) => {
+                    drain_until = Some(tokio::time::Instant::now() + DRAIN_MAX);
+                    continue;
+                }
+            },
+            Some(deadline) => {
+                let quiet = tokio::time::Instant::now() + DRAIN_IDLE;
+                match tokio::time::timeout_at(quiet.min(deadline), src.read(&mut buf)).await {
+                    Ok(read) => read,
+                    Err(_) => return,
+                }
+            }
+        };
+        let n = match read {
+            Ok(0) => return,
+            Ok(n) => n,
+            // EIO: the PTY's last slave fd closed; anything else ends the stream too.
+            Err(_) => return,
+        };
+        let chunk = Bytes::copy_from_slice(&buf[..n]);
+        let sent = match ext {
+            None => tx.data_bytes(chunk).await,
+            Some(ext) => tx.extended_data_bytes(ext, chunk).await,
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
+}
+
+/// Client messages to the input queue, until the client closes the channel or the connection
+/// goes. Blocks (bounded by [`INPUT_STALL_LIMIT`]) while the child is not reading.
+async fn forward_input(rx: &mut ChannelReadHalf, input: mpsc::Sender<Input>) {
+    while let Some(msg) = rx.wait().await {
+        let item = match msg {
+            ChannelMsg::Data { data } => Input::Data(data),
+            ChannelMsg::WindowChange {
+                col_width,
+                row_height,
+                ..
+            } => Input::Resize(pty_size(col_width, row_height)),
+            ChannelMsg::Eof => Input::Eof,
+            ChannelMsg::Close => return,
+            _ => continue,
+        };
+        match tokio::time::timeout(INPUT_STALL_LIMIT, input.send(item)).await {
+            Ok(_) => {} // an error means the child's input is closed: nothing to deliver
+            Err(_) => tracing::warn!("local SSH: the child is not reading its input; dropped"),
+        }
+    }
+}
+
+/// Where client input goes.
+enum InputSink {
+    Pty(pty_process::OwnedWritePty),
+    /// `None` once the client sent EOF (stdin closed).
+    Pipe(Option<ChildStdin>),
+}
+
+/// Input queue to the child; returns when the child's input is closed or broken.
+async fn write_input(mut sink: InputSink, mut input: mpsc::Receiver<Input>) {
+    while let Some(item) = input.recv().await {
+        let ok = match (&mut sink, item) {
+            (InputSink::Pty(pty), Input::Data(data)) => pty.write_all(&data).await.is_ok(),
+            (InputSink::Pty(pty), Input::Resize(size)) => {
+                if let Err(e) = pty.resize(size) {
+                    tracing::debug!(error = %e, "local SSH: resize failed");
+                }
+                true
+            }
+            // A terminal has no EOF of its own; the user types ^D.
+            (InputSink::Pty(_), Input::Eof) => true,
+            (InputSink::Pipe(Some(stdin)), Input::Data(data)) => {
+                stdin.write_all(&data).await.is_ok()
+            }
+            (InputSink::Pipe(stdin), Input::Eof) => {
+                *stdin = None;
+                false
+            }
+            (InputSink::Pipe(_), _) => true,
+        };
+        if !ok {
+            return;
+        }
+    }
+}
+
+/// The SSH exit status: the code, or 128 + the signal number for a signal death.
+fn exit_code(status: ExitStatus) -> u32 {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => u32::try_from(code).unwrap_or(255),
+        (None, Some(signal)) => 128 + u32::try_from(signal).unwrap_or(0),
+        (None, None) => 255,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pty_size_swaps_order_and_clamps() {
+        assert_eq!(rows_cols(132, 43), (43, 132));
+        assert_eq!(rows_cols(0, 0), (1, 1));
+        assert_eq!(rows_cols(100_000, 5), (5, u16::MAX));
+    }
+
+    #[test]
+    fn exit_codes_follow_the_shell_convention() {
+        assert_eq!(exit_code(ExitStatus::from_raw(3 << 8)), 3);
+        assert_eq!(exit_code(ExitStatus::from_raw(9)), 137);
+    }
+
+    #[test]
+    fn session_env_is_built_not_inherited() {
+        let spec = SessionSpec {
+            workdir: "/work/space".into(),
+            env: vec![("FOO".into(), "bar".into())],
+            shell: "/bin/bash".into(),
+        };
+        let env = session_env(&spec, Some("xterm-256color"));
+        let get = |name: &str| {
+            env.iter()
+                .rev()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.to_string_lossy().into_owned())
+        };
+        assert_eq!(get("DEVPOCKET_WORKSPACE").as_deref(), Some("/work/space"));
+        assert_eq!(get("TERM").as_deref(), Some("xterm-256color"));
+        assert_eq!(get("FOO").as_deref(), Some("bar"));
+        assert_eq!(get("SHELL").as_deref(), Some("/bin/bash"));
+        assert!(get("PATH").is_some());
+        assert!(env.iter().all(|(k, _)| k != "CARGO_MANIFEST_DIR"));
+        assert_eq!(
+            session_env(&spec, None)
+                .iter()
+                .filter(|(k, _)| k == "TERM")
+                .count(),
+            0
+        );
+    }
+}

@@ -1,0 +1,274 @@
+//! The store: diesel + diesel-async over SQLite (embedded default) or PostgreSQL.
+//!
+//! One `schema.rs` serves both backends; a query is written once inside [`db_run!`], which
+//! type-checks and compiles the same body for each connection type (the Vaultwarden pattern).
+//! Migrations for both dialects are embedded and run at start.
+
+pub mod audit;
+pub mod environments;
+pub mod schema;
+pub mod sessions;
+pub mod templates;
+pub mod users;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use diesel::SqliteConnection;
+use diesel_async::pooled_connection::deadpool::{Object, Pool};
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
+use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+use diesel_async::{
+    AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, SimpleAsyncConnection,
+};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use futures_util::FutureExt;
+
+pub type SqliteConn = SyncConnectionWrapper<SqliteConnection>;
+
+const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+
+/// Per-connection SQLite settings: WAL for concurrent readers, a busy timeout so writers queue
+/// instead of failing, and enforced foreign keys (cascades rely on them).
+const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode=WAL; PRAGMA busy_timeout=5000; PRAGMA foreign_keys=ON; PRAGMA synchronous=NORMAL;";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Query(#[from] diesel::result::Error),
+    #[error("migration failed: {0}")]
+    Migration(String),
+}
+
+impl StoreError {
+    /// Whether this is a unique-constraint violation, and on what (constraint or message text,
+    /// which name the column on both backends).
+    pub fn unique_violation(&self) -> Option<String> {
+        use diesel::result::{DatabaseErrorKind, Error};
+        match self {
+            Self::Query(Error::DatabaseError(DatabaseErrorKind::UniqueViolation, info)) => Some(
+                info.constraint_name()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| info.message().to_string()),
+            ),
+            _ => None,
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A parsed database URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DbUrl {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl DbUrl {
+    pub fn parse(url: &str) -> Option<Self> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Self::Postgres(url.to_string()))
+        } else if let Some(path) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
+            (!path.is_empty()).then(|| Self::Sqlite(PathBuf::from(path)))
+        } else {
+            None
+        }
+    }
+
+    /// The URL from config, or the default SQLite file in the data directory.
+    pub fn from_config(url: &str, data_dir: &Path) -> Option<Self> {
+        if url.is_empty() {
+            Some(Self::Sqlite(data_dir.join("devpocket.db")))
+        } else {
+            Self::parse(url)
+        }
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "sqlite",
+            Self::Postgres(_) => "postgres",
+        }
+    }
+}
+
+/// A pool of connections to one backend.
+#[derive(Clone)]
+pub enum Db {
+    Pg(Pool<AsyncPgConnection>, Duration),
+    Sqlite(Pool<SqliteConn>, Duration),
+}
+
+/// A pooled connection; use it through [`db_run!`]. (Lives on the stack of one request; the
+/// size difference between the variants does not matter there.)
+#[allow(clippy::large_enum_variant)]
+pub enum DbConn {
+    Pg(Object<AsyncPgConnection>),
+    Sqlite(Object<SqliteConn>),
+}
+
+/// Run one query body on whichever backend the connection is, compiled once per backend.
+/// `db_run!(conn: { ... })` for shared bodies; `db_run!(conn: pg { ... } sqlite { ... })` where the
+/// dialects differ.
+#[macro_export]
+macro_rules! db_run {
+    ($conn:ident: $body:block) => {
+        match $conn {
+            $crate::store::DbConn::Pg($conn) => {
+                let $conn: &mut diesel_async::AsyncPgConnection = &mut *$conn;
+                $body
+            }
+            $crate::store::DbConn::Sqlite($conn) => {
+                let $conn: &mut $crate::store::SqliteConn = &mut *$conn;
+                $body
+            }
+        }
+    };
+    ($conn:ident: pg $pg:block sqlite $sq:block) => {
+        match $conn {
+            $crate::store::DbConn::Pg($conn) => {
+                let $conn: &mut diesel_async::AsyncPgConnection = &mut *$conn;
+                $pg
+            }
+            $crate::store::DbConn::Sqlite($conn) => {
+                let $conn: &mut $crate::store::SqliteConn = &mut *$conn;
+                $sq
+            }
+        }
+    };
+}
+
+impl Db {
+    /// Open a pool of at most `max` connections; acquiring one waits at most `acquire_timeout`.
+    pub async fn connect(url: &DbUrl, max: u32, acquire_timeout: Duration) -> anyhow::Result<Self> {
+        let max = max.max(1) as usize;
+        match url {
+            DbUrl::Postgres(url) => {
+                let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url.clone());
+                let pool = Pool::builder(manager).max_size(max).build()?;
+                Ok(Self::Pg(pool, acquire_timeout))
+            }
+            DbUrl::Sqlite(path) => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let mut config = ManagerConfig::<SqliteConn>::default();
+                config.custom_setup = Box::new(|url| {
+                    async move {
+                        let mut conn = SqliteConn::establish(url).await?;
+                        conn.batch_execute(SQLITE_PRAGMAS)
+                            .await
+                            .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+                        Ok(conn)
+                    }
+                    .boxed()
+                });
+                let manager = AsyncDieselConnectionManager::<SqliteConn>::new_with_config(
+                    path.to_string_lossy(),
+                    config,
+                );
+                let pool = Pool::builder(manager).max_size(max).build()?;
+                Ok(Self::Sqlite(pool, acquire_timeout))
+            }
+        }
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Self::Pg(..) => "postgres",
+            Self::Sqlite(..) => "sqlite",
+        }
+    }
+
+    pub async fn get(&self) -> StoreResult<DbConn> {
+        match self {
+            Self::Pg(pool, timeout) => Ok(DbConn::Pg(acquire(pool, *timeout).await?)),
+            Self::Sqlite(pool, timeout) => Ok(DbConn::Sqlite(acquire(pool, *timeout).await?)),
+        }
+    }
+
+    /// Apply pending migrations; returns the versions applied.
+    pub async fn migrate(&self) -> StoreResult<Vec<String>> {
+        let conn = self.get().await?;
+        let applied = match conn {
+            DbConn::Pg(c) => AsyncMigrationHarness::new(c)
+                .run_pending_migrations(PG_MIGRATIONS)
+                .map(|v| v.iter().map(ToString::to_string).collect()),
+            DbConn::Sqlite(c) => AsyncMigrationHarness::new(c)
+                .run_pending_migrations(SQLITE_MIGRATIONS)
+                .map(|v| v.iter().map(ToString::to_string).collect()),
+        };
+        applied.map_err(|e| StoreError::Migration(e.to_string()))
+    }
+
+    /// Close the pool: idle connections now, busy ones when they come back.
+    pub fn close(&self) {
+        match self {
+            Self::Pg(pool, _) => pool.close(),
+            Self::Sqlite(pool, _) => pool.close(),
+        }
+    }
+
+    /// A trivial round trip, for readiness checks.
+    pub async fn ping(&self) -> StoreResult<()> {
+        let mut conn = self.get().await?;
+        let conn = &mut conn;
+        db_run!(conn: {
+            conn.batch_execute("SELECT 1").await?;
+        });
+        Ok(())
+    }
+}
+
+async fn acquire<C>(pool: &Pool<C>, timeout: Duration) -> StoreResult<Object<C>>
+where
+    C: 'static,
+    AsyncDieselConnectionManager<C>: deadpool::managed::Manager<Type = C>,
+    <AsyncDieselConnectionManager<C> as deadpool::managed::Manager>::Error: std::fmt::Display,
+{
+    match tokio::time::timeout(timeout, pool.get()).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(StoreError::Unavailable(e.to_string())),
+        Err(_) => Err(StoreError::Unavailable(format!(
+            "no connection within {}s",
+            timeout.as_secs()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_pick_the_backend() {
+        assert_eq!(
+            DbUrl::parse("sqlite:///var/db.sqlite"),
+            Some(DbUrl::Sqlite(PathBuf::from("/var/db.sqlite")))
+        );
+        assert_eq!(
+            DbUrl::parse("sqlite:rel.db"),
+            Some(DbUrl::Sqlite(PathBuf::from("rel.db")))
+        );
+        assert!(matches!(
+            DbUrl::parse("postgresql://u@h/d"),
+            Some(DbUrl::Postgres(_))
+        ));
+        assert!(matches!(
+            DbUrl::parse("postgres://u@h/d"),
+            Some(DbUrl::Postgres(_))
+        ));
+        assert_eq!(DbUrl::parse("mysql://x"), None);
+        assert_eq!(
+            DbUrl::from_config("", Path::new("/d")),
+            Some(DbUrl::Sqlite(PathBuf::from("/d/devpocket.db")))
+        );
+    }
+}

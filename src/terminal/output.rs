@@ -1,0 +1,127 @@
+//! Terminal output bookkeeping, pure: the bounded ring that makes resume loss-free, and UTF-8
+//! boundary splitting so a frame never ends inside a character.
+
+use std::collections::VecDeque;
+
+/// The bytes at the end of `buf` that start a UTF-8 character not yet complete (0-3 bytes).
+pub fn incomplete_tail(buf: &[u8]) -> usize {
+    for back in 1..=3.min(buf.len()) {
+        let b = buf[buf.len() - back];
+        if b & 0b1100_0000 == 0b1000_0000 {
+            continue; // continuation byte: look further back
+        }
+        let needed = if b & 0b1000_0000 == 0 {
+            1
+        } else if b & 0b1110_0000 == 0b1100_0000 {
+            2
+        } else if b & 0b1111_0000 == 0b1110_0000 {
+            3
+        } else if b & 0b1111_1000 == 0b1111_0000 {
+            4
+        } else {
+            1 // invalid lead byte: nothing to wait for
+        };
+        return if needed > back { back } else { 0 };
+    }
+    0
+}
+
+/// The last `capacity` bytes of a terminal's output, addressed by absolute offsets (bytes since
+/// the terminal started).
+#[derive(Debug)]
+pub struct Ring {
+    bytes: VecDeque<u8>,
+    capacity: usize,
+    /// Offset of the first byte still held.
+    start: u64,
+}
+
+/// What a reconnecting client gets.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Replay {
+    /// Exactly the bytes after the client's offset.
+    Bytes(Vec<u8>),
+    /// Some of them are gone; the stream resumes at `from` and the screen must be redrawn.
+    Lost { from: u64 },
+}
+
+impl Ring {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            bytes: VecDeque::with_capacity(capacity.min(64 * 1024)),
+            capacity: capacity.max(1),
+            start: 0,
+        }
+    }
+
+    /// Offset after the last byte written.
+    pub fn end(&self) -> u64 {
+        self.start + self.bytes.len() as u64
+    }
+
+    pub fn push(&mut self, data: &[u8]) {
+        if data.len() >= self.capacity {
+            let skip = data.len() - self.capacity;
+            self.start += (self.bytes.len() + skip) as u64;
+            self.bytes.clear();
+            self.bytes.extend(&data[skip..]);
+            return;
+        }
+        let overflow = (self.bytes.len() + data.len()).saturating_sub(self.capacity);
+        self.bytes.drain(..overflow);
+        self.start += overflow as u64;
+        self.bytes.extend(data);
+    }
+
+    /// The bytes after `offset`. An offset beyond the end is treated as the end (nothing to
+    /// replay, never bytes the client already has).
+    pub fn since(&self, offset: u64) -> Replay {
+        let offset = offset.min(self.end());
+        if offset < self.start {
+            return Replay::Lost { from: self.end() };
+        }
+        let skip = (offset - self.start) as usize;
+        Replay::Bytes(self.bytes.iter().skip(skip).copied().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utf8_tails() {
+        assert_eq!(incomplete_tail(b"abc"), 0);
+        let euro = "€".as_bytes(); // 3 bytes
+        assert_eq!(incomplete_tail(&euro[..1]), 1);
+        assert_eq!(incomplete_tail(&euro[..2]), 2);
+        assert_eq!(incomplete_tail(euro), 0);
+        let mut s = b"x".to_vec();
+        s.extend_from_slice(&"😀".as_bytes()[..3]);
+        assert_eq!(incomplete_tail(&s), 3);
+        assert_eq!(incomplete_tail(&[0xff]), 0, "garbage is not waited for");
+        assert_eq!(incomplete_tail(&[]), 0);
+    }
+
+    #[test]
+    fn ring_replays_exactly_and_knows_what_it_lost() {
+        let mut r = Ring::new(10);
+        r.push(b"hello");
+        assert_eq!(r.since(0), Replay::Bytes(b"hello".to_vec()));
+        assert_eq!(r.since(3), Replay::Bytes(b"lo".to_vec()));
+        assert_eq!(r.since(5), Replay::Bytes(vec![]));
+        assert_eq!(
+            r.since(99),
+            Replay::Bytes(vec![]),
+            "never bytes the client has"
+        );
+        r.push(b" world!!");
+        assert_eq!(r.end(), 13);
+        assert_eq!(r.since(3), Replay::Bytes(b"lo world!!".to_vec()));
+        assert_eq!(r.since(2), Replay::Lost { from: 13 });
+        r.push(&[b'z'; 25]);
+        assert_eq!(r.end(), 38);
+        assert_eq!(r.since(28), Replay::Bytes(vec![b'z'; 10]));
+        assert_eq!(r.since(27), Replay::Lost { from: 38 });
+    }
+}

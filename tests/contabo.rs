@@ -1,0 +1,535 @@
+//! Environments on the Contabo provider, driven through the real server against the Contabo
+//! simulator (real HTTP) and a fake VPS (real SSH) that presents the host key from the user-data.
+
+mod support;
+
+use std::time::Duration;
+
+use devpocket::config::ProviderKind;
+use futures_util::SinkExt;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use support::contabo_sim::{ContaboSim, Fault, SimConfig};
+use support::fake_vps::{FakeVps, FakeVpsConfig};
+use support::{Backend, Session, TestServer};
+
+on_both_backends!(
+    contabo_full_lifecycle,
+    create_500_is_reconciled_then_retried,
+    create_response_lost_is_adopted_not_repeated,
+    rate_limits_and_expired_tokens_are_ridden_out,
+    html_403_fails_clearly_and_recover_resumes,
+    error_status_and_stuck_provisioning_go_to_error,
+    failed_installation_goes_to_error,
+    actor_panic_mid_provisioning_resumes_with_one_vps,
+    server_restart_mid_provisioning_resumes_with_one_vps,
+    terminal_round_trip_against_openssh,
+);
+
+struct Cloud {
+    sim: ContaboSim,
+    vps: FakeVps,
+    s: TestServer,
+    me: Session,
+}
+
+const INSTALL_LINES: [&str; 5] = [
+    "Cloud-init v. 23.4 running 'modules:config'",
+    "devpocket-progress: 10 base packages",
+    "Setting up tmux (3.2a-4ubuntu0.2) ...",
+    "devpocket-progress: 80 configuring",
+    "devpocket-progress: 100 ready",
+];
+
+async fn cloud(backend: Backend, sim_config: SimConfig, vps_config: FakeVpsConfig) -> Cloud {
+    cloud_with(backend, sim_config, vps_config, |_| {}).await
+}
+
+async fn cloud_with(
+    backend: Backend,
+    sim_config: SimConfig,
+    vps_config: FakeVpsConfig,
+    tweak: impl FnOnce(&mut devpocket::config::Config),
+) -> Cloud {
+    let sim = ContaboSim::start(sim_config.clone()).await;
+    let vps = FakeVps::start(&sim, vps_config).await;
+    let (api, auth, port) = (sim.api_url.clone(), sim.auth_url.clone(), vps.port);
+    let s = TestServer::start_with(backend, move |c| {
+        c.provider.kind = ProviderKind::Contabo;
+        c.contabo.api_url = api;
+        c.contabo.auth_url = auth;
+        c.contabo.client_id = sim_config.client_id;
+        c.contabo.client_secret = devpocket::config::Secret::new(sim_config.client_secret);
+        c.contabo.username = sim_config.username;
+        c.contabo.password = devpocket::config::Secret::new(sim_config.password);
+        c.contabo.ssh_port = port;
+        c.contabo.retry_base_ms = 5;
+        tweak(c);
+    })
+    .await;
+    let me = s.register("cora").await;
+    Cloud { sim, vps, s, me }
+}
+
+fn vps_config() -> FakeVpsConfig {
+    FakeVpsConfig {
+        install_lines: INSTALL_LINES.iter().map(|l| l.to_string()).collect(),
+        line_delay_ms: 2,
+        cloud_init_exit: 0,
+    }
+}
+
+async fn create(c: &Cloud, name: &str) -> String {
+    let env = c.s.create_env(&c.me, name, "python").await;
+    env["id"].as_str().expect("id").to_string()
+}
+
+fn only_instance(c: &Cloud, env_id: &str) -> i64 {
+    let named = format!("devpocket-{env_id}");
+    assert_eq!(
+        c.sim.instance_count(),
+        1,
+        "exactly one VPS: {:?}",
+        c.sim.instances()
+    );
+    assert_eq!(c.sim.instances_named(&named), 1);
+    c.sim.instances()[0].instance_id
+}
+
+async fn contabo_full_lifecycle(backend: Backend) {
+    let c = cloud(backend, SimConfig::default(), vps_config()).await;
+    let (s, me) = (&c.s, &c.me);
+    let (_, regions) = s.get("/api/v1/regions", None).await;
+    assert!(
+        regions
+            .as_array()
+            .expect("regions")
+            .iter()
+            .any(|r| r["slug"] == "EU" && r["available"] == true),
+        "{regions}"
+    );
+    let (_, sizes) = s.get("/api/v1/sizes", None).await;
+    assert!(
+        sizes
+            .as_array()
+            .expect("sizes")
+            .iter()
+            .any(|z| z["slug"] == "V92" && z["vcpus"] == 4)
+    );
+
+    let id = create(&c, "cloudy").await;
+    let running = s.wait_status(me, &id, "running").await;
+    let instance = only_instance(&c, &id);
+    assert_eq!(running["instance_id"], instance.to_string());
+    assert_eq!(running["ip_address"], "127.0.0.1");
+    assert_eq!(running["ssh_port"], i64::from(c.vps.port));
+    assert_eq!(running["progress"], 100);
+
+    // The instance got cloud-init user-data with the pinned host key and no plain password.
+    let user_data = c.sim.user_data(instance).expect("user data");
+    assert!(user_data.starts_with("#cloud-config"), "{user_data}");
+    assert!(user_data.contains("ed25519_private") && user_data.contains("$6$"));
+    // Installation was followed over SSH from the instance itself.
+    let commands = c.vps.commands();
+    assert!(
+        commands
+            .iter()
+            .any(|cmd| cmd.contains("cloud-init-output.log")),
+        "{commands:?}"
+    );
+    assert!(
+        commands
+            .iter()
+            .any(|cmd| cmd.contains("cloud-init status --wait")),
+        "{commands:?}"
+    );
+    let (_, logs) = s
+        .get(
+            &format!("/api/v1/environments/{id}/logs?lines=1000"),
+            me.token(),
+        )
+        .await;
+    let text = logs.to_string();
+    for line in INSTALL_LINES {
+        assert!(text.contains(line), "{line} missing from {text}");
+    }
+    // Every API call carried a fresh, valid request id.
+    let requests: Vec<_> = c
+        .sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.starts_with("/v1"))
+        .collect();
+    assert!(
+        requests.iter().all(|r| r.request_id.is_some()),
+        "{requests:?}"
+    );
+    let mut ids: Vec<_> = requests
+        .iter()
+        .filter_map(|r| r.request_id.clone())
+        .collect();
+    let total = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), total, "request ids are never reused");
+
+    // Metrics come from the instance over SSH.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, m) = s
+            .get(&format!("/api/v1/environments/{id}/metrics"), me.token())
+            .await;
+        if m["current"]["memory_usage"]
+            .as_f64()
+            .is_some_and(|v| v > 0.0)
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no metrics: {m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let act = |action: &'static str, body: Value| {
+        let path = format!("/api/v1/environments/{id}/{action}");
+        async move { s.post(&path, me.token(), body).await }
+    };
+    assert_eq!(act("stop", json!({})).await.0, StatusCode::ACCEPTED);
+    s.wait_status(me, &id, "stopped").await;
+    assert_eq!(act("start", json!({})).await.0, StatusCode::ACCEPTED);
+    s.wait_status(me, &id, "running").await;
+    assert_eq!(act("restart", json!({})).await.0, StatusCode::ACCEPTED);
+    s.wait_status(me, &id, "running").await;
+    let actions: Vec<String> = c.sim.actions().into_iter().map(|(_, a)| a).collect();
+    assert_eq!(actions, ["stop", "start", "restart"]);
+
+    assert_eq!(
+        act("snapshot", json!({ "name": "nightly" })).await.0,
+        StatusCode::CREATED
+    );
+    s.wait_status(me, &id, "running").await;
+    let (_, snaps) = s
+        .get(&format!("/api/v1/environments/{id}/snapshots"), me.token())
+        .await;
+    assert_eq!(snaps["snapshots"][0]["name"], "nightly", "{snaps}");
+    let sid = snaps["snapshots"][0]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let (status, _) = s
+        .post(
+            &format!("/api/v1/environments/{id}/snapshots/{sid}/restore"),
+            me.token(),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    s.wait_status(me, &id, "running").await;
+
+    let (status, body) = act("resize", json!({ "size": "V95" })).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("unsupported_by_provider")
+        )
+    );
+
+    let (status, _) = s
+        .send(s.request(
+            Method::DELETE,
+            &format!("/api/v1/environments/{id}"),
+            me.token(),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    s.wait_status(me, &id, "terminated").await;
+    assert_eq!(
+        c.sim.cancels(),
+        vec![instance],
+        "delete cancels the contract"
+    );
+    let actions: Vec<String> = c.sim.actions().into_iter().map(|(_, a)| a).collect();
+    assert_eq!(
+        actions.last().map(String::as_str),
+        Some("stop"),
+        "stopped before cancel: {actions:?}"
+    );
+    assert_eq!(c.sim.instance_count(), 1);
+}
+
+async fn create_500_is_reconciled_then_retried(backend: Backend) {
+    let c = cloud(backend, SimConfig::default(), vps_config()).await;
+    c.sim.inject(Fault::CreateFails500);
+    let id = create(&c, "retry").await;
+    c.s.wait_status(&c.me, &id, "running").await;
+    only_instance(&c, &id);
+    // Before the second create it looked for the first one.
+    let creates = c
+        .sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path == "/v1/compute/instances")
+        .count();
+    assert_eq!(creates, 2);
+    let looked = c
+        .sim
+        .requests()
+        .iter()
+        .any(|r| r.path == "/v1/compute/instances/audits");
+    assert!(looked, "reconciled through the audit log");
+}
+
+async fn create_response_lost_is_adopted_not_repeated(backend: Backend) {
+    let c = cloud(backend, SimConfig::default(), vps_config()).await;
+    c.sim.inject(Fault::CreateResponseLost);
+    let id = create(&c, "lost").await;
+    c.s.wait_status(&c.me, &id, "running").await;
+    only_instance(&c, &id);
+    let creates = c
+        .sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path == "/v1/compute/instances")
+        .count();
+    assert_eq!(creates, 1, "never a blind retry of create");
+}
+
+async fn rate_limits_and_expired_tokens_are_ridden_out(backend: Backend) {
+    let c = cloud(backend, SimConfig::default(), vps_config()).await;
+    c.sim.inject(Fault::RateLimited(3));
+    let id = create(&c, "busy").await;
+    c.s.wait_status(&c.me, &id, "running").await;
+    only_instance(&c, &id);
+    assert!(c.sim.requests().iter().any(|r| r.status == 429));
+    let tokens_before = c.sim.token_requests();
+    c.sim.inject(Fault::ExpireTokens);
+    assert_eq!(
+        c.s.post(
+            &format!("/api/v1/environments/{id}/stop"),
+            c.me.token(),
+            json!({})
+        )
+        .await
+        .0,
+        StatusCode::ACCEPTED
+    );
+    c.s.wait_status(&c.me, &id, "stopped").await;
+    assert!(
+        c.sim.token_requests() > tokens_before,
+        "a 401 fetched a new token"
+    );
+}
+
+async fn html_403_fails_clearly_and_recover_resumes(backend: Backend) {
+    let c = cloud(backend, SimConfig::default(), vps_config()).await;
+    c.sim.inject(Fault::Html403(1));
+    let id = create(&c, "blocked").await;
+    let failed = c.s.wait_status(&c.me, &id, "error").await;
+    let message = failed["error_message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("403") && message.contains("not allowed"),
+        "raw page kept: {message}"
+    );
+    assert_eq!(c.sim.instance_count(), 0);
+    let (status, body) =
+        c.s.post(
+            &format!("/api/v1/environments/{id}/recover"),
+            c.me.token(),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::ACCEPTED, Some("creating")),
+        "{body}"
+    );
+    c.s.wait_status(&c.me, &id, "running").await;
+    only_instance(&c, &id);
+}
+
+async fn error_status_and_stuck_provisioning_go_to_error(backend: Backend) {
+    let c = cloud_with(backend, SimConfig::default(), vps_config(), |cfg| {
+        cfg.provider.provision_timeout_seconds = 1;
+    })
+    .await;
+    c.sim
+        .inject(Fault::ErrorStatus("hypervisor disk failure".into()));
+    let id = create(&c, "broken").await;
+    let env = c.s.wait_status(&c.me, &id, "error").await;
+    assert!(
+        env["error_message"]
+            .as_str()
+            .is_some_and(|m| m.contains("hypervisor disk failure")),
+        "{env}"
+    );
+    only_instance(&c, &id);
+    // Deleting an errored environment still cancels its instance.
+    c.s.send(c.s.request(
+        Method::DELETE,
+        &format!("/api/v1/environments/{id}"),
+        c.me.token(),
+    ))
+    .await;
+    c.s.wait_status(&c.me, &id, "terminated").await;
+    assert_eq!(c.sim.cancels().len(), 1);
+
+    c.sim.inject(Fault::StuckProvisioning);
+    let id = create(&c, "stuck").await;
+    let env = c.s.wait_status(&c.me, &id, "error").await;
+    assert!(
+        env["error_message"]
+            .as_str()
+            .is_some_and(|m| m.contains("did not come up")),
+        "{env}"
+    );
+    assert_eq!(c.sim.instances_named(&format!("devpocket-{id}")), 1);
+    assert_eq!(c.sim.instance_count(), 2, "one per environment");
+}
+
+async fn failed_installation_goes_to_error(backend: Backend) {
+    let config = FakeVpsConfig {
+        cloud_init_exit: 1,
+        ..vps_config()
+    };
+    let c = cloud(backend, SimConfig::default(), config).await;
+    let id = create(&c, "badinstall").await;
+    let env = c.s.wait_status(&c.me, &id, "error").await;
+    assert!(
+        env["error_message"]
+            .as_str()
+            .is_some_and(|m| m.contains("installation failed")),
+        "{env}"
+    );
+    let (_, logs) =
+        c.s.get(
+            &format!("/api/v1/environments/{id}/logs?lines=1000"),
+            c.me.token(),
+        )
+        .await;
+    assert!(logs.to_string().contains("Setting up tmux"), "{logs}");
+    only_instance(&c, &id);
+}
+
+async fn actor_panic_mid_provisioning_resumes_with_one_vps(backend: Backend) {
+    let sim_config = SimConfig {
+        provisioning_ms: 1500,
+        ..SimConfig::default()
+    };
+    let c = cloud(backend, sim_config, vps_config()).await;
+    let admin = c.s.admin("ops").await;
+    let id = create(&c, "crashy").await;
+    c.s.wait_status(&c.me, &id, "provisioning").await;
+    let (status, _) =
+        c.s.post(
+            &format!("/api/v1/admin/actors/environment:{id}/crash"),
+            admin.token(),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    c.s.wait_status(&c.me, &id, "running").await;
+    only_instance(&c, &id);
+    let (_, tree) = c.s.get("/api/v1/admin/actors", admin.token()).await;
+    assert!(tree.to_string().contains("\"restarts\":1"), "{tree}");
+}
+
+async fn server_restart_mid_provisioning_resumes_with_one_vps(backend: Backend) {
+    let sim_config = SimConfig {
+        provisioning_ms: 1500,
+        ..SimConfig::default()
+    };
+    let Cloud { sim, vps, s, me } = cloud(backend, sim_config, vps_config()).await;
+    let id = s.create_env(&me, "survivor", "python").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    s.wait_status(&me, &id, "provisioning").await;
+    let s = s.restart().await;
+    s.wait_status(&me, &id, "running").await;
+    let c = Cloud { sim, vps, s, me };
+    only_instance(&c, &id);
+}
+
+/// The environment's SSH endpoint is OpenSSH's sshd (the reference server), set up the way
+/// cloud-init would: the host key from the user-data, the environment's key for `dev`.
+async fn terminal_round_trip_against_openssh(backend: Backend) {
+    use support::terminal::{input, open_terminal, read_until};
+    ensure_dev_user();
+    let c = cloud(backend, SimConfig::default(), vps_config()).await;
+    let id = create(&c, "openssh").await;
+    c.s.wait_status(&c.me, &id, "running").await;
+    let instance = only_instance(&c, &id);
+    let user_data = c.sim.user_data(instance).expect("user data");
+    let doc: serde_norway::Value = serde_norway::from_str(&user_data).expect("cloud-config parses");
+    let host_key = doc
+        .get("ssh_keys")
+        .and_then(|k| k.get("ed25519_private"))
+        .and_then(|k| k.as_str())
+        .expect("host key in user-data")
+        .to_string();
+    let authorized = doc
+        .get("users")
+        .and_then(|u| u.as_sequence())
+        .and_then(|users| {
+            users
+                .iter()
+                .find(|u| u.get("name").and_then(|n| n.as_str()) == Some("dev"))
+        })
+        .and_then(|dev| dev.get("ssh_authorized_keys"))
+        .and_then(|keys| keys.as_sequence())
+        .and_then(|keys| keys.first())
+        .and_then(|k| k.as_str())
+        .expect("dev's key in user-data")
+        .to_string();
+    // The fake VPS steps aside; sshd takes its port (the environment's SSH endpoint).
+    let Cloud { sim, vps, s, me } = c;
+    let port = vps.port;
+    drop(vps);
+    let _sshd = support::sshd::Sshd::start(port, &host_key, &authorized).await;
+    let (mut ws, welcome) = open_terminal(&s, &me, &id, "&cols=90&rows=20").await;
+    assert_eq!(welcome["environment"]["id"], id.as_str());
+    input(&mut ws, "echo via-openssh-$((20+1)) $(whoami)\r").await;
+    read_until(&mut ws, "via-openssh-21 dev").await;
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        json!({ "type": "resize", "cols": 120, "rows": 40 }).to_string(),
+    ))
+    .await
+    .expect("send");
+    let mut seen = String::new();
+    for round in 0..50 {
+        input(&mut ws, &format!("stty size; echo sz-$(({round}+1000))\r")).await;
+        seen = read_until(&mut ws, &format!("sz-{}", round + 1000)).await.0;
+        if seen.contains(" 120\r") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        seen.contains("39 120") || seen.contains("40 120"),
+        "{seen:?}"
+    );
+    drop(sim);
+}
+
+/// The `dev` user the templates create, on this host (tests run as root, as CI does). Its
+/// password field is `*` (no password, not locked), as OpenSSH without PAM refuses locked accounts.
+fn ensure_dev_user() {
+    let exists = |name: &str| {
+        std::process::Command::new("id")
+            .arg(name)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !exists("dev") {
+        let _ = std::process::Command::new("useradd")
+            .args(["-m", "-s", "/bin/bash", "dev"])
+            .status();
+    }
+    assert!(
+        exists("dev"),
+        "the OpenSSH test needs a `dev` user (run as root, or create it)"
+    );
+    let _ = std::process::Command::new("usermod")
+        .args(["-p", "*", "dev"])
+        .status();
+}

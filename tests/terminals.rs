@@ -1,0 +1,522 @@
+//! Terminals and live streams through the real server: a real WebSocket client, real SSH to the
+//! local provider's server, tmux in the environment.
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use support::{Backend, Session, TestServer};
+use tokio_tungstenite::tungstenite::Message;
+
+use support::terminal::*;
+
+on_both_backends!(
+    echo_resize_and_tmux_persistence,
+    resume_replays_exactly_the_missing_bytes,
+    multibyte_output_arrives_intact,
+    rejections_close_with_1008_and_a_reason,
+    hostile_frames_never_hurt_the_server,
+    logout_and_delete_close_live_terminals,
+    logs_and_events_streams,
+    replaced_lost_exit_ops_view_and_audit,
+    terminals_per_session_are_bounded,
+);
+
+async fn echo_resize_and_tmux_persistence(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let me = s.register("tess").await;
+    let env = running_env(&s, &me, "shell").await;
+    let (mut ws, welcome) = open_terminal(&s, &me, &env, "&cols=100&rows=30").await;
+    assert_eq!(welcome["message"], "Connected to shell");
+    assert_eq!(welcome["environment"]["id"], env.as_str());
+    assert_eq!(welcome["offset"], 0);
+    assert!(welcome["terminal_id"].is_string());
+    input(&mut ws, "echo hello-$((6*7))\r").await;
+    read_until(&mut ws, "hello-42").await;
+    ws.send(Message::text(
+        json!({ "type": "resize", "cols": 132, "rows": 43 }).to_string(),
+    ))
+    .await
+    .expect("send");
+    // tmux applies a resize asynchronously: ask until the shell sees it.
+    let mut seen = String::new();
+    for round in 0..50 {
+        input(&mut ws, &format!("stty size; echo sz-$(({round}+1000))\r")).await;
+        let (text, _) = read_until(&mut ws, &format!("sz-{}", round + 1000)).await;
+        seen = text;
+        if seen.contains(" 132\r") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // tmux's status line takes one of the 43 rows.
+    assert!(
+        seen.contains("42 132") || seen.contains("43 132"),
+        "{seen:?}"
+    );
+    ws.send(Message::text(r#"{"type":"ping"}"#))
+        .await
+        .expect("send");
+    loop {
+        let f = next_json(&mut ws).await.expect("frame");
+        if f["type"] == "pong" {
+            break;
+        }
+    }
+    input(&mut ws, "export DP_VAR=persist$((1+1))ed\r").await;
+    input(&mut ws, "echo set-$DP_VAR\r").await;
+    read_until(&mut ws, "set-persist2ed").await;
+    ws.close(None).await.expect("close");
+    drop(ws);
+
+    // A brand-new terminal lands in the same tmux session: the shell and its variable survived.
+    let (mut ws, welcome2) = open_terminal(&s, &me, &env, "").await;
+    assert_ne!(welcome2["terminal_id"], welcome["terminal_id"]);
+    input(&mut ws, "echo again-$DP_VAR\r").await;
+    read_until(&mut ws, "again-persist2ed").await;
+    ws.close(None).await.ok();
+    s.stop().await;
+}
+
+async fn resume_replays_exactly_the_missing_bytes(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let me = s.register("rudy").await;
+    let env = running_env(&s, &me, "resume").await;
+    let (mut ws, welcome) = open_terminal(&s, &me, &env, "").await;
+    let terminal_id = welcome["terminal_id"].as_str().expect("id").to_string();
+    input(
+        &mut ws,
+        "for i in $(seq 1 150); do echo n$i.; sleep 0.01; done; echo fini$((1))shed\r",
+    )
+    .await;
+    // Read until the first numbers show, then drop the connection mid-stream.
+    let (first, offset) = read_until(&mut ws, "n20.").await;
+    drop(ws);
+    let (mut ws, welcome) = open_terminal(
+        &s,
+        &me,
+        &env,
+        &format!("&terminal_id={terminal_id}&offset={offset}"),
+    )
+    .await;
+    assert_eq!(
+        welcome["terminal_id"],
+        terminal_id.as_str(),
+        "same terminal resumed"
+    );
+    assert_eq!(
+        welcome["offset"], offset,
+        "the stream continues where the client was"
+    );
+    let (second, _) = read_until(&mut ws, "fini1shed").await;
+    let joined = format!("{first}{second}");
+    let numbers: Vec<u32> = joined
+        .split('n')
+        .filter_map(|part| part.split('.').next()?.parse().ok())
+        .filter(|n| (1..=150).contains(n))
+        .collect();
+    assert_eq!(
+        numbers,
+        (1..=150).collect::<Vec<_>>(),
+        "nothing missing or repeated: {joined:?}"
+    );
+    // Offsets are contiguous: every frame continues the previous one.
+    input(&mut ws, "echo done\r").await;
+    let mut last = None;
+    for _ in 0..3 {
+        if let Some(f) = next_json(&mut ws).await
+            && f["type"] == "output"
+        {
+            let end = f["offset"].as_u64().expect("offset");
+            let len = f["data"].as_str().expect("data").len() as u64;
+            if let Some(prev) = last {
+                assert_eq!(end - len, prev, "no gap, no overlap");
+            }
+            last = Some(end);
+        }
+    }
+    s.stop().await;
+}
+
+async fn multibyte_output_arrives_intact(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let me = s.register("uma").await;
+    let env = running_env(&s, &me, "utf8").await;
+    let (mut ws, _) = open_terminal(&s, &me, &env, "&cols=200&rows=50").await;
+    input(
+        &mut ws,
+        "for i in $(seq 1 40); do printf '€😀ä%.0s' $(seq 1 50); echo; done; echo end$((1))x\r",
+    )
+    .await;
+    let (text, _) = read_until(&mut ws, "end1x").await;
+    assert!(!text.contains('\u{fffd}'), "a character was cut: {text:?}");
+    assert!(
+        text.matches('😀').count() >= 2000,
+        "all four-byte characters arrived"
+    );
+    s.stop().await;
+}
+
+async fn rejections_close_with_1008_and_a_reason(backend: Backend) {
+    let s = TestServer::start_with(backend, |c| c.terminals.max_connections_per_user = 2).await;
+    let me = s.register("vera").await;
+    let other = s.register("walt").await;
+    let env = s.create_env(&me, "mine", "ubuntu").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+
+    for path in [
+        format!("/api/v1/ws/terminal/{env}"),
+        format!("/api/v1/ws/terminal/{env}?token=garbage"),
+    ] {
+        let mut ws = connect(&s, &path).await;
+        assert_eq!(
+            close_of(&mut ws).await,
+            (1008, "Authentication failed".into()),
+            "{path}"
+        );
+    }
+    let mut ws = connect(
+        &s,
+        &format!("/api/v1/ws/terminal/{env}?token={}", other.access),
+    )
+    .await;
+    assert_eq!(
+        close_of(&mut ws).await,
+        (1008, "Environment not found".into())
+    );
+    let mut ws = connect(&s, &format!("/api/v1/ws/logs/{env}?token={}", other.access)).await;
+    assert_eq!(
+        close_of(&mut ws).await,
+        (1008, "Environment not found".into())
+    );
+    s.wait_status(&me, &env, "running").await;
+    s.post(
+        &format!("/api/v1/environments/{env}/stop"),
+        me.token(),
+        json!({}),
+    )
+    .await;
+    s.wait_status(&me, &env, "stopped").await;
+    let mut ws = connect(
+        &s,
+        &format!("/api/v1/ws/terminal/{env}?token={}", me.access),
+    )
+    .await;
+    assert_eq!(
+        close_of(&mut ws).await,
+        (1008, "Environment not ready".into())
+    );
+
+    let _a = connect(&s, &format!("/api/v1/ws/events?token={}", me.access)).await;
+    let _b = connect(&s, &format!("/api/v1/ws/events?token={}", me.access)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = connect(&s, &format!("/api/v1/ws/events?token={}", me.access)).await;
+    assert_eq!(
+        close_of(&mut third).await,
+        (1008, "Too many connections".into())
+    );
+    // Plain HTTP to a WebSocket route is a clear 400, not a crash.
+    let (status, body) = s
+        .get(&format!("/api/v1/ws/terminal/{env}"), me.token())
+        .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("websocket_required"))
+    );
+    s.stop().await;
+}
+
+async fn hostile_frames_never_hurt_the_server(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let me = s.register("xena").await;
+    let env = running_env(&s, &me, "hostile").await;
+    let (mut ws, _) = open_terminal(&s, &me, &env, "").await;
+    let expect_error = async |ws: &mut Ws, what: &str| loop {
+        let f = next_json(ws)
+            .await
+            .unwrap_or_else(|| panic!("closed after {what}"));
+        if f["type"] == "error" {
+            return f;
+        }
+    };
+    ws.send(Message::binary(vec![0u8, 159, 146, 150, 255]))
+        .await
+        .expect("send");
+    expect_error(&mut ws, "binary").await;
+    ws.send(Message::text(r#"{"type":"self_destruct"}"#))
+        .await
+        .expect("send");
+    let err = expect_error(&mut ws, "unknown type").await;
+    assert!(
+        err["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("self_destruct"))
+    );
+    ws.send(Message::text(r#"{"type":"resize","cols":0,"rows":0}"#))
+        .await
+        .expect("send");
+    expect_error(&mut ws, "0x0").await;
+    ws.send(Message::text(
+        r#"{"type":"resize","cols":100000,"rows":100000}"#,
+    ))
+    .await
+    .expect("send");
+    // Not JSON at all: it is input, and the shell still answers.
+    ws.send(Message::text("{oops")).await.expect("send");
+    input(&mut ws, "\recho still-$((40+2))\r").await;
+    read_until(&mut ws, "still-42").await;
+    // An oversize frame (over 1 MiB) closes that socket cleanly.
+    let big = "x".repeat(2 * 1024 * 1024);
+    let _ = ws.send(Message::text(big)).await;
+    let (code, _) = close_of(&mut ws).await;
+    assert!(code == 1009 || code == 0, "closed: {code}");
+    // The server keeps serving others, and this user can reconnect.
+    assert_eq!(s.get("/health", None).await.0, StatusCode::OK);
+    let (mut ws, _) = open_terminal(&s, &me, &env, "").await;
+    input(&mut ws, "echo back-$((1+1))\r").await;
+    read_until(&mut ws, "back-2").await;
+    s.stop().await;
+}
+
+async fn logout_and_delete_close_live_terminals(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let me = s.register("yuri").await;
+    let env = running_env(&s, &me, "closing").await;
+    let (_, body) = s.login("yuri", support::PASSWORD).await;
+    let second = Session::from_auth(&body);
+
+    let (mut ws, _) = open_terminal(&s, &me, &env, "").await;
+    s.post("/api/v1/auth/logout", me.token(), json!({})).await;
+    assert_eq!(close_of(&mut ws).await, (1008, "Session ended".into()));
+
+    let (mut ws, _) = open_terminal(&s, &second, &env, "").await;
+    let (status, _) = s
+        .send(s.request(
+            Method::DELETE,
+            &format!("/api/v1/environments/{env}"),
+            second.token(),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let mut saw_status = false;
+    let (code, reason) = loop {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("in time")
+        {
+            Some(Ok(Message::Text(t))) => {
+                let f: Value = serde_json::from_str(t.as_str()).expect("json");
+                saw_status |= f["type"] == "environment_status" && f["status"] == "deleting";
+            }
+            Some(Ok(Message::Close(Some(frame)))) => {
+                break (u16::from(frame.code), frame.reason.to_string());
+            }
+            Some(Ok(_)) => {}
+            other => panic!("unexpected end: {other:?}"),
+        }
+    };
+    assert!(saw_status, "the terminal heard the environment change");
+    assert_eq!((code, reason.as_str()), (1001, "Environment deleting"));
+    s.stop().await;
+}
+
+async fn logs_and_events_streams(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let me = s.register("zoe").await;
+    s.make_plan("zoe", devpocket::store::users::Plan::Starter)
+        .await;
+    let mut events = connect(&s, &format!("/api/v1/ws/events?token={}", me.access)).await;
+    let stranger = s.register("stranger").await;
+    let a = s.create_env(&me, "alpha", "ubuntu").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    // Live logs from the start of installation.
+    let mut logs = connect(
+        &s,
+        &format!("/api/v1/ws/logs/{a}?token={}&follow=true", me.access),
+    )
+    .await;
+    let b = s.create_env(&me, "beta", "ubuntu").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let _theirs = s.create_env(&stranger, "not-mine", "ubuntu").await;
+
+    let mut running = std::collections::HashSet::new();
+    while running.len() < 2 {
+        let f = next_json(&mut events).await.expect("event");
+        assert_eq!(f["type"], "environment_status", "{f}");
+        let id = f["environment_id"].as_str().expect("id").to_string();
+        assert!(id == a || id == b, "only my environments: {f}");
+        if f["status"] == "running" {
+            running.insert(id);
+        }
+    }
+    let mut saw_line = false;
+    loop {
+        let f = next_json(&mut logs).await.expect("log frame");
+        saw_line |= f["type"] == "installation_log"
+            && f["data"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("git version"));
+        if f["type"] == "environment_status" && f["status"] == "running" {
+            break;
+        }
+    }
+    assert!(saw_line, "installation output streamed live");
+
+    // History only: everything stored, then a normal close.
+    let mut history = connect(
+        &s,
+        &format!("/api/v1/ws/logs/{a}?token={}&follow=false", me.access),
+    )
+    .await;
+    let mut kinds = Vec::new();
+    while let Some(f) = next_json(&mut history).await {
+        kinds.push(f["type"].as_str().unwrap_or_default().to_string());
+    }
+    assert!(
+        kinds.contains(&"installation_log".to_string())
+            && kinds.contains(&"environment_status".to_string()),
+        "{kinds:?}"
+    );
+    s.stop().await;
+}
+
+async fn replaced_lost_exit_ops_view_and_audit(backend: Backend) {
+    let s = TestServer::start_with(backend, |c| c.terminals.ring_bytes = 4096).await;
+    let admin = s.admin("ops").await;
+    let me = s.register("quinn").await;
+    let env = running_env(&s, &me, "edges").await;
+    let (mut first, welcome) = open_terminal(&s, &me, &env, "").await;
+    let tid = welcome["terminal_id"].as_str().expect("id").to_string();
+    input(&mut first, "echo one-$((1))\r").await;
+    let (_, offset) = read_until(&mut first, "one-1").await;
+
+    // Ops see the terminal under the user's session, attached, with byte counts.
+    let (_, tree) = s.get("/api/v1/admin/actors", admin.token()).await;
+    let text = tree.to_string();
+    assert!(text.contains(&format!("terminal:{tid}")), "{text}");
+    assert!(
+        text.contains("\"attached\":true") && text.contains(&env),
+        "{text}"
+    );
+
+    // A newer attach replaces the older, which is told why.
+    let (second, welcome2) = open_terminal(
+        &s,
+        &me,
+        &env,
+        &format!("&terminal_id={tid}&offset={offset}"),
+    )
+    .await;
+    assert_eq!(welcome2["terminal_id"], tid.as_str());
+    assert_eq!(
+        close_of(&mut first).await,
+        (4000, "Replaced by a newer connection".into())
+    );
+
+    // Output beyond the (small) ring while away: the client is told, never sent stale bytes.
+    drop(second);
+    let (mut third, _) = open_terminal(&s, &me, &env, &format!("&terminal_id={tid}")).await;
+    input(&mut third, "for i in $(seq 1 400); do echo pad-$i-xxxxxxxxxxxxxxxxxxxxxxxx; sleep 0.001; done; echo big-$((2))\r").await;
+    read_until(&mut third, "big-2").await;
+    drop(third);
+    let (mut fourth, welcome4) = open_terminal(
+        &s,
+        &me,
+        &env,
+        &format!("&terminal_id={tid}&offset={offset}"),
+    )
+    .await;
+    assert!(
+        welcome4["offset"].as_u64() > Some(offset),
+        "resumes at what is still held: {welcome4}"
+    );
+    let notice = next_json(&mut fourth).await.expect("notice");
+    assert_eq!(notice["type"], "info", "{notice}");
+    assert!(
+        notice["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("lost")),
+        "{notice}"
+    );
+
+    // The shell exiting ends the terminal with its exit frame.
+    input(&mut fourth, "exit\r").await;
+    let mut saw_exit = false;
+    let close = loop {
+        match tokio::time::timeout(WAIT, fourth.next())
+            .await
+            .expect("in time")
+        {
+            Some(Ok(Message::Text(t))) => saw_exit |= t.as_str().contains("\"type\":\"exit\""),
+            Some(Ok(Message::Close(Some(f)))) => break (u16::from(f.code), f.reason.to_string()),
+            Some(Ok(_)) => {}
+            other => panic!("unexpected: {other:?}"),
+        }
+    };
+    assert!(saw_exit, "exit frame before the close");
+    assert_eq!(close, (1000, "Shell exited".into()));
+
+    // The audit trail has the terminal's open and close, with byte counts (never the bytes).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, page) = s
+            .get("/api/v1/admin/audit?event=terminal_closed", admin.token())
+            .await;
+        if let Some(item) = page["items"].as_array().and_then(|i| i.first()) {
+            assert_eq!(item["detail"]["terminal_id"], tid.as_str());
+            assert!(item["detail"]["bytes_out"].as_u64() > Some(0));
+            assert!(item["detail"]["bytes_in"].as_u64() > Some(0));
+            assert!(
+                !page.to_string().contains("one-1"),
+                "no terminal content in the trail"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no terminal_closed event"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, opened) = s
+        .get("/api/v1/admin/audit?event=terminal_opened", admin.token())
+        .await;
+    assert_eq!(opened["total"], 1);
+    s.stop().await;
+}
+
+async fn terminals_per_session_are_bounded(backend: Backend) {
+    let s = TestServer::start_with(backend, |c| c.terminals.max_terminals_per_session = 2).await;
+    let me = s.register("bea").await;
+    let env = running_env(&s, &me, "bounded").await;
+    let (first, welcome) = open_terminal(&s, &me, &env, "").await;
+    let (second, _) = open_terminal(&s, &me, &env, "").await;
+    drop((first, second)); // detached, within their grace period: they still count
+    let mut third = connect(
+        &s,
+        &format!("/api/v1/ws/terminal/{env}?token={}", me.access),
+    )
+    .await;
+    let error = next_json(&mut third).await.expect("error frame");
+    assert_eq!(error["type"], "error", "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("too many open terminals")),
+        "{error}"
+    );
+    // Resuming an existing one is still fine.
+    let tid = welcome["terminal_id"].as_str().expect("id");
+    let (_, again) = open_terminal(&s, &me, &env, &format!("&terminal_id={tid}")).await;
+    assert_eq!(again["terminal_id"], tid);
+    s.stop().await;
+}
