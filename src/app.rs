@@ -111,18 +111,24 @@ async fn start_provider(config: &Config) -> anyhow::Result<Arc<dyn Provider>> {
     })
 }
 
-/// Write the built-in templates into the store (admins' own templates are kept).
+/// Write the built-in templates into the store, so an upgrade ships its new versions. Admins'
+/// own templates are kept, and so is an admin's override of a built-in one.
 async fn load_templates(db: &Db, clock: &dyn crate::clock::Clock) -> anyhow::Result<()> {
+    use crate::store::templates::{self as store, TemplateRow};
     let mut conn = db.get().await?;
     let now = db_now(clock);
     for template in crate::templates::builtin() {
-        let row = crate::store::templates::TemplateRow {
-            id: template.id().to_string(),
-            definition: serde_json::to_string(&template)?,
-            builtin: true,
-            updated_at: now,
-        };
-        crate::store::templates::upsert(&mut conn, &row).await?;
+        if store::get(&mut conn, template.id())
+            .await?
+            .is_some_and(|row| !row.builtin)
+        {
+            tracing::info!(
+                template = template.id(),
+                "keeping the admin's override of a built-in template"
+            );
+            continue;
+        }
+        store::upsert(&mut conn, &TemplateRow::new(&template, true, now)?).await?;
     }
     Ok(())
 }

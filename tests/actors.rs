@@ -4,8 +4,8 @@
 mod support;
 
 use reqwest::StatusCode;
-use serde_json::{Value, json};
-use support::{Backend, Session, TestServer, session_id_of};
+use serde_json::json;
+use support::{Backend, TestServer, find_actor, session_id_of};
 
 on_both_backends!(
     admin_sees_the_tree,
@@ -14,67 +14,29 @@ on_both_backends!(
     fault_injection_is_off_by_default,
 );
 
-/// Depth-first search of the tree for an actor id.
-fn find<'a>(nodes: &'a Value, id: &str) -> Option<&'a Value> {
-    nodes.as_array()?.iter().find_map(|n| {
-        if n["id"] == id {
-            Some(n)
-        } else {
-            find(&n["children"], id)
-        }
-    })
-}
-
-async fn tree(s: &TestServer, admin: &Session) -> Value {
-    let (status, body) = s.get("/api/v1/admin/actors", admin.token()).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    body["actors"].clone()
-}
-
-/// Poll the tree (each poll a real request; no sleeping) until `check` holds, or fail after a
-/// generous deadline with the last tree seen.
-async fn wait_for(
-    s: &TestServer,
-    admin: &Session,
-    what: &str,
-    check: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let t = tree(s, admin).await;
-        if check(&t) {
-            return t;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}; last tree: {t}"
-        );
-        tokio::task::yield_now().await;
-    }
-}
-
 async fn admin_sees_the_tree(backend: Backend) {
     let s = TestServer::start(backend).await;
     let admin = s.admin("ops").await;
     let user = s.register("nina").await;
     let sid = format!("session:{}", session_id_of(&user.access));
 
-    let t = wait_for(&s, &admin, "nina's session actor", |t| {
-        find(t, &sid).is_some()
-    })
-    .await;
+    let t = s
+        .wait_tree(&admin, "nina's session actor", |t| {
+            find_actor(t, &sid).is_some()
+        })
+        .await;
     let root = &t[0];
     assert_eq!(
         (root["kind"].as_str(), root["id"].as_str()),
         (Some("root"), Some("root"))
     );
-    let sessions = find(&t, "sessions").expect("sessions supervisor");
+    let sessions = find_actor(&t, "sessions").expect("sessions supervisor");
     assert_eq!(sessions["kind"], "supervisor");
     assert!(
-        find(&t, "environments").is_some(),
+        find_actor(&t, "environments").is_some(),
         "environments supervisor"
     );
-    let session = find(&sessions["children"], &sid).expect("under the sessions supervisor");
+    let session = find_actor(&sessions["children"], &sid).expect("under the sessions supervisor");
     assert_eq!(session["kind"], "session");
     assert_eq!(session["owner"], user.user_id.as_str());
     assert_eq!(session["status"], "running");
@@ -85,8 +47,8 @@ async fn admin_sees_the_tree(backend: Backend) {
 
     // Logging out stops the actor.
     s.post("/api/v1/auth/logout", user.token(), json!({})).await;
-    wait_for(&s, &admin, "session actor gone after logout", |t| {
-        find(t, &sid).is_none()
+    s.wait_tree(&admin, "session actor gone after logout", |t| {
+        find_actor(t, &sid).is_none()
     })
     .await;
 
@@ -107,18 +69,20 @@ async fn panicking_session_actor_is_restarted_and_counted(backend: Backend) {
     let victim = s.register("pete").await;
     let bystander = s.register("quinn").await;
     let sid = format!("session:{}", session_id_of(&victim.access));
-    wait_for(&s, &admin, "victim's actor", |t| find(t, &sid).is_some()).await;
+    s.wait_tree(&admin, "victim's actor", |t| find_actor(t, &sid).is_some())
+        .await;
 
     let crash = format!("/api/v1/admin/actors/{sid}/crash");
     let (status, body) = s.post(&crash, admin.token(), json!({})).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     // The restart is counted when the failure is seen; the node reads "running" once the new
     // actor is up.
-    let t = wait_for(&s, &admin, "one restart, running again", |t| {
-        find(t, &sid).is_some_and(|n| n["restarts"] == 1 && n["status"] == "running")
-    })
-    .await;
-    let node = find(&t, &sid).expect("restarted");
+    let t = s
+        .wait_tree(&admin, "one restart, running again", |t| {
+            find_actor(t, &sid).is_some_and(|n| n["restarts"] == 1 && n["status"] == "running")
+        })
+        .await;
+    let node = find_actor(&t, &sid).expect("restarted");
     assert_eq!(node["status"], "running");
     assert!(
         node["last_failure"]
@@ -145,8 +109,8 @@ async fn panicking_session_actor_is_restarted_and_counted(backend: Backend) {
             s.post(&crash, admin.token(), json!({})).await.0,
             StatusCode::ACCEPTED
         );
-        wait_for(&s, &admin, "next restart, running again", |t| {
-            find(t, &sid).is_some_and(|x| x["restarts"] == n && x["status"] == "running")
+        s.wait_tree(&admin, "next restart, running again", |t| {
+            find_actor(t, &sid).is_some_and(|x| x["restarts"] == n && x["status"] == "running")
         })
         .await;
     }
@@ -154,11 +118,12 @@ async fn panicking_session_actor_is_restarted_and_counted(backend: Backend) {
         s.post(&crash, admin.token(), json!({})).await.0,
         StatusCode::ACCEPTED
     );
-    let t = wait_for(&s, &admin, "given up", |t| {
-        find(t, &sid).is_some_and(|x| x["status"] == "failed")
-    })
-    .await;
-    assert_eq!(find(&t, &sid).expect("kept for ops")["restarts"], 3);
+    let t = s
+        .wait_tree(&admin, "given up", |t| {
+            find_actor(t, &sid).is_some_and(|x| x["status"] == "failed")
+        })
+        .await;
+    assert_eq!(find_actor(&t, &sid).expect("kept for ops")["restarts"], 3);
     // Its session still works for HTTP; the failure is visible, and nothing else broke.
     assert_eq!(
         s.get("/api/v1/auth/me", victim.token()).await.0,
@@ -199,7 +164,8 @@ async fn supervisors_restart_and_readiness_reports_a_dead_one(backend: Backend) 
     let admin = s.admin("ops").await;
     let user = s.register("rita").await;
     let sid = format!("session:{}", session_id_of(&user.access));
-    wait_for(&s, &admin, "session actor", |t| find(t, &sid).is_some()).await;
+    s.wait_tree(&admin, "session actor", |t| find_actor(t, &sid).is_some())
+        .await;
 
     assert_eq!(
         s.post("/api/v1/admin/actors/root/crash", admin.token(), json!({}))
@@ -228,18 +194,23 @@ async fn supervisors_restart_and_readiness_reports_a_dead_one(backend: Backend) 
         .0,
         StatusCode::ACCEPTED
     );
-    let t = wait_for(&s, &admin, "sessions supervisor restarted", |t| {
-        find(t, "sessions").is_some_and(|n| n["restarts"] == 1 && n["status"] == "running")
-    })
-    .await;
-    assert!(find(&t, &sid).is_none(), "its children went down with it");
+    let t = s
+        .wait_tree(&admin, "sessions supervisor restarted", |t| {
+            find_actor(t, "sessions")
+                .is_some_and(|n| n["restarts"] == 1 && n["status"] == "running")
+        })
+        .await;
+    assert!(
+        find_actor(&t, &sid).is_none(),
+        "its children went down with it"
+    );
     // The next request brings the session actor back under the new supervisor.
     assert_eq!(
         s.get("/api/v1/auth/me", user.token()).await.0,
         StatusCode::OK
     );
-    wait_for(&s, &admin, "session actor back", |t| {
-        find(t, &sid).is_some()
+    s.wait_tree(&admin, "session actor back", |t| {
+        find_actor(t, &sid).is_some()
     })
     .await;
 
@@ -252,8 +223,8 @@ async fn supervisors_restart_and_readiness_reports_a_dead_one(backend: Backend) 
             )
             .await;
         assert_eq!(status, StatusCode::ACCEPTED);
-        wait_for(&s, &admin, "environments supervisor", |t| {
-            find(t, "environments").is_some_and(|x| {
+        s.wait_tree(&admin, "environments supervisor", |t| {
+            find_actor(t, "environments").is_some_and(|x| {
                 if k <= 3 {
                     x["restarts"] == k && x["status"] == "running"
                 } else {

@@ -24,6 +24,7 @@ on_both_backends!(
     actor_panic_mid_provisioning_resumes_with_one_vps,
     server_restart_mid_provisioning_resumes_with_one_vps,
     terminal_round_trip_against_openssh,
+    a_hung_machine_never_holds_up_the_session,
 );
 
 struct Cloud {
@@ -502,7 +503,6 @@ async fn terminal_round_trip_against_openssh(backend: Backend) {
         if seen.contains(" 120\r") {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(
         seen.contains("39 120") || seen.contains("40 120"),
@@ -532,4 +532,69 @@ fn ensure_dev_user() {
     let _ = std::process::Command::new("usermod")
         .args(["-p", "*", "dev"])
         .status();
+}
+
+/// Connecting SSH for a new terminal happens off the session actor: a black-holed machine never
+/// holds up the session (its logout takes effect at once), and the stuck WebSocket is told and
+/// closed when the connection fails.
+async fn a_hung_machine_never_holds_up_the_session(backend: Backend) {
+    use support::terminal::connect;
+    use support::{find_actor, session_id_of};
+    let c = cloud_with(backend, SimConfig::default(), vps_config(), |c| {
+        // Longer than the test: only un-stalling the machine ends the connect.
+        c.provider.ssh_connect_timeout_seconds = 3600;
+    })
+    .await;
+    let (s, me) = (&c.s, &c.me);
+    let admin = s.admin("ops").await;
+    let id = create(&c, "hung").await;
+    s.wait_status(me, &id, "running").await;
+
+    c.vps.stall(true);
+    let mut ws = connect(s, &format!("/api/v1/ws/terminal/{id}?token={}", me.access)).await;
+    let session = format!("session:{}", session_id_of(&me.access));
+    s.wait_tree(&admin, "a terminal starting under the session", |t| {
+        find_actor(t, &session).is_some_and(|n| {
+            n["children"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|t| t["kind"] == "terminal"))
+        }) && c.vps.held() > 0
+    })
+    .await;
+
+    // The session keeps serving while its terminal hangs: logout ends it at once.
+    let (status, body) = s.post("/api/v1/auth/logout", me.token(), json!({})).await;
+    assert!(status.is_success(), "{status} {body}");
+    s.wait_tree(&admin, "the session actor gone", |t| {
+        find_actor(t, &session).is_none()
+    })
+    .await;
+
+    // The connection fails; the WebSocket hears why and closes; nothing is left behind.
+    c.vps.stall(false);
+    let mut saw_error = false;
+    let close = loop {
+        match tokio::time::timeout(
+            support::terminal::WAIT,
+            futures_util::StreamExt::next(&mut ws),
+        )
+        .await
+        .expect("in time")
+        {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
+                saw_error |= t.as_str().contains("\"type\":\"error\"");
+            }
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(f)))) => {
+                break (u16::from(f.code), f.reason.to_string());
+            }
+            Some(Ok(_)) => {}
+            other => panic!("unexpected: {other:?}"),
+        }
+    };
+    assert!(saw_error, "an error frame before the close");
+    assert_eq!(close, (1011, "Terminal unavailable".into()));
+    s.wait_tree(&admin, "no terminal left", |t| {
+        !t.to_string().contains("\"kind\":\"terminal\"")
+    })
+    .await;
 }

@@ -14,6 +14,7 @@ on_both_backends!(
     crashing_environment_actor_restarts_then_errors_and_recovers,
     environments_resume_after_a_server_restart,
     admins_manage_templates,
+    an_override_of_a_builtin_template_survives_restarts,
 );
 
 fn id_of(env: &Value) -> String {
@@ -473,10 +474,11 @@ async fn crashing_environment_actor_restarts_then_errors_and_recovers(backend: B
         s.post(&crash, admin.token(), json!({})).await.0,
         StatusCode::ACCEPTED
     );
-    let node = wait_actor(&s, &admin, &actor, |n| {
-        n["restarts"] == 1 && n["status"] == "running"
-    })
-    .await;
+    let node = s
+        .wait_actor(&admin, &actor, |n| {
+            n["restarts"] == 1 && n["status"] == "running"
+        })
+        .await;
     assert_eq!(node["kind"], "environment");
     assert_eq!(node["owner"], me.user_id.as_str());
     assert_eq!(node["phase"], "running", "resumed from the store: {node}");
@@ -489,19 +491,22 @@ async fn crashing_environment_actor_restarts_then_errors_and_recovers(backend: B
     );
 
     for n in 2..=3 {
-        wait_actor(&s, &admin, &actor, |x| x["status"] == "running").await;
+        s.wait_actor(&admin, &actor, |x| x["status"] == "running")
+            .await;
         assert_eq!(
             s.post(&crash, admin.token(), json!({})).await.0,
             StatusCode::ACCEPTED
         );
-        wait_actor(&s, &admin, &actor, |x| x["restarts"] == n).await;
+        s.wait_actor(&admin, &actor, |x| x["restarts"] == n).await;
     }
-    wait_actor(&s, &admin, &actor, |x| x["status"] == "running").await;
+    s.wait_actor(&admin, &actor, |x| x["status"] == "running")
+        .await;
     assert_eq!(
         s.post(&crash, admin.token(), json!({})).await.0,
         StatusCode::ACCEPTED
     );
-    wait_actor(&s, &admin, &actor, |x| x["status"] == "failed").await;
+    s.wait_actor(&admin, &actor, |x| x["status"] == "failed")
+        .await;
     let env = s.wait_status(&me, &id, "error").await;
     assert!(
         env["error_message"]
@@ -530,38 +535,6 @@ async fn crashing_environment_actor_restarts_then_errors_and_recovers(backend: B
     s.stop().await;
 }
 
-async fn wait_actor(
-    s: &TestServer,
-    admin: &Session,
-    id: &str,
-    check: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let (_, tree) = s.get("/api/v1/admin/actors", admin.token()).await;
-        if let Some(node) = find(&tree["actors"], id)
-            && check(node)
-        {
-            return node.clone();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "actor {id} never matched: {tree}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-}
-
-fn find<'a>(nodes: &'a Value, id: &str) -> Option<&'a Value> {
-    nodes.as_array()?.iter().find_map(|n| {
-        if n["id"] == id {
-            Some(n)
-        } else {
-            find(&n["children"], id)
-        }
-    })
-}
-
 async fn environments_resume_after_a_server_restart(backend: Backend) {
     let s = TestServer::start(backend).await;
     let me = s.register("rosa").await;
@@ -569,10 +542,11 @@ async fn environments_resume_after_a_server_restart(backend: Backend) {
     let before = s.wait_status(&me, &id, "running").await;
     let s = s.restart().await;
     let admin = s.admin("ops").await;
-    let node = wait_actor(&s, &admin, &format!("environment:{id}"), |n| {
-        n["status"] == "running"
-    })
-    .await;
+    let node = s
+        .wait_actor(&admin, &format!("environment:{id}"), |n| {
+            n["status"] == "running"
+        })
+        .await;
     assert_eq!(node["phase"], "running");
     // Its actor works after the restart (the local workspace is re-attached).
     assert_eq!(
@@ -657,5 +631,77 @@ async fn admins_manage_templates(backend: Backend) {
         s.get("/api/v1/templates/custom", None).await.0,
         StatusCode::NOT_FOUND
     );
+    s.stop().await;
+}
+
+async fn an_override_of_a_builtin_template_survives_restarts(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let admin = s.admin("boss").await;
+    let mut python = serde_json::to_value(
+        devpocket::templates::parse(include_str!("../templates/python.yaml")).expect("parses"),
+    )
+    .expect("json");
+    python["display_name"] = json!("Python (house flavour)");
+    let (status, body) = s
+        .send(
+            s.request(Method::PUT, "/api/v1/templates/python", admin.token())
+                .json(&python),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let seen = |t: &Value| {
+        (
+            t["display_name"].as_str().map(str::to_string),
+            t["builtin"].as_bool(),
+            t["customized"].as_bool(),
+        )
+    };
+    let house = (
+        Some("Python (house flavour)".to_string()),
+        Some(false),
+        Some(true),
+    );
+    assert_eq!(
+        seen(&s.get("/api/v1/templates/python", None).await.1),
+        house
+    );
+
+    // A restart reloads the built-ins but keeps the admin's override.
+    let s = s.restart().await;
+    assert_eq!(
+        seen(&s.get("/api/v1/templates/python", None).await.1),
+        house
+    );
+    let (_, ubuntu) = s.get("/api/v1/templates/ubuntu", None).await;
+    assert_eq!(
+        (ubuntu["builtin"].as_bool(), ubuntu["customized"].as_bool()),
+        (Some(true), Some(false))
+    );
+
+    // Deleting the override restores the shipped version at once.
+    let (status, body) = s
+        .send(s.request(Method::DELETE, "/api/v1/templates/python", admin.token()))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("built-in")),
+        "{body}"
+    );
+    let (_, restored) = s.get("/api/v1/templates/python", None).await;
+    assert_ne!(restored["display_name"], "Python (house flavour)");
+    assert_eq!(
+        (
+            restored["builtin"].as_bool(),
+            restored["customized"].as_bool()
+        ),
+        (Some(true), Some(false))
+    );
+    // ...and a built-in itself still cannot be deleted.
+    let (status, _) = s
+        .send(s.request(Method::DELETE, "/api/v1/templates/python", admin.token()))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
     s.stop().await;
 }

@@ -50,7 +50,6 @@ async fn echo_resize_and_tmux_persistence(backend: Backend) {
         if seen.contains(" 132\r") {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // tmux's status line takes one of the 43 rows.
     assert!(
@@ -212,9 +211,11 @@ async fn rejections_close_with_1008_and_a_reason(backend: Backend) {
         (1008, "Environment not ready".into())
     );
 
-    let _a = connect(&s, &format!("/api/v1/ws/events?token={}", me.access)).await;
-    let _b = connect(&s, &format!("/api/v1/ws/events?token={}", me.access)).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut a = connect(&s, &format!("/api/v1/ws/events?token={}", me.access)).await;
+    let mut b = connect(&s, &format!("/api/v1/ws/events?token={}", me.access)).await;
+    // Both are admitted (they hold their slots) once they answer a ping.
+    ping_pong(&mut a).await;
+    ping_pong(&mut b).await;
     let mut third = connect(&s, &format!("/api/v1/ws/events?token={}", me.access)).await;
     assert_eq!(
         close_of(&mut third).await,

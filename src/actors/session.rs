@@ -44,6 +44,12 @@ pub enum SessionMsg {
         request: Box<TerminalRequest>,
         reply: RpcReplyPort<Result<Attachment, String>>,
     },
+    /// A terminal started on a task is up (`Some`) or failed to start (`None`).
+    TerminalStarted {
+        terminal_id: String,
+        environment_id: String,
+        actor: Option<ActorRef<TerminalMsg>>,
+    },
     /// The session ended (logout, revocation, password change): close its terminals, then stop.
     Shutdown(String),
     /// Stop now, whether or not the terminals have finished closing.
@@ -68,6 +74,8 @@ pub struct SessionState {
     args: SessionArgs,
     last_activity: Instant,
     terminals: HashMap<String, (ActorRef<TerminalMsg>, String)>, // id → (actor, environment id)
+    /// Terminals being started on a task, counted against the session's bound.
+    opening: usize,
     /// Shutting down: stop once the last terminal has closed.
     closing: Option<String>,
 }
@@ -79,11 +87,19 @@ const SHUTDOWN_GRACE: StdDuration = StdDuration::from_secs(2);
 const ATTACH_TIMEOUT: StdDuration = StdDuration::from_secs(30);
 
 impl SessionState {
-    async fn open_terminal(
+    /// Attach to an existing terminal or start a new one. Slow work (connecting SSH, waiting for
+    /// the terminal to answer) runs on a task so this session keeps serving its other messages —
+    /// a logout is never held up by an unreachable environment.
+    fn open_terminal(
         &mut self,
         myself: &ActorRef<SessionMsg>,
         request: Box<TerminalRequest>,
-    ) -> Result<Attachment, String> {
+        reply: RpcReplyPort<Result<Attachment, String>>,
+    ) {
+        if self.closing.is_some() {
+            let _ = reply.send(Err("this session has ended".into()));
+            return;
+        }
         let env_id = request.args.environment.id.clone();
         let existing = request
             .terminal_id
@@ -91,60 +107,118 @@ impl SessionState {
             .and_then(|id| self.terminals.get(id))
             .filter(|(_, env)| *env == env_id)
             .map(|(actor, _)| actor.clone());
-        let (actor, offset, expired) = match existing {
-            Some(actor) => (actor, request.offset, false),
-            None if self.terminals.len() >= request.max_terminals => {
-                return Err(format!(
-                    "too many open terminals in this session ({}); close some or let detached ones expire",
-                    self.terminals.len()
+        if let Some(actor) = existing {
+            tokio::spawn(async move {
+                let _ = reply.send(attach(&actor, request.offset, false).await);
+            });
+            return;
+        }
+        let held = self.terminals.len() + self.opening;
+        if held >= request.max_terminals {
+            let _ = reply.send(Err(format!(
+                "too many open terminals in this session ({held}); close some or let detached ones expire"
+            )));
+            return;
+        }
+        self.opening += 1;
+        let expired = request.terminal_id.is_some();
+        let args = request.args;
+        let terminal_id = args.terminal_id.clone();
+        let directory = args.directory.clone();
+        let directory_id = args.directory_id.clone();
+        directory.started(
+            "terminal",
+            &directory_id,
+            Some(&actor_id(&self.args.session_id)),
+            Some(&self.args.user_id),
+            RestartPolicy {
+                limit: 0,
+                window: chrono::Duration::seconds(1),
+            },
+            Pending::default(),
+        );
+        directory.set_phase(&directory_id, Some("connecting"));
+        let session = myself.clone();
+        tokio::spawn(async move {
+            let spawned = Actor::spawn_linked(None, TerminalActor, args, session.get_cell()).await;
+            let actor = match spawned {
+                Ok((actor, _)) => actor,
+                Err(e) => {
+                    directory.remove(&directory_id);
+                    let _ = session.cast(SessionMsg::TerminalStarted {
+                        terminal_id,
+                        environment_id: env_id,
+                        actor: None,
+                    });
+                    let _ = reply.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            let registered = session.cast(SessionMsg::TerminalStarted {
+                terminal_id,
+                environment_id: env_id,
+                actor: Some(actor.clone()),
+            });
+            if registered.is_err() {
+                // The session ended while the terminal was starting.
+                actor.stop(Some("session ended".into()));
+                directory.remove(&directory_id);
+                let _ = reply.send(Err("this session has ended".into()));
+                return;
+            }
+            // A new terminal streams from its very first byte (tmux's first screen).
+            let _ = reply.send(attach(&actor, Some(0), expired).await);
+        });
+    }
+
+    /// A terminal started off the handler reports in (or failed to start).
+    fn terminal_started(
+        &mut self,
+        terminal_id: String,
+        environment_id: String,
+        actor: Option<ActorRef<TerminalMsg>>,
+    ) {
+        self.opening = self.opening.saturating_sub(1);
+        let Some(actor) = actor else {
+            return;
+        };
+        if matches!(
+            actor.get_status(),
+            ractor::ActorStatus::Stopping | ractor::ActorStatus::Stopped
+        ) {
+            // It ended before it was registered; its supervision event found nothing to remove.
+            self.args
+                .directory
+                .remove(&crate::terminal::directory_id(&terminal_id));
+            return;
+        }
+        self.terminals
+            .insert(terminal_id, (actor.clone(), environment_id));
+    }
+}
+
+/// Attach a WebSocket to a terminal actor (waiting for it, within a bound).
+async fn attach(
+    actor: &ActorRef<TerminalMsg>,
+    offset: Option<u64>,
+    expired: bool,
+) -> Result<Attachment, String> {
+    let reply = actor
+        .call(
+            |reply| TerminalMsg::Attach { offset, reply },
+            Some(ATTACH_TIMEOUT),
+        )
+        .await;
+    match reply {
+        Ok(ractor::rpc::CallResult::Success(mut attachment)) => {
+            if expired && attachment.notice.is_none() {
+                attachment.notice = Some(crate::terminal::protocol::ServerFrame::info(
+                    "That terminal has ended; this is a new one (your tmux session is kept)",
                 ));
             }
-            None => {
-                let terminal_id = request.args.terminal_id.clone();
-                let directory = request.args.directory.clone();
-                let directory_id = request.args.directory_id.clone();
-                directory.started(
-                    "terminal",
-                    &directory_id,
-                    Some(&actor_id(&self.args.session_id)),
-                    Some(&self.args.user_id),
-                    RestartPolicy {
-                        limit: 0,
-                        window: chrono::Duration::seconds(1),
-                    },
-                    Pending::default(),
-                );
-                let spawned =
-                    Actor::spawn_linked(None, TerminalActor, request.args, myself.get_cell()).await;
-                let actor = match spawned {
-                    Ok((actor, _)) => actor,
-                    Err(e) => {
-                        directory.remove(&directory_id);
-                        return Err(e.to_string());
-                    }
-                };
-                self.terminals.insert(terminal_id, (actor.clone(), env_id));
-                // A new terminal streams from its very first byte (tmux's first screen).
-                (actor, Some(0), request.terminal_id.is_some())
-            }
-        };
-        let reply = actor
-            .call(
-                |reply| TerminalMsg::Attach { offset, reply },
-                Some(ATTACH_TIMEOUT),
-            )
-            .await;
-        match reply {
-            Ok(ractor::rpc::CallResult::Success(mut attachment)) => {
-                if expired && attachment.notice.is_none() {
-                    attachment.notice = Some(crate::terminal::protocol::ServerFrame::info(
-                        "That terminal has ended; this is a new one (your tmux session is kept)",
-                    ));
-                }
-                Ok(attachment)
-            }
-            _ => Err("the terminal did not answer".into()),
+            Ok(attachment)
         }
+        _ => Err("the terminal did not answer".into()),
     }
 }
 
@@ -165,6 +239,7 @@ impl Actor for UserSession {
             args,
             last_activity: Instant::now(),
             terminals: HashMap::new(),
+            opening: 0,
             closing: None,
         })
     }
@@ -183,8 +258,25 @@ impl Actor for UserSession {
             SessionMsg::OpenTerminal { request, reply } => {
                 state.args.pending.handled();
                 state.last_activity = Instant::now();
-                let result = state.open_terminal(&myself, request).await;
-                let _ = reply.send(result);
+                state.open_terminal(&myself, request, reply);
+            }
+            SessionMsg::TerminalStarted {
+                terminal_id,
+                environment_id,
+                actor,
+            } => {
+                let closing = state.closing.is_some();
+                if let (true, Some(actor)) = (closing, &actor) {
+                    // Started while the session was shutting down: close it like the others.
+                    let _ = actor.cast(TerminalMsg::Close {
+                        code: 1008,
+                        reason: "Session ended".into(),
+                    });
+                }
+                state.terminal_started(terminal_id, environment_id, actor);
+                if closing && state.terminals.is_empty() && state.opening == 0 {
+                    myself.stop(state.closing.take());
+                }
             }
             SessionMsg::Shutdown(reason) => {
                 state.args.pending.handled();
@@ -195,7 +287,7 @@ impl Actor for UserSession {
                         reason: "Session ended".into(),
                     });
                 }
-                if state.terminals.is_empty() {
+                if state.terminals.is_empty() && state.opening == 0 {
                     myself.stop(Some(reason));
                 } else {
                     state.closing = Some(reason);
@@ -208,6 +300,7 @@ impl Actor for UserSession {
             SessionMsg::IdleCheck => {
                 // Open terminals keep a session alive.
                 if state.terminals.is_empty()
+                    && state.opening == 0
                     && state.last_activity.elapsed() >= state.args.idle_after
                 {
                     tracing::debug!(session = %state.args.session_id, "session actor idle; stopping");
@@ -254,7 +347,7 @@ impl Actor for UserSession {
                 None => state.args.directory.remove(&directory_id),
             }
         }
-        if state.terminals.is_empty() && state.closing.is_some() {
+        if state.terminals.is_empty() && state.opening == 0 && state.closing.is_some() {
             myself.stop(state.closing.take());
         }
         Ok(())

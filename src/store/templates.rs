@@ -1,5 +1,6 @@
-//! The template catalogue: built-in templates are written here at start; admins may add their own.
-//! A template is stored whole, as JSON.
+//! The template catalogue: built-in templates are written here at start; admins may add their own
+//! and override a built-in (an override has `builtin = false` and is kept across restarts; deleting
+//! it restores the shipped version). A template is stored whole, as JSON.
 
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
@@ -18,6 +19,21 @@ pub struct TemplateRow {
     pub definition: String,
     pub builtin: bool,
     pub updated_at: NaiveDateTime,
+}
+
+impl TemplateRow {
+    pub fn new(
+        template: &crate::templates::Template,
+        builtin: bool,
+        now: NaiveDateTime,
+    ) -> serde_json::Result<Self> {
+        Ok(Self {
+            id: template.id().to_string(),
+            definition: serde_json::to_string(template)?,
+            builtin,
+            updated_at: now,
+        })
+    }
 }
 
 pub async fn upsert(conn: &mut DbConn, row: &TemplateRow) -> StoreResult<()> {

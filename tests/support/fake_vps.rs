@@ -19,13 +19,15 @@
 //!     `extended_status:`; `json` in the command prints a JSON object instead.
 //!   - anything else runs for real as `/bin/sh -c <command>` in a temp dir on this host, stdin
 //!     from the channel, stdout/stderr streamed (1 MiB each at most), then exit status, EOF, close.
+//! - `stall(true)` makes the machine hang like a black-holed host: new TCP connections are
+//!   accepted and held without a byte of SSH; `stall(false)` drops the held ones.
 //! - `shell` with a prior `pty-req` runs `/bin/bash` in a PTY (window changes honoured); without
 //!   one, `/bin/sh` on pipes.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -97,6 +99,9 @@ struct Shared {
     config: FakeVpsConfig,
     workdir: tempfile::TempDir,
     connections: AtomicUsize,
+    /// Hang new connections (see the module doc); the held ones, dropped on un-stall.
+    stalled: AtomicBool,
+    held: Mutex<Vec<tokio::net::TcpStream>>,
     commands: Mutex<VecDeque<String>>,
     /// (instance id, install generation) → when its install log started.
     installs: Mutex<HashMap<(i64, u32), Instant>>,
@@ -114,6 +119,8 @@ impl FakeVps {
             config,
             workdir: tempfile::tempdir().expect("fake vps workdir"),
             connections: AtomicUsize::new(0),
+            stalled: AtomicBool::new(false),
+            held: Mutex::new(Vec::new()),
             commands: Mutex::new(VecDeque::new()),
             installs: Mutex::new(HashMap::new()),
         });
@@ -124,6 +131,27 @@ impl FakeVps {
     /// SSH connections served (connections closed at once are not counted).
     pub fn connections(&self) -> usize {
         self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// Hang new connections without a byte of SSH (`true`), or drop the hung ones (`false`).
+    pub fn stall(&self, on: bool) {
+        self.shared.stalled.store(on, Ordering::SeqCst);
+        if !on {
+            self.shared
+                .held
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+        }
+    }
+
+    /// Connections accepted and held while stalled.
+    pub fn held(&self) -> usize {
+        self.shared
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// Every exec command received, in order.
@@ -149,6 +177,13 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         let Ok((stream, _)) = listener.accept().await else {
             return;
         };
+        if shared.stalled.load(Ordering::SeqCst) {
+            let mut held = shared.held.lock().unwrap_or_else(|e| e.into_inner());
+            if held.len() < MAX_CONNECTIONS {
+                held.push(stream);
+            }
+            continue;
+        }
         let Some(identity) = identify(&shared) else {
             drop(stream);
             continue;

@@ -318,6 +318,63 @@ impl TestServer {
     }
 }
 
+/// Depth-first search of an ops tree (the `actors` of `/api/v1/admin/actors`) for an actor id.
+pub fn find_actor<'a>(nodes: &'a Value, id: &str) -> Option<&'a Value> {
+    nodes.as_array()?.iter().find_map(|n| {
+        if n["id"] == id {
+            Some(n)
+        } else {
+            find_actor(&n["children"], id)
+        }
+    })
+}
+
+impl TestServer {
+    /// The ops tree, as an admin sees it.
+    pub async fn actor_tree(&self, admin: &Session) -> Value {
+        let (status, body) = self.get("/api/v1/admin/actors", admin.token()).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["actors"].clone()
+    }
+
+    /// Poll the ops tree (each poll a real request) until `check` holds; fails after a generous
+    /// deadline with the last tree seen.
+    pub async fn wait_tree(
+        &self,
+        admin: &Session,
+        what: &str,
+        check: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let tree = self.actor_tree(admin).await;
+            if check(&tree) {
+                return tree;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for: {what}; last tree: {tree}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Wait until the actor `id` is in the ops tree and `check` holds for it; returns its node.
+    pub async fn wait_actor(
+        &self,
+        admin: &Session,
+        id: &str,
+        check: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let tree = self
+            .wait_tree(admin, &format!("actor {id}"), |t| {
+                find_actor(t, id).is_some_and(&check)
+            })
+            .await;
+        find_actor(&tree, id).cloned().expect("just seen")
+    }
+}
+
 impl TestServer {
     /// Create an environment; returns its JSON (asserting 201).
     pub async fn create_env(&self, session: &Session, name: &str, template: &str) -> Value {

@@ -85,6 +85,19 @@ pub async fn input(ws: &mut Ws, data: &str) {
     .expect("send");
 }
 
+/// Send a `ping` and read until its `pong`: proves the server has admitted this connection.
+pub async fn ping_pong(ws: &mut Ws) {
+    ws.send(Message::text(json!({ "type": "ping" }).to_string()))
+        .await
+        .expect("send ping");
+    loop {
+        let frame = next_json(ws).await.expect("pong before close");
+        if frame["type"] == "pong" {
+            return;
+        }
+    }
+}
+
 /// Read output frames until the joined text contains `needle`; returns the text and last offset.
 pub async fn read_until(ws: &mut Ws, needle: &str) -> (String, u64) {
     let mut text = String::new();

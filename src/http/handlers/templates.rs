@@ -1,5 +1,6 @@
 //! `/api/v1/templates`: the catalogue (built-in templates are loaded at start; admins may add,
-//! replace and remove their own).
+//! replace and remove their own, and override a built-in one: deleting the override restores the
+//! shipped version).
 
 use http::{Response, StatusCode};
 use serde::Deserialize;
@@ -22,9 +23,18 @@ fn parse_row(row: &TemplateRow) -> Option<Template> {
     serde_json::from_str(&row.definition).ok()
 }
 
+/// The shipped version of a built-in template id.
+fn shipped(id: &str) -> Option<Template> {
+    crate::templates::builtin()
+        .into_iter()
+        .find(|t| t.id() == id)
+}
+
 fn view(row: &TemplateRow, template: &Template) -> Value {
     let mut v = template.api_view();
     v["builtin"] = json!(row.builtin);
+    // An admin's override of a built-in template.
+    v["customized"] = json!(!row.builtin && shipped(&row.id).is_some());
     v
 }
 
@@ -65,12 +75,8 @@ fn checked(ctx: &Ctx) -> ApiResult<Template> {
 
 async fn save(app: &AppState, template: &Template) -> ApiResult<()> {
     let mut conn = app.db.get().await?;
-    let row = TemplateRow {
-        id: template.id().to_string(),
-        definition: serde_json::to_string(template).map_err(anyhow::Error::from)?,
-        builtin: false,
-        updated_at: db_now(app.clock.as_ref()),
-    };
+    let row = TemplateRow::new(template, false, db_now(app.clock.as_ref()))
+        .map_err(anyhow::Error::from)?;
     store::upsert(&mut conn, &row).await?;
     Ok(())
 }
@@ -117,6 +123,12 @@ pub async fn delete(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
             "builtin_template",
             "Built-in templates cannot be deleted",
         ));
+    }
+    if let Some(template) = shipped(&id) {
+        let row = TemplateRow::new(&template, true, db_now(app.clock.as_ref()))
+            .map_err(anyhow::Error::from)?;
+        store::upsert(&mut conn, &row).await?;
+        return ok(&message("Template restored to its built-in version"));
     }
     store::delete(&mut conn, &id).await?;
     ok(&message("Template deleted"))
