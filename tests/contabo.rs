@@ -485,7 +485,7 @@ async fn terminal_round_trip_against_openssh(backend: Backend) {
     // The fake VPS steps aside; sshd takes its port (the environment's SSH endpoint).
     let Cloud { sim, vps, s, me } = c;
     let port = vps.port;
-    drop(vps);
+    vps.stop().await;
     let _sshd = support::sshd::Sshd::start(port, &host_key, &authorized).await;
     let (mut ws, welcome) = open_terminal(&s, &me, &id, "&cols=90&rows=20").await;
     assert_eq!(welcome["environment"]["id"], id.as_str());

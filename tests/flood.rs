@@ -7,20 +7,9 @@ mod support;
 use std::time::Duration;
 
 use support::terminal::*;
-use support::{Backend, TestServer};
+use support::{Backend, TestServer, rss_kib};
 
 on_both_backends!(a_flood_to_a_slow_reader_keeps_memory_flat_and_ctrl_c_works);
-
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
 
 async fn a_flood_to_a_slow_reader_keeps_memory_flat_and_ctrl_c_works(backend: Backend) {
     let s = TestServer::start(backend).await;

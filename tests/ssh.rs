@@ -2,8 +2,10 @@
 //! client against OpenSSH's sshd (the reference server), and the server's clean-up when clients
 //! vanish.
 
+mod support;
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -564,105 +566,6 @@ async fn stop_ends_sessions_and_their_children() {
 
 // ---- our client ↔ OpenSSH sshd ----------------------------------------------------------------
 
-const SSHD: &str = "/usr/sbin/sshd";
-
-/// OpenSSH's sshd on a free loopback port with a throwaway host key and one authorized key;
-/// killed on drop.
-struct Sshd {
-    child: tokio::process::Child,
-    port: u16,
-    host_key: PublicKey,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Sshd {
-    async fn start(user_key: &PublicKey) -> Self {
-        assert!(
-            Path::new(SSHD).exists(),
-            "{SSHD} not found: install the `openssh-server` package (apt-get install openssh-server) to run the OpenSSH interoperability test"
-        );
-        // Privilege separation wants its empty directory; only root can (and needs to) make it.
-        let _ = std::fs::create_dir_all("/run/sshd");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let d = dir.path();
-        let keygen = std::process::Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "test-host", "-f"])
-            .arg(d.join("host_key"))
-            .status()
-            .expect("ssh-keygen runs (openssh-client)");
-        assert!(keygen.success(), "ssh-keygen failed");
-        let host_key =
-            parse_public(&std::fs::read_to_string(d.join("host_key.pub")).expect("host_key.pub"))
-                .expect("OpenSSH public key parses");
-        std::fs::write(
-            d.join("authorized_keys"),
-            format!("{}\n", public_to_openssh(user_key)),
-        )
-        .expect("authorized_keys");
-        let port = free_port();
-        let config = format!(
-            "Port {port}\n\
-             ListenAddress 127.0.0.1\n\
-             HostKey {dir}/host_key\n\
-             AuthorizedKeysFile {dir}/authorized_keys\n\
-             PubkeyAuthentication yes\n\
-             PasswordAuthentication no\n\
-             KbdInteractiveAuthentication no\n\
-             UsePAM no\n\
-             PermitRootLogin prohibit-password\n\
-             StrictModes no\n\
-             PidFile {dir}/sshd.pid\n\
-             LogLevel VERBOSE\n",
-            dir = d.display()
-        );
-        std::fs::write(d.join("sshd_config"), config).expect("sshd_config");
-        let log = d.join("sshd.log");
-        let log_file = std::fs::File::create(&log).expect("log file");
-        let mut child = tokio::process::Command::new(SSHD)
-            .arg("-D")
-            .arg("-e")
-            .arg("-f")
-            .arg(d.join("sshd_config"))
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(log_file)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("sshd starts");
-        let deadline = Instant::now() + WAIT;
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "sshd exited ({status}): {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            assert!(Instant::now() < deadline, "sshd does not listen");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Self {
-            child,
-            port,
-            host_key,
-            log,
-            _dir: dir,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").port()
-}
-
 fn current_user() -> String {
     let out = std::process::Command::new("id")
         .arg("-un")
@@ -677,14 +580,15 @@ fn current_user() -> String {
 #[tokio::test]
 async fn client_works_against_openssh() {
     let user_key = Arc::new(generate_ed25519());
-    let mut sshd = Sshd::start(user_key.public_key()).await;
+    let host = generate_ed25519();
+    let host_key = host.public_key().clone();
+    let sshd = support::sshd::Sshd::start_anywhere(
+        &keys::private_to_openssh(&host).expect("encode host key"),
+        &public_to_openssh(user_key.public_key()),
+    )
+    .await;
     let addr: SocketAddr = ([127, 0, 0, 1], sshd.port).into();
-    let t = target(
-        addr,
-        &current_user(),
-        user_key.clone(),
-        sshd.host_key.clone(),
-    );
+    let t = target(addr, &current_user(), user_key.clone(), host_key.clone());
 
     let client = match within(SshClient::connect(&t)).await {
         Ok(client) => client,
@@ -730,7 +634,7 @@ async fn client_works_against_openssh() {
     wrong.host_key = generate_ed25519().public_key().clone();
     let result = within(SshClient::connect(&wrong)).await;
     assert!(
-        matches!(result, Err(SshError::HostKeyMismatch { ref got, .. }) if *got == fingerprint(&sshd.host_key)),
+        matches!(result, Err(SshError::HostKeyMismatch { ref got, .. }) if *got == fingerprint(&host_key)),
         "{result:?}"
     );
 
@@ -740,7 +644,7 @@ async fn client_works_against_openssh() {
     let result = within(SshClient::connect(&stranger)).await;
     assert!(matches!(result, Err(SshError::AuthRejected)), "{result:?}");
 
-    let _ = sshd.child.kill().await;
+    drop(sshd);
 }
 
 #[test]

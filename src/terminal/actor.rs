@@ -16,18 +16,20 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 
+use super::coalesce::Coalescer;
 use super::output::{Replay, Ring, incomplete_tail};
 use super::protocol::{EnvironmentInfo, ServerFrame};
 use crate::actors::environment::actor::EnvUpdate;
-use crate::ssh::client::{PtyEvent, PtyReader, PtyWriter, SshClient, SshTarget};
+use crate::ssh::client::{PtyReader, PtyWriter, SshClient, SshTarget};
 
 /// Frames queued for one WebSocket before the pump waits (the backpressure bound).
 pub const CLIENT_QUEUE: usize = 64;
 /// Input messages queued from the client before its reads wait.
 pub const INPUT_QUEUE: usize = 256;
-/// Output is coalesced up to this many bytes per frame...
+/// Flowing output is coalesced up to this many bytes per frame...
 pub const COALESCE_BYTES: usize = 16 * 1024;
-/// ...or for this long after the first byte, whichever comes first.
+/// ...or for this long after the first byte, whichever comes first (see `coalesce`: output after
+/// a quiet spell goes out at once).
 pub const COALESCE_WAIT: Duration = Duration::from_millis(4);
 const TERM: &str = "xterm-256color";
 
@@ -236,60 +238,57 @@ async fn pump(
     generation: u64,
 ) {
     let mut exit = None;
+    let mut coalescer = Coalescer::new(COALESCE_BYTES, COALESCE_WAIT);
     loop {
-        let mut chunk: Vec<u8> = match reader.next().await {
-            Some(PtyEvent::Data(data)) => data.to_vec(),
-            Some(PtyEvent::Exit(code)) => {
-                exit = Some(code);
-                continue;
-            }
-            Some(PtyEvent::Eof) => continue,
-            Some(PtyEvent::Closed) | None => break,
-        };
-        // Coalesce: a flood becomes a few large frames instead of one per read.
-        let deadline = tokio::time::Instant::now() + COALESCE_WAIT;
-        while chunk.len() < COALESCE_BYTES {
-            match tokio::time::timeout_at(deadline, reader.next()).await {
-                Ok(Some(PtyEvent::Data(more))) => chunk.extend_from_slice(&more),
-                Ok(Some(PtyEvent::Exit(code))) => exit = Some(code),
-                Ok(Some(PtyEvent::Eof)) => {}
-                Ok(Some(PtyEvent::Closed) | None) | Err(_) => break,
-            }
+        let batch = coalescer.next_batch(&mut reader).await;
+        if batch.exit.is_some() {
+            exit = batch.exit;
         }
-        let (frame, sink) = {
-            let mut s = lock(&shared);
-            let mut bytes = std::mem::take(&mut s.carry);
-            bytes.extend_from_slice(&chunk);
-            let keep = incomplete_tail(&bytes);
-            let complete = bytes.len() - keep;
-            s.carry = bytes.split_off(complete);
-            if bytes.is_empty() {
-                continue;
-            }
-            s.ring.push(&bytes);
-            stats
-                .bytes_out
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            let frame = ServerFrame::Output {
-                data: String::from_utf8_lossy(&bytes).into_owned(),
-                offset: s.ring.end(),
-            };
-            let sink = s
-                .sink
-                .as_ref()
-                .map(|k| (k.frames.clone(), k.closed.subscribe()));
-            (frame, sink)
-        };
-        if let Some((frames, mut closed)) = sink {
-            tokio::select! {
-                // Waits while the client is slow: SSH's window then holds the producer back.
-                _ = frames.send(Out::Frame(frame)) => {}
-                // Replaced or gone meanwhile: the bytes are in the ring for the next attach.
-                _ = closed.wait_for(Option::is_some) => {}
-            }
+        if !batch.data.is_empty() {
+            deliver(&shared, &stats, &batch.data).await;
+        }
+        if batch.closed {
+            break;
         }
     }
     let _ = myself.cast(TerminalMsg::PumpEnded { generation, exit });
+}
+
+/// Cut on a UTF-8 boundary (carrying an incomplete character to the next batch), record in the
+/// ring, and hand to the attached client, waiting while its queue is full.
+async fn deliver(shared: &Mutex<Shared>, stats: &Stats, chunk: &[u8]) {
+    let (frame, sink) = {
+        let mut s = lock(shared);
+        let mut bytes = std::mem::take(&mut s.carry);
+        bytes.extend_from_slice(chunk);
+        let keep = incomplete_tail(&bytes);
+        let complete = bytes.len() - keep;
+        s.carry = bytes.split_off(complete);
+        if bytes.is_empty() {
+            return;
+        }
+        s.ring.push(&bytes);
+        stats
+            .bytes_out
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        let frame = ServerFrame::Output {
+            data: String::from_utf8_lossy(&bytes).into_owned(),
+            offset: s.ring.end(),
+        };
+        let sink = s
+            .sink
+            .as_ref()
+            .map(|k| (k.frames.clone(), k.closed.subscribe()));
+        (frame, sink)
+    };
+    if let Some((frames, mut closed)) = sink {
+        tokio::select! {
+            // Waits while the client is slow: SSH's window then holds the producer back.
+            _ = frames.send(Out::Frame(frame)) => {}
+            // Replaced or gone meanwhile: the bytes are in the ring for the next attach.
+            _ = closed.wait_for(Option::is_some) => {}
+        }
+    }
 }
 
 /// Forward client input (bytes and resizes) to the current SSH channel.

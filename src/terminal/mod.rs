@@ -2,6 +2,7 @@
 //! that bridges a WebSocket to an SSH PTY running tmux.
 
 pub mod actor;
+pub mod coalesce;
 pub mod output;
 pub mod protocol;
 

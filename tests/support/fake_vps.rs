@@ -85,12 +85,14 @@ impl Default for FakeVpsConfig {
 pub struct FakeVps {
     pub port: u16,
     shared: Arc<Shared>,
-    task: JoinHandle<()>,
+    task: Option<JoinHandle<()>>,
 }
 
 impl Drop for FakeVps {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
     }
 }
 
@@ -125,7 +127,19 @@ impl FakeVps {
             installs: Mutex::new(HashMap::new()),
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone()));
-        Self { port, shared, task }
+        Self {
+            port,
+            shared,
+            task: Some(task),
+        }
+    }
+
+    /// Stop serving and release the port (every connection ends).
+    pub async fn stop(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
     }
 
     /// SSH connections served (connections closed at once are not counted).

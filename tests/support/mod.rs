@@ -318,6 +318,18 @@ impl TestServer {
     }
 }
 
+/// Resident memory of this process (the server under test runs in it), in KiB.
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// Depth-first search of an ops tree (the `actors` of `/api/v1/admin/actors`) for an actor id.
 pub fn find_actor<'a>(nodes: &'a Value, id: &str) -> Option<&'a Value> {
     nodes.as_array()?.iter().find_map(|n| {
