@@ -18,14 +18,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use support::{Backend, PASSWORD, TestServer, postgres_configured};
 
-use report::{Latencies, line};
-
-fn knob(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use report::{Latencies, knob, line};
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()

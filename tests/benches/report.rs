@@ -39,3 +39,11 @@ pub fn ms(d: Duration) -> f64 {
 pub fn line(name: &str, value: impl std::fmt::Display) {
     println!("{name:<44} {value}");
 }
+
+/// A numeric knob from the environment, or its default.
+pub fn knob(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

@@ -16,14 +16,7 @@ use devpocket::terminal::output::{Replay, Ring};
 use support::terminal::*;
 use support::{Backend, TestServer, rss_kib};
 
-use report::{Latencies, line, ms};
-
-fn knob(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use report::{Latencies, knob, line, ms};
 
 fn main() {
     println!(
