@@ -93,13 +93,33 @@ pub enum ActorStatus {
     Failed,
 }
 
+/// The bound on an actor's mailbox for messages the front end may drop or refuse: ractor's
+/// mailboxes are unbounded, so senders count. Past it a hint (a session "touch") is dropped and a
+/// request (an environment command, a terminal open) is answered "busy" (503). Control messages
+/// (stop, spawn, shutdown) are always delivered.
+pub const MAILBOX_LIMIT: usize = 1024;
+
 /// Messages sent to an actor and not yet handled; the sender adds, the actor subtracts.
 #[derive(Debug, Clone, Default)]
 pub struct Pending(Arc<AtomicUsize>);
 
 impl Pending {
+    /// Count a message that is always delivered.
     pub fn sent(&self) {
         self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Count a message if fewer than [`MAILBOX_LIMIT`] are waiting; `false`: do not send it.
+    pub fn admit(&self) -> bool {
+        self.admit_within(MAILBOX_LIMIT)
+    }
+
+    fn admit_within(&self, limit: usize) -> bool {
+        self.0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok()
     }
     pub fn handled(&self) {
         // Saturating: a restarted actor never sees messages its predecessor lost.
@@ -408,6 +428,20 @@ mod tests {
             limit: 3,
             window: Duration::seconds(60),
         }
+    }
+
+    #[test]
+    fn mailboxes_admit_up_to_the_limit_and_control_gets_through() {
+        let p = Pending::default();
+        assert!(p.admit_within(2) && p.admit_within(2));
+        assert!(!p.admit_within(2), "full: refused");
+        assert_eq!(p.depth(), 2, "a refused message is not counted");
+        p.sent();
+        assert_eq!(p.depth(), 3, "control messages are always counted");
+        p.handled();
+        assert!(!p.admit_within(2), "two still waiting");
+        p.handled();
+        assert!(p.admit_within(2), "room again once handled");
     }
 
     #[test]

@@ -131,10 +131,16 @@ impl Actors {
         msg: impl FnOnce(ractor::RpcReplyPort<T>) -> EnvMsg,
     ) -> Result<T, EnvUnavailable> {
         let (actor, pending) = self.environment(environment_id).ok_or(EnvUnavailable)?;
-        pending.sent();
+        if !pending.admit() {
+            return Err(EnvUnavailable);
+        }
         match actor.call(msg, Some(COMMAND_TIMEOUT)).await {
             Ok(ractor::rpc::CallResult::Success(value)) => Ok(value),
-            _ => Err(EnvUnavailable),
+            Ok(_) => Err(EnvUnavailable),
+            Err(_) => {
+                pending.handled(); // never delivered
+                Err(EnvUnavailable)
+            }
         }
     }
 
@@ -197,12 +203,23 @@ impl Actors {
         }
     }
 
-    /// A login session was used: its actor is started if needed and told.
+    /// A login session was used: its actor is started if needed and told. A hint: dropped when
+    /// the supervisor's mailbox is full (the next use tells it again).
     pub fn touch_session(&self, session_id: &str, user_id: &str) {
-        self.send_sessions(SessionsMsg::Touch {
+        let Some(sup) = read_slot(&self.inner.sessions) else {
+            return;
+        };
+        if !self.inner.sessions_pending.admit() {
+            tracing::debug!("sessions supervisor busy; touch dropped");
+            return;
+        }
+        let touch = SessionsMsg::Touch {
             session_id: session_id.to_string(),
             user_id: user_id.to_string(),
-        });
+        };
+        if sup.cast(touch).is_err() {
+            self.inner.sessions_pending.handled();
+        }
     }
 
     /// Open or resume a terminal in a login session (its session actor owns the terminal).
@@ -215,7 +232,9 @@ impl Actors {
         let Some(sup) = read_slot(&self.inner.sessions) else {
             return Err("sessions are unavailable".into());
         };
-        self.inner.sessions_pending.sent();
+        if !self.inner.sessions_pending.admit() {
+            return Err("the server is busy; try again shortly".into());
+        }
         let (session_id, user_id) = (session_id.to_string(), user_id.to_string());
         match sup
             .call(
@@ -230,7 +249,11 @@ impl Actors {
             .await
         {
             Ok(ractor::rpc::CallResult::Success(result)) => result,
-            _ => Err("the session did not answer".into()),
+            Ok(_) => Err("the session did not answer".into()),
+            Err(_) => {
+                self.inner.sessions_pending.handled(); // never delivered
+                Err("sessions are unavailable".into())
+            }
         }
     }
 

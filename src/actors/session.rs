@@ -483,8 +483,10 @@ impl Actor for SessionsSupervisor {
                 user_id,
             } => {
                 if let Some(child) = state.children.get(&session_id) {
-                    child.pending.sent();
-                    let _ = child.actor.cast(SessionMsg::Touch);
+                    // A hint: dropped if the session's mailbox is full.
+                    if child.pending.admit() && child.actor.cast(SessionMsg::Touch).is_err() {
+                        child.pending.handled();
+                    }
                     return Ok(());
                 }
                 let now = state.args.directory.now();
@@ -536,8 +538,10 @@ impl Actor for SessionsSupervisor {
                     state.spawn_child(&myself, &session_id, &user_id).await?;
                 }
                 match state.children.get(&session_id) {
+                    Some(child) if !child.pending.admit() => {
+                        let _ = reply.send(Err("this session is busy; try again shortly".into()));
+                    }
                     Some(child) => {
-                        child.pending.sent();
                         let _ = child
                             .actor
                             .cast(SessionMsg::OpenTerminal { request, reply });

@@ -476,7 +476,7 @@ async fn command(
         )),
         Err(_) => Err(ApiError::unavailable(
             "environment_busy",
-            "The environment is restarting; try again in a moment",
+            "The environment is busy or restarting; try again in a moment",
         )
         .with_retry_after(2)),
     }
