@@ -99,6 +99,71 @@ pub enum ActorStatus {
 /// (stop, spawn, shutdown) are always delivered.
 pub const MAILBOX_LIMIT: usize = 1024;
 
+/// The restart records of one supervisor's children, by child key: each failure is decided
+/// (restart or give up) and recorded for ops in one step.
+#[derive(Debug)]
+pub struct ChildRestarts {
+    policy: RestartPolicy,
+    trackers: HashMap<String, RestartTracker>,
+}
+
+impl ChildRestarts {
+    pub fn new(policy: RestartPolicy) -> Self {
+        Self {
+            policy,
+            trackers: HashMap::new(),
+        }
+    }
+
+    /// Child `key` (ops id `actor_id`) failed with `error`: decide, and record it in `directory`.
+    pub fn failed(
+        &mut self,
+        directory: &Directory,
+        key: &str,
+        actor_id: &str,
+        error: &str,
+    ) -> RestartDecision {
+        let policy = self.policy;
+        let decision = self
+            .trackers
+            .entry(key.to_string())
+            .or_insert_with(|| RestartTracker::new(policy))
+            .on_failure(directory.now());
+        directory.failed(actor_id, error, decision == RestartDecision::GiveUp);
+        decision
+    }
+
+    /// Whether child `key` was given up on and its window has not passed yet (it stays down).
+    pub fn is_down(&mut self, key: &str, now: DateTime<Utc>) -> bool {
+        self.trackers
+            .get_mut(key)
+            .is_some_and(|t| !t.window_passed(now))
+    }
+
+    /// Start child `key` from a clean record (an explicit start, or it stopped normally).
+    pub fn forget(&mut self, key: &str) {
+        self.trackers.remove(key);
+    }
+}
+
+/// How a supervised child ended, from a supervision event (`None` for other events).
+pub enum ChildExit {
+    Failed(String),
+    Stopped(Option<String>),
+}
+
+pub fn child_exit(event: ractor::SupervisionEvent) -> Option<(ractor::ActorId, ChildExit)> {
+    match event {
+        ractor::SupervisionEvent::ActorFailed(cell, error) => {
+            Some((cell.get_id(), ChildExit::Failed(error.to_string())))
+        }
+        ractor::SupervisionEvent::ActorTerminated(cell, _, reason) => {
+            Some((cell.get_id(), ChildExit::Stopped(reason)))
+        }
+        _ => None,
+    }
+}
+
 /// Messages sent to an actor and not yet handled; the sender adds, the actor subtracts.
 #[derive(Debug, Clone, Default)]
 pub struct Pending(Arc<AtomicUsize>);

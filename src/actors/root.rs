@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 
-use super::directory::{Directory, Pending, RestartDecision, RestartPolicy, RestartTracker};
+use super::directory::{ChildRestarts, Directory, Pending, RestartDecision, RestartPolicy};
 use super::environment::actor::EnvDeps;
 use super::environment::{
     self, EnvRegistry, EnvironmentsArgs, EnvironmentsMsg, EnvironmentsSupervisor,
@@ -46,8 +46,7 @@ pub struct RootArgs {
 
 pub struct RootState {
     args: RootArgs,
-    sessions_tracker: RestartTracker,
-    environments_tracker: RestartTracker,
+    restarts: ChildRestarts,
 }
 
 impl RootState {
@@ -120,8 +119,7 @@ impl Actor for RootSupervisor {
         args.directory
             .started("root", ROOT_ID, None, None, args.policy, Pending::default());
         let state = RootState {
-            sessions_tracker: RestartTracker::new(args.policy),
-            environments_tracker: RestartTracker::new(args.policy),
+            restarts: ChildRestarts::new(args.policy),
             args,
         };
         state.start_sessions(myself.get_cell()).await?;
@@ -153,10 +151,10 @@ impl Actor for RootSupervisor {
         let is = |slot_id: Option<ractor::ActorId>| slot_id == Some(failed);
         let sessions_id = read_slot(&state.args.sessions).map(|a| a.get_id());
         let environments_id = read_slot(&state.args.environments).map(|a| a.get_id());
-        let (id, tracker) = if is(sessions_id) {
-            (session::SUPERVISOR_ID, &mut state.sessions_tracker)
+        let id = if is(sessions_id) {
+            session::SUPERVISOR_ID
         } else if is(environments_id) {
-            (environment::SUPERVISOR_ID, &mut state.environments_tracker)
+            environment::SUPERVISOR_ID
         } else {
             return Ok(());
         };
@@ -164,10 +162,9 @@ impl Actor for RootSupervisor {
         let directory = state.args.directory.clone();
         // Its children were stopped with it.
         directory.remove_descendants(id);
-        match tracker.on_failure(directory.now()) {
+        match state.restarts.failed(&directory, id, id, &text) {
             RestartDecision::Restart(n) => {
                 tracing::warn!(actor = id, restart = n, error = %text, "supervisor failed; restarting");
-                directory.failed(id, &text, false);
                 if id == session::SUPERVISOR_ID {
                     state.start_sessions(myself.get_cell()).await?;
                 } else {
@@ -176,7 +173,6 @@ impl Actor for RootSupervisor {
             }
             RestartDecision::GiveUp => {
                 tracing::error!(actor = id, error = %text, "supervisor failed past its restart limit; leaving it down");
-                directory.failed(id, &text, true);
                 if id == session::SUPERVISOR_ID {
                     write_slot(&state.args.sessions, None);
                 } else {

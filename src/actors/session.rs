@@ -11,7 +11,9 @@ use std::time::Duration as StdDuration;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::time::Instant;
 
-use super::directory::{Directory, Pending, RestartDecision, RestartPolicy, RestartTracker};
+use super::directory::{
+    ChildExit, ChildRestarts, Directory, Pending, RestartDecision, RestartPolicy, child_exit,
+};
 use crate::terminal::actor::{Attachment, TerminalActor, TerminalArgs, TerminalMsg};
 
 /// What a WebSocket asks for when it opens a terminal.
@@ -323,12 +325,13 @@ impl Actor for UserSession {
     ) -> Result<(), ActorProcessingErr> {
         // Terminals are not restarted blindly: the client is told (its WebSocket closes) and may
         // reconnect. Overridden also because ractor's default would stop the session here.
-        let (cell, failure) = match event {
-            SupervisionEvent::ActorTerminated(cell, _, _) => (cell, None),
-            SupervisionEvent::ActorFailed(cell, error) => (cell, Some(error.to_string())),
-            _ => return Ok(()),
+        let Some((id, exit)) = child_exit(event) else {
+            return Ok(());
         };
-        let id = cell.get_id();
+        let failure = match exit {
+            ChildExit::Failed(error) => Some(error),
+            ChildExit::Stopped(_) => None,
+        };
         let gone: Vec<String> = state
             .terminals
             .iter()
@@ -400,7 +403,7 @@ pub struct SessionsState {
     args: SessionsArgs,
     children: HashMap<String, Child>,
     by_actor: HashMap<ActorId, String>,
-    trackers: HashMap<String, RestartTracker>,
+    restarts: ChildRestarts,
 }
 
 impl SessionsState {
@@ -463,10 +466,10 @@ impl Actor for SessionsSupervisor {
         args: SessionsArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         Ok(SessionsState {
+            restarts: ChildRestarts::new(args.policy),
             args,
             children: HashMap::new(),
             by_actor: HashMap::new(),
-            trackers: HashMap::new(),
         })
     }
 
@@ -490,9 +493,7 @@ impl Actor for SessionsSupervisor {
                     return Ok(());
                 }
                 let now = state.args.directory.now();
-                if let Some(tracker) = state.trackers.get_mut(&session_id)
-                    && !tracker.window_passed(now)
-                {
+                if state.restarts.is_down(&session_id, now) {
                     // Given up on within this window: stays down (ops can see why).
                     return Ok(());
                 }
@@ -503,7 +504,7 @@ impl Actor for SessionsSupervisor {
                 reason,
             } => {
                 for session_id in session_ids {
-                    state.trackers.remove(&session_id);
+                    state.restarts.forget(&session_id);
                     if let Some(child) = state.children.get(&session_id) {
                         child.pending.sent();
                         if child
@@ -526,11 +527,7 @@ impl Actor for SessionsSupervisor {
             } => {
                 if !state.children.contains_key(&session_id) {
                     let now = state.args.directory.now();
-                    let down = state
-                        .trackers
-                        .get_mut(&session_id)
-                        .is_some_and(|t| !t.window_passed(now));
-                    if down {
+                    if state.restarts.is_down(&session_id, now) {
                         let _ =
                             reply.send(Err("this session is down after repeated failures".into()));
                         return Ok(());
@@ -576,41 +573,32 @@ impl Actor for SessionsSupervisor {
         event: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        match event {
-            SupervisionEvent::ActorFailed(cell, error) => {
-                let Some((session_id, child)) = state.forget(cell.get_id()) else {
-                    return Ok(());
-                };
-                let id = actor_id(&session_id);
-                let now = state.args.directory.now();
-                let policy = state.args.policy;
-                let tracker = state
-                    .trackers
-                    .entry(session_id.clone())
-                    .or_insert_with(|| RestartTracker::new(policy));
-                let decision = tracker.on_failure(now);
-                let text = error.to_string();
-                match decision {
+        let Some((actor, exit)) = child_exit(event) else {
+            return Ok(());
+        };
+        let Some((session_id, child)) = state.forget(actor) else {
+            return Ok(());
+        };
+        let id = actor_id(&session_id);
+        match exit {
+            ChildExit::Failed(error) => {
+                let directory = state.args.directory.clone();
+                match state.restarts.failed(&directory, &session_id, &id, &error) {
                     RestartDecision::Restart(n) => {
-                        tracing::warn!(actor = %id, restart = n, error = %text, "session actor failed; restarting");
-                        state.args.directory.failed(&id, &text, false);
+                        tracing::warn!(actor = %id, restart = n, error = %error, "session actor failed; restarting");
                         state
                             .spawn_child(&myself, &session_id, &child.user_id)
                             .await?;
                     }
                     RestartDecision::GiveUp => {
-                        tracing::error!(actor = %id, error = %text, "session actor failed past its restart limit; leaving it down");
-                        state.args.directory.failed(&id, &text, true);
+                        tracing::error!(actor = %id, error = %error, "session actor failed past its restart limit; leaving it down");
                     }
                 }
             }
-            SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                if let Some((session_id, _)) = state.forget(cell.get_id()) {
-                    tracing::debug!(session = %session_id, reason = ?reason, "session actor stopped");
-                    state.args.directory.remove(&actor_id(&session_id));
-                }
+            ChildExit::Stopped(reason) => {
+                tracing::debug!(session = %session_id, reason = ?reason, "session actor stopped");
+                state.args.directory.remove(&id);
             }
-            _ => {}
         }
         Ok(())
     }

@@ -17,7 +17,9 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 
 use self::actor::{EnvArgs, EnvDeps, EnvMsg, EnvUpdate, EnvironmentActor};
 use self::machine::{Event, Machine};
-use super::directory::{Directory, Pending, RestartDecision, RestartPolicy, RestartTracker};
+use super::directory::{
+    ChildExit, ChildRestarts, Directory, Pending, RestartDecision, RestartPolicy, child_exit,
+};
 use crate::clock::{db_now, from_db};
 use crate::store::environments::{self as store, NewEvent, StatusChange};
 
@@ -59,7 +61,7 @@ pub struct EnvironmentsArgs {
 pub struct EnvironmentsState {
     args: EnvironmentsArgs,
     by_actor: HashMap<ActorId, (String, String)>, // actor → (environment id, owner)
-    trackers: HashMap<String, RestartTracker>,
+    restarts: ChildRestarts,
 }
 
 impl EnvironmentsState {
@@ -156,45 +158,30 @@ impl EnvironmentsState {
         error: &str,
     ) -> Result<(), ActorProcessingErr> {
         let id = actor_id(environment_id);
-        let now = self.args.directory.now();
         let policy = self.args.policy;
-        let tracker = self
-            .trackers
-            .entry(environment_id.to_string())
-            .or_insert_with(|| RestartTracker::new(policy));
-        match tracker.on_failure(now) {
+        if !self.args.directory.has(&id) {
+            // Failed while loading, before it was listed: list it so the failure shows.
+            self.args.directory.started(
+                KIND,
+                &id,
+                Some(SUPERVISOR_ID),
+                Some(owner),
+                policy,
+                Pending::default(),
+            );
+        }
+        let directory = self.args.directory.clone();
+        match self.restarts.failed(&directory, environment_id, &id, error) {
             RestartDecision::Restart(n) => {
                 let base = self.args.deps.config.environments.restart_backoff_ms.max(1);
                 let delay = Duration::from_millis(base.saturating_mul(1 << (n - 1).min(10)));
                 tracing::warn!(actor = %id, restart = n, delay_ms = delay.as_millis() as u64, error, "environment actor failed; restarting after backoff");
-                if !self.args.directory.has(&id) {
-                    self.args.directory.started(
-                        KIND,
-                        &id,
-                        Some(SUPERVISOR_ID),
-                        Some(owner),
-                        policy,
-                        Pending::default(),
-                    );
-                }
-                self.args.directory.failed(&id, error, false);
                 self.args.directory.set_phase(&id, Some("restarting"));
                 let env_id = environment_id.to_string();
                 myself.send_after(delay, move || EnvironmentsMsg::Respawn(env_id));
             }
             RestartDecision::GiveUp => {
                 tracing::error!(actor = %id, error, "environment actor failed past its restart limit; environment set to error");
-                if !self.args.directory.has(&id) {
-                    self.args.directory.started(
-                        KIND,
-                        &id,
-                        Some(SUPERVISOR_ID),
-                        Some(owner),
-                        policy,
-                        Pending::default(),
-                    );
-                }
-                self.args.directory.failed(&id, error, true);
                 let message = format!(
                     "The environment's actor failed {} times within {} s ({error}); recover to retry",
                     policy.limit + 1,
@@ -285,9 +272,9 @@ impl Actor for EnvironmentsSupervisor {
             let _ = myself.cast(EnvironmentsMsg::Spawn(id));
         }
         Ok(EnvironmentsState {
+            restarts: ChildRestarts::new(args.policy),
             args,
             by_actor: HashMap::new(),
-            trackers: HashMap::new(),
         })
     }
 
@@ -301,7 +288,7 @@ impl Actor for EnvironmentsSupervisor {
         match msg {
             EnvironmentsMsg::Spawn(environment_id) => {
                 // An explicit spawn (create, recover) starts from a clean restart record.
-                state.trackers.remove(&environment_id);
+                state.restarts.forget(&environment_id);
                 state.spawn(&myself, &environment_id).await?;
             }
             EnvironmentsMsg::Respawn(environment_id) => {
@@ -343,22 +330,19 @@ impl Actor for EnvironmentsSupervisor {
         event: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        match event {
-            SupervisionEvent::ActorFailed(cell, error) => {
-                if let Some((env_id, owner)) = state.forget(cell.get_id()) {
-                    state
-                        .failed(&myself, &env_id, &owner, &error.to_string())
-                        .await?;
-                }
+        let Some((actor, exit)) = child_exit(event) else {
+            return Ok(());
+        };
+        let Some((env_id, owner)) = state.forget(actor) else {
+            return Ok(());
+        };
+        match exit {
+            ChildExit::Failed(error) => state.failed(&myself, &env_id, &owner, &error).await?,
+            ChildExit::Stopped(reason) => {
+                tracing::debug!(environment = %env_id, ?reason, "environment actor stopped");
+                state.restarts.forget(&env_id);
+                state.args.directory.remove(&actor_id(&env_id));
             }
-            SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                if let Some((env_id, _)) = state.forget(cell.get_id()) {
-                    tracing::debug!(environment = %env_id, ?reason, "environment actor stopped");
-                    state.trackers.remove(&env_id);
-                    state.args.directory.remove(&actor_id(&env_id));
-                }
-            }
-            _ => {}
         }
         Ok(())
     }
