@@ -25,6 +25,8 @@ on_both_backends!(
     server_restart_mid_provisioning_resumes_with_one_vps,
     terminal_round_trip_against_openssh,
     a_hung_machine_never_holds_up_the_session,
+    a_vanished_secret_is_replaced_404,
+    a_vanished_secret_is_replaced_500,
 );
 
 struct Cloud {
@@ -278,6 +280,49 @@ async fn create_500_is_reconciled_then_retried(backend: Backend) {
         .iter()
         .any(|r| r.path == "/v1/compute/instances/audits");
     assert!(looked, "reconciled through the audit log");
+}
+
+/// The SSH-key secret is deleted (in the panel) between its lookup and the create. The create
+/// answers 404 (nothing ordered: one more try with a fresh secret) or, on some accounts, 500
+/// (ambiguous: reconcile, then order again). Either way: running, one VPS, a live secret.
+async fn vanished_secret(backend: Backend, missing_secret_500: bool) {
+    let sim_config = SimConfig {
+        missing_secret_500,
+        ..SimConfig::default()
+    };
+    let c = cloud(backend, sim_config, vps_config()).await;
+    c.sim.inject(Fault::SecretVanishes);
+    let id = create(&c, "vanish").await;
+    c.s.wait_status(&c.me, &id, "running").await;
+    only_instance(&c, &id);
+    let keys = &c.sim.instances()[0].ssh_keys;
+    assert_eq!(keys.len(), 1);
+    assert!(
+        c.sim.secret_ids().contains(&keys[0]),
+        "the instance refers to a live secret: {keys:?} vs {:?}",
+        c.sim.secret_ids()
+    );
+    let requests = c.sim.requests();
+    let count = |method: &str, path: &str| {
+        requests
+            .iter()
+            .filter(|r| r.method == method && r.path == path)
+            .count()
+    };
+    assert_eq!(count("POST", "/v1/compute/instances"), 2, "one retry");
+    assert_eq!(count("POST", "/v1/secrets"), 2, "a fresh secret");
+    if missing_secret_500 {
+        // Ambiguous: it looked for an instance before ordering again.
+        assert!(count("GET", "/v1/compute/instances/audits") > 0);
+    }
+}
+
+async fn a_vanished_secret_is_replaced_404(backend: Backend) {
+    vanished_secret(backend, false).await;
+}
+
+async fn a_vanished_secret_is_replaced_500(backend: Backend) {
+    vanished_secret(backend, true).await;
 }
 
 async fn create_response_lost_is_adopted_not_repeated(backend: Backend) {

@@ -55,6 +55,9 @@ fn password_grant(config: &SimConfig) -> String {
     ])
 }
 
+/// Length of each timeline phase in the manual-time tests.
+const PHASE_MS: u64 = 300;
+
 /// A simulator with a client that holds a token.
 struct Api {
     sim: ContaboSim,
@@ -79,14 +82,24 @@ impl Api {
         Self::start(SimConfig::default()).await
     }
 
-    /// Timelines long enough that a loaded machine still sees every intermediate status.
-    async fn slow() -> Self {
+    /// The test moves the simulator's clock: every status of a timeline is seen, however
+    /// loaded the machine.
+    async fn manual() -> Self {
         Self::start(SimConfig {
-            provisioning_ms: 300,
-            installing_ms: 300,
+            provisioning_ms: PHASE_MS,
+            installing_ms: PHASE_MS,
+            manual_time: true,
             ..SimConfig::default()
         })
         .await
+    }
+
+    /// Let `ms` of simulated time pass, then the instance must be in `status`.
+    async fn after(&self, ms: u64, id: i64, status: &str) -> Value {
+        self.sim.advance(Duration::from_millis(ms));
+        let instance = self.instance(id).await;
+        assert_eq!(instance["status"], status, "{instance}");
+        instance
     }
 
     fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
@@ -335,7 +348,7 @@ async fn v1_needs_a_bearer_token_and_a_uuid_request_id() {
 
 #[tokio::test]
 async fn create_goes_provisioning_installing_running() {
-    let api = Api::slow().await;
+    let api = Api::manual().await;
     let (status, body) = api
         .post(
             "/v1/compute/instances",
@@ -366,14 +379,18 @@ async fn create_goes_provisioning_installing_running() {
     assert_eq!(first["productName"], "Cloud VPS 20 SSD (no setup)");
     assert_eq!(first["dataCenter"], "European Union 2");
 
-    let installing = api.wait_status(id, "installing").await;
+    // Just before the phase ends it is still provisioning, without an address.
+    let still = api.after(PHASE_MS - 1, id, "provisioning").await;
+    assert_eq!(still["ipConfig"]["v4"]["ip"], "");
+    let installing = api.after(1, id, "installing").await;
     assert_eq!(installing["ipConfig"]["v4"]["ip"], "127.0.0.1");
     let v6 = installing["ipConfig"]["v6"]["ip"].as_str().expect("v6");
     assert_eq!(v6.split(':').count(), 8, "fully expanded: {v6}");
     assert!(v6.parse::<std::net::Ipv6Addr>().is_ok());
     assert_eq!(installing["ipConfig"]["v6"]["gateway"], "fe80::1");
 
-    let running = api.wait_status(id, "running").await;
+    api.after(PHASE_MS - 1, id, "installing").await;
+    let running = api.after(1, id, "running").await;
     assert_eq!(running["ipConfig"]["v4"]["ip"], "127.0.0.1");
     let summary = &api.sim.instances()[0];
     assert_eq!(
@@ -488,11 +505,83 @@ async fn list_filters_and_paginates() {
     let (status, body) = api.get("/v1/compute/instances?page=0").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body["message"].is_array());
+
+    // orderBy sorts before paging; keys apply in order; a malformed one is refused.
+    let ordered = |body: &Value| -> Vec<i64> {
+        body["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .map(|i| i["instanceId"].as_i64().expect("id"))
+            .collect()
+    };
+    let mut desc = ids.clone();
+    desc.sort_unstable_by(|a, b| b.cmp(a));
+    let (_, body) = api
+        .get("/v1/compute/instances?orderBy=instanceId:DESC")
+        .await;
+    assert_eq!(ordered(&body), desc);
+    let (_, body) = api
+        .get("/v1/compute/instances?orderBy=instanceId:DESC&size=1&page=2")
+        .await;
+    assert_eq!(ordered(&body), [desc[1]]);
+    assert!(
+        body["_links"]["next"]
+            .as_str()
+            .is_some_and(|l| l.contains("orderBy=instanceId%3ADESC")),
+        "links keep the order: {body}"
+    );
+    // alpha and beta are stopped, gamma is not: status first, then name descending.
+    let (_, body) = api
+        .get("/v1/compute/instances?orderBy=status:ASC&orderBy=displayName:DESC")
+        .await;
+    let names: Vec<&str> = body["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|i| i["displayName"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, ["gamma", "beta", "alpha"]);
+    let (status, _) = api.get("/v1/compute/instances?orderBy=instanceId").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn missing_secrets_answer_404_or_the_500_of_some_accounts() {
+    for (mode_500, expected) in [
+        (false, StatusCode::NOT_FOUND),
+        (true, StatusCode::INTERNAL_SERVER_ERROR),
+    ] {
+        let api = Api::start(SimConfig {
+            missing_secret_500: mode_500,
+            ..SimConfig::default()
+        })
+        .await;
+        let (status, body) = api
+            .post("/v1/compute/instances", json!({ "sshKeys": [424242] }))
+            .await;
+        assert_eq!(status, expected, "{body}");
+        // SecretVanishes: a secret that existed at lookup is gone by the create.
+        let key = api
+            .secret(
+                "key",
+                "ssh",
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGcxJ0Xr0x test",
+            )
+            .await;
+        api.sim.inject(Fault::SecretVanishes);
+        let (status, _) = api
+            .post("/v1/compute/instances", json!({ "sshKeys": [key] }))
+            .await;
+        assert_eq!(status, expected);
+        assert!(!api.sim.secret_ids().contains(&key));
+        assert_eq!(api.sim.instance_count(), 0);
+    }
 }
 
 #[tokio::test]
 async fn patch_renames_and_reinstall_reinstalls() {
-    let api = Api::slow().await;
+    let api = Api::manual().await;
     let id = api
         .create(json!({ "displayName": "old", "userData": "#cloud-config\n" }))
         .await;
@@ -515,7 +604,7 @@ async fn patch_renames_and_reinstall_reinstalls() {
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 
-    let running = api.wait_status(id, "running").await;
+    let running = api.after(2 * PHASE_MS, id, "running").await;
     let path = format!("/v1/compute/instances/{id}");
     let (status, body) = api
         .call(Method::PUT, &path, json!({ "userData": "x" }))
@@ -538,7 +627,7 @@ async fn patch_renames_and_reinstall_reinstalls() {
         api.sim.user_data(id).as_deref(),
         Some("#cloud-config\nruncmd: []\n")
     );
-    api.wait_status(id, "running").await;
+    api.after(PHASE_MS, id, "running").await;
 }
 
 #[tokio::test]

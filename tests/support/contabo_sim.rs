@@ -18,6 +18,12 @@
 //!   `ErrorStatus`) for the next created instances, `RateLimited`/`Html403` count down over the
 //!   next `/v1` requests (the WAF answers before the rate limiter and before auth).
 //! - `ExpireTokens` invalidates access and refresh tokens alike.
+//! - An instance call naming a missing secret answers 404 (`Entity Secret with id N not found`),
+//!   or, with `SimConfig::missing_secret_500`, the 500 some accounts really get (NOTES §2.7,
+//!   tf#17). `SecretVanishes` deletes the secrets the next create refers to just before it is
+//!   processed (deleted in the panel meanwhile).
+//! - `orderBy=field:ASC|DESC` (repeatable) sorts any list by top-level fields before paging; a
+//!   malformed one answers 400.
 //! - Unknown request fields on create/PATCH/reinstall answer 400 (`property x should not exist`),
 //!   and a non-empty body must be sent as `application/json`.
 
@@ -82,6 +88,10 @@ pub struct SimConfig {
     pub ipv4: String,
     /// Snapshots per instance before 402.
     pub snapshot_slots: usize,
+    /// A missing secret id on an instance call answers 500 (tf#17) instead of 404.
+    pub missing_secret_500: bool,
+    /// Time (timelines, token expiry) moves only when the test calls `ContaboSim::advance`.
+    pub manual_time: bool,
 }
 
 impl Default for SimConfig {
@@ -96,6 +106,8 @@ impl Default for SimConfig {
             installing_ms: 40,
             ipv4: "127.0.0.1".into(),
             snapshot_slots: 2,
+            missing_secret_500: false,
+            manual_time: false,
         }
     }
 }
@@ -118,6 +130,8 @@ pub enum Fault {
     ErrorStatus(String),
     /// Every access and refresh token issued so far becomes invalid.
     ExpireTokens,
+    /// The secrets the next create refers to are deleted just before it is processed.
+    SecretVanishes,
 }
 
 #[derive(Clone, Debug)]
@@ -211,7 +225,7 @@ impl ContaboSim {
     pub fn inject(&self, fault: Fault) {
         let mut state = lock(&self.state);
         match fault {
-            Fault::CreateFails500 | Fault::CreateResponseLost => {
+            Fault::CreateFails500 | Fault::CreateResponseLost | Fault::SecretVanishes => {
                 assert!(
                     state.create_faults.len() < MAX_QUEUED_FAULTS,
                     "too many faults"
@@ -250,6 +264,21 @@ impl ContaboSim {
             .iter()
             .filter(|i| i.display_name == display_name)
             .count()
+    }
+
+    /// Move the simulator's clock forward (`SimConfig::manual_time` only).
+    pub fn advance(&self, by: Duration) {
+        let mut state = lock(&self.state);
+        let now = state
+            .manual_now
+            .as_mut()
+            .expect("advance needs SimConfig::manual_time");
+        *now += by;
+    }
+
+    /// Ids of the secrets held now.
+    pub fn secret_ids(&self) -> Vec<i64> {
+        lock(&self.state).secrets.keys().copied().collect()
     }
 
     /// Instance ids successfully cancelled, in order.
@@ -925,6 +954,8 @@ impl Secret {
 
 struct State {
     config: SimConfig,
+    /// `Some` when the test controls time.
+    manual_now: Option<Instant>,
     api_url: String,
     /// The API user's Keycloak id (`sub`, and `changedBy` in audits).
     sub: String,
@@ -1050,6 +1081,7 @@ fn opt_ids(body: &Map<String, Value>, key: &str, problems: &mut Vec<String>) -> 
 impl State {
     fn new(config: SimConfig, api_url: &str) -> Self {
         Self {
+            manual_now: config.manual_time.then(Instant::now),
             config,
             api_url: api_url.to_string(),
             sub: uuid::Uuid::new_v4().to_string(),
@@ -1074,6 +1106,11 @@ impl State {
         }
     }
 
+    /// The simulator's clock: real time, or the test's (see `ContaboSim::advance`).
+    fn now(&self) -> Instant {
+        self.manual_now.unwrap_or_else(Instant::now)
+    }
+
     fn record(&mut self, request: SimRequest) {
         if self.requests.len() >= MAX_RECORDED_REQUESTS {
             self.requests.pop_front();
@@ -1082,7 +1119,7 @@ impl State {
     }
 
     fn advance_all(&mut self) {
-        let now = Instant::now();
+        let now = self.now();
         let installing = Duration::from_millis(self.config.installing_ms);
         for instance in &mut self.instances {
             instance.advance(now, installing, &self.config.ipv4);
@@ -1199,7 +1236,7 @@ impl State {
         }
         self.tokens
             .get(token.trim())
-            .is_some_and(|t| t.expires > Instant::now())
+            .is_some_and(|t| t.expires > self.now())
     }
 
     fn token(&mut self, ctx: &Ctx) -> Reply {
@@ -1255,7 +1292,7 @@ impl State {
                 let valid = self
                     .refresh_tokens
                     .get(&refresh)
-                    .is_some_and(|t| t.expires > Instant::now());
+                    .is_some_and(|t| t.expires > self.now());
                 if !valid {
                     return oauth_error(400, "invalid_grant", "Invalid refresh token");
                 }
@@ -1270,7 +1307,7 @@ impl State {
     }
 
     fn issue(&mut self, client_id: &str) -> Reply {
-        let now = Instant::now();
+        let now = self.now();
         prune(&mut self.tokens, now);
         prune(&mut self.refresh_tokens, now);
         let iat = Utc::now().timestamp();
@@ -1465,6 +1502,12 @@ impl State {
         if !IMAGES.iter().any(|i| i.0.eq_ignore_ascii_case(&image_id)) {
             return Reply::error(400, format!("Bad Request imageId {image_id} is wrong")).into();
         }
+        if matches!(self.create_faults.front(), Some(Fault::SecretVanishes)) {
+            self.create_faults.pop_front();
+            for id in ssh_keys.iter().chain(root_password.iter()) {
+                self.secrets.remove(id);
+            }
+        }
         if let Err(reply) = self.check_secrets(&ssh_keys, root_password) {
             return reply.into();
         }
@@ -1474,7 +1517,7 @@ impl State {
 
         let id = self.next_instance_id;
         self.next_instance_id += rand::random_range(1..1000);
-        let now = Instant::now();
+        let now = self.now();
         let timer = match self.fates.pop_front() {
             Some(Fault::StuckProvisioning) => None,
             Some(Fault::ErrorStatus(message)) => Some(Timer::Provisioning {
@@ -1552,10 +1595,19 @@ impl State {
         .into()
     }
 
+    /// A missing secret: 404, or the 500 of tf#17 in that mode.
+    fn missing_secret(&self, id: i64) -> Reply {
+        if self.config.missing_secret_500 {
+            Reply::error(500, "Internal Server Error, retry or contact support")
+        } else {
+            Reply::not_found("Secret", id)
+        }
+    }
+
     fn check_secrets(&self, ssh_keys: &[i64], root_password: Option<i64>) -> Result<(), Reply> {
         for id in ssh_keys {
             match self.secrets.get(id) {
-                None => return Err(Reply::not_found("Secret", id)),
+                None => return Err(self.missing_secret(*id)),
                 Some(s) if s.kind != "ssh" => {
                     return Err(Reply::invalid(vec![format!(
                         "sshKeys must reference secrets of type ssh, secret {id} is of type {}",
@@ -1567,7 +1619,7 @@ impl State {
         }
         if let Some(id) = root_password {
             match self.secrets.get(&id) {
-                None => return Err(Reply::not_found("Secret", id)),
+                None => return Err(self.missing_secret(id)),
                 Some(s) if s.kind != "password" => {
                     return Err(Reply::invalid(vec![format!(
                         "rootPassword must reference a secret of type password, secret {id} is of type {}",
@@ -1655,6 +1707,7 @@ impl State {
         }
         let installing = Duration::from_millis(self.config.installing_ms);
         let ipv4 = self.config.ipv4.clone();
+        let now = self.now();
         let instance = match self.find_instance(id) {
             Ok(instance) => instance,
             Err(reply) => return reply,
@@ -1680,7 +1733,7 @@ impl State {
         instance.generation += 1;
         instance.assign_ips(&ipv4);
         instance.timer = Some(Timer::Installing {
-            until: Instant::now() + installing,
+            until: now + installing,
         });
         let (iid, data) = (instance.id, instance.short_json());
         self.audit(ctx, AuditKind::Instances, iid, "UPDATED", changes);
@@ -2305,8 +2358,52 @@ fn cannot(ctx: &Ctx) -> Reply {
 }
 
 /// The list envelope: `data`, `_links` (relative, `""` when absent), `_pagination`.
-fn paginate(ctx: &Ctx, items: Vec<Value>) -> Reply {
+/// `orderBy=field:ASC|DESC`, repeatable (first key first); fields are top-level keys.
+fn order_by(ctx: &Ctx, items: &mut [Value], problems: &mut Vec<String>) {
+    let mut keys = Vec::new();
+    for (k, v) in &ctx.query {
+        if k != "orderBy" && k != "orderBy[]" {
+            continue;
+        }
+        match v.split_once(':') {
+            Some((field, dir)) if !field.is_empty() && matches!(dir, "ASC" | "DESC") => {
+                keys.push((field.to_string(), dir == "DESC"));
+            }
+            _ => problems.push(format!(
+                "orderBy must be in the format field:ASC or field:DESC, got {v}"
+            )),
+        }
+    }
+    let rank = |v: &Value| match v {
+        Value::Null => 0,
+        Value::Bool(_) => 1,
+        Value::Number(_) => 2,
+        Value::String(_) => 3,
+        _ => 4,
+    };
+    items.sort_by(|a, b| {
+        for (field, desc) in &keys {
+            let (x, y) = (&a[field.as_str()], &b[field.as_str()]);
+            let o = match (x, y) {
+                (Value::Number(m), Value::Number(n)) => m
+                    .as_f64()
+                    .partial_cmp(&n.as_f64())
+                    .unwrap_or(std::cmp::Ordering::Equal),
+                (Value::String(m), Value::String(n)) => m.cmp(n),
+                _ => rank(x).cmp(&rank(y)),
+            };
+            let o = if *desc { o.reverse() } else { o };
+            if o.is_ne() {
+                return o;
+            }
+        }
+        std::cmp::Ordering::Equal
+    });
+}
+
+fn paginate(ctx: &Ctx, mut items: Vec<Value>) -> Reply {
     let mut problems = Vec::new();
+    order_by(ctx, &mut items, &mut problems);
     let mut number = |key: &str, default: usize| match ctx.param(key) {
         None => default,
         Some(raw) => match raw.parse::<usize>() {

@@ -213,6 +213,38 @@ impl ContaboProvider {
         Ok(all)
     }
 
+    /// The instance order itself (never retried blindly: see `create_instance`).
+    async fn order(
+        &self,
+        spec: &InstanceSpec,
+        secret: i64,
+    ) -> Result<Envelope<Created>, ContaboError> {
+        let image = if self.config.image_id.is_empty() {
+            UBUNTU_22_04
+        } else {
+            self.config.image_id.as_str()
+        };
+        let body = json!({
+            "imageId": image,
+            "productId": spec.size,
+            "region": spec.region,
+            "sshKeys": [secret],
+            "userData": spec.user_data,
+            "period": self.config.period,
+            "displayName": spec.display_name,
+            "defaultUser": "admin",
+        });
+        self.client
+            .call(
+                Method::POST,
+                "/v1/compute/instances",
+                Some(&body),
+                Retry::Never,
+                Some(&spec.operation_id),
+            )
+            .await
+    }
+
     /// The SSH-key secret for an environment, reused by name when it exists.
     async fn ssh_secret(&self, spec: &InstanceSpec) -> Result<i64, ProviderError> {
         let name = spec.display_name.as_str();
@@ -443,44 +475,36 @@ impl Provider for ContaboProvider {
     }
 
     async fn create_instance(&self, spec: &InstanceSpec) -> Result<String, ProviderError> {
-        let secret = self.ssh_secret(spec).await?;
-        let image = if self.config.image_id.is_empty() {
-            UBUNTU_22_04
-        } else {
-            self.config.image_id.as_str()
-        };
-        let body = json!({
-            "imageId": image,
-            "productId": spec.size,
-            "region": spec.region,
-            "sshKeys": [secret],
-            "userData": spec.user_data,
-            "period": self.config.period,
-            "displayName": spec.display_name,
-            "defaultUser": "admin",
-        });
-        let created: Envelope<Created> = self
-            .client
-            .call(
-                Method::POST,
-                "/v1/compute/instances",
-                Some(&body),
-                Retry::Never,
-                Some(&spec.operation_id),
-            )
-            .await
-            .map_err(|e| match e {
-                // A 5xx on create may still have ordered a server (NOTES §5.2, §5.4).
-                ContaboError::Api { status, message } if status >= 500 => {
-                    ProviderError::Ambiguous(format!("{status}: {message}"))
+        // The secret is looked up just before; if it vanishes meanwhile (deleted in the panel),
+        // the create answers 404 and ordered nothing, so one more try with a fresh secret is
+        // safe. (Some accounts get a 500 instead: that is ambiguous and goes to reconciliation.)
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let secret = self.ssh_secret(spec).await?;
+            match self.order(spec, secret).await {
+                Err(ContaboError::Api {
+                    status: 404,
+                    message,
+                }) if tries < 2 => {
+                    tracing::warn!(environment = %spec.display_name, message, "a referenced secret is gone; creating with a fresh one");
                 }
-                other => classify(other),
-            })?;
-        created
-            .data
-            .first()
-            .map(|c| c.instance_id.to_string())
-            .ok_or_else(|| ProviderError::Ambiguous("create answered without an instance".into()))
+                Err(ContaboError::Api { status, message }) if status >= 500 => {
+                    // A 5xx on create may still have ordered a server (NOTES §5.2, §5.4).
+                    return Err(ProviderError::Ambiguous(format!("{status}: {message}")));
+                }
+                Err(other) => return Err(classify(other)),
+                Ok(created) => {
+                    return created
+                        .data
+                        .first()
+                        .map(|c| c.instance_id.to_string())
+                        .ok_or_else(|| {
+                            ProviderError::Ambiguous("create answered without an instance".into())
+                        });
+                }
+            }
+        }
     }
 
     async fn instance_state(&self, instance_id: &str) -> Result<InstanceState, ProviderError> {
