@@ -1,4 +1,5 @@
-//! The `devpocket` binary: migrate, user create / set-plan, configuration errors, help.
+//! The `devpocket` binary: serving on its embedded defaults, migrate, user create / set-plan,
+//! configuration errors, help.
 
 mod support;
 
@@ -176,4 +177,156 @@ fn help_shows_no_secrets() {
     let t = text(&out);
     assert!(t.contains("serve") && t.contains("migrate") && t.contains("user"));
     assert!(!t.contains("x-super-secret"), "{t}");
+}
+
+/// The README's first command, for real: the binary with no configuration but a free port, in an
+/// empty directory. A newcomer registers, creates a local environment and sees it run; SIGTERM
+/// stops it cleanly; started again on the same directory, nobody is logged out and the
+/// environment is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_on_embedded_defaults_serves_a_newcomer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let http = reqwest::Client::new();
+
+    let server = Served::start(dir.path());
+    let base = server.base.clone();
+    let (status, body) = send(
+        http.post(format!("{base}/api/v1/auth/register"))
+            .json(&serde_json::json!({ "username": "newbie", "email": "newbie@example.com", "password": "Secret123" })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let token = body["access_token"].as_str().expect("token").to_string();
+    let (status, env) = send(
+        http.post(format!("{base}/api/v1/environments"))
+            .bearer_auth(&token)
+            .json(&serde_json::json!({ "name": "first", "template": "ubuntu" })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{env}");
+    let id = env["id"].as_str().expect("id").to_string();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (_, env) = send(
+            http.get(format!("{base}/api/v1/environments/{id}"))
+                .bearer_auth(&token),
+        )
+        .await;
+        if env["status"] == "running" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never ran: {env}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Its secrets were made on first start, readable by the server's user only.
+    for key in ["jwt.key", "seal.key"] {
+        let mode = std::fs::metadata(dir.path().join("data").join(key))
+            .expect("secret file")
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600,
+            "{key}"
+        );
+    }
+    assert!(server.stop(), "SIGTERM ends it cleanly");
+
+    let server = Served::start(dir.path());
+    let base = server.base.clone();
+    let (status, me) = send(
+        http.get(format!("{base}/api/v1/auth/me"))
+            .bearer_auth(&token),
+    )
+    .await;
+    assert_eq!(
+        (status, me["username"].as_str()),
+        (StatusCode::OK, Some("newbie"))
+    );
+    let (status, env) = send(
+        http.get(format!("{base}/api/v1/environments/{id}"))
+            .bearer_auth(&token),
+    )
+    .await;
+    assert_eq!(
+        (status, env["status"].as_str()),
+        (StatusCode::OK, Some("running"))
+    );
+    assert!(server.stop());
+}
+
+async fn send(req: reqwest::RequestBuilder) -> (StatusCode, serde_json::Value) {
+    let resp = req.send().await.expect("request");
+    let status = resp.status();
+    (status, resp.json().await.unwrap_or_default())
+}
+
+/// `devpocket` serving from `dir` on a free port (its only setting), killed if the test fails.
+struct Served {
+    child: std::process::Child,
+    base: String,
+}
+
+impl Served {
+    fn start(dir: &std::path::Path) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_devpocket"))
+            .current_dir(dir)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DEVPOCKET_SERVER__BIND", "127.0.0.1:0")
+            .env("DEVPOCKET_LOG__FORMAT", "json")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("devpocket starts");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Keeps draining the log so the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { return };
+                let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                if entry["message"] == "DevPocket server listening"
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(entry["addr"].as_str().unwrap_or("").to_string());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the server says where it listens");
+        Self {
+            child,
+            base: format!("http://{addr}"),
+        }
+    }
+
+    /// SIGTERM, then whether it exited with success within the drain time.
+    fn stop(mut self) -> bool {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+        for _ in 0..300 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        false
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
