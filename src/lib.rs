@@ -7,7 +7,7 @@
 //! - [`app`] — the application state handlers share, and the running server (`start`, `stop`).
 //! - [`http`] — the front end: routing, limits, errors, security headers, metrics, handlers.
 //! - [`actors`] — the supervision tree: root, sessions and environments supervisors, the
-//!   UserSession actor, restart policy and the ops directory.
+//!   UserSession, environment and terminal actors, restart policy and the ops directory.
 //! - [`provider`] — where environments run: the trait, Contabo (real API client) and local.
 //! - [`auth`] — passwords (argon2id), access/refresh tokens, Google ID tokens, input rules, lockout.
 //! - [`store`] — diesel-async over SQLite or PostgreSQL: schema, migrations, one module per table.
@@ -17,7 +17,8 @@
 //! - [`ssh`] — SSH: key handling, the client bridge (pinned host keys) and the local provider's
 //!   server.
 //! - [`templates`] — environment templates: metadata and cloud-init user-data, rendering, checks.
-//! - [`terminal`] — the terminal protocol, output ring, and the terminal actor (WebSocket ↔ SSH).
+//! - [`terminal`] — the terminal protocol, output ring and coalescing (pure; the actor is in
+//!   [`actors`]).
 //! - [`cli`] — the command line (`serve`, `migrate`, `user ...`).
 //! - [`logging`] — tracing setup (pretty or JSON).
 

@@ -1,11 +1,12 @@
-//! The supervision tree (ractor): root → sessions supervisor → UserSession actors, and root →
-//! environments supervisor. [`Actors`] is the front end's handle: it forwards messages into the
-//! tree and never blocks on it.
+//! The supervision tree (ractor): root → sessions supervisor → UserSession actors → their
+//! terminal actors, and root → environments supervisor → environment actors. [`Actors`] is the
+//! front end's handle: it forwards messages into the tree and never blocks on it.
 
 pub mod directory;
 pub mod environment;
 pub mod root;
 pub mod session;
+pub mod terminal;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration as StdDuration;
@@ -228,7 +229,7 @@ impl Actors {
         session_id: &str,
         user_id: &str,
         request: session::TerminalRequest,
-    ) -> Result<crate::terminal::actor::Attachment, String> {
+    ) -> Result<crate::actors::terminal::Attachment, String> {
         let Some(sup) = read_slot(&self.inner.sessions) else {
             return Err("sessions are unavailable".into());
         };

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use super::directory::{
     ChildExit, ChildRestarts, Directory, Pending, RestartDecision, RestartPolicy, child_exit,
 };
-use crate::terminal::actor::{Attachment, TerminalActor, TerminalArgs, TerminalMsg};
+use crate::actors::terminal::{Attachment, TerminalActor, TerminalArgs, TerminalMsg};
 
 /// What a WebSocket asks for when it opens a terminal.
 pub struct TerminalRequest {

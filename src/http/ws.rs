@@ -29,11 +29,11 @@ use super::Body;
 use super::authn::{AuthUser, authenticate_token};
 use crate::actors::environment::actor::EnvUpdate;
 use crate::actors::session::TerminalRequest;
+use crate::actors::terminal::{In, Out, Stats, TerminalArgs};
 use crate::app::{AppState, AuditContext};
 use crate::clock::from_db;
 use crate::error::ApiError;
 use crate::store::environments::{self as store, Environment};
-use crate::terminal::actor::{In, Out, Stats, TerminalArgs};
 use crate::terminal::protocol::{self, ClientFrame, EnvironmentInfo, ServerFrame};
 
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
@@ -361,12 +361,12 @@ async fn terminal(
 async fn bridge(
     app: &AppState,
     mut ws: Ws,
-    attachment: crate::terminal::actor::Attachment,
+    attachment: crate::actors::terminal::Attachment,
     env: &Environment,
     user_id: &str,
 ) {
     let cfg = &app.config.terminals;
-    let crate::terminal::actor::Attachment {
+    let crate::actors::terminal::Attachment {
         terminal,
         terminal_id,
         connection,
@@ -450,7 +450,7 @@ async fn bridge(
             }
         }
     }
-    let _ = terminal.cast(crate::terminal::actor::TerminalMsg::Detached { connection });
+    let _ = terminal.cast(crate::actors::terminal::TerminalMsg::Detached { connection });
 }
 
 async fn logs(app: AppState, mut ws: Ws, user: AuthUser, env_id: &str, query: WsQuery) {

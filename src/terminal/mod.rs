@@ -1,7 +1,7 @@
-//! Terminals: the WebSocket protocol codec and output bookkeeping (pure), and the terminal actor
-//! that bridges a WebSocket to an SSH PTY running tmux.
+//! Terminals, the pure parts: the WebSocket protocol codec, the output ring, UTF-8 boundaries
+//! and coalescing. The terminal actor that bridges a WebSocket to an SSH PTY running tmux is
+//! `actors::terminal`.
 
-pub mod actor;
 pub mod coalesce;
 pub mod output;
 pub mod protocol;

@@ -16,11 +16,11 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::coalesce::Coalescer;
-use super::output::{Replay, Ring, incomplete_tail};
-use super::protocol::{EnvironmentInfo, ServerFrame};
 use crate::actors::environment::actor::EnvUpdate;
 use crate::ssh::client::{PtyReader, PtyWriter, SshClient, SshTarget};
+use crate::terminal::coalesce::Coalescer;
+use crate::terminal::output::{Replay, Ring, incomplete_tail};
+use crate::terminal::protocol::{EnvironmentInfo, ServerFrame};
 
 /// Frames queued for one WebSocket before the pump waits (the backpressure bound).
 pub const CLIENT_QUEUE: usize = 64;
