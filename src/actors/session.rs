@@ -194,8 +194,7 @@ impl SessionState {
                 .remove(&crate::terminal::directory_id(&terminal_id));
             return;
         }
-        self.terminals
-            .insert(terminal_id, (actor.clone(), environment_id));
+        self.terminals.insert(terminal_id, (actor, environment_id));
     }
 }
 
