@@ -252,7 +252,7 @@ async fn terminal(
         return;
     }
     let cfg = &app.config.terminals;
-    let target = match crate::actors::environment::actor::ssh_target(
+    let target = match crate::ssh::target::ssh_target(
         &env,
         app.provider.as_ref(),
         &app.sealer,

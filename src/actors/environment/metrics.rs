@@ -1,8 +1,14 @@
 //! Metrics sampled from inside a running environment over SSH: one shell command prints tagged
-//! lines from /proc and df; [`parse`] turns them into a [`Sample`]. Pure, so it is tested on text.
+//! lines from /proc and df; [`parse`] turns them into a [`Sample`] (pure, so it is tested on text).
+//! The sampler task runs that command at the configured interval while the environment runs.
+
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+
+use super::actor::EnvMsg;
+use crate::ssh::client::SshClient;
 
 /// Two CPU readings a second apart, memory, the disk holding the working directory, network
 /// byte counters (all interfaces but loopback) and uptime.
@@ -144,5 +150,38 @@ mod tests {
         assert!(s.memory_usage > 0.0 && s.memory_usage <= 100.0, "{text}");
         assert!(s.uptime > 0, "{text}");
         assert!(s.disk_usage > 0.0, "{text}");
+    }
+}
+
+/// Largest metrics command output read.
+const METRICS_OUTPUT_LIMIT: usize = 64 * 1024;
+
+impl super::effects::TaskCtx {
+    /// Sample metrics over SSH at the configured interval while running.
+    pub(super) async fn sample_metrics(self) {
+        let interval = Duration::from_secs(self.deps.config.environments.metrics_interval_seconds);
+        let mut client: Option<SshClient> = None;
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            if client.as_ref().is_none_or(|c| c.is_closed()) {
+                let deadline = tokio::time::Instant::now() + interval;
+                client = self.connect(deadline).await.ok();
+            }
+            let Some(c) = &client else { continue };
+            match c.exec(COMMAND, METRICS_OUTPUT_LIMIT).await {
+                Ok(out) => {
+                    let text = String::from_utf8_lossy(&out.stdout);
+                    if let Some(sample) = parse(&text, self.deps.clock.now()) {
+                        let _ = self.myself.cast(EnvMsg::Sample(sample));
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(environment = %self.row.id, error = %e, "metrics sample failed");
+                    client = None;
+                }
+            }
+        }
     }
 }

@@ -6,6 +6,8 @@
 //! actor stays down. Actors that end normally (terminated) are forgotten.
 
 pub mod actor;
+pub mod effects;
+pub mod feed;
 pub mod machine;
 pub mod metrics;
 
