@@ -164,6 +164,8 @@ pub struct EnvironmentsConfig {
     pub metrics_interval_seconds: u64,
     pub metrics_retention_hours: u64,
     pub restart_backoff_ms: u64,
+    /// How long account deletion waits for the account's environments to reach `terminated`.
+    pub delete_wait_seconds: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -406,6 +408,9 @@ impl Config {
             p.push(
                 "terminals.ping_interval_seconds and idle_timeout_seconds: must be above 0".into(),
             );
+        }
+        if self.environments.delete_wait_seconds == 0 {
+            p.push("environments.delete_wait_seconds: must be above 0".into());
         }
         if self.environments.metrics_interval_seconds == 0 {
             p.push("environments.metrics_interval_seconds: must be above 0".into());

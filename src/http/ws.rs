@@ -28,6 +28,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use super::Body;
 use super::authn::{AuthUser, authenticate_token};
 use crate::actors::environment::actor::EnvUpdate;
+use crate::actors::environment::machine::Status;
 use crate::actors::session::TerminalRequest;
 use crate::actors::terminal::{In, Out, Stats, TerminalArgs};
 use crate::app::{AppState, AuditContext};
@@ -48,8 +49,6 @@ pub enum WsKind {
 
 /// Log history sent on the logs stream before live updates.
 const LOG_HISTORY: i64 = 1000;
-/// How long a logs stream waits for a just-created environment's actor to come up.
-const SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
 
 /// Live WebSockets per user; a guard gives the slot back when the connection ends.
 #[derive(Default)]
@@ -232,7 +231,7 @@ fn env_info(env: &Environment) -> EnvironmentInfo {
         id: env.id.clone(),
         name: env.name.clone(),
         template: env.template.clone(),
-        status: env.status.clone(),
+        status: env.status.as_str().to_string(),
     }
 }
 
@@ -247,25 +246,24 @@ async fn terminal(
     let Some(env) = owned_environment(&app, &mut ws, &user, env_id).await else {
         return;
     };
-    if env.status != "running" {
+    if env.status != Status::Running {
         close(&mut ws, 1008, "Environment not ready").await;
         return;
     }
     let cfg = &app.config.terminals;
-    let target = match crate::ssh::target::ssh_target(
-        &env,
-        app.provider.as_ref(),
-        &app.sealer,
-        Duration::from_secs(app.config.provider.ssh_connect_timeout_seconds),
-    ) {
-        Ok(t) => t,
-        Err(e) => {
+    let target = match app.actors.ssh_target(&env.id).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
             let _ = send(
                 &mut ws,
                 &ServerFrame::error(format!("Cannot reach the environment: {e}")),
             )
             .await;
             close(&mut ws, 1011, "Environment unreachable").await;
+            return;
+        }
+        Err(_) => {
+            close(&mut ws, 1013, "Environment busy, try again").await;
             return;
         }
     };
@@ -458,19 +456,12 @@ async fn logs(app: AppState, mut ws: Ws, user: AuthUser, env_id: &str, query: Ws
         return;
     };
     let follow = query.follow.unwrap_or(true);
-    // Subscribe before reading history so nothing falls between the two. A just-created
-    // environment's actor may still be starting: give it a moment.
-    let mut feed = None;
-    if follow && env.status != "terminated" {
-        let deadline = tokio::time::Instant::now() + SUBSCRIBE_WAIT;
-        loop {
-            feed = app.actors.subscribe(&env.id).await.ok();
-            if feed.is_some() || tokio::time::Instant::now() >= deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    // Subscribe before reading history so nothing falls between the two (the actor is started
+    // if it is down; a terminated environment has history only).
+    let feed = match follow && !env.status.is_final() {
+        true => app.actors.subscribe(&env.id).await.ok(),
+        false => None,
+    };
     let history = match app.db.get().await {
         Ok(mut conn) => store::events(&mut conn, &env.id, None, LOG_HISTORY)
             .await

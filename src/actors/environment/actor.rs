@@ -1,25 +1,26 @@
 //! The Environment actor: the only code that changes an environment. It loads its row on start,
 //! runs the state machine, persists every transition (monotonic `status_version` + an event row),
-//! publishes it, and carries out the machine's effects in tasks it owns, which report back as
-//! messages. After a crash or a server restart it resumes from the persisted state.
+//! publishes it on its feed ([`super::feed`]), and carries out the machine's effects in tasks it
+//! owns ([`super::effects`]), which report back as messages. Every command for one environment
+//! ([`super::command::Command`]) is a message here, so checks and changes on one environment never
+//! race. After a crash or a server restart it resumes from the persisted state.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, oneshot};
 use tokio::task::JoinHandle;
 
+use super::command::{Command, CommandError, Reply};
 use super::effects::TaskCtx;
 pub use super::feed::{ENV_FEED_CAPACITY, EnvUpdate};
 use super::machine::{Effect, Event, Machine, Rejected, Status};
-use super::metrics::Sample;
 use crate::actors::directory::Pending;
 use crate::clock::{db_now, from_db};
 use crate::config::Config;
 use crate::provider::Provider;
 use crate::secrets::Sealer;
+use crate::ssh::client::SshTarget;
 use crate::store::Db;
 use crate::store::environments::{self as store, Environment, NewEvent, StatusChange};
 
@@ -34,27 +35,36 @@ pub struct EnvDeps {
     pub bus: broadcast::Sender<EnvUpdate>,
 }
 
+/// The answer to a command.
+pub type CommandReply = RpcReplyPort<Result<Reply, CommandError>>;
+
 pub enum EnvMsg {
-    /// A user's command; answered with the new status or why it is not allowed.
+    /// A command for this environment (never `Create` or `DeleteAllForUser`).
     Command {
-        event: Event,
-        reply: RpcReplyPort<Result<Status, Rejected>>,
+        command: Command,
+        reply: CommandReply,
+    },
+    /// A restore whose snapshot was found at the provider: apply it now.
+    RestoreChecked {
+        snapshot_id: String,
+        reply: CommandReply,
+    },
+    /// Delete (unless already deleting) and answer once `terminated` is persisted — or with an
+    /// error if the delete fails (account deletion waits on this instead of polling).
+    DeleteAndWait {
+        done: oneshot::Sender<Result<(), CommandError>>,
     },
     /// The result of an effect, tagged with the epoch it was started in.
     Outcome { epoch: u64, event: Event },
-    /// A metrics sample from the sampler.
-    Sample(Sample),
-    /// Metrics since a time: the latest sample and those since.
-    Metrics {
-        since: DateTime<Utc>,
-        reply: RpcReplyPort<(Option<Sample>, Vec<Sample>)>,
-    },
     /// A feed of this environment's updates.
     Subscribe {
         reply: RpcReplyPort<broadcast::Receiver<EnvUpdate>>,
     },
-    /// Settings changed in the store (name, variables): reload them.
-    Reload { reply: RpcReplyPort<()> },
+    /// How a terminal reaches this environment over SSH (address, unsealed key, pinned host key),
+    /// or why it cannot yet.
+    SshTarget {
+        reply: RpcReplyPort<Result<SshTarget, String>>,
+    },
     /// Fault injection: panic in the handler.
     Crash(String),
 }
@@ -77,9 +87,9 @@ pub struct EnvState {
     epoch: u64,
     phase_tasks: Vec<JoinHandle<()>>,
     metrics_task: Option<JoinHandle<()>>,
-    samples: VecDeque<Sample>,
-    max_samples: usize,
     feed: broadcast::Sender<EnvUpdate>,
+    /// Account deletions waiting for `terminated` (answered with an error if the delete fails).
+    delete_waiters: Vec<oneshot::Sender<Result<(), CommandError>>>,
 }
 
 impl Drop for EnvState {
@@ -95,8 +105,8 @@ impl Drop for EnvState {
 
 fn machine_from_row(row: &Environment) -> Machine {
     Machine {
-        status: row.status.parse().unwrap_or(Status::Error),
-        phase: row.phase.as_deref().and_then(|p| p.parse().ok()),
+        status: row.status,
+        phase: row.phase,
         progress: row.progress.clamp(0, 100) as u8,
         has_instance: row.instance_id.is_some(),
         error: row.error_message.clone(),
@@ -174,6 +184,7 @@ impl EnvState {
         for effect in effects {
             self.run(myself, effect);
         }
+        self.settle_delete_waiters();
         if self.machine.status.is_final() {
             myself.stop(Some("terminated".into()));
         }
@@ -184,9 +195,9 @@ impl EnvState {
         let now = db_now(self.deps().clock.as_ref());
         let message = describe(next, event);
         let change = StatusChange {
-            status: next.status.as_str().to_string(),
+            status: next.status,
             progress: i32::from(next.progress),
-            phase: next.phase.map(|p| p.as_str().to_string()),
+            phase: next.phase,
             message: Some(message.clone()),
             error_message: next.error.clone(),
             installation_completed: self.row.installation_completed
@@ -208,7 +219,7 @@ impl EnvState {
                 level: level.into(),
                 source: "server".into(),
                 message: message.clone(),
-                status: Some(next.status.as_str().into()),
+                status: Some(next.status),
                 status_version: None,
             };
             store::record_transition(&mut conn, self.id(), &change, row).await?
@@ -217,10 +228,10 @@ impl EnvState {
             store::update_progress(&mut conn, self.id(), &change).await?;
             self.row.status_version
         };
-        self.row.status = change.status.clone();
+        self.row.status = change.status;
         self.row.status_version = version;
         self.row.progress = change.progress;
-        self.row.phase = change.phase.clone();
+        self.row.phase = change.phase;
         self.row.message = change.message.clone();
         self.row.error_message = change.error_message.clone();
         self.row.installation_completed = change.installation_completed;
@@ -264,11 +275,193 @@ impl EnvState {
         }
     }
 
-    fn add_sample(&mut self, sample: Sample) {
-        self.samples.push_back(sample);
-        while self.samples.len() > self.max_samples {
-            self.samples.pop_front();
+    /// A command for this environment: plain actions step the machine; the rest have their own
+    /// handling (provider calls that may be slow run in tasks that answer the caller).
+    async fn command(
+        &mut self,
+        myself: &ActorRef<EnvMsg>,
+        command: Command,
+        reply: CommandReply,
+    ) -> Result<(), ActorProcessingErr> {
+        let provider = self.deps().provider.clone();
+        match command {
+            Command::Update {
+                name,
+                environment_variables,
+                ..
+            } => {
+                let result = self.update(myself, name, environment_variables).await;
+                let _ = reply.send(result);
+            }
+            Command::Snapshot { .. }
+            | Command::ListSnapshots { .. }
+            | Command::RestoreSnapshot { .. }
+                if !provider.capabilities().snapshots =>
+            {
+                let _ = reply.send(Err(CommandError::Unsupported(
+                    "This provider cannot take snapshots".into(),
+                )));
+            }
+            Command::ListSnapshots { .. } => {
+                let instance = self.row.instance_id.clone();
+                tokio::spawn(async move {
+                    let result = match instance {
+                        Some(id) => provider.list_snapshots(&id).await.map(Reply::Snapshots),
+                        None => Ok(Reply::Snapshots(Vec::new())),
+                    };
+                    let _ = reply.send(result.map_err(CommandError::from));
+                });
+            }
+            Command::RestoreSnapshot { snapshot_id, .. } => {
+                let Some(instance) = self.row.instance_id.clone() else {
+                    let _ = reply.send(Err(CommandError::NotFound("Snapshot")));
+                    return Ok(());
+                };
+                let me = myself.clone();
+                let pending = self.args.pending.clone();
+                tokio::spawn(async move {
+                    match provider.list_snapshots(&instance).await {
+                        Ok(list) if list.iter().any(|s| s.id == snapshot_id) => {
+                            pending.sent();
+                            if let Err(e) = me.cast(EnvMsg::RestoreChecked { snapshot_id, reply }) {
+                                pending.handled();
+                                tracing::debug!(error = %e, "environment stopped before the restore");
+                            }
+                        }
+                        Ok(_) => {
+                            let _ = reply.send(Err(CommandError::NotFound("Snapshot")));
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e.into()));
+                        }
+                    }
+                });
+            }
+            Command::Resize { size, .. } => {
+                let result = if !provider.sizes().iter().any(|s| s.slug == size) {
+                    Err(CommandError::Invalid(vec![crate::error::FieldError::new(
+                        "size",
+                        "unknown",
+                        format!("Unknown size '{size}'"),
+                    )]))
+                } else {
+                    Err(CommandError::Unsupported(format!(
+                        "The {} provider cannot resize an environment",
+                        provider.kind().as_str()
+                    )))
+                };
+                let _ = reply.send(result);
+            }
+            command => {
+                let result = match command.machine_event() {
+                    Some(event) => self
+                        .apply(myself, event)
+                        .await?
+                        .map(Reply::Accepted)
+                        .map_err(CommandError::InvalidState),
+                    None => Err(CommandError::Internal(anyhow::anyhow!(
+                        "command {} does not go to an environment actor",
+                        command.verb()
+                    ))),
+                };
+                let _ = reply.send(result);
+            }
         }
+        Ok(())
+    }
+
+    /// Rename and/or replace the variables; a name taken by another live environment of the user
+    /// is refused by the store's unique index in the same statement.
+    async fn update(
+        &mut self,
+        myself: &ActorRef<EnvMsg>,
+        name: Option<String>,
+        variables: Option<std::collections::BTreeMap<String, String>>,
+    ) -> Result<Reply, CommandError> {
+        let variables = variables
+            .map(|v| serde_json::to_string(&v))
+            .transpose()
+            .map_err(anyhow::Error::from)?;
+        let now = db_now(self.deps().clock.as_ref());
+        let mut conn = self.deps().db.get().await?;
+        let Some(updated) = store::update_settings(
+            &mut conn,
+            self.id(),
+            name.as_deref(),
+            variables.as_deref(),
+            now,
+        )
+        .await?
+        else {
+            return Err(CommandError::NameTaken(name.unwrap_or_default()));
+        };
+        drop(conn);
+        self.row.name = updated.name.clone();
+        self.row.environment_variables = updated.environment_variables.clone();
+        self.row.updated_at = updated.updated_at;
+        // Let the provider pick up the new settings for what it does next.
+        let ctx = self.task_ctx(myself);
+        let op = self.row.operation_id.clone().unwrap_or_default();
+        match ctx.spec(&op).await {
+            Ok(spec) => {
+                if let Err(e) = self.deps().provider.attach(&spec).await {
+                    tracing::warn!(environment = %self.id(), error = %e, "provider did not take the new settings");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(environment = %self.id(), error = %e, "cannot describe the environment to its provider")
+            }
+        }
+        Ok(Reply::Environment(Box::new(updated)))
+    }
+
+    /// Account deletion: delete, and answer `done` once terminated.
+    async fn delete_and_wait(
+        &mut self,
+        myself: &ActorRef<EnvMsg>,
+        done: oneshot::Sender<Result<(), CommandError>>,
+    ) -> Result<(), ActorProcessingErr> {
+        if self.machine.status == Status::Deleting {
+            self.delete_waiters.push(done);
+            return Ok(());
+        }
+        match self.apply(myself, Event::Delete).await? {
+            Ok(Status::Terminated) => {
+                let _ = done.send(Ok(()));
+            }
+            Ok(_) => self.delete_waiters.push(done),
+            Err(rejected) => {
+                let _ = done.send(Err(CommandError::InvalidState(rejected)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Answer waiting account deletions when the delete ended (terminated) or failed (error).
+    fn settle_delete_waiters(&mut self) {
+        let outcome = match self.machine.status {
+            Status::Terminated => Ok(()),
+            Status::Error => Err(self
+                .machine
+                .error
+                .clone()
+                .unwrap_or_else(|| "the delete failed".into())),
+            _ => return,
+        };
+        for waiter in self.delete_waiters.drain(..) {
+            let _ = waiter.send(outcome.clone().map_err(|e| {
+                CommandError::Pending(format!("An environment could not be deleted: {e}"))
+            }));
+        }
+    }
+
+    fn ssh_target(&self) -> Result<SshTarget, String> {
+        crate::ssh::target::ssh_target(
+            &self.row,
+            self.deps().provider.as_ref(),
+            &self.deps().sealer,
+            std::time::Duration::from_secs(self.deps().config.provider.ssh_connect_timeout_seconds),
+        )
     }
 }
 
@@ -288,10 +481,6 @@ impl Actor for EnvironmentActor {
             .ok_or("environment row not found")?;
         drop(conn);
         let machine = machine_from_row(&row);
-        let env_cfg = &args.deps.config.environments;
-        let max_samples = ((env_cfg.metrics_retention_hours * 3600)
-            / env_cfg.metrics_interval_seconds.max(1))
-        .clamp(1, 20_000) as usize;
         args.directory
             .set_phase(&args.directory_id, Some(machine.status.as_str()));
         let (feed, _) = broadcast::channel(ENV_FEED_CAPACITY);
@@ -301,9 +490,8 @@ impl Actor for EnvironmentActor {
             epoch: 0,
             phase_tasks: Vec::new(),
             metrics_task: None,
-            samples: VecDeque::new(),
-            max_samples,
             feed,
+            delete_waiters: Vec::new(),
             args,
         };
         // Resume: re-attach provider state and re-enter the persisted phase.
@@ -317,12 +505,19 @@ impl Actor for EnvironmentActor {
         }
         let status = state.machine.status;
         if status == Status::Snapshotting {
-            let _ = myself.cast(EnvMsg::Outcome {
-                epoch: 0,
-                event: Event::Failed {
-                    message: "a snapshot was interrupted by a restart; recover to continue".into(),
-                },
-            });
+            state.args.pending.sent();
+            if myself
+                .cast(EnvMsg::Outcome {
+                    epoch: 0,
+                    event: Event::Failed {
+                        message: "a snapshot was interrupted by a restart; recover to continue"
+                            .into(),
+                    },
+                })
+                .is_err()
+            {
+                state.args.pending.handled();
+            }
         }
         for effect in Machine::entry_effects(status, state.machine.has_instance) {
             state.run(&myself, effect);
@@ -338,10 +533,16 @@ impl Actor for EnvironmentActor {
     ) -> Result<(), ActorProcessingErr> {
         state.args.pending.handled();
         match msg {
-            EnvMsg::Command { event, reply } => {
-                let result = state.apply(&myself, event).await?;
+            EnvMsg::Command { command, reply } => state.command(&myself, command, reply).await?,
+            EnvMsg::RestoreChecked { snapshot_id, reply } => {
+                let result = state
+                    .apply(&myself, Event::RestoreSnapshot { snapshot_id })
+                    .await?
+                    .map(Reply::Accepted)
+                    .map_err(CommandError::InvalidState);
                 let _ = reply.send(result);
             }
+            EnvMsg::DeleteAndWait { done } => state.delete_and_wait(&myself, done).await?,
             EnvMsg::Outcome { epoch, event } => {
                 if epoch != state.epoch {
                     tracing::debug!(environment = %state.id(), ?event, "stale outcome ignored");
@@ -351,33 +552,11 @@ impl Actor for EnvironmentActor {
                     tracing::debug!(environment = %state.id(), %rejected, "outcome not applicable");
                 }
             }
-            EnvMsg::Sample(sample) => state.add_sample(sample),
-            EnvMsg::Metrics { since, reply } => {
-                let current = state.samples.back().cloned();
-                let samples = state
-                    .samples
-                    .iter()
-                    .filter(|s| s.timestamp >= since)
-                    .cloned()
-                    .collect();
-                let _ = reply.send((current, samples));
-            }
             EnvMsg::Subscribe { reply } => {
                 let _ = reply.send(state.feed.subscribe());
             }
-            EnvMsg::Reload { reply } => {
-                let mut conn = state.deps().db.get().await?;
-                if let Some(row) = store::get(&mut conn, state.id()).await? {
-                    state.row.name = row.name;
-                    state.row.environment_variables = row.environment_variables;
-                }
-                drop(conn);
-                let ctx = state.task_ctx(&myself);
-                let op = state.row.operation_id.clone().unwrap_or_default();
-                if let Ok(spec) = ctx.spec(&op).await {
-                    let _ = state.deps().provider.attach(&spec).await;
-                }
-                let _ = reply.send(());
+            EnvMsg::SshTarget { reply } => {
+                let _ = reply.send(state.ssh_target());
             }
             EnvMsg::Crash(message) => panic!("{message}"),
         }

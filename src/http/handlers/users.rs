@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{UserResponse, message};
+use crate::actors::environment::command::Command;
+use crate::actors::environment::machine::Status;
 use crate::app::AppState;
 use crate::auth as rules;
 use crate::clock::{db_now, from_db};
@@ -13,9 +15,6 @@ use crate::error::{ApiError, ApiResult, FieldError};
 use crate::http::{Body, Ctx, ok};
 use crate::store::sessions;
 use crate::store::users::{self, ProfileChanges, username_key};
-
-/// How long account deletion waits for the account's environments to be deleted.
-const ENVIRONMENT_DELETE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -69,17 +68,20 @@ pub async fn profile(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     let by_status = crate::store::environments::count_by_status(&mut conn, &auth.user.id).await?;
     let active: i64 = by_status
         .iter()
-        .filter(|(s, _)| s != "terminated")
+        .filter(|(s, _)| s.counts_against_limit())
         .map(|(_, n)| n)
         .sum();
     let running = by_status
         .iter()
-        .find(|(s, _)| s == "running")
+        .find(|(s, _)| *s == Status::Running)
         .map_or(0, |(_, n)| *n);
     body["environments"] = json!({
         "total": active,
         "running": running,
-        "by_status": by_status.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "by_status": by_status
+            .into_iter()
+            .map(|(s, n)| (s.as_str(), n))
+            .collect::<std::collections::BTreeMap<_, _>>(),
     });
     ok(&body)
 }
@@ -208,14 +210,10 @@ pub async fn delete_account(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>
         }
     }
     // Environments first: their provider resources must be released before the account goes.
-    if !super::environments::delete_all_for_user(&app, &auth.user.id, ENVIRONMENT_DELETE_WAIT)
-        .await?
-    {
-        return Err(ApiError::conflict(
-            "environments_pending",
-            "Your environments are still being deleted; try again in a minute",
-        ));
-    }
+    let user_id = auth.user.id.clone();
+    app.actors
+        .dispatch(Command::DeleteAllForUser { user_id })
+        .await?;
     let mut conn = app.db.get().await?;
     let now = db_now(app.clock.as_ref());
     let ended =
