@@ -17,8 +17,8 @@
 //! - [`ssh`] — SSH: key handling, the client bridge (pinned host keys) and the local provider's
 //!   server.
 //! - [`templates`] — environment templates: metadata and cloud-init user-data, rendering, checks.
-//! - [`terminal`] — the terminal protocol, output ring and coalescing (pure; the actor is in
-//!   [`actors`]).
+//! - [`protocol`] — every frame of the three WebSocket streams (terminal, logs, events), pure.
+//! - [`terminal`] — the output ring and coalescing (pure; the actor is in [`actors`]).
 //! - [`cli`] — the command line (`serve`, `migrate`, `user ...`).
 //! - [`logging`] — tracing setup (pretty or JSON).
 
@@ -33,6 +33,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod logging;
+pub mod protocol;
 pub mod provider;
 pub mod secrets;
 pub mod ssh;

@@ -34,8 +34,10 @@ use crate::actors::terminal::{In, Out, Stats, TerminalArgs};
 use crate::app::{AppState, AuditContext};
 use crate::clock::from_db;
 use crate::error::ApiError;
-use crate::store::environments::{self as store, Environment};
-use crate::terminal::protocol::{self, ClientFrame, EnvironmentInfo, ServerFrame};
+use crate::protocol::{
+    self, ClientFrame, EnvironmentInfo, EnvironmentStatus, ServerFrame, StreamFrame,
+};
+use crate::store::environments::{self as store, Environment, EnvironmentEvent};
 
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
@@ -231,7 +233,7 @@ fn env_info(env: &Environment) -> EnvironmentInfo {
         id: env.id.clone(),
         name: env.name.clone(),
         template: env.template.clone(),
-        status: env.status.as_str().to_string(),
+        status: env.status,
     }
 }
 
@@ -470,30 +472,54 @@ async fn logs(app: AppState, mut ws: Ws, user: AuthUser, env_id: &str, query: Ws
         Err(_) => Vec::new(),
     };
     for event in &history {
-        let frame = match event.kind.as_str() {
-            "installation_log" => {
-                json!({ "type": "installation_log", "environment_id": env.id, "data": event.message, "timestamp": from_db(event.occurred_at) })
-            }
-            "installation_complete" => {
-                json!({ "type": "installation_complete", "environment_id": env.id, "status": "running", "installation_status": "completed", "message": event.message })
-            }
-            "installation_error" => {
-                json!({ "type": "installation_error", "environment_id": env.id, "error": event.message, "is_critical": true })
-            }
-            "status" => {
-                json!({ "type": "environment_status", "environment_id": env.id, "status": event.status, "status_version": event.status_version, "message": event.message, "timestamp": from_db(event.occurred_at) })
-            }
-            _ => {
-                json!({ "type": "info", "environment_id": env.id, "message": event.message, "timestamp": from_db(event.occurred_at) })
-            }
-        };
-        if ws.send(Message::text(frame.to_string())).await.is_err() {
+        if ws
+            .send(Message::text(history_frame(&env, event).to_json()))
+            .await
+            .is_err()
+        {
             return;
         }
     }
     match feed {
         Some(feed) => live(&app, ws, feed, None).await,
         None => close(&mut ws, 1000, "History complete").await,
+    }
+}
+
+/// A stored event in the shape the live stream gives it.
+fn history_frame(env: &Environment, event: &EnvironmentEvent) -> StreamFrame {
+    let environment_id = env.id.clone();
+    let timestamp = from_db(event.occurred_at);
+    match (event.kind.as_str(), event.status) {
+        ("installation_log", _) => StreamFrame::InstallationLog {
+            environment_id,
+            data: event.message.clone(),
+            timestamp,
+        },
+        ("installation_complete", Some(status)) => StreamFrame::InstallationComplete {
+            environment_id,
+            status,
+            installation_status: "completed".into(),
+            message: event.message.clone(),
+        },
+        ("installation_error", _) => StreamFrame::InstallationError {
+            environment_id,
+            error: event.message.clone(),
+            is_critical: true,
+        },
+        ("status", Some(status)) => StreamFrame::EnvironmentStatus(EnvironmentStatus {
+            environment_id,
+            status,
+            status_version: event.status_version.unwrap_or(0),
+            progress: event.progress.unwrap_or(0).clamp(0, 100) as u8,
+            message: Some(event.message.clone()),
+            timestamp,
+        }),
+        _ => StreamFrame::Info {
+            environment_id: Some(environment_id),
+            message: event.message.clone(),
+            timestamp: Some(timestamp),
+        },
     }
 }
 
@@ -519,20 +545,21 @@ async fn live(
         tokio::select! {
             update = feed.recv() => match update {
                 Ok(update) => {
-                    if let (Some(me), EnvUpdate::EnvironmentStatus { user_id, .. }) = (&user, &update)
-                        && user_id != me
+                    // The events stream: only this user's environments, only status changes.
+                    if let Some(me) = &user
+                        && (&update.owner != me || update.frame.as_status().is_none())
                     {
                         continue;
                     }
-                    if user.is_some() && !matches!(update, EnvUpdate::EnvironmentStatus { .. }) {
-                        continue;
-                    }
-                    let text = serde_json::to_string(&update).unwrap_or_default();
-                    if ws.send(Message::text(text)).await.is_err() { return; }
+                    if ws.send(Message::text(update.frame.to_json())).await.is_err() { return; }
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
-                    let note = json!({ "type": "info", "message": format!("{n} updates were skipped; refresh to catch up") });
-                    if ws.send(Message::text(note.to_string())).await.is_err() { return; }
+                    let note = StreamFrame::Info {
+                        environment_id: None,
+                        message: format!("{n} updates were skipped; refresh to catch up"),
+                        timestamp: None,
+                    };
+                    if ws.send(Message::text(note.to_json())).await.is_err() { return; }
                 }
                 Err(broadcast::error::RecvError::Closed) => {
                     close(&mut ws, 1000, "Stream ended").await;
@@ -544,7 +571,7 @@ async fn live(
                 match msg {
                     Some(Ok(Message::Text(text))) => {
                         if matches!(protocol::decode(text.as_str()), Ok(ClientFrame::Ping))
-                            && !send(&mut ws, &ServerFrame::Pong).await
+                            && ws.send(Message::text(StreamFrame::Pong.to_json())).await.is_err()
                         {
                             return;
                         }

@@ -106,6 +106,8 @@ pub struct EnvironmentEvent {
     pub message: String,
     pub status: Option<Status>,
     pub status_version: Option<i64>,
+    /// Status events: the progress (0–100) the environment had then.
+    pub progress: Option<i32>,
 }
 
 #[derive(Debug, Clone, Insertable)]
@@ -119,6 +121,8 @@ pub struct NewEvent {
     pub message: String,
     pub status: Option<Status>,
     pub status_version: Option<i64>,
+    /// Status events: the progress (0–100) the environment had then.
+    pub progress: Option<i32>,
 }
 
 pub async fn insert(conn: &mut DbConn, env: &Environment) -> StoreResult<()> {
@@ -222,7 +226,7 @@ pub async fn record_transition(
                 .returning(environments::status_version)
                 .get_result(c)
                 .await?;
-            let event = NewEvent { status_version: Some(version), ..event };
+            let event = NewEvent { status_version: Some(version), progress: Some(change.progress), ..event };
             diesel::insert_into(environment_events::table).values(&event).execute(c).await?;
             Ok(version)
         })

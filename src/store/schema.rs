@@ -106,6 +106,7 @@ diesel::table! {
         message -> Text,
         status -> Nullable<Text>,
         status_version -> Nullable<BigInt>,
+        progress -> Nullable<Integer>,
     }
 }
 

@@ -25,6 +25,9 @@ DROP TABLE environment_renames;
 CREATE UNIQUE INDEX environments_user_live_name ON environments(user_id, name)
 WHERE status <> 'terminated';
 
+-- Status events carry the progress they were recorded at, so the history has the live shape.
+ALTER TABLE environment_events ADD COLUMN progress INTEGER;
+
 -- Metrics samples, written by the environment's sampler and read by any node's front end.
 CREATE TABLE environment_metrics (
     id BIGSERIAL PRIMARY KEY,

@@ -18,6 +18,7 @@ use super::machine::{Effect, Event, Machine, Rejected, Status};
 use crate::actors::directory::Pending;
 use crate::clock::{db_now, from_db};
 use crate::config::Config;
+use crate::protocol::{EnvironmentStatus, StreamFrame};
 use crate::provider::Provider;
 use crate::secrets::Sealer;
 use crate::ssh::client::SshTarget;
@@ -137,9 +138,15 @@ impl EnvState {
         &self.args.deps
     }
 
-    fn publish(&self, update: EnvUpdate) {
+    /// To this environment's subscribers, and status changes to the all-environments bus too
+    /// (no subscriber is fine: the change is persisted).
+    fn publish(&self, frame: StreamFrame) {
+        let update = EnvUpdate {
+            owner: self.row.user_id.clone(),
+            frame,
+        };
         let _ = self.feed.send(update.clone());
-        if matches!(update, EnvUpdate::EnvironmentStatus { .. }) {
+        if update.frame.as_status().is_some() {
             let _ = self.deps().bus.send(update);
         }
     }
@@ -221,6 +228,7 @@ impl EnvState {
                 message: message.clone(),
                 status: Some(next.status),
                 status_version: None,
+                progress: None,
             };
             store::record_transition(&mut conn, self.id(), &change, row).await?
         } else {
@@ -235,15 +243,14 @@ impl EnvState {
         self.row.message = change.message.clone();
         self.row.error_message = change.error_message.clone();
         self.row.installation_completed = change.installation_completed;
-        self.publish(EnvUpdate::EnvironmentStatus {
+        self.publish(StreamFrame::EnvironmentStatus(EnvironmentStatus {
             environment_id: self.id().to_string(),
-            user_id: self.row.user_id.clone(),
             status: next.status,
             status_version: version,
             progress: next.progress,
             message: Some(message),
             timestamp: from_db(now),
-        });
+        }));
         Ok(())
     }
 

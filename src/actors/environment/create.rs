@@ -166,6 +166,7 @@ pub async fn create(deps: &EnvDeps, new: NewEnvironment) -> Result<Environment, 
         message: "Environment requested".into(),
         status: Some(Status::Creating),
         status_version: Some(1),
+        progress: Some(0),
     };
     let mut conn = deps.db.get().await?;
     match store::insert_checked(&mut conn, &env, &event).await? {

@@ -16,6 +16,7 @@ use super::actor::{EnvDeps, EnvMsg};
 use super::feed::EnvUpdate;
 use super::machine::{Effect, Event, Status};
 use crate::clock::db_now;
+use crate::protocol::StreamFrame;
 use crate::provider::{InstanceSpec, InstanceState, Provider, ProviderError};
 use crate::ssh::client::{SshClient, SshTarget};
 use crate::store::environments::{self as store, Environment, NewEvent};
@@ -74,6 +75,14 @@ impl TaskCtx {
     fn fail(&self, message: impl Into<String>) {
         self.report(Event::Failed {
             message: message.into(),
+        });
+    }
+
+    /// Publish to this environment's subscribers (none listening is fine: what matters is stored).
+    fn publish(&self, frame: StreamFrame) {
+        let _ = self.feed.send(EnvUpdate {
+            owner: self.row.user_id.clone(),
+            frame,
         });
     }
 
@@ -369,9 +378,14 @@ impl TaskCtx {
                 } else {
                     "Installation finished"
                 };
-                self.log_event("installation_complete", "info", message)
-                    .await;
-                let _ = self.feed.send(EnvUpdate::InstallationComplete {
+                self.log_event(
+                    "installation_complete",
+                    "info",
+                    message,
+                    Some(Status::Running),
+                )
+                .await;
+                self.publish(StreamFrame::InstallationComplete {
                     environment_id: env_id,
                     status: Status::Running,
                     installation_status: "completed".into(),
@@ -385,8 +399,9 @@ impl TaskCtx {
                     Some(code) => format!("installation failed (exit status {code})"),
                     None => "installation ended without an exit status".to_string(),
                 };
-                self.log_event("installation_error", "error", &error).await;
-                let _ = self.feed.send(EnvUpdate::InstallationError {
+                self.log_event("installation_error", "error", &error, None)
+                    .await;
+                self.publish(StreamFrame::InstallationError {
                     environment_id: env_id,
                     error: error.clone(),
                     is_critical: true,
@@ -405,6 +420,7 @@ impl TaskCtx {
         let deps = self.deps.clone();
         let env_id = self.row.id.clone();
         let feed = self.feed.clone();
+        let owner = self.row.user_id.clone();
         let myself = self.myself.clone();
         let epoch = self.epoch;
         let mut best = self.row.progress.clamp(0, 100) as u8;
@@ -436,6 +452,7 @@ impl TaskCtx {
                         message: line.clone(),
                         status: None,
                         status_version: None,
+                        progress: None,
                     };
                     if let Ok(mut conn) = deps.db.get().await
                         && let Err(e) = store::add_event(&mut conn, &row).await
@@ -444,16 +461,23 @@ impl TaskCtx {
                     }
                 }
                 seen.send_modify(|n| *n += 1);
-                let _ = feed.send(EnvUpdate::InstallationLog {
+                let frame = StreamFrame::InstallationLog {
                     environment_id: env_id.clone(),
                     data: line,
                     timestamp: now,
+                };
+                // No subscriber is fine: the line is stored.
+                let _ = feed.send(EnvUpdate {
+                    owner: owner.clone(),
+                    frame,
                 });
             }
         }
     }
 
-    async fn log_event(&self, kind: &str, level: &str, message: &str) {
+    /// Store an event row (`status`: what the environment is or becomes with it). A failure is
+    /// logged: the event is history, the environment goes on.
+    async fn log_event(&self, kind: &str, level: &str, message: &str, status: Option<Status>) {
         let row = NewEvent {
             environment_id: self.row.id.clone(),
             occurred_at: db_now(self.deps.clock.as_ref()),
@@ -461,11 +485,16 @@ impl TaskCtx {
             level: level.into(),
             source: "server".into(),
             message: message.into(),
-            status: None,
+            status,
             status_version: None,
+            progress: None,
         };
-        if let Ok(mut conn) = self.deps.db.get().await {
-            let _ = store::add_event(&mut conn, &row).await;
+        let result = match self.deps.db.get().await {
+            Ok(mut conn) => store::add_event(&mut conn, &row).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            tracing::warn!(environment = %self.row.id, kind, error = %e, "could not store an event");
         }
     }
 
@@ -515,6 +544,7 @@ impl TaskCtx {
             "info",
             "info",
             &format!("Snapshot {} ({}) created", snap.name, snap.id),
+            None,
         )
         .await;
         self.report(Event::ActionDone);
@@ -527,8 +557,13 @@ impl TaskCtx {
             .restore_snapshot(&instance_id, snapshot_id)
             .await
             .map_err(|e| format!("restore failed: {e}"))?;
-        self.log_event("info", "info", &format!("Snapshot {snapshot_id} restored"))
-            .await;
+        self.log_event(
+            "info",
+            "info",
+            &format!("Snapshot {snapshot_id} restored"),
+            None,
+        )
+        .await;
         self.report(Event::ActionDone);
         Ok(())
     }

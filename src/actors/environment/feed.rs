@@ -1,42 +1,16 @@
-//! The update feed: what an environment publishes to its subscribers (logs and events WebSockets,
-//! terminals) and to the all-environments bus.
+//! The update feed: what an environment publishes to its subscribers (logs WebSockets and
+//! terminals) and, for status changes, to the all-environments bus (the events WebSocket). The
+//! frames themselves are defined in [`crate::protocol`].
 
-use chrono::{DateTime, Utc};
-use serde::Serialize;
-
-use super::machine::Status;
+use crate::protocol::StreamFrame;
 
 /// Updates kept for slow subscribers of one environment before they lag (and are told so).
 pub const ENV_FEED_CAPACITY: usize = 256;
 
-/// What subscribers (logs and events WebSockets, terminals) receive.
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum EnvUpdate {
-    EnvironmentStatus {
-        environment_id: String,
-        #[serde(skip)]
-        user_id: String,
-        status: Status,
-        status_version: i64,
-        progress: u8,
-        message: Option<String>,
-        timestamp: DateTime<Utc>,
-    },
-    InstallationLog {
-        environment_id: String,
-        data: String,
-        timestamp: DateTime<Utc>,
-    },
-    InstallationComplete {
-        environment_id: String,
-        status: Status,
-        installation_status: String,
-        message: String,
-    },
-    InstallationError {
-        environment_id: String,
-        error: String,
-        is_critical: bool,
-    },
+/// One update: the frame, and who owns the environment (the events stream sends a user only
+/// their own environments' changes).
+#[derive(Debug, Clone)]
+pub struct EnvUpdate {
+    pub owner: String,
+    pub frame: StreamFrame,
 }

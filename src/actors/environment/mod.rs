@@ -26,6 +26,7 @@ use super::directory::{
     ChildExit, ChildRestarts, Directory, Pending, RestartDecision, RestartPolicy, child_exit,
 };
 use crate::clock::{db_now, from_db};
+use crate::protocol::{EnvironmentStatus, StreamFrame};
 use crate::store::environments::Environment;
 use crate::store::environments::{self as store, NewEvent, StatusChange};
 
@@ -268,16 +269,21 @@ impl EnvironmentsState {
             message: message.to_string(),
             status: Some(change.status),
             status_version: None,
+            progress: None,
         };
         let version = store::record_transition(&mut conn, environment_id, &change, event).await?;
-        let _ = deps.bus.send(EnvUpdate::EnvironmentStatus {
+        let status = EnvironmentStatus {
             environment_id: environment_id.to_string(),
-            user_id: row.user_id,
             status: next.status,
             status_version: version,
             progress: next.progress,
             message: Some(message.to_string()),
             timestamp: from_db(now),
+        };
+        // No subscriber is fine: the change is persisted.
+        let _ = deps.bus.send(EnvUpdate {
+            owner: row.user_id,
+            frame: StreamFrame::EnvironmentStatus(status),
         });
         Ok(())
     }
