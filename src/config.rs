@@ -380,7 +380,10 @@ impl Config {
                 "server.keep_alive_timeout_seconds",
                 self.server.keep_alive_timeout_seconds,
             ),
-            ("server.body_timeout_seconds", self.server.body_timeout_seconds),
+            (
+                "server.body_timeout_seconds",
+                self.server.body_timeout_seconds,
+            ),
         ] {
             if seconds == 0 {
                 p.push(format!("{key}: must be above 0"));
@@ -600,7 +603,12 @@ pub fn parse_trusted_proxy(entry: &str) -> Option<ipnet::IpNet> {
     entry
         .parse::<ipnet::IpNet>()
         .ok()
-        .or_else(|| entry.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+        .or_else(|| {
+            entry
+                .parse::<std::net::IpAddr>()
+                .ok()
+                .map(ipnet::IpNet::from)
+        })
         .map(|net| net.trunc())
 }
 
@@ -780,7 +788,10 @@ mod tests {
         let err = Config::load(
             None,
             env(&[
-                ("DEVPOCKET_SERVER__TRUSTED_PROXIES", "[\"10.0.0.0/33\", \"proxy.local\"]"),
+                (
+                    "DEVPOCKET_SERVER__TRUSTED_PROXIES",
+                    "[\"10.0.0.0/33\", \"proxy.local\"]",
+                ),
                 ("DEVPOCKET_SERVER__MAX_CONNECTIONS", "10"),
                 ("DEVPOCKET_SERVER__MAX_CONNECTIONS_PER_IP", "11"),
                 ("DEVPOCKET_SERVER__BODY_TIMEOUT_SECONDS", "0"),

@@ -335,7 +335,11 @@ async fn deadlines_close_idle_slow_and_stalled_connections(backend: Backend) {
     assert!(body["detail"].is_string());
     for task in slow {
         let received = task.await.expect("join");
-        assert!(received.is_empty(), "{:?}", String::from_utf8_lossy(&received));
+        assert!(
+            received.is_empty(),
+            "{:?}",
+            String::from_utf8_lossy(&received)
+        );
     }
     for task in slow_bodies {
         // Closed; a 408 if it could still be read before the close (the drip may reset it).
@@ -464,10 +468,14 @@ async fn trusted_proxies_name_the_client_and_others_do_not(backend: Backend) {
     // Through the trusted proxy, each forwarded client has its own credential quota; a client
     // cannot pick its address by writing its own entry in front.
     for _ in 0..2 {
-        let resp = login(&proxy, "198.51.100.1, 203.0.113.1").await.expect("send");
+        let resp = login(&proxy, "198.51.100.1, 203.0.113.1")
+            .await
+            .expect("send");
         assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     }
-    let resp = login(&proxy, "198.51.100.2, 203.0.113.1").await.expect("send");
+    let resp = login(&proxy, "198.51.100.2, 203.0.113.1")
+        .await
+        .expect("send");
     assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
     assert!(resp.headers().contains_key("retry-after"));
     let resp = login(&proxy, "203.0.113.2").await.expect("send");
@@ -500,7 +508,13 @@ async fn trusted_proxies_name_the_client_and_others_do_not(backend: Backend) {
     ips.sort_unstable();
     assert_eq!(
         ips,
-        vec![NEIGHBOUR, NEIGHBOUR, "203.0.113.1", "203.0.113.1", "203.0.113.2"]
+        vec![
+            NEIGHBOUR,
+            NEIGHBOUR,
+            "203.0.113.1",
+            "203.0.113.1",
+            "203.0.113.2"
+        ]
     );
 
     // The proxy is exempt from the per-address cap: far more than the cap of its connections

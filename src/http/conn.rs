@@ -427,7 +427,11 @@ mod tests {
         drop(_c);
         assert_eq!(caps.held_by(ip("192.0.2.1")), 0);
         assert!(
-            caps.live.lock().expect("lock").get(&ip("192.0.2.1")).is_none(),
+            caps.live
+                .lock()
+                .expect("lock")
+                .get(&ip("192.0.2.1"))
+                .is_none(),
             "empty entries are removed"
         );
     }
@@ -455,6 +459,9 @@ mod tests {
         d.upgraded();
         drop(request);
         let expired = tokio::time::timeout(Duration::from_secs(3600), d.expired()).await;
-        assert!(expired.is_err(), "an upgraded connection has no head deadline");
+        assert!(
+            expired.is_err(),
+            "an upgraded connection has no head deadline"
+        );
     }
 }
