@@ -232,7 +232,7 @@ async fn deadlines_close_idle_slow_and_stalled_connections(backend: Backend) {
     let s = TestServer::start_with(backend, |c| {
         c.server.max_connections = 100;
         c.server.max_connections_per_ip = 20;
-        c.server.header_read_timeout_seconds = 1;
+        c.server.header_read_timeout_seconds = 2;
         c.server.keep_alive_timeout_seconds = 1;
         c.server.body_timeout_seconds = 2;
     })
@@ -277,10 +277,10 @@ async fn deadlines_close_idle_slow_and_stalled_connections(backend: Backend) {
         )
         .await
         .expect("write");
-    // A head and a body that trickle in (a byte at a time, forever if let).
-    let trickle = move |mut stream: TcpStream, head: &'static [u8], drip: &'static [u8]| {
+    // A head and a body that trickle in (a byte at a time, forever if let). The start of each is
+    // sent at once, as a real client would, the rest drips.
+    let trickle = move |stream: TcpStream, drip: &'static [u8]| {
         tokio::spawn(async move {
-            let _ = stream.write_all(head).await;
             let (mut read, mut write) = stream.into_split();
             let writer = tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -298,20 +298,24 @@ async fn deadlines_close_idle_slow_and_stalled_connections(backend: Backend) {
     };
     let mut slow = Vec::new();
     for _ in 0..3 {
-        slow.push(trickle(
-            connect_from(ATTACKER, server).await,
-            b"GET /health HTTP/1.1\r\nx-pad: ",
-            b"x",
-        ));
+        let mut stream = connect_from(ATTACKER, server).await;
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nx-pad: ")
+            .await
+            .expect("write");
+        slow.push(trickle(stream, b"x"));
     }
     let mut slow_bodies = Vec::new();
     for _ in 0..3 {
-        slow_bodies.push(trickle(
-            connect_from(ATTACKER, server).await,
-            b"POST /api/v1/auth/login HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n\
-              content-length: 4000\r\n\r\n{",
-            b" ",
-        ));
+        let mut stream = connect_from(ATTACKER, server).await;
+        stream
+            .write_all(
+                b"POST /api/v1/auth/login HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n\
+                  content-length: 4000\r\n\r\n{",
+            )
+            .await
+            .expect("write");
+        slow_bodies.push(trickle(stream, b" "));
     }
 
     // Meanwhile another address is served.
