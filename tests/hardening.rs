@@ -169,9 +169,17 @@ async fn one_address_cannot_take_the_connections_of_others(backend: Backend) {
             .expect("the neighbour is served while the attacker holds its sockets");
         assert_eq!(resp.status(), StatusCode::OK);
     }
-    let other = client_from("127.0.0.3", bound);
+    // A third address, speaking HTTP/2 (the server detects it from the preface).
+    let other = reqwest::Client::builder()
+        .no_proxy()
+        .local_address("127.0.0.3".parse::<IpAddr>().expect("source address"))
+        .http2_prior_knowledge()
+        .timeout(bound)
+        .build()
+        .expect("client");
     let resp = other.get(s.url("/health/live")).send().await.expect("send");
     assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
 
     // The attacker got its cap and no more: the connections past it were told 503 and closed at
     // once; those within it are still held (the deadlines are far away).
