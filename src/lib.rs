@@ -5,7 +5,8 @@
 //! - [`config`] — the one configuration struct: embedded defaults, file, environment; validated
 //!   as a whole.
 //! - [`app`] — the application state handlers share, and the running server (`start`, `stop`).
-//! - [`http`] — the front end: routing, limits, errors, security headers, metrics, handlers.
+//! - [`http`] — the front end: connection caps and deadlines, routing, limits, errors, security
+//!   headers, metrics, handlers.
 //! - [`actors`] — the supervision tree: root, sessions and environments supervisors, the
 //!   UserSession, environment and terminal actors, restart policy and the ops directory.
 //! - [`provider`] — where environments run: the trait, Contabo (real API client) and local.
