@@ -239,7 +239,7 @@ impl Actors {
     pub async fn ssh_target(
         &self,
         environment_id: &str,
-    ) -> Result<Result<crate::ssh::SshTarget, String>, EnvUnavailable> {
+    ) -> Result<anyhow::Result<crate::ssh::SshTarget>, EnvUnavailable> {
         self.call_environment(environment_id, |reply| EnvMsg::SshTarget { reply })
             .await
     }

@@ -198,16 +198,21 @@ async fn owned_environment(
     env_id: &str,
 ) -> Option<Environment> {
     let found = match app.db.get().await {
-        Ok(mut conn) => store::get_owned(&mut conn, env_id, &user.user.id)
-            .await
-            .ok()
-            .flatten(),
-        Err(_) => None,
+        Ok(mut conn) => store::get_owned(&mut conn, env_id, &user.user.id).await,
+        Err(e) => Err(e),
     };
-    if found.is_none() {
-        close(ws, 1008, "Environment not found").await;
+    match found {
+        Ok(Some(env)) => Some(env),
+        Ok(None) => {
+            close(ws, 1008, "Environment not found").await;
+            None
+        }
+        Err(e) => {
+            tracing::error!(environment = env_id, error = %e, "store unavailable for a WebSocket");
+            close(ws, 1011, "Server error, try again").await;
+            None
+        }
     }
-    found
 }
 
 async fn run(
@@ -258,7 +263,7 @@ async fn terminal(
         Ok(Err(e)) => {
             let _ = send(
                 &mut ws,
-                &ServerFrame::error(format!("Cannot reach the environment: {e}")),
+                &ServerFrame::error(format!("Cannot reach the environment: {e:#}")),
             )
             .await;
             close(&mut ws, 1011, "Environment unreachable").await;
@@ -465,11 +470,16 @@ async fn logs(app: AppState, mut ws: Ws, user: AuthUser, env_id: &str, query: Ws
         false => None,
     };
     let history = match app.db.get().await {
-        Ok(mut conn) => store::events(&mut conn, &env.id, None, LOG_HISTORY)
-            .await
-            .map(|(e, _)| e)
-            .unwrap_or_default(),
-        Err(_) => Vec::new(),
+        Ok(mut conn) => store::events(&mut conn, &env.id, None, LOG_HISTORY).await,
+        Err(e) => Err(e),
+    };
+    let history = match history {
+        Ok((events, _)) => events,
+        Err(e) => {
+            tracing::error!(environment = %env.id, error = %e, "cannot read the log history");
+            close(&mut ws, 1011, "Server error, try again").await;
+            return;
+        }
     };
     for event in &history {
         if ws

@@ -3,6 +3,8 @@
 //! metrics) and, through it, by terminals.
 
 use std::sync::Arc;
+
+use anyhow::{Context, anyhow};
 use std::time::Duration;
 
 use crate::provider::Provider;
@@ -11,25 +13,23 @@ use crate::ssh::client::SshTarget;
 use crate::store::environments::Environment;
 
 /// How to reach an environment over SSH: its address, its own key (unsealed) and the pinned host
-/// key. Shared by the environment actor and terminals.
+/// key. Errors: no address yet (still provisioning), or a secret that does not open or parse.
 pub fn ssh_target(
     row: &Environment,
     provider: &dyn Provider,
     sealer: &Sealer,
     connect_timeout: Duration,
-) -> Result<SshTarget, String> {
+) -> anyhow::Result<SshTarget> {
     let ip = row
         .ip_address
         .clone()
-        .ok_or_else(|| "the environment has no address yet".to_string())?;
+        .ok_or_else(|| anyhow!("the environment has no address yet"))?;
     let (host, port) = provider.ssh_endpoint(&ip);
     let private = sealer
         .open(&row.ssh_private_key, &row.id)
-        .map_err(|e| format!("cannot unseal environment secret: {e}"))
-        .and_then(|b| String::from_utf8(b).map_err(|e| e.to_string()))?;
-    let key = crate::ssh::keys::parse_private(&private).map_err(|e| e.to_string())?;
-    let host_key =
-        crate::ssh::keys::parse_public(&row.host_public_key).map_err(|e| e.to_string())?;
+        .context("cannot unseal environment secret")?;
+    let key = crate::ssh::keys::parse_private(&String::from_utf8(private)?)?;
+    let host_key = crate::ssh::keys::parse_public(&row.host_public_key)?;
     Ok(SshTarget {
         host,
         port,

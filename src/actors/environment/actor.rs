@@ -64,7 +64,7 @@ pub enum EnvMsg {
     /// How a terminal reaches this environment over SSH (address, unsealed key, pinned host key),
     /// or why it cannot yet.
     SshTarget {
-        reply: RpcReplyPort<Result<SshTarget, String>>,
+        reply: RpcReplyPort<anyhow::Result<SshTarget>>,
     },
     /// Fault injection: panic in the handler.
     Crash(String),
@@ -462,7 +462,7 @@ impl EnvState {
         }
     }
 
-    fn ssh_target(&self) -> Result<SshTarget, String> {
+    fn ssh_target(&self) -> anyhow::Result<SshTarget> {
         crate::ssh::target::ssh_target(
             &self.row,
             self.deps().provider.as_ref(),

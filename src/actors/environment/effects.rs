@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::{Context, anyhow, bail};
 use ractor::ActorRef;
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
@@ -103,20 +104,20 @@ impl TaskCtx {
             Effect::DeleteInstance => self.delete().await,
             Effect::StartMetrics | Effect::StopMetrics => Ok(()),
         };
-        if let Err(message) = result {
-            self.fail(message);
+        if let Err(e) = result {
+            self.fail(format!("{e:#}"));
         }
     }
 
-    fn open(&self, sealed: &str) -> Result<String, String> {
+    fn open(&self, sealed: &str) -> anyhow::Result<String> {
         self.deps
             .sealer
             .open(sealed, &self.row.id)
-            .map_err(|e| format!("cannot unseal environment secret: {e}"))
-            .and_then(|b| String::from_utf8(b).map_err(|e| e.to_string()))
+            .context("cannot unseal environment secret")
+            .and_then(|b| Ok(String::from_utf8(b)?))
     }
 
-    pub(super) async fn spec(&self, operation_id: &str) -> Result<InstanceSpec, String> {
+    pub(super) async fn spec(&self, operation_id: &str) -> anyhow::Result<InstanceSpec> {
         let variables: BTreeMap<String, String> =
             serde_json::from_str(&self.row.environment_variables).unwrap_or_default();
         let user_data = self.user_data(&variables).await?;
@@ -132,16 +133,15 @@ impl TaskCtx {
         })
     }
 
-    async fn template(&self) -> Result<crate::templates::Template, String> {
-        let mut conn = self.deps.db.get().await.map_err(|e| e.to_string())?;
+    async fn template(&self) -> anyhow::Result<crate::templates::Template> {
+        let mut conn = self.deps.db.get().await?;
         let row = template_store::get(&mut conn, &self.row.template)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("template {} no longer exists", self.row.template))?;
-        serde_json::from_str(&row.definition).map_err(|e| format!("template {}: {e}", row.id))
+            .await?
+            .ok_or_else(|| anyhow!("template {} no longer exists", self.row.template))?;
+        serde_json::from_str(&row.definition).with_context(|| format!("template {}", row.id))
     }
 
-    async fn user_data(&self, variables: &BTreeMap<String, String>) -> Result<String, String> {
+    async fn user_data(&self, variables: &BTreeMap<String, String>) -> anyhow::Result<String> {
         let Some(sealed_host_key) = &self.row.host_private_key else {
             // Providers that do not install a host key (local) do not use user-data either.
             return Ok(String::new());
@@ -157,19 +157,19 @@ impl TaskCtx {
             host_key_public: self.row.host_public_key.clone(),
             environment_variables: variables.clone(),
         };
-        crate::templates::render(&template, &vars).map_err(|e| e.to_string())
+        Ok(crate::templates::render(&template, &vars)?)
     }
 
     async fn with_conn<T>(
         &self,
         f: impl AsyncFnOnce(&mut crate::store::DbConn) -> crate::store::StoreResult<T>,
-    ) -> Result<T, String> {
-        let mut conn = self.deps.db.get().await.map_err(|e| e.to_string())?;
-        f(&mut conn).await.map_err(|e| e.to_string())
+    ) -> anyhow::Result<T> {
+        let mut conn = self.deps.db.get().await?;
+        Ok(f(&mut conn).await?)
     }
 
     /// Reconcile first, then create; never two instances for one environment.
-    async fn ensure_instance(&self) -> Result<(), String> {
+    async fn ensure_instance(&self) -> anyhow::Result<()> {
         let cfg = &self.deps.config.provider;
         let mut last_operation = self.row.operation_id.clone();
         let mut attempts = self.row.create_attempts.max(0) as u32;
@@ -188,9 +188,9 @@ impl TaskCtx {
                 }
             }
             if attempts >= cfg.max_create_attempts {
-                return Err(format!(
+                bail!(
                     "the provider did not create the instance after {attempts} attempt(s)"
-                ));
+                );
             }
             let operation_id = uuid::Uuid::new_v4().to_string();
             let now = db_now(self.deps.clock.as_ref());
@@ -208,12 +208,12 @@ impl TaskCtx {
                     tracing::warn!(environment = %self.row.id, error = %why, "create outcome unknown; reconciling before any retry");
                     tokio::time::sleep(RETRY_WAIT).await;
                 }
-                Err(e) => return Err(format!("the provider refused to create the instance: {e}")),
+                Err(e) => bail!("the provider refused to create the instance: {e}"),
             }
         }
     }
 
-    async fn adopt(&self, instance_id: &str) -> Result<(), String> {
+    async fn adopt(&self, instance_id: &str) -> anyhow::Result<()> {
         let now = db_now(self.deps.clock.as_ref());
         let env_id = self.row.id.clone();
         let id = instance_id.to_string();
@@ -225,15 +225,15 @@ impl TaskCtx {
         Ok(())
     }
 
-    fn instance_id(&self) -> Result<String, String> {
+    fn instance_id(&self) -> anyhow::Result<String> {
         self.row
             .instance_id
             .clone()
-            .ok_or_else(|| "the environment has no instance".to_string())
+            .ok_or_else(|| anyhow!("the environment has no instance"))
     }
 
     /// Poll until the instance is running with an address.
-    async fn await_instance(&self) -> Result<(), String> {
+    async fn await_instance(&self) -> anyhow::Result<()> {
         let cfg = &self.deps.config.provider;
         let instance_id = self.instance_id()?;
         let deadline =
@@ -255,33 +255,33 @@ impl TaskCtx {
                     return Ok(());
                 }
                 Ok(InstanceState::Failed { message }) => {
-                    return Err(format!("the instance failed: {message}"));
+                    bail!("the instance failed: {message}");
                 }
-                Ok(InstanceState::Gone) => return Err("the instance disappeared".into()),
+                Ok(InstanceState::Gone) => bail!("the instance disappeared"),
                 Ok(InstanceState::Stopped) if !started => {
                     started = true;
                     let _ = self.provider().start(&instance_id).await;
                 }
                 Ok(InstanceState::Stopped | InstanceState::Pending { .. }) => {}
                 Err(ProviderError::Rejected { status, message }) => {
-                    return Err(format!("the provider refused ({status}): {message}"));
+                    bail!("the provider refused ({status}): {message}");
                 }
                 Err(e) => {
                     tracing::debug!(environment = %self.row.id, error = %e, "poll failed; will poll again")
                 }
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(format!(
+                bail!(
                     "the instance did not come up within {} s",
                     cfg.provision_timeout_seconds
-                ));
+                );
             }
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_millis(cfg.poll_max_ms));
         }
     }
 
-    async fn ssh_target(&self) -> Result<SshTarget, String> {
+    async fn ssh_target(&self) -> anyhow::Result<SshTarget> {
         crate::ssh::target::ssh_target(
             &self.row,
             self.provider(),
@@ -294,17 +294,17 @@ impl TaskCtx {
     pub(super) async fn connect(
         &self,
         deadline: tokio::time::Instant,
-    ) -> Result<SshClient, String> {
+    ) -> anyhow::Result<SshClient> {
         let target = self.ssh_target().await?;
         let mut wait = Duration::from_millis(self.deps.config.provider.poll_initial_ms);
         loop {
             match SshClient::connect(&target).await {
                 Ok(client) => return Ok(client),
                 Err(e @ crate::ssh::client::SshError::HostKeyMismatch { .. }) => {
-                    return Err(format!("refusing the environment's SSH server: {e}"));
+                    bail!("refusing the environment's SSH server: {e}");
                 }
                 Err(e) if tokio::time::Instant::now() >= deadline => {
-                    return Err(format!("cannot reach the environment over SSH: {e}"));
+                    bail!("cannot reach the environment over SSH: {e}");
                 }
                 Err(e) => {
                     tracing::debug!(environment = %self.row.id, error = %e, "SSH not ready; retrying")
@@ -317,7 +317,7 @@ impl TaskCtx {
 
     /// Follow installation over SSH: stream the log, report progress markers, end with the
     /// installation's own verdict.
-    async fn watch_installation(&self) -> Result<(), String> {
+    async fn watch_installation(&self) -> anyhow::Result<()> {
         let cfg = &self.deps.config.provider;
         let deadline =
             tokio::time::Instant::now() + Duration::from_secs(cfg.install_timeout_seconds);
@@ -347,9 +347,9 @@ impl TaskCtx {
                 let status = match status {
                     Ok(Ok(out)) => out.status,
                     Ok(Err(e)) => {
-                        return Err(format!("lost the environment while installing: {e}"));
+                        bail!("lost the environment while installing: {e}");
                     }
-                    Err(_) => return Err(too_slow()),
+                    Err(_) => bail!(too_slow()),
                 };
                 // The log follower (tail -F) never ends by itself: let it deliver what the log
                 // holds, then stop it.
@@ -360,10 +360,10 @@ impl TaskCtx {
             None => match tokio::time::timeout_at(deadline, &mut log_task.0).await {
                 Ok(Ok(Ok(status))) => status,
                 Ok(Ok(Err(e))) => {
-                    return Err(format!("lost the environment while installing: {e}"));
+                    bail!("lost the environment while installing: {e}");
                 }
                 Ok(Err(_)) => None,
-                Err(_) => return Err(too_slow()),
+                Err(_) => bail!(too_slow()),
             },
         };
         drop(log_task);
@@ -406,7 +406,7 @@ impl TaskCtx {
                     error: error.clone(),
                     is_critical: true,
                 });
-                Err(error)
+                Err(anyhow!(error))
             }
         }
     }
@@ -499,7 +499,7 @@ impl TaskCtx {
     }
 
     /// A power action, then wait for the instance to show its result.
-    async fn power(&self, action: &str) -> Result<(), String> {
+    async fn power(&self, action: &str) -> anyhow::Result<()> {
         let instance_id = self.instance_id()?;
         let provider = self.provider();
         let call = match action {
@@ -507,7 +507,7 @@ impl TaskCtx {
             "stop" => provider.stop(&instance_id).await,
             _ => provider.restart(&instance_id).await,
         };
-        call.map_err(|e| format!("{action} failed: {e}"))?;
+        call.with_context(|| format!("{action} failed"))?;
         let want_running = action != "stop";
         let cfg = &self.deps.config.provider;
         let deadline =
@@ -518,13 +518,13 @@ impl TaskCtx {
                 Ok(InstanceState::Running { .. }) if want_running => break,
                 Ok(InstanceState::Stopped) if !want_running => break,
                 Ok(InstanceState::Failed { message }) => {
-                    return Err(format!("{action} failed: {message}"));
+                    bail!("{action} failed: {message}");
                 }
-                Ok(InstanceState::Gone) => return Err("the instance disappeared".into()),
+                Ok(InstanceState::Gone) => bail!("the instance disappeared"),
                 _ => {}
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(format!("{action} did not complete in time"));
+                bail!("{action} did not complete in time");
             }
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_millis(cfg.poll_max_ms));
@@ -533,13 +533,13 @@ impl TaskCtx {
         Ok(())
     }
 
-    async fn snapshot(&self, name: &str) -> Result<(), String> {
+    async fn snapshot(&self, name: &str) -> anyhow::Result<()> {
         let instance_id = self.instance_id()?;
         let snap = self
             .provider()
             .create_snapshot(&instance_id, name)
             .await
-            .map_err(|e| format!("snapshot failed: {e}"))?;
+            .context("snapshot failed")?;
         self.log_event(
             "info",
             "info",
@@ -551,12 +551,12 @@ impl TaskCtx {
         Ok(())
     }
 
-    async fn restore(&self, snapshot_id: &str) -> Result<(), String> {
+    async fn restore(&self, snapshot_id: &str) -> anyhow::Result<()> {
         let instance_id = self.instance_id()?;
         self.provider()
             .restore_snapshot(&instance_id, snapshot_id)
             .await
-            .map_err(|e| format!("restore failed: {e}"))?;
+            .context("restore failed")?;
         self.log_event(
             "info",
             "info",
@@ -568,7 +568,7 @@ impl TaskCtx {
         Ok(())
     }
 
-    async fn delete(&self) -> Result<(), String> {
+    async fn delete(&self) -> anyhow::Result<()> {
         let mut instance = self.row.instance_id.clone();
         if instance.is_none()
             && let Some(op) = &self.row.operation_id
@@ -579,7 +579,7 @@ impl TaskCtx {
                 .provider()
                 .find_instance(&spec)
                 .await
-                .map_err(|e| format!("cannot check for an instance to delete: {e}"))?;
+                .context("cannot check for an instance to delete")?;
         }
         if let Some(instance_id) = instance {
             let mut tries = 0;
@@ -592,7 +592,7 @@ impl TaskCtx {
                         tries += 1;
                         tokio::time::sleep(RETRY_WAIT * tries).await;
                     }
-                    Err(e) => return Err(format!("delete failed: {e}")),
+                    Err(e) => bail!("delete failed: {e}"),
                 }
             }
         }
