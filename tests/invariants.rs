@@ -15,6 +15,7 @@ on_both_backends!(
     parallel_creates_of_one_name_make_one_environment,
     parallel_renames_to_one_name_leave_one_owner,
     the_store_refuses_a_second_live_name,
+    names_duplicated_before_the_upgrade_are_resolved_by_the_migration,
 );
 
 /// Send `bodies` as parallel creates; the (status, body) of each.
@@ -146,4 +147,77 @@ async fn the_store_refuses_a_second_live_name(backend: Backend) {
         .expect("a terminated one may share the name");
     drop(conn);
     s.stop().await;
+}
+
+/// A store from before the unique index, holding duplicated live names (as the old check-then-act
+/// allowed): the migration keeps the oldest name, renames the others (`-2`, `-3`; an id piece
+/// when that name is already someone's), leaves terminated ones alone, records each rename, and then the index
+/// holds.
+async fn names_duplicated_before_the_upgrade_are_resolved_by_the_migration(backend: Backend) {
+    use devpocket::store::{Db, DbConn, DbUrl, environments as store};
+    use diesel_async::SimpleAsyncConnection;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let test_db = support::TestDb::create(backend, dir.path()).await;
+    let url = DbUrl::parse(&test_db.url).expect("url");
+    let db = Db::connect(&url, 2, std::time::Duration::from_secs(10))
+        .await
+        .expect("connect");
+    db.migrate_until("2026-11-22-000002")
+        .await
+        .expect("old schema");
+    let env_row = |id: &str, name: &str, status: &str, second: u32| {
+        format!(
+            "INSERT INTO environments (id, user_id, name, template, provider, status, region, size, \
+             resources, environment_variables, display_name, ssh_user, ssh_public_key, \
+             ssh_private_key, host_public_key, created_at, updated_at) VALUES ('{id}', 'u1', \
+             '{name}', 'ubuntu', 'local', '{status}', 'local', 'local', '{{}}', '{{}}', \
+             'devpocket-{id}', 'dev', 'k', 'k', 'k', '2026-01-01 00:00:{second:02}', \
+             '2026-01-01 00:00:{second:02}');"
+        )
+    };
+    let sql = [
+        "INSERT INTO users (id, username, username_key, email, created_at, updated_at) VALUES \
+         ('u1', 'old', 'old', 'old@example.com', '2026-01-01 00:00:00', '2026-01-01 00:00:00');"
+            .to_string(),
+        env_row("e1", "dup", "running", 1),
+        env_row("e2", "dup", "stopped", 2),
+        env_row("e3", "dup", "terminated", 3),
+        env_row("e4", "dup", "error", 4),
+        env_row("e5", "dup-2", "running", 5),
+        env_row("e6", "solo", "running", 6),
+    ]
+    .join("\n");
+    {
+        let mut conn = db.get().await.expect("conn");
+        match &mut conn {
+            DbConn::Pg(c) => c.batch_execute(&sql).await.expect("old rows"),
+            DbConn::Sqlite(c) => c.batch_execute(&sql).await.expect("old rows"),
+        }
+    }
+    db.migrate().await.expect("migrate forward");
+    let mut conn = db.get().await.expect("conn");
+    let mut names = Vec::new();
+    for id in ["e1", "e2", "e3", "e4", "e5", "e6"] {
+        let row = store::get(&mut conn, id)
+            .await
+            .expect("query")
+            .expect("row");
+        names.push(row.name);
+    }
+    assert_eq!(
+        names,
+        ["dup", "dup-e2", "dup", "dup-3", "dup-2", "solo"].map(String::from),
+        "the oldest keeps its name; a name already taken (dup-2) is not given again"
+    );
+    let (events, _) = store::events(&mut conn, "e2", None, 10)
+        .await
+        .expect("events");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.message.contains("Renamed from 'dup' to 'dup-e2'")),
+        "{events:?}"
+    );
+    drop(conn);
+    db.close();
 }

@@ -1,14 +1,24 @@
 -- One live name per user, enforced by the store: names already duplicated among a user's live
 -- environments are resolved first (the oldest keeps its name, later ones become `name-2`,
--- `name-3`, ...; each rename is recorded as an event), then a partial unique index makes a
--- second live environment with the same name impossible, whatever races above it.
+-- `name-3`, ... or, where that name is already someone's, `name-<id prefix>`; each rename is
+-- recorded as an event), then a partial unique index makes a second live environment with the
+-- same name impossible, whatever races above it.
 CREATE TEMPORARY TABLE environment_renames AS
-SELECT id, name || '-' || rn AS new_name, name AS old_name
+SELECT id, old_name,
+       CASE WHEN EXISTS (
+                SELECT 1 FROM environments taken
+                WHERE taken.user_id = ranked.user_id
+                  AND taken.name = ranked.old_name || '-' || ranked.rn
+                  AND taken.status <> 'terminated')
+            THEN old_name || '-' || substr(id, 1, 8)
+            ELSE old_name || '-' || rn
+       END AS new_name
 FROM (
-    SELECT id, name, ROW_NUMBER() OVER (PARTITION BY user_id, name ORDER BY created_at, id) AS rn
+    SELECT id, user_id, name AS old_name,
+           ROW_NUMBER() OVER (PARTITION BY user_id, name ORDER BY created_at, id) AS rn
     FROM environments
     WHERE status <> 'terminated'
-)
+) AS ranked
 WHERE rn > 1;
 
 UPDATE environments

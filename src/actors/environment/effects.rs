@@ -188,9 +188,7 @@ impl TaskCtx {
                 }
             }
             if attempts >= cfg.max_create_attempts {
-                bail!(
-                    "the provider did not create the instance after {attempts} attempt(s)"
-                );
+                bail!("the provider did not create the instance after {attempts} attempt(s)");
             }
             let operation_id = uuid::Uuid::new_v4().to_string();
             let now = db_now(self.deps.clock.as_ref());

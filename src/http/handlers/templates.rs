@@ -75,7 +75,10 @@ fn checked(ctx: &Ctx) -> ApiResult<Template> {
 
 /// The row an admin's template is stored as.
 fn admin_row(app: &AppState, template: &Template) -> ApiResult<TemplateRow> {
-    Ok(TemplateRow::new(template, false, db_now(app.clock.as_ref())).map_err(anyhow::Error::from)?)
+    Ok(
+        TemplateRow::new(template, false, db_now(app.clock.as_ref()))
+            .map_err(anyhow::Error::from)?,
+    )
 }
 
 pub async fn create(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
