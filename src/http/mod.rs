@@ -30,7 +30,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::app::{AppState, AuditContext};
-use crate::error::{ApiError, ApiResult, json_body_error};
+use crate::error::{ErrorCode, ApiError, ApiResult, json_body_error};
 use authn::AuthUser;
 use conn::{HeadDeadline, Held, PerIpConnections, TrustedProxies};
 use router::{Access, ROUTER, RouteMatch};
@@ -407,7 +407,7 @@ async fn dispatch(
         RouteMatch::MethodNotAllowed(allowed) => {
             let mut err = ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+                ErrorCode::MethodNotAllowed,
                 "Method not allowed",
             );
             if let Ok(v) = HeaderValue::from_str(&allowed) {
@@ -436,7 +436,7 @@ async fn dispatch(
                 return (
                     pattern,
                     Err(ApiError::forbidden(
-                        "admin_required",
+                        ErrorCode::AdminRequired,
                         "Admin access required",
                     )),
                 );
@@ -485,7 +485,7 @@ async fn read_body(
     let too_large = || {
         let mut err = ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
+            ErrorCode::PayloadTooLarge,
             format!("Request body is larger than {max} bytes"),
         );
         err.headers.push(close());
@@ -505,7 +505,7 @@ async fn read_body(
             }
             let mut err = ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
-                "body_timeout",
+                ErrorCode::BodyTimeout,
                 format!(
                     "The request body did not arrive within {} seconds",
                     timeout.as_secs()
@@ -516,7 +516,7 @@ async fn read_body(
         };
         let Some(frame) = frame else { break };
         let frame = frame
-            .map_err(|_| ApiError::bad_request("bad_body", "The request body could not be read"))?;
+            .map_err(|_| ApiError::bad_request(ErrorCode::BadBody, "The request body could not be read"))?;
         let Ok(data) = frame.into_data() else {
             continue;
         };

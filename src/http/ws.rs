@@ -33,7 +33,7 @@ use crate::actors::session::TerminalRequest;
 use crate::actors::terminal::{In, Out, Stats, TerminalArgs};
 use crate::app::{AppState, AuditContext};
 use crate::clock::from_db;
-use crate::error::ApiError;
+use crate::error::{ErrorCode, ApiError};
 use crate::protocol::{
     self, ClientFrame, EnvironmentInfo, EnvironmentStatus, ServerFrame, StreamFrame,
 };
@@ -99,7 +99,7 @@ struct WsQuery {
 }
 
 fn bad_upgrade() -> ApiError {
-    ApiError::bad_request("websocket_required", "This endpoint speaks WebSocket only")
+    ApiError::bad_request(ErrorCode::WebsocketRequired, "This endpoint speaks WebSocket only")
 }
 
 /// Validate the upgrade request, answer 101 and run the stream on the upgraded connection.

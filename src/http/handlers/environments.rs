@@ -15,7 +15,7 @@ use crate::actors::environment::machine::Status;
 use crate::actors::environment::metrics::Sample;
 use crate::app::{App, AppState};
 use crate::clock::from_db;
-use crate::error::{ApiError, ApiResult, FieldError};
+use crate::error::{ErrorCode, ApiError, ApiResult, FieldError};
 use crate::http::{Body, Ctx, json, ok};
 use crate::store::environments::{self as store, Environment};
 
@@ -206,19 +206,19 @@ impl From<CommandError> for ApiError {
         let detail = e.to_string();
         match e {
             CommandError::Invalid(errors) => ApiError::validation(errors),
-            CommandError::PlanLimit { .. } => ApiError::forbidden("plan_limit", detail),
-            CommandError::NameTaken(_) => ApiError::conflict("name_taken", detail),
-            CommandError::InvalidState(_) => ApiError::conflict("invalid_state", detail),
+            CommandError::PlanLimit { .. } => ApiError::forbidden(ErrorCode::PlanLimit, detail),
+            CommandError::NameTaken(_) => ApiError::conflict(ErrorCode::NameTaken, detail),
+            CommandError::InvalidState(_) => ApiError::conflict(ErrorCode::InvalidState, detail),
             CommandError::NotFound(_) => ApiError::not_found(detail),
             CommandError::Unsupported(_) => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "unsupported_by_provider",
+                ErrorCode::UnsupportedByProvider,
                 detail,
             ),
             CommandError::Busy => {
-                ApiError::unavailable("environment_busy", detail).with_retry_after(2)
+                ApiError::unavailable(ErrorCode::EnvironmentBusy, detail).with_retry_after(2)
             }
-            CommandError::Pending(_) => ApiError::conflict("environments_pending", detail),
+            CommandError::Pending(_) => ApiError::conflict(ErrorCode::EnvironmentsPending, detail),
             CommandError::Provider(e) => provider_error(e),
             CommandError::Internal(e) => ApiError::internal(e),
         }
@@ -437,16 +437,16 @@ fn provider_error(e: crate::provider::ProviderError) -> ApiError {
         P::NotFound => ApiError::not_found("Not found at the provider"),
         P::Unsupported => ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
-            "unsupported_by_provider",
+            ErrorCode::UnsupportedByProvider,
             "Not supported by this provider",
         ),
         P::Rejected { status, message } => ApiError::new(
             StatusCode::BAD_GATEWAY,
-            "provider_refused",
+            ErrorCode::ProviderRefused,
             format!("The provider refused ({status}): {message}"),
         ),
         other => ApiError::unavailable(
-            "provider_unavailable",
+            ErrorCode::ProviderUnavailable,
             format!("The provider is unavailable: {other}"),
         ),
     }
@@ -486,7 +486,7 @@ pub async fn logs(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
         Some(s) => Some(
             DateTime::parse_from_rfc3339(s)
                 .map_err(|_| {
-                    ApiError::bad_request("invalid_since", "since must be an RFC 3339 time")
+                    ApiError::bad_request(ErrorCode::InvalidSince, "since must be an RFC 3339 time")
                 })?
                 .with_timezone(&Utc),
         ),

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use super::message;
 use crate::app::AppState;
 use crate::clock::db_now;
-use crate::error::{ApiError, ApiResult, FieldError};
+use crate::error::{ErrorCode, ApiError, ApiResult, FieldError};
 use crate::http::{Body, Ctx, json, ok};
 use crate::store::templates::{self as store, TemplateRow};
 use crate::templates::Template;
@@ -87,7 +87,7 @@ pub async fn create(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     let mut conn = app.db.get().await?;
     if !store::insert_new(&mut conn, &row).await? {
         return Err(ApiError::conflict(
-            "template_exists",
+            ErrorCode::TemplateExists,
             format!("Template '{}' already exists", template.id()),
         ));
     }
@@ -133,7 +133,7 @@ pub async fn delete(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     }
     match store::get(&mut conn, &id).await? {
         Some(row) if row.builtin => Err(ApiError::conflict(
-            "builtin_template",
+            ErrorCode::BuiltinTemplate,
             "Built-in templates cannot be deleted",
         )),
         _ => Err(ApiError::not_found("Template not found")),

@@ -11,7 +11,7 @@ use crate::actors::environment::machine::Status;
 use crate::app::AppState;
 use crate::auth as rules;
 use crate::clock::{db_now, from_db};
-use crate::error::{ApiError, ApiResult, FieldError};
+use crate::error::{ErrorCode, ApiError, ApiResult, FieldError};
 use crate::http::{Body, Ctx, ok};
 use crate::store::sessions;
 use crate::store::users::{self, ProfileChanges, username_key};
@@ -121,7 +121,7 @@ pub async fn update_profile(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>
         && users::by_username(&mut conn, name).await?.is_some()
     {
         return Err(ApiError::bad_request(
-            "username_taken",
+            ErrorCode::UsernameTaken,
             "Username already taken",
         ));
     }
@@ -136,7 +136,7 @@ pub async fn update_profile(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>
         Ok(user) => user,
         Err(e) if e.unique_violation().is_some() => {
             return Err(ApiError::bad_request(
-                "username_taken",
+                ErrorCode::UsernameTaken,
                 "Username already taken",
             ));
         }
@@ -159,7 +159,7 @@ pub async fn change_password(app: AppState, ctx: Ctx) -> ApiResult<Response<Body
     };
     if !current_ok {
         return Err(ApiError::bad_request(
-            "wrong_password",
+            ErrorCode::WrongPassword,
             "Current password is incorrect",
         ));
     }
@@ -204,7 +204,7 @@ pub async fn delete_account(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>
         };
         if !app.passwords.verify(password, hash).await {
             return Err(ApiError::bad_request(
-                "wrong_password",
+                ErrorCode::WrongPassword,
                 "Password is incorrect",
             ));
         }
