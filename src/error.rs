@@ -141,6 +141,19 @@ impl From<crate::store::StoreError> for ApiError {
     }
 }
 
+/// Seconds a client is told to wait when password hashing is at capacity: a few hashes' time.
+pub const HASH_BUSY_RETRY_SECONDS: u64 = 2;
+
+impl From<crate::auth::passwords::HashBusy> for ApiError {
+    fn from(_: crate::auth::passwords::HashBusy) -> Self {
+        Self::unavailable(
+            "auth_busy",
+            "Too many sign-in attempts are being checked right now; try again shortly",
+        )
+        .with_retry_after(HASH_BUSY_RETRY_SECONDS)
+    }
+}
+
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
         Self::internal(e)
