@@ -138,9 +138,9 @@ impl Lockout {
     }
 }
 
-/// Seconds until `until`, at least 1 (for `Retry-After`).
+/// Whole seconds until `until`, rounded up and at least 1 (for `Retry-After`).
 pub fn seconds_until(until: DateTime<Utc>, now: DateTime<Utc>) -> u64 {
-    (until - now).num_seconds().max(1) as u64
+    ((until - now).num_milliseconds().max(1) as u64).div_ceil(1000)
 }
 
 #[cfg(test)]
@@ -170,6 +170,15 @@ mod tests {
             Admission::Locked { until: ends }
         );
         assert_eq!(admission(reserved(1, ends), 1), evaluate(1, true));
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        let now = Utc::now();
+        assert_eq!(seconds_until(now + Duration::milliseconds(119_001), now), 120);
+        assert_eq!(seconds_until(now + Duration::seconds(120), now), 120);
+        assert_eq!(seconds_until(now, now), 1);
+        assert_eq!(seconds_until(now - Duration::seconds(5), now), 1);
     }
 
     #[test]
