@@ -10,7 +10,8 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::{Backend, PASSWORD, Session, TestServer};
+use support::terminal::{Ws, close_of, connect, ping_pong};
+use support::{Backend, PASSWORD, Session, TestServer, session_id_of};
 
 on_both_backends!(
     parallel_and_repeated_refreshes_get_the_same_pair,
@@ -20,6 +21,7 @@ on_both_backends!(
     unknown_names_lock_exactly_like_accounts,
     password_checks_count_toward_the_lockout,
     lockout_storage_is_bounded_and_expires,
+    a_session_that_ends_closes_its_logs_and_events_streams,
 );
 
 async fn refresh(s: &TestServer, token: &str) -> (StatusCode, Value) {
@@ -464,4 +466,96 @@ async fn lockout_storage_is_bounded_and_expires(backend: Backend) {
     assert_eq!(s.login("stranger10", "Wrong1234").await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(attempt_rows(&s).await, (0, 1));
     s.stop().await;
+}
+
+/// The logs and events streams of `who`, admitted and live.
+async fn streams(s: &TestServer, who: &Session, env: &str) -> (Ws, Ws) {
+    let mut logs = connect(
+        s,
+        &format!("/api/v1/ws/logs/{env}?token={}&follow=true", who.access),
+    )
+    .await;
+    let mut events = connect(s, &format!("/api/v1/ws/events?token={}", who.access)).await;
+    ping_pong(&mut logs).await;
+    ping_pong(&mut events).await;
+    (logs, events)
+}
+
+async fn a_session_that_ends_closes_its_logs_and_events_streams(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let home = s.register("streamer").await;
+    let env = s.create_env(&home, "watched", "ubuntu").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let s = &s;
+    let login = |password: &'static str| async move {
+        let (status, body) = s.login("streamer", password).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        Session::from_auth(&body)
+    };
+    let ended = (1008, "Session ended".to_string());
+    let mut home_events = connect(s, &format!("/api/v1/ws/events?token={}", home.access)).await;
+    ping_pong(&mut home_events).await;
+
+    // Revoked from another session.
+    let b = login(PASSWORD).await;
+    let (mut logs, mut events) = streams(s, &b, &env).await;
+    let (status, body) = s
+        .send(s.request(
+            Method::DELETE,
+            &format!("/api/v1/users/me/sessions/{}", session_id_of(&b.access)),
+            home.token(),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(close_of(&mut logs).await, ended);
+    assert_eq!(close_of(&mut events).await, ended);
+    ping_pong(&mut home_events).await;
+
+    // Logged out.
+    let c = login(PASSWORD).await;
+    let (mut logs, mut events) = streams(s, &c, &env).await;
+    s.post("/api/v1/auth/logout", c.token(), json!({})).await;
+    assert_eq!(close_of(&mut logs).await, ended);
+    assert_eq!(close_of(&mut events).await, ended);
+
+    // Signed out by a password change elsewhere.
+    let d = login(PASSWORD).await;
+    let (mut logs, mut events) = streams(s, &d, &env).await;
+    let (status, body) = s
+        .post(
+            "/api/v1/users/me/password",
+            home.token(),
+            json!({ "current_password": PASSWORD, "new_password": "Newer12345" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(close_of(&mut logs).await, ended);
+    assert_eq!(close_of(&mut events).await, ended);
+    ping_pong(&mut home_events).await;
+
+    // "Revoke all", this session included.
+    let e = login("Newer12345").await;
+    let (mut logs, mut events) = streams(s, &e, &env).await;
+    let (status, body) = s
+        .post("/api/v1/users/me/sessions/revoke-all", home.token(), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(close_of(&mut logs).await, ended);
+    assert_eq!(close_of(&mut events).await, ended);
+    assert_eq!(close_of(&mut home_events).await, ended);
+
+    // The account is deleted.
+    let f = login("Newer12345").await;
+    let mut events = connect(s, &format!("/api/v1/ws/events?token={}", f.access)).await;
+    ping_pong(&mut events).await;
+    let (status, body) = s
+        .send(
+            s.request(Method::DELETE, "/api/v1/users/me", f.token())
+                .json(&json!({ "password": "Newer12345" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(close_of(&mut events).await, ended);
 }
