@@ -89,7 +89,10 @@ async fn parallel_and_repeated_refreshes_get_the_same_pair(backend: Backend) {
     let (status, body) = refresh(&s, &next.refresh).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let latest = Session::from_auth(&body);
-    assert_eq!(s.get("/api/v1/auth/me", latest.token()).await.0, StatusCode::OK);
+    assert_eq!(
+        s.get("/api/v1/auth/me", latest.token()).await.0,
+        StatusCode::OK
+    );
 
     // After the window, presenting the first token again is theft: refused, session gone.
     s.clock.advance(Duration::seconds(30));
@@ -127,9 +130,9 @@ async fn many_logins_never_starve_other_users(backend: Backend) {
     let logins = async {
         let statuses: Vec<(StatusCode, Option<String>, Value)> = (0..LOGINS)
             .map(|i| {
-                let req = s
-                    .request(Method::POST, "/api/v1/auth/login", None)
-                    .json(&json!({ "username_or_email": format!("ghost{i}"), "password": "Wrong1234" }));
+                let req = s.request(Method::POST, "/api/v1/auth/login", None).json(
+                    &json!({ "username_or_email": format!("ghost{i}"), "password": "Wrong1234" }),
+                );
                 async move {
                     let resp = req.send().await.expect("sent");
                     let status = resp.status();
@@ -138,7 +141,11 @@ async fn many_logins_never_starve_other_users(backend: Backend) {
                         .get("retry-after")
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_string);
-                    (status, retry, resp.json::<Value>().await.unwrap_or(Value::Null))
+                    (
+                        status,
+                        retry,
+                        resp.json::<Value>().await.unwrap_or(Value::Null),
+                    )
                 }
             })
             .collect::<FuturesUnordered<_>>()
@@ -230,7 +237,10 @@ async fn a_full_hash_queue_answers_503_on_credential_routes_only(backend: Backen
         .await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     // Everything else is unaffected.
-    assert_eq!(s.get("/api/v1/auth/me", user.token()).await.0, StatusCode::OK);
+    assert_eq!(
+        s.get("/api/v1/auth/me", user.token()).await.0,
+        StatusCode::OK
+    );
     assert_eq!(
         s.get("/api/v1/environments", user.token()).await.0,
         StatusCode::OK
@@ -278,7 +288,11 @@ async fn concurrent_guesses_never_exceed_the_threshold(backend: Backend) {
     let (right, rest) = tokio::join!(s.login("erin", PASSWORD), wrong.collect::<Vec<_>>());
     statuses.extend(rest);
     assert_eq!(right.0, StatusCode::LOCKED, "{}", right.1);
-    assert_eq!(count(&statuses, StatusCode::UNAUTHORIZED), 5, "{statuses:?}");
+    assert_eq!(
+        count(&statuses, StatusCode::UNAUTHORIZED),
+        5,
+        "{statuses:?}"
+    );
     assert_eq!(count(&statuses, StatusCode::LOCKED), 2, "{statuses:?}");
     let failed = audit_events(&s, "login_failed").await;
     let evaluated = failed
@@ -286,13 +300,25 @@ async fn concurrent_guesses_never_exceed_the_threshold(backend: Backend) {
         .filter(|e| detail(e)["reason"] == "bad_password")
         .count();
     assert_eq!(evaluated, 5, "only five guesses were checked");
-    assert_eq!(failed.len(), 8, "every failed login audited, locked ones too");
-    assert!(failed.iter().all(|e| e.user_id.as_deref() == Some(erin.user_id.as_str())));
+    assert_eq!(
+        failed.len(),
+        8,
+        "every failed login audited, locked ones too"
+    );
+    assert!(
+        failed
+            .iter()
+            .all(|e| e.user_id.as_deref() == Some(erin.user_id.as_str()))
+    );
     assert_eq!(audit_events(&s, "account_locked").await.len(), 1);
 
     // The same for a name without an account.
     let statuses = concurrent_logins(&s, "ghost", 8, "Wrong1234").await;
-    assert_eq!(count(&statuses, StatusCode::UNAUTHORIZED), 5, "{statuses:?}");
+    assert_eq!(
+        count(&statuses, StatusCode::UNAUTHORIZED),
+        5,
+        "{statuses:?}"
+    );
     assert_eq!(count(&statuses, StatusCode::LOCKED), 3, "{statuses:?}");
     s.stop().await;
 }
@@ -328,7 +354,11 @@ async fn unknown_names_lock_exactly_like_accounts(backend: Backend) {
     let statuses: Vec<StatusCode> = known.iter().map(|k| k.0).collect();
     assert_eq!(
         statuses,
-        [[StatusCode::UNAUTHORIZED; 5].as_slice(), &[StatusCode::LOCKED]].concat()
+        [
+            [StatusCode::UNAUTHORIZED; 5].as_slice(),
+            &[StatusCode::LOCKED]
+        ]
+        .concat()
     );
     assert_eq!(known[5].1[0], "account_locked");
     assert_eq!(known[5].2.as_deref(), Some("120"));
@@ -369,7 +399,12 @@ async fn password_checks_count_toward_the_lockout(backend: Backend) {
         } else {
             (StatusCode::LOCKED, "account_locked")
         };
-        assert_eq!((*status, code.as_deref()), (expected.0, Some(expected.1)), "guess {}", i + 1);
+        assert_eq!(
+            (*status, code.as_deref()),
+            (expected.0, Some(expected.1)),
+            "guess {}",
+            i + 1
+        );
     }
     // The right current password is refused now too, and so is a login.
     assert_eq!(change(PASSWORD).await.0, StatusCode::LOCKED);
@@ -412,10 +447,16 @@ async fn password_checks_count_toward_the_lockout(backend: Backend) {
     s.clock.advance(Duration::seconds(121));
     assert_eq!(change(PASSWORD).await.0, StatusCode::OK);
     for _ in 0..4 {
-        assert_eq!(s.login("frank", "Wrong1234").await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            s.login("frank", "Wrong1234").await.0,
+            StatusCode::UNAUTHORIZED
+        );
     }
     assert_eq!(s.login("frank", "Newer12345").await.0, StatusCode::OK);
-    assert_eq!(s.login("frank", "Wrong1234").await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        s.login("frank", "Wrong1234").await.0,
+        StatusCode::UNAUTHORIZED
+    );
     s.stop().await;
 }
 
@@ -427,9 +468,9 @@ async fn attempt_rows(s: &TestServer) -> (i64, i64) {
 }
 
 async fn sealed_successors(s: &TestServer) -> i64 {
+    use devpocket::store::schema::sessions;
     use diesel::prelude::*;
     use diesel_async::RunQueryDsl;
-    use devpocket::store::schema::sessions;
     let mut conn = s.running().app.db.get().await.expect("conn");
     let conn = &mut conn;
     devpocket::db_run!(conn: {
@@ -447,23 +488,36 @@ async fn lockout_storage_is_bounded_and_expires(backend: Backend) {
     let user = s.register("keeper").await;
     assert_eq!(refresh(&s, &user.refresh).await.0, StatusCode::OK);
     assert_eq!(sealed_successors(&s).await, 1);
-    assert_eq!(s.login("keeper", "Wrong1234").await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        s.login("keeper", "Wrong1234").await.0,
+        StatusCode::UNAUTHORIZED
+    );
     for i in 0..6 {
         let (status, _) = s.login(&format!("stranger{i}"), "Wrong1234").await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
     }
-    assert_eq!(attempt_rows(&s).await, (1, 6), "swept at most once a minute");
+    assert_eq!(
+        attempt_rows(&s).await,
+        (1, 6),
+        "swept at most once a minute"
+    );
 
     // A minute later the next attempt sweeps: unknown names are capped at the newest three, and
     // the sealed refresh successor, past its grace window, is forgotten.
     s.clock.advance(Duration::seconds(61));
-    assert_eq!(s.login("stranger9", "Wrong1234").await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        s.login("stranger9", "Wrong1234").await.0,
+        StatusCode::UNAUTHORIZED
+    );
     assert_eq!(attempt_rows(&s).await, (1, 3));
     assert_eq!(sealed_successors(&s).await, 0);
 
     // Past the lock window every counter has ended and is swept.
     s.clock.advance(Duration::minutes(31));
-    assert_eq!(s.login("stranger10", "Wrong1234").await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        s.login("stranger10", "Wrong1234").await.0,
+        StatusCode::UNAUTHORIZED
+    );
     assert_eq!(attempt_rows(&s).await, (0, 1));
     s.stop().await;
 }
@@ -539,7 +593,11 @@ async fn a_session_that_ends_closes_its_logs_and_events_streams(backend: Backend
     let e = login("Newer12345").await;
     let (mut logs, mut events) = streams(s, &e, &env).await;
     let (status, body) = s
-        .post("/api/v1/users/me/sessions/revoke-all", home.token(), json!({}))
+        .post(
+            "/api/v1/users/me/sessions/revoke-all",
+            home.token(),
+            json!({}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(close_of(&mut logs).await, ended);

@@ -175,7 +175,10 @@ mod tests {
     #[test]
     fn retry_after_rounds_up() {
         let now = Utc::now();
-        assert_eq!(seconds_until(now + Duration::milliseconds(119_001), now), 120);
+        assert_eq!(
+            seconds_until(now + Duration::milliseconds(119_001), now),
+            120
+        );
         assert_eq!(seconds_until(now + Duration::seconds(120), now), 120);
         assert_eq!(seconds_until(now, now), 1);
         assert_eq!(seconds_until(now - Duration::seconds(5), now), 1);

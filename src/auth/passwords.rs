@@ -79,7 +79,11 @@ impl PasswordHashing {
 
     /// A place in the queue, or [`HashBusy`] at once when it is full. Never waits.
     pub fn admit(&self) -> Result<HashTicket, HashBusy> {
-        let place = self.admitted.clone().try_acquire_owned().map_err(|_| HashBusy)?;
+        let place = self
+            .admitted
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| HashBusy)?;
         Ok(HashTicket {
             hashing: self.clone(),
             place: Arc::new(place),
@@ -123,7 +127,9 @@ impl HashTicket {
         let password = password.as_bytes().to_vec();
         let hash = hash.to_string();
         self.hashing
-            .run(self.place.clone(), move || verify_blocking(&password, &hash))
+            .run(self.place.clone(), move || {
+                verify_blocking(&password, &hash)
+            })
             .await
             .unwrap_or(false)
     }

@@ -51,6 +51,15 @@ pub enum Rotation {
     Unknown,
 }
 
+/// A session with the state of its latest rotation: `rotated_from`, `rotated_at`,
+/// `successor_sealed`.
+type RotationRow = (
+    Session,
+    Option<String>,
+    Option<NaiveDateTime>,
+    Option<String>,
+);
+
 /// The successor of a rotation, prepared before it: the new token's hash and the sealed pair
 /// (access and refresh token) to hand out again to a repeat within the grace window.
 #[derive(Debug, Clone, Copy)]
@@ -117,7 +126,7 @@ pub async fn rotate(
     repeat_since: Option<NaiveDateTime>,
 ) -> StoreResult<Rotation> {
     use diesel_async::AsyncConnection;
-    let decide = |row: Option<(Session, Option<String>, Option<NaiveDateTime>, Option<String>)>| {
+    let decide = |row: Option<RotationRow>| {
         let Some((session, from, at, sealed)) = row else {
             return Rotation::Unknown;
         };
@@ -125,7 +134,9 @@ pub async fn rotate(
             return Rotation::Ended;
         }
         match (from, at, sealed, repeat_since) {
-            (Some(from), Some(at), Some(sealed), Some(since)) if from == old_hash && at >= since => {
+            (Some(from), Some(at), Some(sealed), Some(since))
+                if from == old_hash && at >= since =>
+            {
                 Rotation::Repeat {
                     session,
                     sealed,

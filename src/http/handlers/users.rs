@@ -162,7 +162,17 @@ pub async fn change_password(app: AppState, ctx: Ctx) -> ApiResult<Response<Body
     };
     let conn = app.db.get().await?;
     let hash = auth.user.password_hash.as_deref();
-    if !check_password(&app, &ctx, conn, &ticket, check, &req.current_password, hash).await? {
+    if !check_password(
+        &app,
+        &ctx,
+        conn,
+        &ticket,
+        check,
+        &req.current_password,
+        hash,
+    )
+    .await?
+    {
         return Err(ApiError::bad_request(
             "wrong_password",
             "Current password is incorrect",
