@@ -22,6 +22,7 @@ on_both_backends!(
     password_checks_count_toward_the_lockout,
     lockout_storage_is_bounded_and_expires,
     a_session_that_ends_closes_its_logs_and_events_streams,
+    a_locked_account_stays_locked_for_google,
 );
 
 async fn refresh(s: &TestServer, token: &str) -> (StatusCode, Value) {
@@ -616,4 +617,34 @@ async fn a_session_that_ends_closes_its_logs_and_events_streams(backend: Backend
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(close_of(&mut events).await, ended);
+}
+
+async fn a_locked_account_stays_locked_for_google(backend: Backend) {
+    use support::jwks::{self, CLIENT_ID, JwksServer};
+    let keys = JwksServer::start().await;
+    let url = keys.url.clone();
+    let s = TestServer::start_with(backend, move |c| {
+        c.google.client_id = CLIENT_ID.into();
+        c.google.jwks_url = url;
+        c.auth.lockout_minutes = 2;
+    })
+    .await;
+    s.register("sam").await;
+    for _ in 0..5 {
+        assert_eq!(
+            s.login("sam", "Wrong1234").await.0,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    let google = |now| {
+        let token = jwks::sign(&jwks::claims("google-sub-1", "sam@example.com", now), true);
+        s.post("/api/v1/auth/google", None, json!({ "id_token": token }))
+    };
+    let (status, body) = google(s.now_ts()).await;
+    assert_eq!(status, StatusCode::LOCKED, "{body}");
+    assert_eq!(body["code"], "account_locked");
+    s.clock.advance(Duration::seconds(121));
+    let (status, body) = google(s.now_ts()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    s.stop().await;
 }

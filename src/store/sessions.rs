@@ -115,7 +115,6 @@ pub async fn by_refresh_token(
 /// concurrent refreshes exactly one rotates, and the other waits for it and then finds its
 /// successor (a [`Rotation::Repeat`]) — or, when `repeat_since` is `None` or the rotation was
 /// before it, a [`Rotation::Reused`].
-#[allow(clippy::too_many_arguments)]
 pub async fn rotate(
     conn: &mut DbConn,
     session_id: &str,
