@@ -148,7 +148,7 @@ impl From<crate::auth::passwords::HashBusy> for ApiError {
     fn from(_: crate::auth::passwords::HashBusy) -> Self {
         Self::unavailable(
             "auth_busy",
-            "Too many sign-in attempts are being checked right now; try again shortly",
+            "Too many passwords are being checked right now; try again shortly",
         )
         .with_retry_after(HASH_BUSY_RETRY_SECONDS)
     }
