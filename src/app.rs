@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration as StdDuration;
 
 use anyhow::Context;
@@ -15,16 +16,17 @@ use crate::actors::Actors;
 use crate::actors::directory::{Directory, RestartPolicy};
 use crate::actors::environment::actor::EnvDeps;
 use crate::auth::google::GoogleVerifier;
+use crate::auth::lockout::Lockout;
 use crate::auth::passwords::PasswordHashing;
 use crate::auth::tokens::Tokens;
-use crate::clock::{SharedClock, db_now};
+use crate::clock::{SharedClock, db_now, to_db};
 use crate::config::{Config, ProviderKind};
 use crate::http::limits::RateLimits;
 use crate::http::metrics::Metrics;
 use crate::provider::Provider;
 use crate::secrets::{self, Sealer};
 use crate::store::audit::{self, NewAuditEvent};
-use crate::store::{Db, DbUrl};
+use crate::store::{Db, DbConn, DbUrl, login_attempts, sessions};
 
 /// What request handlers share. It holds no provider, no sealer and no SSH client: every change
 /// to an environment is a command to the actor tree (`actors.dispatch`), so the compiler keeps
@@ -35,10 +37,15 @@ pub struct App {
     pub clock: SharedClock,
     pub tokens: Tokens,
     pub passwords: PasswordHashing,
+    pub lockout: Lockout,
+    pub housekeeping: Housekeeping,
     pub google: Option<GoogleVerifier>,
     pub actors: Actors,
     pub metrics: Metrics,
     pub limits: RateLimits,
+    /// Seals refresh-token successors kept for the reuse grace window: a key of its own,
+    /// derived from the seal key, so it opens nothing the environments sealed.
+    pub session_sealer: Sealer,
     pub ws_connections: Arc<crate::http::ws::ConnectionCounts>,
     pub started_at: DateTime<Utc>,
 }
@@ -77,6 +84,62 @@ impl App {
         };
         if let Err(e) = result {
             tracing::error!(event, error = %e, "could not record audit event");
+        }
+    }
+}
+
+/// Credential bookkeeping that keeps the store bounded, run by the credential routes at most once
+/// per [`Housekeeping::EVERY`] (by the server's clock, so tests move it): ended login-attempt
+/// counters are deleted and unknown names capped at `auth.lockout_max_unknown_names`, and sealed
+/// refresh-token successors past the grace window are forgotten.
+#[derive(Debug)]
+pub struct Housekeeping {
+    /// Unix time before which no pass runs.
+    next: AtomicI64,
+}
+
+impl Housekeeping {
+    /// Between passes the login-attempt table grows by at most the credential rate limit times
+    /// this, and a sealed successor outlives its window by at most this.
+    pub const EVERY: Duration = Duration::seconds(60);
+
+    fn new() -> Self {
+        Self {
+            next: AtomicI64::new(i64::MIN),
+        }
+    }
+
+    /// Whether a pass is due at `now`; true for exactly one caller per due time.
+    fn claim(&self, now: DateTime<Utc>) -> bool {
+        let due = self.next.load(Ordering::Acquire);
+        now.timestamp() >= due
+            && self
+                .next
+                .compare_exchange(
+                    due,
+                    (now + Self::EVERY).timestamp(),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+    }
+}
+
+impl App {
+    /// Run the housekeeping pass on `conn` if it is due; failures are logged (the next due
+    /// caller tries again), never shown to the client.
+    pub async fn housekeeping(&self, conn: &mut DbConn) {
+        let now = self.clock.now();
+        if !self.housekeeping.claim(now) {
+            return;
+        }
+        let max_names = i64::from(self.config.auth.lockout_max_unknown_names);
+        if let Err(e) = login_attempts::sweep(conn, to_db(now), max_names).await {
+            tracing::warn!(error = %e, "could not sweep login-attempt counters");
+        }
+        let grace = Duration::seconds(self.config.auth.refresh_reuse_grace_seconds.into());
+        if let Err(e) = sessions::forget_successors(conn, to_db(now - grace)).await {
+            tracing::warn!(error = %e, "could not forget sealed refresh successors");
         }
     }
 }
@@ -167,10 +230,9 @@ pub async fn build(config: Config, clock: SharedClock) -> anyhow::Result<AppStat
     } else {
         config.auth.secret_key.expose().as_bytes().to_vec()
     };
-    let sealer = Sealer::new(&secrets::load_or_create_key(
-        data_dir,
-        secrets::SEAL_KEY_FILE,
-    )?)?;
+    let seal_key = secrets::load_or_create_key(data_dir, secrets::SEAL_KEY_FILE)?;
+    let sealer = Sealer::new(&seal_key)?;
+    let session_sealer = Sealer::for_purpose(&seal_key, "sessions")?;
     let tokens = Tokens::new(
         &jwt_key,
         &config.auth.issuer,
@@ -216,12 +278,18 @@ pub async fn build(config: Config, clock: SharedClock) -> anyhow::Result<AppStat
     }
 
     Ok(Arc::new(App {
-        passwords: PasswordHashing::new(config.auth.hash_concurrency as usize),
+        passwords: PasswordHashing::new(
+            config.auth.hash_threads(),
+            config.auth.hash_queue as usize,
+        ),
+        lockout: Lockout::new(&config.auth),
+        housekeeping: Housekeeping::new(),
         google: GoogleVerifier::from_config(&config.google, clock.clone()),
         limits: RateLimits::new(&config.rate_limit, &config.terminals),
         metrics: Metrics::new(),
         started_at: clock.now(),
         tokens,
+        session_sealer,
         ws_connections: Arc::default(),
         actors,
         db,

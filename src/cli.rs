@@ -303,7 +303,11 @@ async fn create_user(
     if users::by_username(&mut conn, username).await?.is_some() {
         bail!("Username already taken");
     }
-    let hash = PasswordHashing::new(1).hash(password).await?;
+    let hash = PasswordHashing::new(1, 0)
+        .admit()
+        .map_err(anyhow::Error::from)?
+        .hash(password)
+        .await?;
     let now = db_now(&SystemClock);
     let user = users::insert(
         &mut conn,
@@ -319,7 +323,6 @@ async fn create_user(
             is_active: true,
             is_verified: false,
             subscription_plan: plan.as_str().to_string(),
-            failed_logins: 0,
             created_at: now,
             updated_at: now,
             last_login: None,

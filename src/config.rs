@@ -120,7 +120,31 @@ pub struct AuthConfig {
     pub lockout_minutes: u32,
     pub issuer: String,
     pub audience: String,
+    /// Password hashes computed at once; 0 = one per CPU core ([`AuthConfig::hash_threads`]).
     pub hash_concurrency: u32,
+    /// Credential requests that may wait for a hash beyond those running; more get 503.
+    pub hash_queue: u32,
+    /// Seconds after a refresh-token rotation in which presenting the rotated token again returns
+    /// the same successor pair instead of counting as theft (0 = no grace).
+    pub refresh_reuse_grace_seconds: u32,
+    /// Most failed-login counters kept for login names that match no account.
+    pub lockout_max_unknown_names: u32,
+}
+
+/// Upper bound of `auth.hash_queue`: each waiting request holds a connection and its body.
+pub const HASH_QUEUE_MAX: u32 = 10_000;
+/// Upper bound of `auth.refresh_reuse_grace_seconds`: the window is for lost replies and
+/// parallel refreshes, not a second lifetime for a spent token.
+pub const REFRESH_GRACE_MAX: u32 = 300;
+
+impl AuthConfig {
+    /// Hashes computed at once: `hash_concurrency`, or one per CPU core when it is 0.
+    pub fn hash_threads(&self) -> usize {
+        match self.hash_concurrency {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n as usize,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -421,7 +445,22 @@ impl Config {
             self.auth.lockout_threshold,
         );
         positive(&mut p, "auth.lockout_minutes", self.auth.lockout_minutes);
-        positive(&mut p, "auth.hash_concurrency", self.auth.hash_concurrency);
+        if self.auth.hash_concurrency > 256 {
+            p.push("auth.hash_concurrency: must be 0 (one per core) to 256".into());
+        }
+        if self.auth.hash_queue > HASH_QUEUE_MAX {
+            p.push(format!("auth.hash_queue: must be at most {HASH_QUEUE_MAX}"));
+        }
+        if self.auth.refresh_reuse_grace_seconds > REFRESH_GRACE_MAX {
+            p.push(format!(
+                "auth.refresh_reuse_grace_seconds: must be at most {REFRESH_GRACE_MAX}"
+            ));
+        }
+        positive(
+            &mut p,
+            "auth.lockout_max_unknown_names",
+            self.auth.lockout_max_unknown_names,
+        );
         positive(&mut p, "rate_limit.per_minute", self.rate_limit.per_minute);
         positive(
             &mut p,
@@ -751,6 +790,34 @@ mod tests {
         assert!(text.contains("auth.lockout_threshold"), "{text}");
         assert_eq!(err.0.len(), 4, "{text}");
         assert!(!text.contains("hunter2") && !text.contains("short-secret-value"));
+    }
+
+    #[test]
+    fn auth_hardening_settings_are_bounded() {
+        let c = Config::load(None, env(&[])).expect("defaults");
+        assert_eq!(c.auth.hash_queue, 64);
+        assert_eq!(c.auth.refresh_reuse_grace_seconds, 30);
+        assert!(c.auth.hash_threads() >= 1, "0 = one per core");
+        let err = Config::load(
+            None,
+            env(&[
+                ("DEVPOCKET_AUTH__HASH_QUEUE", "100000"),
+                ("DEVPOCKET_AUTH__REFRESH_REUSE_GRACE_SECONDS", "3600"),
+                ("DEVPOCKET_AUTH__LOCKOUT_MAX_UNKNOWN_NAMES", "0"),
+                ("DEVPOCKET_AUTH__HASH_CONCURRENCY", "1000"),
+            ]),
+        )
+        .expect_err("out of bounds");
+        let text = err.to_string();
+        for key in [
+            "auth.hash_queue",
+            "auth.refresh_reuse_grace_seconds",
+            "auth.lockout_max_unknown_names",
+            "auth.hash_concurrency",
+        ] {
+            assert!(text.contains(key), "{key}: {text}");
+        }
+        assert_eq!(err.0.len(), 4, "{text}");
     }
 
     #[test]

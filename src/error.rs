@@ -33,6 +33,7 @@ error_codes! {
     AccountDisabled => "account_disabled",
     AccountLocked => "account_locked",
     AdminRequired => "admin_required",
+    AuthBusy => "auth_busy",
     BadBody => "bad_body",
     BadRequest => "bad_request",
     BodyTimeout => "body_timeout",
@@ -218,6 +219,19 @@ impl From<crate::store::StoreError> for ApiError {
             }
             other => Self::internal(other),
         }
+    }
+}
+
+/// Seconds a client is told to wait when password hashing is at capacity: a few hashes' time.
+pub const HASH_BUSY_RETRY_SECONDS: u64 = 2;
+
+impl From<crate::auth::passwords::HashBusy> for ApiError {
+    fn from(_: crate::auth::passwords::HashBusy) -> Self {
+        Self::unavailable(
+            ErrorCode::AuthBusy,
+            "Too many passwords are being checked right now; try again shortly",
+        )
+        .with_retry_after(HASH_BUSY_RETRY_SECONDS)
     }
 }
 

@@ -89,6 +89,22 @@ impl std::fmt::Debug for Sealer {
 }
 
 impl Sealer {
+    /// A sealer with a key of its own for one purpose, derived from `key` (SHA-256 over a
+    /// purpose label and the key): what it seals no other purpose's sealer opens.
+    pub fn for_purpose(key: &[u8], purpose: &str) -> anyhow::Result<Self> {
+        use sha2::{Digest, Sha256};
+        if key.len() < KEY_LEN {
+            bail!("sealing key too short");
+        }
+        let derived = Sha256::new()
+            .chain_update(b"devpocket-seal/")
+            .chain_update(purpose.as_bytes())
+            .chain_update(b"/")
+            .chain_update(key)
+            .finalize();
+        Self::new(&derived)
+    }
+
     pub fn new(key: &[u8]) -> anyhow::Result<Self> {
         if key.len() < KEY_LEN {
             bail!("sealing key too short");

@@ -105,7 +105,9 @@ async fn refresh_token_reuse_revokes_the_session(backend: Backend) {
     assert_eq!(status, StatusCode::OK);
     let rotated = Session::from_auth(&body);
 
-    // Somebody replays the spent token: refused, and the whole session dies with it.
+    // Somebody replays the spent token after the grace window (30 s): refused, and the whole
+    // session dies with it.
+    s.clock.advance(Duration::seconds(31));
     let (status, body) = s
         .post(
             "/api/v1/auth/refresh",

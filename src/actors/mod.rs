@@ -25,6 +25,9 @@ use session::SessionsMsg;
 const CRASH_REPLY_TIMEOUT: StdDuration = StdDuration::from_secs(5);
 /// How long a request waits for an environment actor to take a command.
 const COMMAND_TIMEOUT: StdDuration = StdDuration::from_secs(10);
+/// Ended session ids kept for slow WebSocket streams before they lag; a stream that lags checks
+/// its session in the store instead, so nothing is missed, only looked up.
+const SESSION_ENDS_CAPACITY: usize = 256;
 
 /// What the configured provider offers, as plain data for the front end (`GET /sizes`, `/info`).
 #[derive(Debug, Clone)]
@@ -80,6 +83,9 @@ struct Inner {
     directory: Directory,
     env_registry: EnvRegistry,
     env_deps: Arc<EnvDeps>,
+    /// Every session id [`Actors::stop_sessions`] ends, for the streams that are not actors
+    /// (the logs and events WebSockets).
+    session_ends: tokio::sync::broadcast::Sender<Arc<str>>,
 }
 
 impl Actors {
@@ -122,6 +128,7 @@ impl Actors {
                 directory,
                 env_registry,
                 env_deps,
+                session_ends: tokio::sync::broadcast::channel(SESSION_ENDS_CAPACITY).0,
             }),
         })
     }
@@ -347,15 +354,26 @@ impl Actors {
         }
     }
 
-    /// Stop the actors of these login sessions (they were revoked or logged out).
+    /// Stop the actors of these login sessions (they were revoked or logged out), which closes
+    /// their terminals, and tell the logs and events streams (see [`Actors::session_ends`]).
     pub fn stop_sessions(&self, session_ids: Vec<String>, reason: &str) {
         if session_ids.is_empty() {
             return;
+        }
+        for id in &session_ids {
+            // No receiver (no stream open) is not an error.
+            let _ = self.inner.session_ends.send(Arc::from(id.as_str()));
         }
         self.send_sessions(SessionsMsg::Stop {
             session_ids,
             reason: reason.to_string(),
         });
+    }
+
+    /// Ids of sessions ended from now on. A stream subscribes first and then checks that its
+    /// session is still live, so an end between the two is not missed.
+    pub fn session_ends(&self) -> tokio::sync::broadcast::Receiver<Arc<str>> {
+        self.inner.session_ends.subscribe()
     }
 
     /// Fault injection: make the actor with this directory id panic.

@@ -1,11 +1,10 @@
 //! Authentication: password hashing, access/refresh tokens, Google ID tokens, input rules and the
-//! lockout rule.
+//! lockout rule ([`lockout`]).
 
 pub mod google;
+pub mod lockout;
 pub mod passwords;
 pub mod tokens;
-
-use chrono::{DateTime, Duration, Utc};
 
 use crate::error::FieldError;
 
@@ -101,41 +100,6 @@ pub fn check_optional_len(
     }
 }
 
-/// Where an account stands before a password is even looked at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LockState {
-    /// Not locked; `failures` failed attempts so far.
-    Open { failures: u32 },
-    /// Locked until the given time.
-    Locked { until: DateTime<Utc> },
-    /// A lock has run out: the counter starts again from zero.
-    Expired,
-}
-
-pub fn lock_state(
-    failures: i32,
-    locked_until: Option<DateTime<Utc>>,
-    now: DateTime<Utc>,
-) -> LockState {
-    match locked_until {
-        Some(until) if until > now => LockState::Locked { until },
-        Some(_) => LockState::Expired,
-        None => LockState::Open {
-            failures: failures.max(0) as u32,
-        },
-    }
-}
-
-/// After a failed attempt that brought the count to `failures`: the lock to set, if any.
-pub fn lock_after_failure(
-    failures: u32,
-    threshold: u32,
-    now: DateTime<Utc>,
-    lock_for: Duration,
-) -> Option<DateTime<Utc>> {
-    (failures >= threshold).then(|| now + lock_for)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,17 +150,5 @@ mod tests {
             errs(|e| check_password("p", &format!("Aa1{}", "x".repeat(126)), e)),
             ["length"]
         );
-    }
-
-    #[test]
-    fn lockout_rule() {
-        let now = Utc::now();
-        assert_eq!(lock_state(3, None, now), LockState::Open { failures: 3 });
-        let until = now + Duration::minutes(1);
-        assert_eq!(lock_state(5, Some(until), now), LockState::Locked { until });
-        assert_eq!(lock_state(5, Some(now), now), LockState::Expired);
-        let lock = Duration::minutes(30);
-        assert_eq!(lock_after_failure(4, 5, now, lock), None);
-        assert_eq!(lock_after_failure(5, 5, now, lock), Some(now + lock));
     }
 }

@@ -3,7 +3,9 @@
 //! The upgrade is accepted first and every rejection is a close frame with code 1008 and one of
 //! API.md's reasons (`Authentication failed`, `Too many connections`, `Environment not found`,
 //! `Environment not ready`), so the app sees why. Frames are bounded in size; the server pings;
-//! a client that sends nothing for the idle timeout is closed.
+//! a client that sends nothing for the idle timeout is closed. When the login session ends
+//! (logout, revocation, password change, account deletion) every one of its streams closes with
+//! 1008 `Session ended`: terminals through their session actor, logs and events here.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -491,7 +493,7 @@ async fn logs(app: AppState, mut ws: Ws, user: AuthUser, env_id: &str, query: Ws
         }
     }
     match feed {
-        Some(feed) => live(&app, ws, feed, None).await,
+        Some(feed) => live(&app, ws, feed, None, &user.session.id).await,
         None => close(&mut ws, 1000, "History complete").await,
     }
 }
@@ -535,24 +537,59 @@ fn history_frame(env: &Environment, event: &EnvironmentEvent) -> StreamFrame {
 
 async fn events(app: AppState, ws: Ws, user: AuthUser) {
     let feed = app.actors.status_feed();
-    live(&app, ws, feed, Some(user.user.id.clone())).await;
+    live(&app, ws, feed, Some(user.user.id.clone()), &user.session.id).await;
+}
+
+/// Whether a login session is still live (not revoked, not expired, its user active). A store
+/// failure counts as live: a database hiccup must not cut every stream.
+async fn session_live(app: &AppState, session_id: &str) -> bool {
+    let Ok(mut conn) = app.db.get().await else {
+        return true;
+    };
+    match crate::store::sessions::with_user(&mut conn, session_id).await {
+        Ok(Some((session, user))) => {
+            session.is_live(crate::clock::db_now(app.clock.as_ref())) && user.is_active
+        }
+        Ok(None) => false,
+        Err(_) => true,
+    }
 }
 
 /// Forward a feed (only this user's environments when `user` is given), answer pings, close on
-/// idle.
+/// idle, and close with 1008 `Session ended` when the login session `session_id` ends.
 async fn live(
     app: &AppState,
     mut ws: Ws,
     mut feed: broadcast::Receiver<EnvUpdate>,
     user: Option<String>,
+    session_id: &str,
 ) {
     let cfg = &app.config.terminals;
+    let mut ends = app.actors.session_ends();
+    if !session_live(app, session_id).await {
+        close(&mut ws, 1008, "Session ended").await;
+        return;
+    }
     let mut ping = tokio::time::interval(Duration::from_secs(cfg.ping_interval_seconds));
     ping.tick().await;
     let idle = Duration::from_secs(cfg.idle_timeout_seconds);
     let mut last_heard = tokio::time::Instant::now();
     loop {
         tokio::select! {
+            ended = ends.recv() => {
+                let gone = match ended {
+                    Ok(id) => &*id == session_id,
+                    Err(broadcast::error::RecvError::Lagged(_)) => !session_live(app, session_id).await,
+                    Err(broadcast::error::RecvError::Closed) => {
+                        close(&mut ws, 1001, "Server shutting down").await;
+                        return;
+                    }
+                };
+                if gone {
+                    close(&mut ws, 1008, "Session ended").await;
+                    return;
+                }
+            }
             update = feed.recv() => match update {
                 Ok(update) => {
                     // The events stream: only this user's environments, only status changes.

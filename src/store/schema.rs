@@ -15,8 +15,6 @@ diesel::table! {
         is_verified -> Bool,
         subscription_plan -> Text,
         preferred_region -> Nullable<Text>,
-        failed_logins -> Integer,
-        locked_until -> Nullable<Timestamp>,
         created_at -> Timestamp,
         updated_at -> Timestamp,
         last_login -> Nullable<Timestamp>,
@@ -34,6 +32,18 @@ diesel::table! {
         expires_at -> Timestamp,
         revoked_at -> Nullable<Timestamp>,
         revoked_reason -> Nullable<Text>,
+        rotated_from -> Nullable<Text>,
+        rotated_at -> Nullable<Timestamp>,
+        successor_sealed -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    login_attempts (subject) {
+        subject -> Text,
+        failures -> Integer,
+        expires_at -> Timestamp,
+        updated_at -> Timestamp,
     }
 }
 
@@ -142,6 +152,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     users,
     sessions,
     refresh_tokens,
+    login_attempts,
     audit_events,
     environments,
     environment_events,

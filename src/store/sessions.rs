@@ -33,14 +33,39 @@ impl Session {
 /// What presenting a refresh token found.
 #[derive(Debug)]
 pub enum Rotation {
-    /// The token was current; it is now spent and the new one stored.
+    /// The token was current; it is now spent and the successor stored.
     Rotated(Session),
-    /// The token was already spent: somebody replayed it.
+    /// The token is the one this session rotated away last, within the grace window: `sealed` is
+    /// the successor handed out then (sealed by the caller), to be handed out again.
+    Repeat {
+        session: Session,
+        sealed: String,
+        rotated_at: NaiveDateTime,
+    },
+    /// The token was already spent, outside the grace window or not by the latest rotation:
+    /// somebody replayed it.
     Reused(Session),
     /// The token was current but its session has been revoked or has expired.
     Ended,
     /// No such token (or its session is gone).
     Unknown,
+}
+
+/// A session with the state of its latest rotation: `rotated_from`, `rotated_at`,
+/// `successor_sealed`.
+type RotationRow = (
+    Session,
+    Option<String>,
+    Option<NaiveDateTime>,
+    Option<String>,
+);
+
+/// The successor of a rotation, prepared before it: the new token's hash and the sealed pair
+/// (access and refresh token) to hand out again to a repeat within the grace window.
+#[derive(Debug, Clone, Copy)]
+pub struct Successor<'a> {
+    pub token_hash: &'a str,
+    pub sealed: &'a str,
 }
 
 pub async fn create(conn: &mut DbConn, session: &Session, token_hash: &str) -> StoreResult<()> {
@@ -69,57 +94,125 @@ pub async fn with_user(conn: &mut DbConn, id: &str) -> StoreResult<Option<(Sessi
     }))
 }
 
-/// Spend `old_hash` and store `new_hash` in its place. Single use is enforced by a conditional
-/// update, so two concurrent refreshes with one token cannot both succeed.
-pub async fn rotate(
+/// The session (with its user) that a refresh token belongs to, whether spent or not.
+pub async fn by_refresh_token(
     conn: &mut DbConn,
-    old_hash: &str,
-    new_hash: &str,
-    now: NaiveDateTime,
-    expires_at: NaiveDateTime,
-) -> StoreResult<Rotation> {
-    let spent = db_run!(conn: {
-        diesel::update(
-            refresh_tokens::table
-                .filter(refresh_tokens::token_hash.eq(old_hash))
-                .filter(refresh_tokens::used_at.is_null()),
-        )
-        .set(refresh_tokens::used_at.eq(Some(now)))
-        .execute(conn)
-        .await?
-    });
-    let found: Option<Session> = db_run!(conn: {
+    token_hash: &str,
+) -> StoreResult<Option<(Session, User)>> {
+    Ok(db_run!(conn: {
         refresh_tokens::table
-            .inner_join(sessions::table)
-            .filter(refresh_tokens::token_hash.eq(old_hash))
-            .select(Session::as_select())
+            .inner_join(sessions::table.inner_join(users::table))
+            .filter(refresh_tokens::token_hash.eq(token_hash))
+            .select((Session::as_select(), User::as_select()))
             .first(conn)
             .await
             .optional()?
-    });
-    let Some(session) = found else {
-        return Ok(Rotation::Unknown);
+    }))
+}
+
+/// Spend `old_hash` (a token of `session_id`) and put `successor` in its place, in one
+/// transaction whose first statement is the conditional update that spends the token: of two
+/// concurrent refreshes exactly one rotates, and the other waits for it and then finds its
+/// successor (a [`Rotation::Repeat`]) — or, when `repeat_since` is `None` or the rotation was
+/// before it, a [`Rotation::Reused`].
+pub async fn rotate(
+    conn: &mut DbConn,
+    session_id: &str,
+    old_hash: &str,
+    successor: Successor<'_>,
+    now: NaiveDateTime,
+    expires_at: NaiveDateTime,
+    repeat_since: Option<NaiveDateTime>,
+) -> StoreResult<Rotation> {
+    use diesel_async::AsyncConnection;
+    let decide = |row: Option<RotationRow>| {
+        let Some((session, from, at, sealed)) = row else {
+            return Rotation::Unknown;
+        };
+        if !session.is_live(now) {
+            return Rotation::Ended;
+        }
+        match (from, at, sealed, repeat_since) {
+            (Some(from), Some(at), Some(sealed), Some(since))
+                if from == old_hash && at >= since =>
+            {
+                Rotation::Repeat {
+                    session,
+                    sealed,
+                    rotated_at: at,
+                }
+            }
+            _ => Rotation::Reused(session),
+        }
     };
-    if spent == 0 {
-        return Ok(Rotation::Reused(session));
-    }
-    if !session.is_live(now) {
-        return Ok(Rotation::Ended);
-    }
     let token = (
-        refresh_tokens::token_hash.eq(new_hash),
-        refresh_tokens::session_id.eq(&session.id),
+        refresh_tokens::token_hash.eq(successor.token_hash),
+        refresh_tokens::session_id.eq(session_id),
         refresh_tokens::created_at.eq(now),
     );
-    let session = db_run!(conn: {
-        diesel::insert_into(refresh_tokens::table).values(token).execute(conn).await?;
-        diesel::update(sessions::table.find(&session.id))
-            .set((sessions::last_used_at.eq(now), sessions::expires_at.eq(expires_at)))
-            .returning(Session::as_returning())
-            .get_result(conn)
-            .await?
-    });
-    Ok(Rotation::Rotated(session))
+    Ok(db_run!(conn: {
+        conn.transaction::<_, diesel::result::Error, _>(async move |conn| {
+            {
+                let spent = diesel::update(
+                    refresh_tokens::table
+                        .filter(refresh_tokens::token_hash.eq(old_hash))
+                        .filter(refresh_tokens::session_id.eq(session_id))
+                        .filter(refresh_tokens::used_at.is_null()),
+                )
+                .set(refresh_tokens::used_at.eq(Some(now)))
+                .execute(conn)
+                .await?;
+                if spent == 0 {
+                    let row = sessions::table
+                        .find(session_id)
+                        .select((
+                            Session::as_select(),
+                            sessions::rotated_from,
+                            sessions::rotated_at,
+                            sessions::successor_sealed,
+                        ))
+                        .first(conn)
+                        .await
+                        .optional()?;
+                    return Ok(decide(row));
+                }
+                diesel::insert_into(refresh_tokens::table).values(token).execute(conn).await?;
+                let session = diesel::update(
+                    sessions::table.find(session_id).filter(sessions::revoked_at.is_null()),
+                )
+                .set((
+                    sessions::last_used_at.eq(now),
+                    sessions::expires_at.eq(expires_at),
+                    sessions::rotated_from.eq(Some(old_hash)),
+                    sessions::rotated_at.eq(Some(now)),
+                    sessions::successor_sealed.eq(Some(successor.sealed)),
+                ))
+                .returning(Session::as_returning())
+                .get_result(conn)
+                .await
+                .optional()?;
+                Ok(match session {
+                    Some(session) if session.is_live(now) => Rotation::Rotated(session),
+                    _ => Rotation::Ended,
+                })
+            }
+        })
+        .await?
+    }))
+}
+
+/// Forget sealed successors of rotations before `before` (the grace window has passed for them).
+pub async fn forget_successors(conn: &mut DbConn, before: NaiveDateTime) -> StoreResult<usize> {
+    Ok(db_run!(conn: {
+        diesel::update(
+            sessions::table
+                .filter(sessions::successor_sealed.is_not_null())
+                .filter(sessions::rotated_at.lt(before)),
+        )
+        .set(sessions::successor_sealed.eq(None::<String>))
+        .execute(conn)
+        .await?
+    }))
 }
 
 /// Mark a session used (throttled by the caller).
@@ -142,7 +235,11 @@ pub async fn revoke(
 ) -> StoreResult<bool> {
     Ok(db_run!(conn: {
         diesel::update(sessions::table.find(id).filter(sessions::revoked_at.is_null()))
-            .set((sessions::revoked_at.eq(Some(now)), sessions::revoked_reason.eq(Some(reason))))
+            .set((
+            sessions::revoked_at.eq(Some(now)),
+            sessions::revoked_reason.eq(Some(reason)),
+            sessions::successor_sealed.eq(None::<String>),
+        ))
             .execute(conn)
             .await? > 0
     }))
@@ -164,7 +261,11 @@ pub async fn revoke_all(
                 .filter(sessions::revoked_at.is_null())
                 .filter(sessions::id.ne(keep)),
         )
-        .set((sessions::revoked_at.eq(Some(now)), sessions::revoked_reason.eq(Some(reason))))
+        .set((
+            sessions::revoked_at.eq(Some(now)),
+            sessions::revoked_reason.eq(Some(reason)),
+            sessions::successor_sealed.eq(None::<String>),
+        ))
         .returning(sessions::id)
         .get_results(conn)
         .await?

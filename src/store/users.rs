@@ -64,8 +64,6 @@ pub struct User {
     pub is_verified: bool,
     pub subscription_plan: String,
     pub preferred_region: Option<String>,
-    pub failed_logins: i32,
-    pub locked_until: Option<NaiveDateTime>,
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
     pub last_login: Option<NaiveDateTime>,
@@ -94,7 +92,6 @@ pub struct NewUser {
     pub is_active: bool,
     pub is_verified: bool,
     pub subscription_plan: String,
-    pub failed_logins: i32,
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
     pub last_login: Option<NaiveDateTime>,
@@ -177,47 +174,11 @@ pub async fn by_google_id(conn: &mut DbConn, google_id: &str) -> StoreResult<Opt
     }))
 }
 
-/// Count one more failed login (atomically) and return the new count.
-pub async fn add_failed_login(conn: &mut DbConn, id: &str, now: NaiveDateTime) -> StoreResult<i32> {
-    Ok(db_run!(conn: {
-        diesel::update(users::table.find(id))
-            .set((users::failed_logins.eq(users::failed_logins + 1), users::updated_at.eq(now)))
-            .returning(users::failed_logins)
-            .get_result(conn)
-            .await?
-    }))
-}
-
-/// Lock the account until `until`.
-pub async fn lock(conn: &mut DbConn, id: &str, until: NaiveDateTime) -> StoreResult<()> {
-    db_run!(conn: {
-        diesel::update(users::table.find(id))
-            .set(users::locked_until.eq(Some(until)))
-            .execute(conn)
-            .await?;
-    });
-    Ok(())
-}
-
-/// Forget failed logins and any lock (after a success, or when a lock has expired).
-pub async fn clear_failures(conn: &mut DbConn, id: &str) -> StoreResult<()> {
-    db_run!(conn: {
-        diesel::update(users::table.find(id))
-            .set((users::failed_logins.eq(0), users::locked_until.eq(None::<NaiveDateTime>)))
-            .execute(conn)
-            .await?;
-    });
-    Ok(())
-}
-
+/// Note a successful sign-in (`last_login`).
 pub async fn record_login(conn: &mut DbConn, id: &str, now: NaiveDateTime) -> StoreResult<()> {
     db_run!(conn: {
         diesel::update(users::table.find(id))
-            .set((
-                users::failed_logins.eq(0),
-                users::locked_until.eq(None::<NaiveDateTime>),
-                users::last_login.eq(Some(now)),
-            ))
+            .set(users::last_login.eq(Some(now)))
             .execute(conn)
             .await?;
     });

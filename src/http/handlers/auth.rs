@@ -1,22 +1,27 @@
-//! `/api/v1/auth`: register, login (with lockout), Google sign-in, refresh-token rotation with
+//! `/api/v1/auth`: register, login (with lockout that holds under concurrency, for accounts and
+//! unknown names alike), Google sign-in, refresh-token rotation with a reuse grace window and
 //! reuse detection, logout, me.
 
 use chrono::Duration;
 use http::{Response, StatusCode};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{UserResponse, auth_response, message, open_session, session_expiry};
+use super::{
+    AuthResponse, PasswordCheck, UserResponse, auth_response, check_password, locked_error,
+    message, open_session, session_expiry,
+};
 use crate::app::AppState;
 use crate::auth::google::GoogleError;
+use crate::auth::lockout::Subject;
 use crate::auth::tokens::{hash_refresh_token, new_refresh_token};
-use crate::auth::{self as rules, LockState};
-use crate::clock::{db_now, from_db, to_db};
-use crate::error::{ErrorCode, ApiError, ApiResult, FieldError};
+use crate::auth::{self as rules};
+use crate::clock::db_now;
+use crate::error::{ApiError, ApiResult, ErrorCode, FieldError};
 use crate::http::{Body, Ctx, json, ok};
-use crate::store::sessions::{self, Rotation};
+use crate::store::DbConn;
+use crate::store::sessions::{self, Rotation, Successor};
 use crate::store::users::{self, NewUser, Plan, User, username_key};
-use crate::store::{DbConn, StoreError};
 
 #[derive(Deserialize)]
 pub struct RegisterRequest {
@@ -87,14 +92,19 @@ pub async fn register(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     if !app.config.registration_open() {
         return Err(registration_closed());
     }
+    let ticket = app.passwords.admit()?;
+    {
+        let mut conn = app.db.get().await?;
+        if users::by_email(&mut conn, &email).await?.is_some() {
+            return Err(duplicate("email"));
+        }
+        if users::by_username(&mut conn, &username).await?.is_some() {
+            return Err(duplicate("username"));
+        }
+    } // the connection goes back to the pool before hashing
+    let hash = ticket.hash(&req.password).await?;
+    drop(ticket);
     let mut conn = app.db.get().await?;
-    if users::by_email(&mut conn, &email).await?.is_some() {
-        return Err(duplicate("email"));
-    }
-    if users::by_username(&mut conn, &username).await?.is_some() {
-        return Err(duplicate("username"));
-    }
-    let hash = app.passwords.hash(&req.password).await?;
     let now = db_now(app.clock.as_ref());
     let new = NewUser {
         id: uuid::Uuid::new_v4().to_string(),
@@ -108,7 +118,6 @@ pub async fn register(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
         is_active: true,
         is_verified: false,
         subscription_plan: Plan::Free.as_str().to_string(),
-        failed_logins: 0,
         created_at: now,
         updated_at: now,
         last_login: Some(now),
@@ -137,55 +146,42 @@ async fn insert_user(conn: &mut DbConn, new: &NewUser) -> ApiResult<User> {
     }
 }
 
+/// Sign in with a password. The hashing-queue place is taken first (503 when full, before any
+/// database work); the account is read and an attempt reserved on one pooled connection, which is
+/// given back before hashing (see [`check_password`]).
 pub async fn login(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     let req: LoginRequest = ctx.json()?;
+    let ticket = app.passwords.admit()?;
     let mut conn = app.db.get().await?;
-    let Some(user) = users::by_login(&mut conn, &req.username_or_email).await? else {
-        app.passwords.verify_decoy(&req.password).await;
-        app.audit(
-            &ctx.audit(),
-            "login_failed",
-            None,
-            None,
-            json!({ "reason": "unknown_account" }),
-        )
-        .await;
+    let user = users::by_login(&mut conn, &req.username_or_email).await?;
+    let (subject, reason) = match &user {
+        Some(user) if user.password_hash.is_some() => (Subject::account(&user.id), "bad_password"),
+        Some(user) => (Subject::account(&user.id), "no_password"),
+        None => (
+            Subject::unknown_name(&req.username_or_email),
+            "unknown_account",
+        ),
+    };
+    let check = PasswordCheck {
+        subject,
+        user_id: user.as_ref().map(|u| u.id.as_str()),
+        event: "login_failed",
+        reason,
+    };
+    let hash = user.as_ref().and_then(|u| u.password_hash.as_deref());
+    let right = check_password(&app, &ctx, conn, &ticket, check, &req.password, hash).await?;
+    drop(ticket);
+    let Some(user) = user.filter(|_| right) else {
         return Err(ApiError::unauthorized(BAD_CREDENTIALS));
     };
-    let now = app.clock.now();
-    match rules::lock_state(user.failed_logins, user.locked_until.map(from_db), now) {
-        LockState::Locked { until } => {
-            let seconds = (until - now).num_seconds().max(1) as u64;
-            return Err(ApiError::new(
-                StatusCode::LOCKED,
-                ErrorCode::AccountLocked,
-                format!(
-                    "Account locked after too many failed login attempts; try again in {} minute(s)",
-                    seconds.div_ceil(60)
-                ),
-            )
-            .with_retry_after(seconds));
-        }
-        LockState::Expired => users::clear_failures(&mut conn, &user.id).await?,
-        LockState::Open { .. } => {}
-    }
-    let verified = match &user.password_hash {
-        Some(hash) => app.passwords.verify(&req.password, hash).await,
-        None => {
-            app.passwords.verify_decoy(&req.password).await;
-            false
-        }
-    };
-    if !verified {
-        return Err(failed_login(&app, &ctx, &mut conn, &user).await);
-    }
     if !user.is_active {
         return Err(ApiError::forbidden(
             ErrorCode::AccountDisabled,
             "Account is disabled",
         ));
     }
-    users::record_login(&mut conn, &user.id, to_db(now)).await?;
+    let mut conn = app.db.get().await?;
+    users::record_login(&mut conn, &user.id, db_now(app.clock.as_ref())).await?;
     let user = users::by_id(&mut conn, &user.id)
         .await?
         .ok_or_else(|| ApiError::unauthorized(BAD_CREDENTIALS))?;
@@ -199,43 +195,6 @@ pub async fn login(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     )
     .await;
     ok(&response)
-}
-
-/// Count a wrong password, lock the account at the threshold, and answer 401 either way.
-async fn failed_login(app: &AppState, ctx: &Ctx, conn: &mut DbConn, user: &User) -> ApiError {
-    let result: Result<(), StoreError> = async {
-        let now = app.clock.now();
-        let failures = users::add_failed_login(conn, &user.id, to_db(now)).await?;
-        let lock_for = Duration::minutes(app.config.auth.lockout_minutes.into());
-        let threshold = app.config.auth.lockout_threshold;
-        app.audit(
-            &ctx.audit(),
-            "login_failed",
-            Some(&user.id),
-            None,
-            json!({ "reason": "bad_password", "failures": failures }),
-        )
-        .await;
-        if let Some(until) =
-            rules::lock_after_failure(failures.max(0) as u32, threshold, now, lock_for)
-        {
-            users::lock(conn, &user.id, to_db(until)).await?;
-            app.audit(
-                &ctx.audit(),
-                "account_locked",
-                Some(&user.id),
-                None,
-                json!({ "failures": failures, "until": until }),
-            )
-            .await;
-        }
-        Ok(())
-    }
-    .await;
-    match result {
-        Ok(()) => ApiError::unauthorized(BAD_CREDENTIALS),
-        Err(e) => e.into(),
-    }
 }
 
 pub async fn google(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
@@ -306,7 +265,6 @@ pub async fn google(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
                     is_active: true,
                     is_verified: true,
                     subscription_plan: Plan::Free.as_str().to_string(),
-                    failed_logins: 0,
                     created_at: now,
                     updated_at: now,
                     last_login: None,
@@ -329,6 +287,14 @@ pub async fn google(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
             ErrorCode::AccountDisabled,
             "Account is disabled",
         ));
+    }
+    let clock_now = app.clock.now();
+    if let Some(until) = app
+        .lockout
+        .locked_until(&mut conn, &Subject::account(&user.id), clock_now)
+        .await?
+    {
+        return Err(locked_error(until, clock_now));
     }
     users::record_login(&mut conn, &user.id, now).await?;
     let (session, response) = open_session(&app, &mut conn, &ctx, &user).await?;
@@ -369,22 +335,86 @@ async fn free_username(conn: &mut DbConn, email: &str) -> ApiResult<String> {
     )))
 }
 
+/// What a rotation seals for a repeat within the grace window: the pair handed out, and when.
+#[derive(Serialize, Deserialize)]
+struct SealedPair {
+    access_token: String,
+    refresh_token: String,
+}
+
+/// Associated data binding a sealed successor to its session and the token it replaced.
+fn successor_aad(session_id: &str, old_hash: &str) -> String {
+    format!("refresh-successor:{session_id}:{old_hash}")
+}
+
+/// Rotate a refresh token. The successor pair is prepared and sealed before the rotation and
+/// stored with it, so a repeat of the same token within `auth.refresh_reuse_grace_seconds` (a
+/// lost reply, two parallel refreshes) gets exactly that pair again; later, a repeat is theft and
+/// ends the session.
 pub async fn refresh(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     let req: RefreshRequest = ctx.json()?;
     let invalid = || ApiError::unauthorized("Invalid refresh token");
+    let old_hash = hash_refresh_token(req.refresh_token.trim());
     let mut conn = app.db.get().await?;
+    app.housekeeping(&mut conn).await;
     let now = db_now(app.clock.as_ref());
+    let Some((session, user)) = sessions::by_refresh_token(&mut conn, &old_hash).await? else {
+        return Err(invalid());
+    };
+    if !session.is_live(now) || !user.is_active {
+        return Err(invalid());
+    }
     let (new_token, new_hash) = new_refresh_token();
+    let fresh = auth_response(&app, &user, &session.id, new_token)?;
+    let pair = SealedPair {
+        access_token: fresh.access_token.clone(),
+        refresh_token: fresh.refresh_token.clone(),
+    };
+    let sealed = app.session_sealer.seal(
+        &serde_json::to_vec(&pair).map_err(anyhow::Error::from)?,
+        &successor_aad(&session.id, &old_hash),
+    )?;
+    let grace = app.config.auth.refresh_reuse_grace_seconds;
+    let repeat_since = (grace > 0).then(|| now - Duration::seconds(grace.into()));
+    let successor = Successor {
+        token_hash: &new_hash,
+        sealed: &sealed,
+    };
     let rotation = sessions::rotate(
         &mut conn,
-        &hash_refresh_token(req.refresh_token.trim()),
-        &new_hash,
+        &session.id,
+        &old_hash,
+        successor,
         now,
         session_expiry(&app, now),
+        repeat_since,
     )
     .await?;
-    let session = match rotation {
-        Rotation::Unknown | Rotation::Ended => return Err(invalid()),
+    match rotation {
+        Rotation::Unknown | Rotation::Ended => Err(invalid()),
+        Rotation::Rotated(session) => {
+            app.actors.touch_session(&session.id, &user.id);
+            ok(&fresh)
+        }
+        Rotation::Repeat {
+            session,
+            sealed,
+            rotated_at,
+        } => {
+            let pair: SealedPair = app
+                .session_sealer
+                .open(&sealed, &successor_aad(&session.id, &old_hash))
+                .and_then(|bytes| Ok(serde_json::from_slice(&bytes)?))?;
+            tracing::info!(session = %session.id, "refresh repeated within the grace window; same pair again");
+            let elapsed = (now - rotated_at).num_seconds().max(0);
+            ok(&AuthResponse {
+                access_token: pair.access_token,
+                refresh_token: pair.refresh_token,
+                token_type: "bearer",
+                expires_in: (app.tokens.access_ttl_seconds() - elapsed).max(1),
+                user: UserResponse::from(&user),
+            })
+        }
         Rotation::Reused(session) => {
             if sessions::revoke(&mut conn, &session.id, "refresh_token_reuse", now).await? {
                 app.actors
@@ -399,18 +429,9 @@ pub async fn refresh(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
                 serde_json::Value::Null,
             )
             .await;
-            return Err(invalid());
+            Err(invalid())
         }
-        Rotation::Rotated(session) => session,
-    };
-    let Some((_, user)) = sessions::with_user(&mut conn, &session.id).await? else {
-        return Err(invalid());
-    };
-    if !user.is_active {
-        return Err(invalid());
     }
-    app.actors.touch_session(&session.id, &user.id);
-    ok(&auth_response(&app, &user, &session.id, new_token)?)
 }
 
 pub async fn logout(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {

@@ -8,13 +8,17 @@ pub mod templates;
 pub mod users;
 
 use chrono::{DateTime, Duration, NaiveDateTime, Utc};
+use http::StatusCode;
 use serde::Serialize;
+use serde_json::json;
 
 use super::Ctx;
 use crate::app::App;
+use crate::auth::lockout::{Admission, Subject, seconds_until};
+use crate::auth::passwords::HashTicket;
 use crate::auth::tokens::new_refresh_token;
 use crate::clock::{db_now, from_db};
-use crate::error::ApiResult;
+use crate::error::{ErrorCode, ApiError, ApiResult};
 use crate::store::DbConn;
 use crate::store::sessions::{self, Session};
 use crate::store::users::User;
@@ -119,4 +123,100 @@ pub async fn open_session(
     app.actors.touch_session(&session.id, &user.id);
     let response = auth_response(app, user, &session.id, refresh)?;
     Ok((session, response))
+}
+
+/// A password check that counts toward the lockout: a login, or the password a signed-in user
+/// re-enters to change the password or delete the account.
+pub struct PasswordCheck<'a> {
+    /// Whose counter the attempt is reserved on.
+    pub subject: Subject,
+    /// The account, when there is one (for the audit).
+    pub user_id: Option<&'a str>,
+    /// Audit event of a wrong or refused attempt (`login_failed`, `password_check_failed`).
+    pub event: &'static str,
+    /// Why a wrong attempt was wrong, for the audit (`bad_password`, `unknown_account`, ...).
+    pub reason: &'static str,
+}
+
+/// 423 while a lock holds, with `Retry-After`: the same answer for accounts and unknown names.
+pub fn locked_error(until: DateTime<Utc>, now: DateTime<Utc>) -> ApiError {
+    let seconds = seconds_until(until, now);
+    ApiError::new(
+        StatusCode::LOCKED,
+        ErrorCode::AccountLocked,
+        format!(
+            "Account locked after too many failed login attempts; try again in {} minute(s)",
+            seconds.div_ceil(60)
+        ),
+    )
+    .with_retry_after(seconds)
+}
+
+/// Reserve an attempt on `check.subject` (with `conn`, which is then given back to the pool:
+/// no pooled connection waits on a hash), then verify `password` against `hash` with `ticket`
+/// (a decoy hash when there is none, so that takes as long). Over the threshold: 423 without
+/// hashing. Every refused or wrong attempt is audited; a right one clears the counter.
+pub async fn check_password(
+    app: &App,
+    ctx: &Ctx,
+    mut conn: DbConn,
+    ticket: &HashTicket,
+    check: PasswordCheck<'_>,
+    password: &str,
+    hash: Option<&str>,
+) -> ApiResult<bool> {
+    let now = app.clock.now();
+    let admission = app.lockout.reserve(&mut conn, &check.subject, now).await?;
+    app.housekeeping(&mut conn).await;
+    drop(conn);
+    let audit = ctx.audit();
+    let (attempt, locks, lock_ends) = match admission {
+        Admission::Locked { until } => {
+            app.audit(
+                &audit,
+                check.event,
+                check.user_id,
+                None,
+                json!({ "reason": "locked" }),
+            )
+            .await;
+            return Err(locked_error(until, now));
+        }
+        Admission::Evaluate {
+            attempt,
+            locks,
+            lock_ends,
+        } => (attempt, locks, lock_ends),
+    };
+    let right = match hash {
+        Some(hash) => ticket.verify(password, hash).await,
+        None => {
+            ticket.verify_decoy(password).await;
+            false
+        }
+    };
+    if right {
+        let mut conn = app.db.get().await?;
+        app.lockout.clear(&mut conn, &check.subject).await?;
+        return Ok(true);
+    }
+    app.audit(
+        &audit,
+        check.event,
+        check.user_id,
+        None,
+        json!({ "reason": check.reason, "attempt": attempt }),
+    )
+    .await;
+    if locks {
+        app.audit(
+            &audit,
+            "account_locked",
+            check.user_id,
+            None,
+            json!({ "failures": attempt, "until": lock_ends, "account": check.user_id.is_some() }),
+        )
+        .await;
+    }
+    Ok(false)
 }

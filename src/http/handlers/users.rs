@@ -1,15 +1,17 @@
-//! `/api/v1/users/me`: profile, password change, account deletion, sessions.
+//! `/api/v1/users/me`: profile, password change, account deletion, sessions. The passwords
+//! re-entered for a change or a deletion count toward the lockout like logins.
 
 use chrono::{DateTime, Utc};
 use http::Response;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{UserResponse, message};
+use super::{PasswordCheck, UserResponse, check_password, message};
 use crate::actors::environment::command::Command;
 use crate::actors::environment::machine::Status;
 use crate::app::AppState;
 use crate::auth as rules;
+use crate::auth::lockout::Subject;
 use crate::clock::{db_now, from_db};
 use crate::error::{ErrorCode, ApiError, ApiResult, FieldError};
 use crate::http::{Body, Ctx, ok};
@@ -153,17 +155,33 @@ pub async fn change_password(app: AppState, ctx: Ctx) -> ApiResult<Response<Body
     if !errors.is_empty() {
         return Err(ApiError::validation(errors));
     }
-    let current_ok = match &auth.user.password_hash {
-        Some(hash) => app.passwords.verify(&req.current_password, hash).await,
-        None => false,
+    let ticket = app.passwords.admit()?;
+    let check = PasswordCheck {
+        subject: Subject::account(&auth.user.id),
+        user_id: Some(&auth.user.id),
+        event: "password_check_failed",
+        reason: "bad_current_password",
     };
-    if !current_ok {
+    let conn = app.db.get().await?;
+    let hash = auth.user.password_hash.as_deref();
+    if !check_password(
+        &app,
+        &ctx,
+        conn,
+        &ticket,
+        check,
+        &req.current_password,
+        hash,
+    )
+    .await?
+    {
         return Err(ApiError::bad_request(
             ErrorCode::WrongPassword,
             "Current password is incorrect",
         ));
     }
-    let hash = app.passwords.hash(&req.new_password).await?;
+    let hash = ticket.hash(&req.new_password).await?;
+    drop(ticket);
     let mut conn = app.db.get().await?;
     let now = db_now(app.clock.as_ref());
     users::set_password(&mut conn, &auth.user.id, &hash, now).await?;
@@ -202,7 +220,15 @@ pub async fn delete_account(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>
                 "Password is required to delete the account",
             )]));
         };
-        if !app.passwords.verify(password, hash).await {
+        let ticket = app.passwords.admit()?;
+        let check = PasswordCheck {
+            subject: Subject::account(&auth.user.id),
+            user_id: Some(&auth.user.id),
+            event: "password_check_failed",
+            reason: "bad_password_delete_account",
+        };
+        let conn = app.db.get().await?;
+        if !check_password(&app, &ctx, conn, &ticket, check, password, Some(hash)).await? {
             return Err(ApiError::bad_request(
                 ErrorCode::WrongPassword,
                 "Password is incorrect",
