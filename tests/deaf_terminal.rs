@@ -1,0 +1,213 @@
+//! A terminal whose environment stops reading input: the fake VPS (real SSH) lets its SSH window
+//! fill and never re-opens it, while the client pastes 1 MiB. Control — detach, re-attach, close —
+//! never waits for the stuck input, and the write timeout drops what the remote does not take.
+//! In its own test binary: each test runs a Contabo simulator and a fake VPS.
+
+mod support;
+
+use devpocket::config::ProviderKind;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use support::contabo_sim::{ContaboSim, SimConfig};
+use support::fake_vps::{DEAF_BANNER, DEAF_WINDOW, FakeVps, FakeVpsConfig};
+use support::terminal::*;
+use support::{Backend, Session, TestServer};
+use tokio_tungstenite::tungstenite::Message;
+
+on_both_backends!(
+    control_never_waits_for_a_remote_that_stops_reading,
+    input_a_remote_never_reads_is_dropped_after_the_write_timeout,
+);
+
+/// The paste: 1 MiB in 2 KiB input frames, far beyond what a deaf machine takes (about 1.5
+/// windows) plus the terminal's input queue (256 messages).
+const PASTE_BYTES: usize = 1 << 20;
+const PASTE_FRAME: usize = 2048;
+
+struct Deaf {
+    _sim: ContaboSim,
+    _vps: FakeVps,
+    s: TestServer,
+    me: Session,
+    env: String,
+}
+
+/// A running Contabo environment whose machine (the fake VPS) does not read terminal input.
+async fn deaf_environment(backend: Backend, write_timeout_seconds: u64) -> Deaf {
+    let sim_config = SimConfig::default();
+    let sim = ContaboSim::start(sim_config.clone()).await;
+    let vps = FakeVps::start(&sim, FakeVpsConfig::default()).await;
+    let (api, auth, port) = (sim.api_url.clone(), sim.auth_url.clone(), vps.port);
+    let s = TestServer::start_with(backend, move |c| {
+        c.provider.kind = ProviderKind::Contabo;
+        c.contabo.api_url = api;
+        c.contabo.auth_url = auth;
+        c.contabo.client_id = sim_config.client_id;
+        c.contabo.client_secret = devpocket::config::Secret::new(sim_config.client_secret);
+        c.contabo.username = sim_config.username;
+        c.contabo.password = devpocket::config::Secret::new(sim_config.password);
+        c.contabo.ssh_port = port;
+        c.contabo.retry_base_ms = 5;
+        c.terminals.write_timeout_seconds = write_timeout_seconds;
+    })
+    .await;
+    let me = s.register("dora").await;
+    let env = running_env(&s, &me, "deaf").await;
+    vps.deaf(true);
+    Deaf {
+        _sim: sim,
+        _vps: vps,
+        s,
+        me,
+        env,
+    }
+}
+
+/// Send `bytes` of input in `PASTE_FRAME`-byte frames (bounded: the server reads them promptly).
+async fn paste(ws: &mut Ws, bytes: usize) {
+    let chunk = "x".repeat(PASTE_FRAME);
+    let frame = json!({ "type": "input", "data": chunk }).to_string();
+    tokio::time::timeout(WAIT, async {
+        for _ in 0..bytes / PASTE_FRAME {
+            ws.send(Message::text(frame.clone())).await.expect("send");
+        }
+    })
+    .await
+    .expect("the server takes the paste in time");
+}
+
+/// Send a ping and collect every frame up to its pong (the server answers frames in order, so
+/// the pong proves it has dealt with everything sent before).
+async fn frames_until_pong(ws: &mut Ws) -> Vec<Value> {
+    ws.send(Message::text(json!({ "type": "ping" }).to_string()))
+        .await
+        .expect("send ping");
+    let mut seen = Vec::new();
+    loop {
+        let frame = next_json(ws).await.expect("a pong before the close");
+        if frame["type"] == "pong" {
+            return seen;
+        }
+        seen.push(frame);
+    }
+}
+
+fn errors(frames: &[Value]) -> Vec<&str> {
+    frames
+        .iter()
+        .filter(|f| f["type"] == "error")
+        .filter_map(|f| f["message"].as_str())
+        .collect()
+}
+
+/// Each step is awaited within `WAIT` (30 s), far below the configured write timeout (600 s): a
+/// step that waited for the stuck input could not finish in time.
+async fn control_never_waits_for_a_remote_that_stops_reading(backend: Backend) {
+    let d = deaf_environment(backend, 600).await;
+    let (s, me, env) = (&d.s, &d.me, d.env.as_str());
+    let admin = s.admin("ops").await;
+    let (mut ws, welcome) = open_terminal(s, me, env, "").await;
+    let terminal_id = welcome["terminal_id"].as_str().expect("id").to_string();
+    let (_, offset) = read_until(&mut ws, DEAF_BANNER).await;
+
+    paste(&mut ws, PASTE_BYTES).await;
+    let seen = frames_until_pong(&mut ws).await;
+    // The remote really stopped reading: more than it and the queue hold was refused, and said.
+    assert!(
+        PASTE_BYTES > 2 * DEAF_WINDOW as usize + 256 * PASTE_FRAME,
+        "the paste must overflow what a deaf machine and the input queue take"
+    );
+    assert!(
+        errors(&seen).iter().any(|m| m.contains("Input dropped")),
+        "the client is told its input is dropped: {seen:?}"
+    );
+
+    // Detach: the server answers the WebSocket close handshake.
+    ws.close(None).await.expect("send close");
+    let answered = tokio::time::timeout(WAIT, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(answered.is_ok(), "the detach was not answered in time");
+    let session = format!("session:{}", support::session_id_of(&me.access));
+    let terminal = format!("terminal:{terminal_id}");
+    s.wait_tree(&admin, "the terminal detached", |t| {
+        support::find_actor(t, &terminal).is_some_and(|n| n["phase"] == "detached")
+    })
+    .await;
+
+    // Re-attach: the same terminal, resuming where the client was.
+    let (mut ws, again) = open_terminal(
+        s,
+        me,
+        env,
+        &format!("&terminal_id={terminal_id}&offset={offset}"),
+    )
+    .await;
+    assert_eq!(again["terminal_id"], terminal_id.as_str(), "{again}");
+    assert_eq!(again["offset"], offset, "{again}");
+    ping_pong(&mut ws).await;
+
+    // Close: a logout ends the session and its terminal at once.
+    let (status, body) = s.post("/api/v1/auth/logout", me.token(), json!({})).await;
+    assert!(status.is_success(), "{status} {body}");
+    assert_eq!(close_of(&mut ws).await, (1008, "Session ended".into()));
+    s.wait_tree(&admin, "the session and its terminal gone", |t| {
+        support::find_actor(t, &session).is_none() && support::find_actor(t, &terminal).is_none()
+    })
+    .await;
+    d.s.stop().await;
+}
+
+/// Input the remote does not take within the write timeout is dropped, the client is told, and
+/// the terminal keeps serving.
+async fn input_a_remote_never_reads_is_dropped_after_the_write_timeout(backend: Backend) {
+    let d = deaf_environment(backend, 2).await;
+    let (s, me, env) = (&d.s, &d.me, d.env.as_str());
+    let (mut ws, _) = open_terminal(s, me, env, "").await;
+    read_until(&mut ws, DEAF_BANNER).await;
+    // More than the machine takes, less than the input queue holds: nothing is refused at once.
+    let bytes = 4 * DEAF_WINDOW as usize;
+    paste(&mut ws, bytes).await;
+    let seen = frames_until_pong(&mut ws).await;
+    assert!(
+        !errors(&seen).iter().any(|m| m.contains("Input dropped")),
+        "the input queue held the paste: {seen:?}"
+    );
+    // Within the write timeout (2 s) plus generous headroom, the stuck input is dropped (maybe
+    // already before the pong, on a slow machine).
+    let mut message = errors(&seen).first().map(|m| m.to_string());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while message.is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no write-timeout error"
+        );
+        let frame = next_json(&mut ws).await.expect("an error frame before the close");
+        if frame["type"] == "error" {
+            message = frame["message"].as_str().map(str::to_string);
+        }
+    }
+    let message = message.unwrap_or_default();
+    assert!(
+        message.contains("has not read input for 2 s") && message.contains("dropped"),
+        "{message}"
+    );
+    // The terminal still serves: pings, and a newer input is tried again (and dropped again).
+    ping_pong(&mut ws).await;
+    input(&mut ws, "more\r").await;
+    let message = loop {
+        let frame = next_json(&mut ws).await.expect("an error frame before the close");
+        if frame["type"] == "error" {
+            break frame["message"].as_str().unwrap_or_default().to_string();
+        }
+    };
+    assert!(message.contains("has not read input"), "{message}");
+    ws.close(None).await.expect("close");
+    d.s.stop().await;
+}
