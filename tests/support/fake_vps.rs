@@ -26,6 +26,8 @@
 //!   ([`DEAF_WINDOW`]) that is re-opened at most once, and their PTY channels (exec or shell with
 //!   a prior `pty-req`) run no program: they print [`DEAF_BANNER`] and stay open, never reading.
 //!   A client writing to one waits for window space for ever once about 1.5 windows are sent.
+//! - `cut()` hangs up every SSH connection being served (an SSH disconnect, so the client's
+//!   channels end at once); new ones are served as before.
 //! - `shell` with a prior `pty-req` runs `/bin/bash` in a PTY (window changes honoured); without
 //!   one, `/bin/sh` on pipes.
 
@@ -116,6 +118,8 @@ struct Shared {
     /// PTY channels of new connections never read input (see the module doc).
     deaf: AtomicBool,
     held: Mutex<Vec<tokio::net::TcpStream>>,
+    /// Bumped by `cut`: every connection being served hangs up.
+    cut: tokio::sync::watch::Sender<u64>,
     commands: Mutex<VecDeque<String>>,
     /// (instance id, install generation) → when its install log started.
     installs: Mutex<HashMap<(i64, u32), Instant>>,
@@ -136,6 +140,7 @@ impl FakeVps {
             stalled: AtomicBool::new(false),
             deaf: AtomicBool::new(false),
             held: Mutex::new(Vec::new()),
+            cut: tokio::sync::watch::Sender::new(0),
             commands: Mutex::new(VecDeque::new()),
             installs: Mutex::new(HashMap::new()),
         });
@@ -170,6 +175,11 @@ impl FakeVps {
                 .unwrap_or_else(|e| e.into_inner())
                 .clear();
         }
+    }
+
+    /// Hang up every SSH connection being served now (new ones are served as before).
+    pub fn cut(&self) {
+        self.shared.cut.send_modify(|n| *n += 1);
     }
 
     /// Make terminals of connections made from now on never read their input (`true`), or read
@@ -245,10 +255,19 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             channels: HashMap::new(),
             deaf,
         };
+        let mut cut = shared.cut.subscribe();
         sessions.spawn(async move {
             if let Ok(session) = russh::server::run_stream(Arc::new(config), stream, handler).await
             {
-                let _ = session.await;
+                let handle = session.handle();
+                tokio::select! {
+                    _ = session => {}
+                    _ = cut.changed() => {
+                        let _ = handle
+                            .disconnect(russh::Disconnect::ByApplication, "cut".into(), "en".into())
+                            .await;
+                    }
+                }
             }
         });
     }

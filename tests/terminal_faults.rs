@@ -1,7 +1,9 @@
-//! A terminal whose environment stops reading input: the fake VPS (real SSH) lets its SSH window
-//! fill and never re-opens it, while the client pastes 1 MiB. Control — detach, re-attach, close —
-//! never waits for the stuck input, and the write timeout drops what the remote does not take.
-//! In its own test binary: each test runs a Contabo simulator and a fake VPS.
+//! Terminals against a machine that misbehaves, through the real server, a Contabo simulator and
+//! the fake VPS (real SSH):
+//! - it stops reading input (its SSH window fills and never re-opens) while the client pastes
+//!   1 MiB: control — detach, re-attach, close — never waits for the stuck input, and the write
+//!   timeout drops what the machine does not take;
+//! - its connection drops: the terminal reconnects and its output stream (the ring) continues.
 
 mod support;
 
@@ -17,6 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 on_both_backends!(
     control_never_waits_for_a_remote_that_stops_reading,
     input_a_remote_never_reads_is_dropped_after_the_write_timeout,
+    a_dropped_connection_is_reconnected_and_the_stream_continues,
 );
 
 /// The paste: 1 MiB in 2 KiB input frames, far beyond what a deaf machine takes (about 1.5
@@ -26,7 +29,7 @@ const PASTE_FRAME: usize = 2048;
 
 struct Deaf {
     _sim: ContaboSim,
-    _vps: FakeVps,
+    vps: FakeVps,
     s: TestServer,
     me: Session,
     env: String,
@@ -56,7 +59,7 @@ async fn deaf_environment(backend: Backend, write_timeout_seconds: u64) -> Deaf 
     vps.deaf(true);
     Deaf {
         _sim: sim,
-        _vps: vps,
+        vps,
         s,
         me,
         env,
@@ -211,4 +214,59 @@ async fn next_error(ws: &mut Ws) -> String {
             return frame["message"].as_str().unwrap_or_default().to_string();
         }
     }
+}
+
+/// The machine's connection drops: the client hears so, the terminal reconnects (a new SSH
+/// connection, a new PTY), and the output continues the same stream: offsets contiguous, and a
+/// resume from before the drop replays exactly what came after it.
+async fn a_dropped_connection_is_reconnected_and_the_stream_continues(backend: Backend) {
+    let d = deaf_environment(backend, 10).await;
+    let (s, me, env) = (&d.s, &d.me, d.env.as_str());
+    let (mut ws, welcome) = within("open", open_terminal(s, me, env, "")).await;
+    let terminal_id = welcome["terminal_id"].as_str().expect("id").to_string();
+    let (_, before) = within("the banner", read_until(&mut ws, DEAF_BANNER)).await;
+    let connections = d.vps.connections();
+    let banner = format!("{DEAF_BANNER}\r\n");
+
+    d.vps.cut();
+    // The notices and the new PTY's first output, in whatever order they interleave.
+    let (infos, output) = within("the reconnect", async {
+        let (mut infos, mut output) = (Vec::new(), None);
+        while output.is_none() || !infos.iter().any(|m: &String| m == "Reconnected") {
+            let frame = next_json(&mut ws).await.expect("frames before the close");
+            match frame["type"].as_str() {
+                Some("info") => infos.push(frame["message"].as_str().unwrap_or_default().into()),
+                Some("output") => output = Some(frame),
+                _ => {}
+            }
+        }
+        (infos, output.unwrap_or_default())
+    })
+    .await;
+    assert!(
+        infos.iter().any(|m| m.contains("lost; reconnecting")),
+        "{infos:?}"
+    );
+    assert!(d.vps.connections() > connections, "a new SSH connection");
+    assert_eq!(output["data"], banner.as_str(), "{output}");
+    let after = output["offset"].as_u64().expect("offset");
+    assert_eq!(
+        after - banner.len() as u64,
+        before,
+        "the stream continues where it was: {output}"
+    );
+
+    // The ring outlived the old connection: a resume from before the drop gets exactly the rest.
+    drop(ws);
+    let resume = format!("&terminal_id={terminal_id}&offset={before}");
+    let (mut ws, again) = within("the resume", open_terminal(s, me, env, &resume)).await;
+    assert_eq!(again["terminal_id"], terminal_id.as_str(), "{again}");
+    assert_eq!(again["offset"], before, "{again}");
+    let replay = within("the replay", next_json(&mut ws))
+        .await
+        .expect("the replay");
+    assert_eq!(replay["type"], "output", "{replay}");
+    assert_eq!(replay["data"], banner.as_str(), "{replay}");
+    assert_eq!(replay["offset"], after, "{replay}");
+    d.s.stop().await;
 }
