@@ -209,7 +209,9 @@ async fn input_a_remote_never_reads_is_dropped_after_the_write_timeout(backend: 
 /// The message of the next `error` frame.
 async fn next_error(ws: &mut Ws) -> String {
     loop {
-        let frame = next_json(ws).await.expect("an error frame before the close");
+        let frame = next_json(ws)
+            .await
+            .expect("an error frame before the close");
         if frame["type"] == "error" {
             return frame["message"].as_str().unwrap_or_default().to_string();
         }

@@ -230,7 +230,9 @@ async fn connect(
     };
     let (pty, has_tmux) = tokio::time::timeout(target.connect_timeout, open)
         .await
-        .map_err(|_| "cannot open a terminal: the environment did not answer in time".to_string())??;
+        .map_err(|_| {
+            "cannot open a terminal: the environment did not answer in time".to_string()
+        })??;
     Ok(Opened {
         client,
         pty,
@@ -301,7 +303,7 @@ enum Control {
         connection: u64,
         frames: mpsc::Sender<Out>,
         offset: Option<u64>,
-        attachment: Attachment,
+        attachment: Box<Attachment>,
         reply: RpcReplyPort<Attachment>,
     },
     /// That connection's WebSocket is gone: stop sending to it.
@@ -384,7 +386,7 @@ impl Channel {
         connection: u64,
         frames: mpsc::Sender<Out>,
         offset: Option<u64>,
-        mut attachment: Attachment,
+        mut attachment: Box<Attachment>,
         reply: RpcReplyPort<Attachment>,
     ) -> bool {
         let ring = &self.ring;
@@ -416,7 +418,7 @@ impl Channel {
         attachment.offset = start;
         attachment.replay = replay;
         attachment.notice = notice;
-        if reply.send(attachment).is_err() {
+        if reply.send(*attachment).is_err() {
             // Nobody took it (the caller gave up): start the grace period as for a detach.
             let _ = self.actor.cast(TerminalMsg::Detached { connection });
         }
@@ -424,7 +426,11 @@ impl Channel {
     }
 
     fn detach(&mut self, connection: u64) {
-        if self.sink.as_ref().is_some_and(|s| s.connection == connection) {
+        if self
+            .sink
+            .as_ref()
+            .is_some_and(|s| s.connection == connection)
+        {
             self.sink = None;
             self.pending.clear();
         }
@@ -642,13 +648,7 @@ impl Actor for TerminalActor {
     ) -> Result<Self::State, ActorProcessingErr> {
         args.cols = args.cols.max(1);
         args.rows = args.rows.max(1);
-        let opened = connect(
-            &args.target,
-            &args.environment.id,
-            args.cols,
-            args.rows,
-        )
-        .await?;
+        let opened = connect(&args.target, &args.environment.id, args.cols, args.rows).await?;
         let (input, input_rx) = mpsc::channel(INPUT_QUEUE);
         let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let channel = Channel {
@@ -709,7 +709,7 @@ impl Actor for TerminalActor {
                 let connection = state.next_connection;
                 let (frames_tx, frames) = mpsc::channel(CLIENT_QUEUE);
                 let (closed_tx, closed) = watch::channel(None);
-                let attachment = Attachment {
+                let attachment = Box::new(Attachment {
                     terminal: myself.clone(),
                     terminal_id: state.args.terminal_id.clone(),
                     connection,
@@ -719,7 +719,7 @@ impl Actor for TerminalActor {
                     replay: None,
                     notice: None,
                     closed,
-                };
+                });
                 // The channel task swaps the sink, cuts the replay and answers; if it cannot
                 // take the message the reply port is dropped and the caller hears so.
                 let sent = state.control.try_send(Control::Attach {
@@ -731,6 +731,12 @@ impl Actor for TerminalActor {
                 });
                 if sent.is_err() {
                     tracing::warn!(terminal = %state.args.terminal_id, "attach refused: the channel task is not answering");
+                    if state.attached.is_none() {
+                        // This connection number is the newest now: its grace period applies.
+                        myself.send_after(state.args.grace, move || TerminalMsg::GraceExpired {
+                            connection,
+                        });
+                    }
                     return Ok(());
                 }
                 let client = Client {
