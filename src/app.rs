@@ -26,6 +26,9 @@ use crate::secrets::{self, Sealer};
 use crate::store::audit::{self, NewAuditEvent};
 use crate::store::{Db, DbUrl};
 
+/// What request handlers share. It holds no provider, no sealer and no SSH client: every change
+/// to an environment is a command to the actor tree (`actors.dispatch`), so the compiler keeps
+/// the front end thin.
 pub struct App {
     pub config: Config,
     pub db: Db,
@@ -36,8 +39,6 @@ pub struct App {
     pub actors: Actors,
     pub metrics: Metrics,
     pub limits: RateLimits,
-    pub sealer: Sealer,
-    pub provider: Arc<dyn Provider>,
     pub ws_connections: Arc<crate::http::ws::ConnectionCounts>,
     pub started_at: DateTime<Utc>,
 }
@@ -221,8 +222,6 @@ pub async fn build(config: Config, clock: SharedClock) -> anyhow::Result<AppStat
         metrics: Metrics::new(),
         started_at: clock.now(),
         tokens,
-        sealer,
-        provider,
         ws_connections: Arc::default(),
         actors,
         db,
@@ -258,7 +257,7 @@ impl RunningServer {
             let _ = task.await;
         }
         self.app.actors.shutdown().await;
-        self.app.provider.shutdown().await;
+        self.app.actors.shutdown_provider().await;
         self.app.db.close();
     }
 

@@ -70,11 +70,26 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     pub environment: String,
     pub allowed_origins: Vec<String>,
+    /// Largest request body of an authenticated route, in bytes (413 beyond).
     pub max_body_bytes: u64,
+    /// Largest request body of a route that runs before authentication (register, login, google,
+    /// refresh and every other public route), in bytes: these bodies are read from strangers.
+    pub max_unauthenticated_body_bytes: u64,
+    /// Connections served at once, all clients together (WebSockets included).
     pub max_connections: u32,
+    /// Connections served at once from one client address (an IPv6 client counts per /64);
+    /// sized for many users behind one carrier NAT. Trusted proxies are exempt.
+    pub max_connections_per_ip: u32,
+    /// Seconds from accept to a complete first request head (protocol detection included).
     pub header_read_timeout_seconds: u64,
+    /// Seconds an idle keep-alive connection may wait for (all of) its next request head.
+    pub keep_alive_timeout_seconds: u64,
+    /// Seconds from a request head to the end of its body; slower bodies get 408 and a close.
+    pub body_timeout_seconds: u64,
     pub drain_timeout_seconds: u64,
-    pub trust_forwarded_for: bool,
+    /// Reverse proxies (IP addresses or CIDR ranges) whose connections are exempt from
+    /// `max_connections_per_ip` and whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<String>,
     pub hsts: bool,
     pub registration: Registration,
 }
@@ -164,6 +179,8 @@ pub struct EnvironmentsConfig {
     pub metrics_interval_seconds: u64,
     pub metrics_retention_hours: u64,
     pub restart_backoff_ms: u64,
+    /// How long account deletion waits for the account's environments to reach `terminated`.
+    pub delete_wait_seconds: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -339,13 +356,51 @@ impl Config {
                     .into(),
             );
         }
+        if self.server.max_unauthenticated_body_bytes == 0
+            || self.server.max_unauthenticated_body_bytes > self.server.max_body_bytes
+        {
+            p.push(
+                "server.max_unauthenticated_body_bytes: must be above 0 and at most server.max_body_bytes"
+                    .into(),
+            );
+        }
         positive(
             &mut p,
             "server.max_connections",
             self.server.max_connections,
         );
-        if self.server.header_read_timeout_seconds == 0 {
-            p.push("server.header_read_timeout_seconds: must be above 0".into());
+        if self.server.max_connections_per_ip == 0
+            || self.server.max_connections_per_ip > self.server.max_connections
+        {
+            p.push(
+                "server.max_connections_per_ip: must be above 0 and at most server.max_connections"
+                    .into(),
+            );
+        }
+        for (key, seconds) in [
+            (
+                "server.header_read_timeout_seconds",
+                self.server.header_read_timeout_seconds,
+            ),
+            (
+                "server.keep_alive_timeout_seconds",
+                self.server.keep_alive_timeout_seconds,
+            ),
+            (
+                "server.body_timeout_seconds",
+                self.server.body_timeout_seconds,
+            ),
+        ] {
+            if seconds == 0 {
+                p.push(format!("{key}: must be above 0"));
+            }
+        }
+        for proxy in &self.server.trusted_proxies {
+            if parse_trusted_proxy(proxy).is_none() {
+                p.push(format!(
+                    "server.trusted_proxies: '{proxy}' is not an IP address or CIDR range (e.g. 10.0.0.0/8)"
+                ));
+            }
         }
         if self.database.max_connections == 0 {
             p.push("database.max_connections: must be at least 1".into());
@@ -414,6 +469,9 @@ impl Config {
                 "terminals.ping_interval_seconds and idle_timeout_seconds: must be above 0".into(),
             );
         }
+        if self.environments.delete_wait_seconds == 0 {
+            p.push("environments.delete_wait_seconds: must be above 0".into());
+        }
         if self.environments.metrics_interval_seconds == 0 {
             p.push("environments.metrics_interval_seconds: must be above 0".into());
         }
@@ -445,6 +503,16 @@ impl Config {
             .bind
             .parse()
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8000)))
+    }
+
+    /// `server.trusted_proxies` as networks (entries that do not parse are left out; they are
+    /// reported by [`Config::problems`]).
+    pub fn trusted_proxies(&self) -> Vec<ipnet::IpNet> {
+        self.server
+            .trusted_proxies
+            .iter()
+            .filter_map(|p| parse_trusted_proxy(p))
+            .collect()
     }
 
     /// Whether self-registration is open under this configuration (see `server.registration`).
@@ -541,6 +609,21 @@ fn extract_sections(figment: &Figment, problems: &mut Vec<String>) -> Option<Con
     })
 }
 
+/// One `server.trusted_proxies` entry: an address (`10.0.0.7`, `::1`) or a range (`10.0.0.0/8`).
+pub fn parse_trusted_proxy(entry: &str) -> Option<ipnet::IpNet> {
+    let entry = entry.trim();
+    entry
+        .parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| {
+            entry
+                .parse::<std::net::IpAddr>()
+                .ok()
+                .map(ipnet::IpNet::from)
+        })
+        .map(|net| net.trunc())
+}
+
 fn positive(problems: &mut Vec<String>, key: &str, value: u32) {
     if value == 0 {
         problems.push(format!("{key}: must be above 0"));
@@ -566,7 +649,8 @@ where
                 continue;
             };
             let key = format!("{}.{}", section.to_lowercase(), key.to_lowercase());
-            if key.ends_with("allowed_origins") && !raw.trim_start().starts_with('[') {
+            let is_list = key == "server.allowed_origins" || key == "server.trusted_proxies";
+            if is_list && !raw.trim_start().starts_with('[') {
                 structured.push((key, comma_list(&raw)));
             } else {
                 structured.push((key, parse_env_value(&raw)));
@@ -696,6 +780,48 @@ mod tests {
         );
         assert!(text.contains("auth.lockout_minutes"), "{text}");
         assert!(text.contains("nope: unknown section"), "{text}");
+    }
+
+    #[test]
+    fn connection_limits_and_trusted_proxies_are_validated() {
+        let c = Config::load(
+            None,
+            env(&[(
+                "DEVPOCKET_SERVER__TRUSTED_PROXIES",
+                "10.0.0.0/8, 192.168.1.7, ::1",
+            )]),
+        )
+        .expect("valid");
+        let nets = c.trusted_proxies();
+        assert_eq!(nets.len(), 3);
+        assert!(nets[0].contains(&"10.1.2.3".parse::<std::net::IpAddr>().expect("ip")));
+        assert!(nets[1].contains(&"192.168.1.7".parse::<std::net::IpAddr>().expect("ip")));
+        assert!(!nets[1].contains(&"192.168.1.8".parse::<std::net::IpAddr>().expect("ip")));
+        let err = Config::load(
+            None,
+            env(&[
+                (
+                    "DEVPOCKET_SERVER__TRUSTED_PROXIES",
+                    "[\"10.0.0.0/33\", \"proxy.local\"]",
+                ),
+                ("DEVPOCKET_SERVER__MAX_CONNECTIONS", "10"),
+                ("DEVPOCKET_SERVER__MAX_CONNECTIONS_PER_IP", "11"),
+                ("DEVPOCKET_SERVER__BODY_TIMEOUT_SECONDS", "0"),
+                ("DEVPOCKET_SERVER__MAX_UNAUTHENTICATED_BODY_BYTES", "0"),
+            ]),
+        )
+        .expect_err("invalid");
+        let text = err.to_string();
+        for needle in [
+            "'10.0.0.0/33'",
+            "'proxy.local'",
+            "server.max_connections_per_ip",
+            "server.body_timeout_seconds",
+            "server.max_unauthenticated_body_bytes",
+        ] {
+            assert!(text.contains(needle), "{needle}: {text}");
+        }
+        assert_eq!(err.0.len(), 5, "{text}");
     }
 
     #[test]

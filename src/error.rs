@@ -5,6 +5,86 @@
 use http::{HeaderName, HeaderValue, StatusCode};
 use serde::Serialize;
 
+/// Declares [`ErrorCode`]: each variant with the string clients see.
+macro_rules! error_codes {
+    ($($(#[$doc:meta])* $variant:ident => $text:literal,)*) => {
+        /// Every stable error code the API answers with (`code` in the error body, API.md
+        /// "Errors"). Clients match on these strings: `error_codes_are_stable` pins them, so
+        /// renaming one is a visible change to the contract.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum ErrorCode {
+            $($(#[$doc])* $variant,)*
+        }
+
+        impl ErrorCode {
+            pub const ALL: &[ErrorCode] = &[$(ErrorCode::$variant,)*];
+
+            /// The snake_case string of the wire.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$variant => $text,)*
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    AccountDisabled => "account_disabled",
+    AccountLocked => "account_locked",
+    AdminRequired => "admin_required",
+    BadBody => "bad_body",
+    BadRequest => "bad_request",
+    BodyTimeout => "body_timeout",
+    BuiltinTemplate => "builtin_template",
+    DatabaseUnavailable => "database_unavailable",
+    EmailTaken => "email_taken",
+    EnvironmentBusy => "environment_busy",
+    EnvironmentsPending => "environments_pending",
+    FaultInjectionDisabled => "fault_injection_disabled",
+    GoogleNotConfigured => "google_not_configured",
+    GoogleUnavailable => "google_unavailable",
+    InternalError => "internal_error",
+    InvalidJson => "invalid_json",
+    InvalidSince => "invalid_since",
+    InvalidState => "invalid_state",
+    MethodNotAllowed => "method_not_allowed",
+    NameTaken => "name_taken",
+    NotFound => "not_found",
+    NotSupervised => "not_supervised",
+    PayloadTooLarge => "payload_too_large",
+    PlanLimit => "plan_limit",
+    ProviderRefused => "provider_refused",
+    ProviderUnavailable => "provider_unavailable",
+    RateLimited => "rate_limited",
+    RegistrationClosed => "registration_closed",
+    TemplateExists => "template_exists",
+    Unauthorized => "unauthorized",
+    UnsupportedByProvider => "unsupported_by_provider",
+    UsernameTaken => "username_taken",
+    ValidationError => "validation_error",
+    WebsocketRequired => "websocket_required",
+    WrongPassword => "wrong_password",
+}
+
+impl Serialize for ErrorCode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for ErrorCode {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// One field that failed validation.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct FieldError {
@@ -26,7 +106,7 @@ impl FieldError {
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub detail: String,
     pub errors: Vec<FieldError>,
     pub retry_after: Option<u64>,
@@ -38,7 +118,7 @@ pub struct ApiError {
 pub type ApiResult<T> = Result<T, ApiError>;
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: ErrorCode, detail: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -50,13 +130,13 @@ impl ApiError {
         }
     }
 
-    pub fn bad_request(code: &'static str, detail: impl Into<String>) -> Self {
+    pub fn bad_request(code: ErrorCode, detail: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, detail)
     }
 
     /// 401 with `WWW-Authenticate: Bearer`, so clients know to refresh or sign in again.
     pub fn unauthorized(detail: impl Into<String>) -> Self {
-        let mut e = Self::new(StatusCode::UNAUTHORIZED, "unauthorized", detail);
+        let mut e = Self::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, detail);
         e.headers.push((
             http::header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer"),
@@ -64,22 +144,22 @@ impl ApiError {
         e
     }
 
-    pub fn forbidden(code: &'static str, detail: impl Into<String>) -> Self {
+    pub fn forbidden(code: ErrorCode, detail: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, code, detail)
     }
 
     pub fn not_found(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", detail)
+        Self::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, detail)
     }
 
-    pub fn conflict(code: &'static str, detail: impl Into<String>) -> Self {
+    pub fn conflict(code: ErrorCode, detail: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, code, detail)
     }
 
     pub fn validation(errors: Vec<FieldError>) -> Self {
         let mut e = Self::new(
             StatusCode::UNPROCESSABLE_ENTITY,
-            "validation_error",
+            ErrorCode::ValidationError,
             "Validation error",
         );
         e.errors = errors;
@@ -89,21 +169,21 @@ impl ApiError {
     pub fn rate_limited(retry_after: u64) -> Self {
         let mut e = Self::new(
             StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
+            ErrorCode::RateLimited,
             "Too many requests; slow down",
         );
         e.retry_after = Some(retry_after);
         e
     }
 
-    pub fn unavailable(code: &'static str, detail: impl Into<String>) -> Self {
+    pub fn unavailable(code: ErrorCode, detail: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, code, detail)
     }
 
     pub fn internal(source: impl Into<anyhow::Error>) -> Self {
         let mut e = Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_error",
+            ErrorCode::InternalError,
             "Internal server error",
         );
         e.source = Some(source.into());
@@ -132,7 +212,7 @@ impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
         match e {
             crate::store::StoreError::Unavailable(_) => {
-                let mut err = Self::unavailable("database_unavailable", "Database unavailable");
+                let mut err = Self::unavailable(ErrorCode::DatabaseUnavailable, "Database unavailable");
                 err.source = Some(e.into());
                 err
             }
@@ -153,7 +233,7 @@ pub fn json_body_error(e: &serde_json::Error) -> ApiError {
     use serde_json::error::Category;
     match e.classify() {
         Category::Syntax | Category::Eof | Category::Io => {
-            ApiError::bad_request("invalid_json", "Request body is not valid JSON")
+            ApiError::bad_request(ErrorCode::InvalidJson, "Request body is not valid JSON")
         }
         Category::Data => {
             let text = e.to_string();

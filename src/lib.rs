@@ -5,7 +5,8 @@
 //! - [`config`] — the one configuration struct: embedded defaults, file, environment; validated
 //!   as a whole.
 //! - [`app`] — the application state handlers share, and the running server (`start`, `stop`).
-//! - [`http`] — the front end: routing, limits, errors, security headers, metrics, handlers.
+//! - [`http`] — the front end: connection caps and deadlines, routing, limits, errors, security
+//!   headers, metrics, handlers.
 //! - [`actors`] — the supervision tree: root, sessions and environments supervisors, the
 //!   UserSession, environment and terminal actors, restart policy and the ops directory.
 //! - [`provider`] — where environments run: the trait, Contabo (real API client) and local.
@@ -17,8 +18,8 @@
 //! - [`ssh`] — SSH: key handling, the client bridge (pinned host keys) and the local provider's
 //!   server.
 //! - [`templates`] — environment templates: metadata and cloud-init user-data, rendering, checks.
-//! - [`terminal`] — the terminal protocol, output ring and coalescing (pure; the actor is in
-//!   [`actors`]).
+//! - [`protocol`] — every frame of the three WebSocket streams (terminal, logs, events), pure.
+//! - [`terminal`] — the output ring and coalescing (pure; the actor is in [`actors`]).
 //! - [`cli`] — the command line (`serve`, `migrate`, `user ...`).
 //! - [`logging`] — tracing setup (pretty or JSON).
 
@@ -33,6 +34,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod logging;
+pub mod protocol;
 pub mod provider;
 pub mod secrets;
 pub mod ssh;

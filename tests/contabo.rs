@@ -27,6 +27,8 @@ on_both_backends!(
     a_hung_machine_never_holds_up_the_session,
     a_vanished_secret_is_replaced_404,
     a_vanished_secret_is_replaced_500,
+    parallel_creates_beyond_the_limit_order_exactly_limit_instances,
+    account_deletion_terminates_every_environment_and_cancels_every_instance,
 );
 
 struct Cloud {
@@ -642,4 +644,88 @@ async fn a_hung_machine_never_holds_up_the_session(backend: Backend) {
         !t.to_string().contains("\"kind\":\"terminal\"")
     })
     .await;
+}
+
+/// A double-tapping phone on the starter plan (3 environments): eight parallel creates make
+/// three environments and order three VPS, never a fourth.
+async fn parallel_creates_beyond_the_limit_order_exactly_limit_instances(backend: Backend) {
+    let c = cloud(backend, SimConfig::default(), vps_config()).await;
+    let (s, me) = (&c.s, &c.me);
+    s.make_plan("cora", devpocket::store::users::Plan::Starter)
+        .await;
+    let creates = (0..8).map(|i| {
+        s.post(
+            "/api/v1/environments",
+            me.token(),
+            json!({ "name": format!("tap-{i}"), "template": "python" }),
+        )
+    });
+    let results = futures_util::future::join_all(creates).await;
+    let created: Vec<String> = results
+        .iter()
+        .filter(|(st, _)| *st == StatusCode::CREATED)
+        .map(|(_, b)| b["id"].as_str().expect("id").to_string())
+        .collect();
+    assert_eq!(created.len(), 3, "{results:?}");
+    assert_eq!(
+        results
+            .iter()
+            .filter(|(st, b)| *st == StatusCode::FORBIDDEN && b["code"] == "plan_limit")
+            .count(),
+        5,
+        "{results:?}"
+    );
+    // (The one fake VPS presents one host key, so only instance orders are compared here.)
+    for id in &created {
+        s.wait_env(me, id, "an instance", support::terminal::WAIT, |e| {
+            e["instance_id"].is_string()
+        })
+        .await;
+        assert_eq!(c.sim.instances_named(&format!("devpocket-{id}")), 1);
+    }
+    assert_eq!(c.sim.instance_count(), 3, "{:?}", c.sim.instances());
+}
+
+/// Deleting an account with running environments answers once every environment is terminated
+/// (each reported on the events stream before the reply) and every instance is cancelled.
+async fn account_deletion_terminates_every_environment_and_cancels_every_instance(
+    backend: Backend,
+) {
+    let c = cloud(backend, SimConfig::default(), vps_config()).await;
+    let (s, me) = (&c.s, &c.me);
+    s.make_plan("cora", devpocket::store::users::Plan::Starter)
+        .await;
+    let mut ids = Vec::new();
+    for name in ["first", "second"] {
+        let id = create(&c, name).await;
+        s.wait_status(me, &id, "running").await;
+        ids.push(id);
+    }
+    let mut events =
+        support::terminal::connect(s, &format!("/api/v1/ws/events?token={}", me.access)).await;
+    support::terminal::ping_pong(&mut events).await;
+    let (status, body) = s
+        .send(
+            s.request(Method::DELETE, "/api/v1/users/me", me.token())
+                .json(&json!({ "password": support::PASSWORD })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut cancelled = c.sim.cancels();
+    cancelled.sort_unstable();
+    let mut instances: Vec<i64> = c.sim.instances().iter().map(|i| i.instance_id).collect();
+    instances.sort_unstable();
+    assert_eq!(cancelled, instances, "every instance cancelled");
+    let mut terminated = std::collections::BTreeSet::new();
+    while terminated.len() < ids.len() {
+        let Some(frame) = support::terminal::next_json(&mut events).await else {
+            panic!("events ended before every environment was terminated: {terminated:?}");
+        };
+        if frame["type"] == "environment_status" && frame["status"] == "terminated" {
+            terminated.insert(frame["environment_id"].as_str().expect("id").to_string());
+        }
+    }
+    assert_eq!(terminated, ids.iter().cloned().collect());
+    let (status, _) = s.login("cora", support::PASSWORD).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "the account is gone");
 }

@@ -514,15 +514,17 @@ async fn crashing_environment_actor_restarts_then_errors_and_recovers(backend: B
             .is_some_and(|m| m.contains("actor failed")),
         "{env}"
     );
-    // Commands are refused while it is down, except recover.
-    let (status, _) = s
+    // A command starts the actor again (in `error`, where it does nothing by itself): only
+    // recover and delete are allowed there.
+    let (status, body) = s
         .post(
             &format!("/api/v1/environments/{id}/stop"),
             me.token(),
             json!({}),
         )
         .await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "invalid_state", "{body}");
     let (status, body) = s
         .post(
             &format!("/api/v1/environments/{id}/recover"),

@@ -134,9 +134,10 @@ async fn hsts_when_configured_and_request_ids_are_echoed(backend: Backend) {
 
 async fn oversized_bodies_get_413(backend: Backend) {
     let s = TestServer::start(backend).await;
+    let me = s.register("big").await;
     let body = vec![b'a'; 11 * 1024 * 1024];
     let resp = s
-        .request(Method::POST, "/api/v1/auth/register", None)
+        .request(Method::PUT, "/api/v1/users/me", me.token())
         .header("content-type", "application/json")
         .body(body)
         .send()
@@ -149,9 +150,27 @@ async fn oversized_bodies_get_413(backend: Backend) {
     // A body just under the limit is read (and rejected for what it is, not its size).
     let body = vec![b' '; 10 * 1024 * 1024 - 16];
     let resp = s
-        .request(Method::POST, "/api/v1/auth/register", None)
+        .request(Method::PUT, "/api/v1/users/me", me.token())
         .header("content-type", "application/json")
         .body(body)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    // Routes read before authentication take small bodies only.
+    let limit = s.config.server.max_unauthenticated_body_bytes as usize;
+    let resp = s
+        .request(Method::POST, "/api/v1/auth/register", None)
+        .header("content-type", "application/json")
+        .body(vec![b' '; limit + 1])
+        .send()
+        .await
+        .expect("the 413 is readable");
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let resp = s
+        .request(Method::POST, "/api/v1/auth/register", None)
+        .header("content-type", "application/json")
+        .body(vec![b' '; limit])
         .send()
         .await
         .expect("send");

@@ -360,16 +360,16 @@ async fn logs_and_events_streams(backend: Backend) {
         }
     }
     let mut saw_line = false;
-    loop {
+    let live_running = loop {
         let f = next_json(&mut logs).await.expect("log frame");
         saw_line |= f["type"] == "installation_log"
             && f["data"]
                 .as_str()
                 .is_some_and(|d| d.starts_with("git version"));
         if f["type"] == "environment_status" && f["status"] == "running" {
-            break;
+            break f;
         }
-    }
+    };
     assert!(saw_line, "installation output streamed live");
 
     // History only: everything stored, then a normal close.
@@ -379,14 +379,26 @@ async fn logs_and_events_streams(backend: Backend) {
     )
     .await;
     let mut kinds = Vec::new();
+    let mut stored_running = None;
     while let Some(f) = next_json(&mut history).await {
         kinds.push(f["type"].as_str().unwrap_or_default().to_string());
+        if f["type"] == "environment_status" && f["status"] == "running" {
+            stored_running = Some(f.clone());
+        }
+        if f["type"] == "installation_complete" {
+            assert_eq!(f["status"], "running", "{f}");
+        }
     }
     assert!(
         kinds.contains(&"installation_log".to_string())
-            && kinds.contains(&"environment_status".to_string()),
+            && kinds.contains(&"environment_status".to_string())
+            && kinds.contains(&"installation_complete".to_string()),
         "{kinds:?}"
     );
+    // One shape for a status change, live or from history (the message may differ in nothing).
+    let stored_running = stored_running.expect("the running change is in the history");
+    assert_eq!(stored_running, live_running);
+    assert_eq!(stored_running["progress"], 100, "{stored_running}");
     s.stop().await;
 }
 

@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 
 use directory::{ActorStatus, Directory, Pending, RestartPolicy};
 use environment::actor::{EnvDeps, EnvMsg, EnvUpdate};
-use environment::machine::{Event, Rejected, Status};
+use environment::command::{Command, CommandError, Reply};
 use environment::{EnvRegistry, EnvironmentsMsg};
 use root::{ROOT_ID, RootArgs, RootMsg, RootSupervisor, Slot, read_slot};
 use session::SessionsMsg;
@@ -25,6 +25,33 @@ use session::SessionsMsg;
 const CRASH_REPLY_TIMEOUT: StdDuration = StdDuration::from_secs(5);
 /// How long a request waits for an environment actor to take a command.
 const COMMAND_TIMEOUT: StdDuration = StdDuration::from_secs(10);
+
+/// What the configured provider offers, as plain data for the front end (`GET /sizes`, `/info`).
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    pub kind: crate::config::ProviderKind,
+    pub sizes: Vec<crate::provider::Size>,
+    pub capabilities: crate::provider::Capabilities,
+}
+
+/// Send a request to an actor within its mailbox bound and wait (bounded) for the answer.
+async fn call_actor<M: ractor::Message, T: Send + 'static>(
+    actor: &ActorRef<M>,
+    pending: &Pending,
+    msg: impl FnOnce(ractor::RpcReplyPort<T>) -> M,
+) -> Result<T, EnvUnavailable> {
+    if !pending.admit() {
+        return Err(EnvUnavailable);
+    }
+    match actor.call(msg, Some(COMMAND_TIMEOUT)).await {
+        Ok(ractor::rpc::CallResult::Success(value)) => Ok(value),
+        Ok(_) => Err(EnvUnavailable),
+        Err(_) => {
+            pending.handled(); // never delivered
+            Err(EnvUnavailable)
+        }
+    }
+}
 
 /// An environment actor could not be reached (restarting after a failure, or busy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,20 +126,6 @@ impl Actors {
         })
     }
 
-    fn send_environments(&self, msg: EnvironmentsMsg) {
-        if let Some(sup) = read_slot(&self.inner.environments) {
-            self.inner.environments_pending.sent();
-            if sup.cast(msg).is_err() {
-                self.inner.environments_pending.handled();
-            }
-        }
-    }
-
-    /// Start (or restart after giving up) the actor of an environment.
-    pub fn spawn_environment(&self, environment_id: &str) {
-        self.send_environments(EnvironmentsMsg::Spawn(environment_id.to_string()));
-    }
-
     fn environment(&self, environment_id: &str) -> Option<(ActorRef<EnvMsg>, Pending)> {
         self.inner
             .env_registry
@@ -122,68 +135,144 @@ impl Actors {
             .cloned()
     }
 
-    pub fn environment_running(&self, environment_id: &str) -> bool {
-        self.environment(environment_id).is_some()
-    }
-
     async fn call_environment<T: Send + 'static>(
         &self,
         environment_id: &str,
         msg: impl FnOnce(ractor::RpcReplyPort<T>) -> EnvMsg,
     ) -> Result<T, EnvUnavailable> {
         let (actor, pending) = self.environment(environment_id).ok_or(EnvUnavailable)?;
-        if !pending.admit() {
-            return Err(EnvUnavailable);
+        call_actor(&actor, &pending, msg).await
+    }
+
+    /// The live actor of an environment, started if it is down (`None`: terminated or gone).
+    async fn ensure_environment(
+        &self,
+        environment_id: &str,
+    ) -> Result<Option<environment::EnvHandle>, CommandError> {
+        if let Some(handle) = self.environment(environment_id) {
+            return Ok(Some(handle));
         }
-        match actor.call(msg, Some(COMMAND_TIMEOUT)).await {
-            Ok(ractor::rpc::CallResult::Success(value)) => Ok(value),
-            Ok(_) => Err(EnvUnavailable),
-            Err(_) => {
-                pending.handled(); // never delivered
-                Err(EnvUnavailable)
+        let sup = read_slot(&self.inner.environments).ok_or(CommandError::Busy)?;
+        let environment_id = environment_id.to_string();
+        call_actor(&sup, &self.inner.environments_pending, |reply| {
+            EnvironmentsMsg::Ensure {
+                environment_id,
+                reply,
+            }
+        })
+        .await
+        .map_err(|_| CommandError::Busy)
+    }
+
+    /// Carry out a command (see [`environment::command`]): the one way the front end changes
+    /// environments. Ownership is the caller's to check first.
+    pub async fn dispatch(&self, command: Command) -> Result<Reply, CommandError> {
+        match command {
+            Command::Create(new) => {
+                let sup = read_slot(&self.inner.environments).ok_or(CommandError::Busy)?;
+                let new = Box::new(new);
+                call_actor(&sup, &self.inner.environments_pending, |reply| {
+                    EnvironmentsMsg::Create { new, reply }
+                })
+                .await
+                .map_err(|_| CommandError::Busy)?
+            }
+            Command::DeleteAllForUser { user_id } => self.delete_all_for_user(&user_id).await,
+            command => {
+                let Some(id) = command.environment_id().map(str::to_string) else {
+                    return Err(CommandError::Busy);
+                };
+                let Some((actor, pending)) = self.ensure_environment(&id).await? else {
+                    return command.when_terminated();
+                };
+                call_actor(&actor, &pending, |reply| EnvMsg::Command { command, reply })
+                    .await
+                    .map_err(|_| CommandError::Busy)?
             }
         }
     }
 
-    /// Send a user's command to an environment's actor.
-    pub async fn command(
+    /// Delete every live environment of a user and wait, bounded by
+    /// `environments.delete_wait_seconds`, until each reports `terminated` (its instance released).
+    async fn delete_all_for_user(&self, user_id: &str) -> Result<Reply, CommandError> {
+        let deps = &self.inner.env_deps;
+        let ids = {
+            let mut conn = deps.db.get().await?;
+            crate::store::environments::live_ids_for_user(&mut conn, user_id).await?
+        };
+        let mut waits = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let Some((actor, pending)) = self.ensure_environment(id).await? else {
+                continue; // terminated meanwhile
+            };
+            let (done, wait) = tokio::sync::oneshot::channel();
+            pending.sent();
+            if actor.cast(EnvMsg::DeleteAndWait { done }).is_err() {
+                pending.handled();
+                return Err(CommandError::Busy);
+            }
+            waits.push(wait);
+        }
+        let limit = StdDuration::from_secs(deps.config.environments.delete_wait_seconds);
+        let all = futures_util::future::join_all(waits);
+        let results = tokio::time::timeout(limit, all).await.map_err(|_| {
+            CommandError::Pending(
+                "Your environments are still being deleted; try again in a minute".into(),
+            )
+        })?;
+        for result in results {
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(CommandError::Pending(
+                        "An environment restarted while being deleted; try again in a minute"
+                            .into(),
+                    ));
+                }
+            }
+        }
+        Ok(Reply::AllDeleted(ids.len()))
+    }
+
+    /// How to reach a running environment over SSH (for a terminal), from its actor.
+    pub async fn ssh_target(
         &self,
         environment_id: &str,
-        event: Event,
-    ) -> Result<Result<Status, Rejected>, EnvUnavailable> {
-        self.call_environment(environment_id, |reply| EnvMsg::Command { event, reply })
+    ) -> Result<anyhow::Result<crate::ssh::SshTarget>, EnvUnavailable> {
+        self.call_environment(environment_id, |reply| EnvMsg::SshTarget { reply })
             .await
     }
 
-    /// The latest metrics sample and those since `since`.
-    pub async fn metrics(
-        &self,
-        environment_id: &str,
-        since: chrono::DateTime<chrono::Utc>,
-    ) -> Result<
-        (
-            Option<environment::metrics::Sample>,
-            Vec<environment::metrics::Sample>,
-        ),
-        EnvUnavailable,
-    > {
-        self.call_environment(environment_id, |reply| EnvMsg::Metrics { since, reply })
-            .await
+    /// What the configured provider offers (sizes, capabilities, defaults): data, not a handle.
+    pub fn catalog(&self) -> Catalog {
+        let provider = &self.inner.env_deps.provider;
+        Catalog {
+            kind: provider.kind(),
+            sizes: provider.sizes(),
+            capabilities: provider.capabilities(),
+        }
     }
 
-    /// Tell an environment's actor its settings changed.
-    pub async fn reload(&self, environment_id: &str) -> Result<(), EnvUnavailable> {
-        self.call_environment(environment_id, |reply| EnvMsg::Reload { reply })
-            .await
+    /// The provider's regions (Contabo: its data centers, asked live).
+    pub async fn regions(&self) -> Result<Vec<crate::provider::Region>, CommandError> {
+        Ok(self.inner.env_deps.provider.regions().await?)
     }
 
-    /// A live feed of one environment's updates.
+    /// A live feed of one environment's updates (its actor is started if it is down).
     pub async fn subscribe(
         &self,
         environment_id: &str,
     ) -> Result<tokio::sync::broadcast::Receiver<EnvUpdate>, EnvUnavailable> {
-        self.call_environment(environment_id, |reply| EnvMsg::Subscribe { reply })
-            .await
+        let Ok(Some((actor, pending))) = self.ensure_environment(environment_id).await else {
+            return Err(EnvUnavailable);
+        };
+        call_actor(&actor, &pending, |reply| EnvMsg::Subscribe { reply }).await
+    }
+
+    /// Stop what the provider runs itself (the local provider's SSH server).
+    pub async fn shutdown_provider(&self) {
+        self.inner.env_deps.provider.shutdown().await;
     }
 
     /// Every environment status change (filter by user).

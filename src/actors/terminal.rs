@@ -33,10 +33,10 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::actors::environment::actor::EnvUpdate;
+use crate::protocol::{EnvironmentInfo, EnvironmentStatus, ServerFrame, StreamFrame};
 use crate::ssh::client::{PtyReader, PtySession, PtyWriter, SshClient, SshTarget};
 use crate::terminal::coalesce::{Batch, Coalescer};
 use crate::terminal::output::{Replay, Ring, incomplete_tail};
-use crate::terminal::protocol::{EnvironmentInfo, ServerFrame};
 
 /// Frames queued for one WebSocket before the channel task waits (the backpressure bound).
 pub const CLIENT_QUEUE: usize = 64;
@@ -125,7 +125,7 @@ pub enum TerminalMsg {
         result: Result<Box<Opened>, String>,
     },
     /// The environment changed status.
-    EnvironmentStatus(EnvUpdate),
+    EnvironmentStatus(EnvironmentStatus),
     Close {
         code: u16,
         reason: String,
@@ -667,8 +667,11 @@ impl Actor for TerminalActor {
             tasks.push(tokio::spawn(async move {
                 loop {
                     match feed.recv().await {
-                        Ok(update @ EnvUpdate::EnvironmentStatus { .. }) => {
-                            let _ = me.cast(TerminalMsg::EnvironmentStatus(update));
+                        Ok(EnvUpdate {
+                            frame: StreamFrame::EnvironmentStatus(status),
+                            ..
+                        }) => {
+                            let _ = me.cast(TerminalMsg::EnvironmentStatus(status));
                         }
                         Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                         Err(broadcast::error::RecvError::Closed) => {
@@ -818,31 +821,16 @@ impl Actor for TerminalActor {
                     }
                 }
             }
-            TerminalMsg::EnvironmentStatus(update) => {
-                if let EnvUpdate::EnvironmentStatus {
-                    environment_id,
-                    status,
-                    progress,
-                    message,
-                    timestamp,
-                    ..
-                } = update
-                {
-                    state.notify(ServerFrame::EnvironmentStatus {
-                        environment_id,
-                        status: status.as_str().to_string(),
-                        progress,
-                        message: message.clone(),
-                        timestamp,
-                    });
-                    use crate::actors::environment::machine::Status;
-                    if !matches!(status, Status::Running | Status::Snapshotting) {
-                        state.notify(ServerFrame::info(format!(
-                            "The environment is {status}; closing the terminal"
-                        )));
-                        state.close_sink(1001, &format!("Environment {status}"));
-                        myself.stop(Some(format!("environment {status}")));
-                    }
+            TerminalMsg::EnvironmentStatus(change) => {
+                let status = change.status;
+                state.notify(ServerFrame::EnvironmentStatus(change));
+                use crate::actors::environment::machine::Status;
+                if !matches!(status, Status::Running | Status::Snapshotting) {
+                    state.notify(ServerFrame::info(format!(
+                        "The environment is {status}; closing the terminal"
+                    )));
+                    state.close_sink(1001, &format!("Environment {status}"));
+                    myself.stop(Some(format!("environment {status}")));
                 }
             }
             TerminalMsg::Close { code, reason } => {

@@ -1,5 +1,6 @@
-//! Prometheus metrics: requests by route, method and status; latency by route; live actors and
-//! restarts by kind (read from the actor directory at scrape time).
+//! Prometheus metrics: requests by route, method and status; latency by route; connections the
+//! front end closed on its own, by reason; live actors and restarts by kind (read from the actor
+//! directory at scrape time).
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -27,6 +28,11 @@ struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: String,
 }
@@ -35,6 +41,7 @@ pub struct Metrics {
     registry: Mutex<Registry>,
     requests: Family<RequestLabels, Counter>,
     latency: Family<RouteLabels, Histogram>,
+    connections_closed: Family<ReasonLabels, Counter>,
     actors_live: Family<KindLabels, Gauge>,
     actor_restarts: Family<KindLabels, Counter>,
 }
@@ -55,6 +62,7 @@ impl Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         let latency =
             Family::<RouteLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> _);
+        let connections_closed = Family::<ReasonLabels, Counter>::default();
         let actors_live = Family::<KindLabels, Gauge>::default();
         let actor_restarts = Family::<KindLabels, Counter>::default();
         let mut registry = Registry::with_prefix("devpocket");
@@ -68,6 +76,11 @@ impl Metrics {
             "HTTP request latency by route pattern",
             latency.clone(),
         );
+        registry.register(
+            "http_connections_closed",
+            "Connections closed by the front end: per_ip_cap, head_timeout, keep_alive_timeout",
+            connections_closed.clone(),
+        );
         registry.register("actors_live", "Running actors by kind", actors_live.clone());
         registry.register(
             "actor_restarts",
@@ -78,6 +91,7 @@ impl Metrics {
             registry: Mutex::new(registry),
             requests,
             latency,
+            connections_closed,
             actors_live,
             actor_restarts,
         }
@@ -97,6 +111,13 @@ impl Metrics {
                 route: route.to_string(),
             })
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// The front end closed a connection on its own; `reason` is one of a fixed few.
+    pub fn connection_closed(&self, reason: &'static str) {
+        self.connections_closed
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     /// The text exposition, with actor figures refreshed from the directory.

@@ -1,8 +1,10 @@
-//! The thin hyper front end: accept → request id → CORS preflight → route → rate limit → bounded
-//! body → authenticate → handler → error shape, security headers, metrics, access log. Handlers
-//! read the store for queries and send messages into the actor tree for commands.
+//! The thin hyper front end: accept (connection caps, head deadline) → request id → CORS
+//! preflight → route → rate limit → authenticate → bounded, deadlined body → handler → error
+//! shape, security headers, metrics, access log. Handlers read the store for queries and send
+//! messages into the actor tree for commands.
 
 pub mod authn;
+pub mod conn;
 pub mod handlers;
 pub mod limits;
 pub mod metrics;
@@ -23,13 +25,14 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::app::{AppState, AuditContext};
-use crate::error::{ApiError, ApiResult, json_body_error};
+use crate::error::{ErrorCode, ApiError, ApiResult, json_body_error};
 use authn::AuthUser;
+use conn::{HeadDeadline, Held, PerIpConnections, TrustedProxies};
 use router::{Access, ROUTER, RouteMatch};
 
 pub type Body = Full<Bytes>;
@@ -41,6 +44,21 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 const OVERSIZE_DRAIN_LIMIT: u64 = 32 * 1024 * 1024;
 /// How often idle rate-limit state is pruned.
 const LIMITER_HOUSEKEEPING: Duration = Duration::from_secs(60);
+/// What a connection over `server.max_connections_per_ip` is told (written without waiting, if
+/// the socket takes it at once) before it is closed.
+static OVER_CAP_RESPONSE: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+    let body = serde_json::json!({
+        "detail": "Too many connections from this address",
+        "code": "too_many_connections",
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\nretry-after: 5\r\ncontent-type: application/json\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+});
 const CSP: &str = "default-src 'none'; frame-ancestors 'none'";
 
 /// Everything a handler gets about its request. Owned, so handlers are `'static` futures.
@@ -153,8 +171,20 @@ fn error_response(err: &ApiError) -> Response<Body> {
     resp
 }
 
+/// What the accept loop shares with every connection: who is a trusted proxy and how many
+/// connections each client address holds.
+struct Front {
+    trusted: TrustedProxies,
+    per_ip: Arc<PerIpConnections>,
+}
+
 /// Serve until `shutdown` resolves, then drain in-flight requests for at most the configured
 /// drain timeout and cut what is left.
+///
+/// Admission: at most `server.max_connections` connections at once (further clients wait in the
+/// listen backlog), and at most `server.max_connections_per_ip` from one client address (further
+/// ones get a 503 written without waiting and are closed at once), so one address cannot take the
+/// slots of others. Connections from `server.trusted_proxies` are exempt from the per-address cap.
 pub async fn serve(
     listener: TcpListener,
     app: AppState,
@@ -162,6 +192,10 @@ pub async fn serve(
 ) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let permits = Arc::new(Semaphore::new(app.config.server.max_connections as usize));
+    let front = Arc::new(Front {
+        trusted: TrustedProxies::new(app.config.trusted_proxies()),
+        per_ip: PerIpConnections::new(app.config.server.max_connections_per_ip),
+    });
     let mut connections = JoinSet::new();
     let mut housekeeping = tokio::time::interval(LIMITER_HOUSEKEEPING);
     tokio::pin!(shutdown);
@@ -183,8 +217,27 @@ pub async fn serve(
                         continue;
                     }
                 };
+                let peer_ip = peer.ip().to_canonical();
+                let slot = if front.trusted.contains(peer_ip) {
+                    None
+                } else {
+                    match front.per_ip.try_acquire(peer_ip) {
+                        Some(slot) => Some(slot),
+                        None => {
+                            refuse_over_cap(&app, stream, peer_ip);
+                            continue;
+                        }
+                    }
+                };
                 let _ = stream.set_nodelay(true);
-                connections.spawn(serve_connection(app.clone(), stream, peer, stop_rx.clone(), permit));
+                let stream = Held::new(stream, permit, slot);
+                connections.spawn(serve_connection(
+                    app.clone(),
+                    front.clone(),
+                    stream,
+                    peer,
+                    stop_rx.clone(),
+                ));
             }
         }
     }
@@ -205,29 +258,62 @@ pub async fn serve(
     tracing::info!("HTTP front end stopped");
 }
 
+/// Tell a connection over the per-address cap so (if its socket takes the bytes at once) and
+/// close it; never waits on the client.
+fn refuse_over_cap(app: &AppState, stream: TcpStream, ip: IpAddr) {
+    let _ = stream.try_write(&OVER_CAP_RESPONSE);
+    app.metrics.connection_closed("per_ip_cap");
+    tracing::debug!(%ip, "connection refused: per-address connection cap reached");
+}
+
+/// One connection: hyper-util's auto builder (HTTP/1.1 or HTTP/2 by the client's preface), with
+/// the head deadline running from accept, the preface read included, and after every response.
+/// A connection whose deadline passes is dropped (closed) wherever it is.
 async fn serve_connection(
     app: AppState,
-    stream: tokio::net::TcpStream,
+    front: Arc<Front>,
+    stream: Held<TcpStream>,
     peer: SocketAddr,
     mut stop: watch::Receiver<bool>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
 ) {
+    let server = &app.config.server;
+    let deadline = HeadDeadline::from_accept(
+        Duration::from_secs(server.header_read_timeout_seconds),
+        Duration::from_secs(server.keep_alive_timeout_seconds),
+    );
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // hyper's own header timer would also count keep-alive idle time against the head timeout;
+    // `HeadDeadline` covers both, each with its own setting.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(
-            app.config.server.header_read_timeout_seconds,
-        ));
-    let service = hyper::service::service_fn(move |req| handle(app.clone(), peer, req));
+        .header_read_timeout(None);
+    builder.http2().timer(TokioTimer::new());
+    let service = {
+        let app = app.clone();
+        let deadline = deadline.clone();
+        hyper::service::service_fn(move |req| {
+            handle(app.clone(), front.clone(), deadline.clone(), peer, req)
+        })
+    };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(conn);
+    let expired = deadline.expired();
+    tokio::pin!(expired);
     tokio::select! {
         _ = conn.as_mut() => return,
+        which = expired.as_mut() => {
+            app.metrics.connection_closed(which.label());
+            tracing::debug!(%peer, reason = which.label(), "connection closed by deadline");
+            return;
+        }
         _ = stop.wait_for(|stopping| *stopping) => {}
     }
     conn.as_mut().graceful_shutdown();
-    let _ = conn.await;
+    tokio::select! {
+        _ = conn => {}
+        which = expired => app.metrics.connection_closed(which.label()),
+    }
 }
 
 fn request_id(headers: &HeaderMap) -> String {
@@ -244,29 +330,17 @@ fn request_id(headers: &HeaderMap) -> String {
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
-fn client_ip(app: &AppState, headers: &HeaderMap, peer: SocketAddr) -> IpAddr {
-    if app.config.server.trust_forwarded_for {
-        // The proxy appends the address it saw; the last entry is the one we can trust.
-        let forwarded = headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .and_then(|ip| ip.trim().parse().ok());
-        if let Some(ip) = forwarded {
-            return ip;
-        }
-    }
-    peer.ip()
-}
-
 async fn handle(
     app: AppState,
+    front: Arc<Front>,
+    deadline: HeadDeadline,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    let _in_flight = deadline.request_started();
     let started = Instant::now();
     let request_id = request_id(req.headers());
-    let ip = client_ip(&app, req.headers(), peer);
+    let ip = conn::client_ip(&front.trusted, peer.ip(), req.headers());
     let origin = req.headers().get(header::ORIGIN).cloned();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -282,6 +356,9 @@ async fn handle(
         }
     };
     finish(&app, &mut resp, &request_id, origin.as_ref());
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        deadline.upgraded();
+    }
     let status = resp.status().as_u16();
     let elapsed = started.elapsed();
     app.metrics
@@ -330,7 +407,7 @@ async fn dispatch(
         RouteMatch::MethodNotAllowed(allowed) => {
             let mut err = ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+                ErrorCode::MethodNotAllowed,
                 "Method not allowed",
             );
             if let Ok(v) = HeaderValue::from_str(&allowed) {
@@ -349,11 +426,38 @@ async fn dispatch(
         return (pattern, ws::upgrade(app, req, kind, params, ip, request_id));
     }
     let (parts, body) = req.into_parts();
-    let body = match read_body(body, parts.headers.get(header::CONTENT_LENGTH), app).await {
+    // Authenticate from the headers before a byte of the body is read: a stranger's upload to a
+    // route that needs a user costs nothing (hyper closes the connection instead of reading it).
+    let auth = if route.access == Access::Public {
+        None
+    } else {
+        match authn::authenticate_headers(app, &parts.headers).await {
+            Ok(user) if route.access == Access::Admin && !user.user.is_admin() => {
+                return (
+                    pattern,
+                    Err(ApiError::forbidden(
+                        ErrorCode::AdminRequired,
+                        "Admin access required",
+                    )),
+                );
+            }
+            Ok(user) => Some(user),
+            Err(err) => return (pattern, Err(err)),
+        }
+    };
+    let server = &app.config.server;
+    let limit = if auth.is_some() {
+        server.max_body_bytes
+    } else {
+        server.max_unauthenticated_body_bytes
+    };
+    let body_timeout = Duration::from_secs(server.body_timeout_seconds);
+    let content_length = parts.headers.get(header::CONTENT_LENGTH);
+    let body = match read_body(body, content_length, limit, body_timeout).await {
         Ok(body) => body,
         Err(err) => return (pattern, Err(err)),
     };
-    let mut ctx = Ctx {
+    let ctx = Ctx {
         method: parts.method,
         route: pattern,
         params,
@@ -362,52 +466,57 @@ async fn dispatch(
         body,
         ip,
         request_id: request_id.to_string(),
-        auth: None,
+        auth,
     };
-    if route.access != Access::Public {
-        match authn::authenticate_headers(app, &ctx.headers).await {
-            Ok(user) => {
-                if route.access == Access::Admin && !user.user.is_admin() {
-                    return (
-                        pattern,
-                        Err(ApiError::forbidden(
-                            "admin_required",
-                            "Admin access required",
-                        )),
-                    );
-                }
-                ctx.auth = Some(user);
-            }
-            Err(err) => return (pattern, Err(err)),
-        }
-    }
     (pattern, (route.handler)(app.clone(), ctx).await)
 }
 
-/// Read the body up to `server.max_body_bytes`; past it answer 413 (after draining a bounded
-/// amount so the client gets to read the answer).
+/// Read the body up to `max` bytes within `timeout` of now (the head has arrived). Past `max` the
+/// answer is 413, after draining a bounded amount (without keeping it) so the client gets to read
+/// it; past the deadline it is 408 (or still 413 when it was already too large), and the
+/// connection is closed either way.
 async fn read_body(
     mut body: Incoming,
     content_length: Option<&HeaderValue>,
-    app: &AppState,
+    max: u64,
+    timeout: Duration,
 ) -> ApiResult<Bytes> {
-    let max = app.config.server.max_body_bytes;
+    let close = || (header::CONNECTION, HeaderValue::from_static("close"));
     let too_large = || {
-        ApiError::new(
+        let mut err = ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
+            ErrorCode::PayloadTooLarge,
             format!("Request body is larger than {max} bytes"),
-        )
+        );
+        err.headers.push(close());
+        err
     };
     let declared = content_length
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut collected = Vec::new();
     let mut seen: u64 = 0;
     let over_from_start = declared.is_some_and(|n| n > max);
-    while let Some(frame) = body.frame().await {
+    loop {
+        let Ok(frame) = tokio::time::timeout_at(deadline, body.frame()).await else {
+            if over_from_start || seen > max {
+                return Err(too_large());
+            }
+            let mut err = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                ErrorCode::BodyTimeout,
+                format!(
+                    "The request body did not arrive within {} seconds",
+                    timeout.as_secs()
+                ),
+            );
+            err.headers.push(close());
+            return Err(err);
+        };
+        let Some(frame) = frame else { break };
         let frame = frame
-            .map_err(|_| ApiError::bad_request("bad_body", "The request body could not be read"))?;
+            .map_err(|_| ApiError::bad_request(ErrorCode::BadBody, "The request body could not be read"))?;
         let Ok(data) = frame.into_data() else {
             continue;
         };

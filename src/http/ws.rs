@@ -28,13 +28,16 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use super::Body;
 use super::authn::{AuthUser, authenticate_token};
 use crate::actors::environment::actor::EnvUpdate;
+use crate::actors::environment::machine::Status;
 use crate::actors::session::TerminalRequest;
 use crate::actors::terminal::{In, Out, Stats, TerminalArgs};
 use crate::app::{AppState, AuditContext};
 use crate::clock::from_db;
-use crate::error::ApiError;
-use crate::store::environments::{self as store, Environment};
-use crate::terminal::protocol::{self, ClientFrame, EnvironmentInfo, ServerFrame};
+use crate::error::{ErrorCode, ApiError};
+use crate::protocol::{
+    self, ClientFrame, EnvironmentInfo, EnvironmentStatus, ServerFrame, StreamFrame,
+};
+use crate::store::environments::{self as store, Environment, EnvironmentEvent};
 
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
@@ -48,8 +51,6 @@ pub enum WsKind {
 
 /// Log history sent on the logs stream before live updates.
 const LOG_HISTORY: i64 = 1000;
-/// How long a logs stream waits for a just-created environment's actor to come up.
-const SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
 
 /// Live WebSockets per user; a guard gives the slot back when the connection ends.
 #[derive(Default)]
@@ -98,7 +99,7 @@ struct WsQuery {
 }
 
 fn bad_upgrade() -> ApiError {
-    ApiError::bad_request("websocket_required", "This endpoint speaks WebSocket only")
+    ApiError::bad_request(ErrorCode::WebsocketRequired, "This endpoint speaks WebSocket only")
 }
 
 /// Validate the upgrade request, answer 101 and run the stream on the upgraded connection.
@@ -197,16 +198,21 @@ async fn owned_environment(
     env_id: &str,
 ) -> Option<Environment> {
     let found = match app.db.get().await {
-        Ok(mut conn) => store::get_owned(&mut conn, env_id, &user.user.id)
-            .await
-            .ok()
-            .flatten(),
-        Err(_) => None,
+        Ok(mut conn) => store::get_owned(&mut conn, env_id, &user.user.id).await,
+        Err(e) => Err(e),
     };
-    if found.is_none() {
-        close(ws, 1008, "Environment not found").await;
+    match found {
+        Ok(Some(env)) => Some(env),
+        Ok(None) => {
+            close(ws, 1008, "Environment not found").await;
+            None
+        }
+        Err(e) => {
+            tracing::error!(environment = env_id, error = %e, "store unavailable for a WebSocket");
+            close(ws, 1011, "Server error, try again").await;
+            None
+        }
     }
-    found
 }
 
 async fn run(
@@ -232,7 +238,7 @@ fn env_info(env: &Environment) -> EnvironmentInfo {
         id: env.id.clone(),
         name: env.name.clone(),
         template: env.template.clone(),
-        status: env.status.clone(),
+        status: env.status,
     }
 }
 
@@ -247,25 +253,24 @@ async fn terminal(
     let Some(env) = owned_environment(&app, &mut ws, &user, env_id).await else {
         return;
     };
-    if env.status != "running" {
+    if env.status != Status::Running {
         close(&mut ws, 1008, "Environment not ready").await;
         return;
     }
     let cfg = &app.config.terminals;
-    let target = match crate::actors::environment::actor::ssh_target(
-        &env,
-        app.provider.as_ref(),
-        &app.sealer,
-        Duration::from_secs(app.config.provider.ssh_connect_timeout_seconds),
-    ) {
-        Ok(t) => t,
-        Err(e) => {
+    let target = match app.actors.ssh_target(&env.id).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
             let _ = send(
                 &mut ws,
-                &ServerFrame::error(format!("Cannot reach the environment: {e}")),
+                &ServerFrame::error(format!("Cannot reach the environment: {e:#}")),
             )
             .await;
             close(&mut ws, 1011, "Environment unreachable").await;
+            return;
+        }
+        Err(_) => {
+            close(&mut ws, 1013, "Environment busy, try again").await;
             return;
         }
     };
@@ -495,51 +500,73 @@ async fn logs(app: AppState, mut ws: Ws, user: AuthUser, env_id: &str, query: Ws
         return;
     };
     let follow = query.follow.unwrap_or(true);
-    // Subscribe before reading history so nothing falls between the two. A just-created
-    // environment's actor may still be starting: give it a moment.
-    let mut feed = None;
-    if follow && env.status != "terminated" {
-        let deadline = tokio::time::Instant::now() + SUBSCRIBE_WAIT;
-        loop {
-            feed = app.actors.subscribe(&env.id).await.ok();
-            if feed.is_some() || tokio::time::Instant::now() >= deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    // Subscribe before reading history so nothing falls between the two (the actor is started
+    // if it is down; a terminated environment has history only).
+    let feed = match follow && !env.status.is_final() {
+        true => app.actors.subscribe(&env.id).await.ok(),
+        false => None,
+    };
     let history = match app.db.get().await {
-        Ok(mut conn) => store::events(&mut conn, &env.id, None, LOG_HISTORY)
-            .await
-            .map(|(e, _)| e)
-            .unwrap_or_default(),
-        Err(_) => Vec::new(),
+        Ok(mut conn) => store::events(&mut conn, &env.id, None, LOG_HISTORY).await,
+        Err(e) => Err(e),
+    };
+    let history = match history {
+        Ok((events, _)) => events,
+        Err(e) => {
+            tracing::error!(environment = %env.id, error = %e, "cannot read the log history");
+            close(&mut ws, 1011, "Server error, try again").await;
+            return;
+        }
     };
     for event in &history {
-        let frame = match event.kind.as_str() {
-            "installation_log" => {
-                json!({ "type": "installation_log", "environment_id": env.id, "data": event.message, "timestamp": from_db(event.occurred_at) })
-            }
-            "installation_complete" => {
-                json!({ "type": "installation_complete", "environment_id": env.id, "status": "running", "installation_status": "completed", "message": event.message })
-            }
-            "installation_error" => {
-                json!({ "type": "installation_error", "environment_id": env.id, "error": event.message, "is_critical": true })
-            }
-            "status" => {
-                json!({ "type": "environment_status", "environment_id": env.id, "status": event.status, "status_version": event.status_version, "message": event.message, "timestamp": from_db(event.occurred_at) })
-            }
-            _ => {
-                json!({ "type": "info", "environment_id": env.id, "message": event.message, "timestamp": from_db(event.occurred_at) })
-            }
-        };
-        if ws.send(Message::text(frame.to_string())).await.is_err() {
+        if ws
+            .send(Message::text(history_frame(&env, event).to_json()))
+            .await
+            .is_err()
+        {
             return;
         }
     }
     match feed {
         Some(feed) => live(&app, ws, feed, None).await,
         None => close(&mut ws, 1000, "History complete").await,
+    }
+}
+
+/// A stored event in the shape the live stream gives it.
+fn history_frame(env: &Environment, event: &EnvironmentEvent) -> StreamFrame {
+    let environment_id = env.id.clone();
+    let timestamp = from_db(event.occurred_at);
+    match (event.kind.as_str(), event.status) {
+        ("installation_log", _) => StreamFrame::InstallationLog {
+            environment_id,
+            data: event.message.clone(),
+            timestamp,
+        },
+        ("installation_complete", Some(status)) => StreamFrame::InstallationComplete {
+            environment_id,
+            status,
+            installation_status: "completed".into(),
+            message: event.message.clone(),
+        },
+        ("installation_error", _) => StreamFrame::InstallationError {
+            environment_id,
+            error: event.message.clone(),
+            is_critical: true,
+        },
+        ("status", Some(status)) => StreamFrame::EnvironmentStatus(EnvironmentStatus {
+            environment_id,
+            status,
+            status_version: event.status_version.unwrap_or(0),
+            progress: event.progress.unwrap_or(0).clamp(0, 100) as u8,
+            message: Some(event.message.clone()),
+            timestamp,
+        }),
+        _ => StreamFrame::Info {
+            environment_id: Some(environment_id),
+            message: event.message.clone(),
+            timestamp: Some(timestamp),
+        },
     }
 }
 
@@ -565,20 +592,21 @@ async fn live(
         tokio::select! {
             update = feed.recv() => match update {
                 Ok(update) => {
-                    if let (Some(me), EnvUpdate::EnvironmentStatus { user_id, .. }) = (&user, &update)
-                        && user_id != me
+                    // The events stream: only this user's environments, only status changes.
+                    if let Some(me) = &user
+                        && (&update.owner != me || update.frame.as_status().is_none())
                     {
                         continue;
                     }
-                    if user.is_some() && !matches!(update, EnvUpdate::EnvironmentStatus { .. }) {
-                        continue;
-                    }
-                    let text = serde_json::to_string(&update).unwrap_or_default();
-                    if ws.send(Message::text(text)).await.is_err() { return; }
+                    if ws.send(Message::text(update.frame.to_json())).await.is_err() { return; }
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
-                    let note = json!({ "type": "info", "message": format!("{n} updates were skipped; refresh to catch up") });
-                    if ws.send(Message::text(note.to_string())).await.is_err() { return; }
+                    let note = StreamFrame::Info {
+                        environment_id: None,
+                        message: format!("{n} updates were skipped; refresh to catch up"),
+                        timestamp: None,
+                    };
+                    if ws.send(Message::text(note.to_json())).await.is_err() { return; }
                 }
                 Err(broadcast::error::RecvError::Closed) => {
                     close(&mut ws, 1000, "Stream ended").await;
@@ -590,7 +618,7 @@ async fn live(
                 match msg {
                     Some(Ok(Message::Text(text))) => {
                         if matches!(protocol::decode(text.as_str()), Ok(ClientFrame::Ping))
-                            && !send(&mut ws, &ServerFrame::Pong).await
+                            && ws.send(Message::text(StreamFrame::Pong.to_json())).await.is_err()
                         {
                             return;
                         }

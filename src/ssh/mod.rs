@@ -4,6 +4,7 @@
 pub mod client;
 pub mod keys;
 pub mod server;
+pub mod target;
 
 pub use client::{
     ExecOutput, PtyEvent, PtyReader, PtySession, PtyWriter, SshClient, SshError, SshTarget,

@@ -1,13 +1,46 @@
-//! Environments and their event log. Only the environment's actor writes an environment's state;
-//! handlers read.
+//! Environments, their event log and their metrics samples. Only the environment actors (and the
+//! create path of the environments supervisor) write; the front end reads.
+//!
+//! Invariants the store enforces itself, whatever races above it: one live (non-terminated)
+//! environment per user and name (the partial unique index `environments_user_live_name`), and
+//! the plan limit, checked and written in one transaction by [`insert_checked`].
 
 use chrono::NaiveDateTime;
+use diesel::backend::Backend;
+use diesel::deserialize::{self, FromSql};
 use diesel::prelude::*;
+use diesel::serialize::{self, Output, ToSql};
+use diesel::sql_types::Text;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 
-use super::schema::{environment_events, environments};
+use super::schema::{environment_events, environment_metrics, environments, users};
+use super::users::Plan;
 use super::{DbConn, StoreResult};
+use crate::actors::environment::machine::Status;
 use crate::db_run;
+
+impl ToSql<Text, diesel::pg::Pg> for Status {
+    fn to_sql<'b>(&'b self, out: &mut Output<'b, '_, diesel::pg::Pg>) -> serialize::Result {
+        <str as ToSql<Text, diesel::pg::Pg>>::to_sql(self.as_str(), out)
+    }
+}
+
+impl ToSql<Text, diesel::sqlite::Sqlite> for Status {
+    fn to_sql<'b>(&'b self, out: &mut Output<'b, '_, diesel::sqlite::Sqlite>) -> serialize::Result {
+        out.set_value(self.as_str());
+        Ok(serialize::IsNull::No)
+    }
+}
+
+impl<DB: Backend> FromSql<Text, DB> for Status
+where
+    String: FromSql<Text, DB>,
+{
+    fn from_sql(bytes: DB::RawValue<'_>) -> deserialize::Result<Self> {
+        let text = String::from_sql(bytes)?;
+        Ok(text.parse()?)
+    }
+}
 
 #[derive(Debug, Clone, Queryable, Selectable, Identifiable, Insertable)]
 #[diesel(table_name = environments)]
@@ -18,10 +51,10 @@ pub struct Environment {
     pub name: String,
     pub template: String,
     pub provider: String,
-    pub status: String,
+    pub status: Status,
     pub status_version: i64,
     pub progress: i32,
-    pub phase: Option<String>,
+    pub phase: Option<Status>,
     pub message: Option<String>,
     pub error_message: Option<String>,
     pub region: String,
@@ -51,9 +84,9 @@ pub struct Environment {
 #[diesel(table_name = environments)]
 #[diesel(treat_none_as_null = true)]
 pub struct StatusChange {
-    pub status: String,
+    pub status: Status,
     pub progress: i32,
-    pub phase: Option<String>,
+    pub phase: Option<Status>,
     pub message: Option<String>,
     pub error_message: Option<String>,
     pub installation_completed: bool,
@@ -71,8 +104,10 @@ pub struct EnvironmentEvent {
     pub level: String,
     pub source: String,
     pub message: String,
-    pub status: Option<String>,
+    pub status: Option<Status>,
     pub status_version: Option<i64>,
+    /// Status events: the progress (0–100) the environment had then.
+    pub progress: Option<i32>,
 }
 
 #[derive(Debug, Clone, Insertable)]
@@ -84,8 +119,10 @@ pub struct NewEvent {
     pub level: String,
     pub source: String,
     pub message: String,
-    pub status: Option<String>,
+    pub status: Option<Status>,
     pub status_version: Option<i64>,
+    /// Status events: the progress (0–100) the environment had then.
+    pub progress: Option<i32>,
 }
 
 pub async fn insert(conn: &mut DbConn, env: &Environment) -> StoreResult<()> {
@@ -121,7 +158,7 @@ pub async fn get_owned(
 pub async fn list_for_user(
     conn: &mut DbConn,
     user_id: &str,
-    status: Option<&str>,
+    status: Option<Status>,
 ) -> StoreResult<Vec<Environment>> {
     Ok(db_run!(conn: {
         let mut q = environments::table
@@ -142,7 +179,7 @@ pub async fn count_active(conn: &mut DbConn, user_id: &str) -> StoreResult<i64> 
     Ok(db_run!(conn: {
         environments::table
             .filter(environments::user_id.eq(user_id))
-            .filter(environments::status.ne("terminated"))
+            .filter(environments::status.ne(Status::Terminated))
             .count()
             .get_result(conn)
             .await?
@@ -150,7 +187,7 @@ pub async fn count_active(conn: &mut DbConn, user_id: &str) -> StoreResult<i64> 
 }
 
 /// A user's environments by status, for the profile.
-pub async fn count_by_status(conn: &mut DbConn, user_id: &str) -> StoreResult<Vec<(String, i64)>> {
+pub async fn count_by_status(conn: &mut DbConn, user_id: &str) -> StoreResult<Vec<(Status, i64)>> {
     Ok(db_run!(conn: {
         environments::table
             .filter(environments::user_id.eq(user_id))
@@ -161,30 +198,11 @@ pub async fn count_by_status(conn: &mut DbConn, user_id: &str) -> StoreResult<Ve
     }))
 }
 
-pub async fn name_in_use(
-    conn: &mut DbConn,
-    user_id: &str,
-    name: &str,
-    except: &str,
-) -> StoreResult<bool> {
-    let n: i64 = db_run!(conn: {
-        environments::table
-            .filter(environments::user_id.eq(user_id))
-            .filter(environments::name.eq(name))
-            .filter(environments::status.ne("terminated"))
-            .filter(environments::id.ne(except))
-            .count()
-            .get_result(conn)
-            .await?
-    });
-    Ok(n > 0)
-}
-
 /// Ids of every environment that is not terminated (their actors start with the server).
 pub async fn resumable_ids(conn: &mut DbConn) -> StoreResult<Vec<String>> {
     Ok(db_run!(conn: {
         environments::table
-            .filter(environments::status.ne("terminated"))
+            .filter(environments::status.ne(Status::Terminated))
             .select(environments::id)
             .load(conn)
             .await?
@@ -208,7 +226,7 @@ pub async fn record_transition(
                 .returning(environments::status_version)
                 .get_result(c)
                 .await?;
-            let event = NewEvent { status_version: Some(version), ..event };
+            let event = NewEvent { status_version: Some(version), progress: Some(change.progress), ..event };
             diesel::insert_into(environment_events::table).values(&event).execute(c).await?;
             Ok(version)
         })
@@ -293,24 +311,203 @@ pub async fn set_address(
     Ok(())
 }
 
-/// Rename / change variables (PUT).
+/// Rename / change variables (PUT). A name another live environment of the user holds is
+/// refused by the unique index in the same statement (`Ok(None)`): no check-then-act.
 pub async fn update_settings(
     conn: &mut DbConn,
     id: &str,
     name: Option<&str>,
     environment_variables: Option<&str>,
     now: NaiveDateTime,
-) -> StoreResult<Environment> {
+) -> StoreResult<Option<Environment>> {
+    let result: StoreResult<Environment> = async {
+        Ok(db_run!(conn: {
+            diesel::update(environments::table.find(id))
+                .set((
+                    name.map(|n| environments::name.eq(n)),
+                    environment_variables.map(|v| environments::environment_variables.eq(v)),
+                    environments::updated_at.eq(now),
+                ))
+                .returning(Environment::as_returning())
+                .get_result(conn)
+                .await?
+        }))
+    }
+    .await;
+    match result {
+        Ok(env) => Ok(Some(env)),
+        Err(e) if is_name_violation(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether a store error is the live-name unique index refusing a write.
+fn is_name_violation(e: &super::StoreError) -> bool {
+    e.unique_violation().is_some_and(|on| on.contains("name"))
+}
+
+/// Why [`insert_checked`] refused a new environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateRefusal {
+    /// The user's plan allows `limit` live environments and they hold that many.
+    PlanLimit { plan: Plan, limit: u32 },
+    /// Another live environment of the user has this name.
+    NameTaken,
+    /// The user no longer exists (deleted meanwhile).
+    NoUser,
+}
+
+/// Insert a new environment and its first event if the user's plan has room (counted over every
+/// non-terminated environment) and the name is free among them — checked and written in one
+/// transaction that serialises the user's creates: PostgreSQL locks the user's row
+/// (`SELECT … FOR UPDATE`), SQLite takes the write lock up front (`BEGIN IMMEDIATE`). The plan
+/// limit is checked before the name; the partial unique index backs the name check up.
+pub async fn insert_checked(
+    conn: &mut DbConn,
+    env: &Environment,
+    event: &NewEvent,
+) -> StoreResult<Result<(), CreateRefusal>> {
+    let (env, event) = (env.clone(), event.clone());
+    macro_rules! checked_insert {
+        ($c:ident, $plan:expr) => {{
+            let Some(plan) = $plan else {
+                return Ok(Err(CreateRefusal::NoUser));
+            };
+            let plan = Plan::parse(&plan).unwrap_or(Plan::Free);
+            let limit = plan.max_environments();
+            let live: i64 = environments::table
+                .filter(environments::user_id.eq(&env.user_id))
+                .filter(environments::status.ne(Status::Terminated))
+                .count()
+                .get_result($c)
+                .await?;
+            if live >= i64::from(limit) {
+                return Ok(Err(CreateRefusal::PlanLimit { plan, limit }));
+            }
+            let same_name: i64 = environments::table
+                .filter(environments::user_id.eq(&env.user_id))
+                .filter(environments::name.eq(&env.name))
+                .filter(environments::status.ne(Status::Terminated))
+                .count()
+                .get_result($c)
+                .await?;
+            if same_name > 0 {
+                return Ok(Err(CreateRefusal::NameTaken));
+            }
+            diesel::insert_into(environments::table)
+                .values(&env)
+                .execute($c)
+                .await?;
+            diesel::insert_into(environment_events::table)
+                .values(&event)
+                .execute($c)
+                .await?;
+            Ok(Ok(()))
+        }};
+    }
+    let result: Result<Result<(), CreateRefusal>, diesel::result::Error> = db_run!(conn: pg {
+        conn.transaction(async |c| {
+            let plan: Option<String> = users::table
+                .find(&env.user_id)
+                .select(users::subscription_plan)
+                .for_update()
+                .first(c)
+                .await
+                .optional()?;
+            checked_insert!(c, plan)
+        })
+        .await
+    } sqlite {
+        conn.immediate_transaction(async |c| {
+            let plan: Option<String> = users::table
+                .find(&env.user_id)
+                .select(users::subscription_plan)
+                .first(c)
+                .await
+                .optional()?;
+            checked_insert!(c, plan)
+        })
+        .await
+    });
+    match result.map_err(super::StoreError::from) {
+        Ok(outcome) => Ok(outcome),
+        Err(e) if is_name_violation(&e) => Ok(Err(CreateRefusal::NameTaken)),
+        Err(e) => Err(e),
+    }
+}
+
+/// The live environments of a user (what account deletion must delete first).
+pub async fn live_ids_for_user(conn: &mut DbConn, user_id: &str) -> StoreResult<Vec<String>> {
     Ok(db_run!(conn: {
-        diesel::update(environments::table.find(id))
-            .set((
-                name.map(|n| environments::name.eq(n)),
-                environment_variables.map(|v| environments::environment_variables.eq(v)),
-                environments::updated_at.eq(now),
-            ))
-            .returning(Environment::as_returning())
-            .get_result(conn)
+        environments::table
+            .filter(environments::user_id.eq(user_id))
+            .filter(environments::status.ne(Status::Terminated))
+            .select(environments::id)
+            .load(conn)
             .await?
+    }))
+}
+
+/// One metrics sample as stored.
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = environment_metrics)]
+#[diesel(check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
+pub struct MetricsRow {
+    pub environment_id: String,
+    pub sampled_at: NaiveDateTime,
+    pub cpu_usage: f64,
+    pub memory_usage: f64,
+    pub disk_usage: f64,
+    pub network_in: i64,
+    pub network_out: i64,
+    pub uptime: i64,
+}
+
+/// Store a sample and drop the environment's samples older than `keep_after` (retention), so
+/// the table stays bounded by retention ÷ interval rows per environment.
+pub async fn add_sample(
+    conn: &mut DbConn,
+    sample: &MetricsRow,
+    keep_after: NaiveDateTime,
+) -> StoreResult<()> {
+    db_run!(conn: {
+        diesel::insert_into(environment_metrics::table).values(sample).execute(conn).await?;
+        diesel::delete(
+            environment_metrics::table
+                .filter(environment_metrics::environment_id.eq(&sample.environment_id))
+                .filter(environment_metrics::sampled_at.lt(keep_after)),
+        )
+        .execute(conn)
+        .await?;
+    });
+    Ok(())
+}
+
+/// The newest sample of an environment, and its samples at or after `since`, oldest first (at
+/// most `limit`).
+pub async fn samples(
+    conn: &mut DbConn,
+    id: &str,
+    since: NaiveDateTime,
+    limit: i64,
+) -> StoreResult<(Option<MetricsRow>, Vec<MetricsRow>)> {
+    Ok(db_run!(conn: {
+        let latest = environment_metrics::table
+            .filter(environment_metrics::environment_id.eq(id))
+            .order(environment_metrics::id.desc())
+            .select(MetricsRow::as_select())
+            .first(conn)
+            .await
+            .optional()?;
+        let rows = environment_metrics::table
+            .filter(environment_metrics::environment_id.eq(id))
+            .filter(environment_metrics::sampled_at.ge(since))
+            .order(environment_metrics::id.asc())
+            .limit(limit)
+            .select(MetricsRow::as_select())
+            .load(conn)
+            .await?;
+        (latest, rows)
     }))
 }
 

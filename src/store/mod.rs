@@ -208,6 +208,38 @@ impl Db {
         applied.map_err(|e| StoreError::Migration(e.to_string()))
     }
 
+    /// Apply pending migrations up to and including `last` (a version such as
+    /// `2026-11-22-000002`), as an older release would have: lets a test put data in an old
+    /// schema and then migrate it forward with [`Db::migrate`].
+    pub async fn migrate_until(&self, last: &str) -> StoreResult<()> {
+        fn run<H, DB>(harness: &mut H, source: EmbeddedMigrations, last: &str) -> StoreResult<()>
+        where
+            H: MigrationHarness<DB>,
+            DB: diesel::backend::Backend,
+            EmbeddedMigrations: diesel::migration::MigrationSource<DB>,
+        {
+            // Versions compare by their digits (diesel may print them without the dashes).
+            let digits = |v: &str| v.chars().filter(char::is_ascii_digit).collect::<String>();
+            let last = digits(last);
+            let pending = harness
+                .pending_migrations(source)
+                .map_err(|e| StoreError::Migration(e.to_string()))?;
+            for migration in pending {
+                if digits(&migration.name().version().to_string()) > last {
+                    break;
+                }
+                harness
+                    .run_migration(&*migration)
+                    .map_err(|e| StoreError::Migration(e.to_string()))?;
+            }
+            Ok(())
+        }
+        match self.get().await? {
+            DbConn::Pg(c) => run(&mut AsyncMigrationHarness::new(c), PG_MIGRATIONS, last),
+            DbConn::Sqlite(c) => run(&mut AsyncMigrationHarness::new(c), SQLITE_MIGRATIONS, last),
+        }
+    }
+
     /// Close the pool: idle connections now, busy ones when they come back.
     pub fn close(&self) {
         match self {

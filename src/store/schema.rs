@@ -106,6 +106,21 @@ diesel::table! {
         message -> Text,
         status -> Nullable<Text>,
         status_version -> Nullable<BigInt>,
+        progress -> Nullable<Integer>,
+    }
+}
+
+diesel::table! {
+    environment_metrics (id) {
+        id -> BigInt,
+        environment_id -> Text,
+        sampled_at -> Timestamp,
+        cpu_usage -> Double,
+        memory_usage -> Double,
+        disk_usage -> Double,
+        network_in -> BigInt,
+        network_out -> BigInt,
+        uptime -> BigInt,
     }
 }
 
@@ -121,6 +136,7 @@ diesel::table! {
 diesel::joinable!(sessions -> users (user_id));
 diesel::joinable!(environments -> users (user_id));
 diesel::joinable!(environment_events -> environments (environment_id));
+diesel::joinable!(environment_metrics -> environments (environment_id));
 diesel::joinable!(refresh_tokens -> sessions (session_id));
 diesel::allow_tables_to_appear_in_same_query!(
     users,
@@ -129,5 +145,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     audit_events,
     environments,
     environment_events,
+    environment_metrics,
     templates,
 );

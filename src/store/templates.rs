@@ -70,3 +70,60 @@ pub async fn delete(conn: &mut DbConn, id: &str) -> StoreResult<bool> {
         diesel::delete(templates::table.find(id)).execute(conn).await? > 0
     }))
 }
+
+/// Insert a template that must be new; `false` when one with this id exists (the primary key
+/// decides, so two parallel creates cannot both succeed).
+pub async fn insert_new(conn: &mut DbConn, row: &TemplateRow) -> StoreResult<bool> {
+    let result: StoreResult<()> = async {
+        db_run!(conn: {
+            diesel::insert_into(templates::table).values(row).execute(conn).await?;
+        });
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => Ok(true),
+        Err(e) if e.unique_violation().is_some() => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Replace an existing template (an admin's own, or an override of a built-in one) in one
+/// statement; `false` when there is none (deleted meanwhile: never resurrected).
+pub async fn replace_existing(conn: &mut DbConn, row: &TemplateRow) -> StoreResult<bool> {
+    Ok(db_run!(conn: {
+        diesel::update(templates::table.find(&row.id))
+            .set((
+                templates::definition.eq(&row.definition),
+                templates::builtin.eq(row.builtin),
+                templates::updated_at.eq(row.updated_at),
+            ))
+            .execute(conn)
+            .await? > 0
+    }))
+}
+
+/// Delete an admin's template (never a shipped one) in one statement; `false` when there is no
+/// such template.
+pub async fn delete_custom(conn: &mut DbConn, id: &str) -> StoreResult<bool> {
+    Ok(db_run!(conn: {
+        diesel::delete(templates::table.filter(templates::id.eq(id)).filter(templates::builtin.eq(false)))
+            .execute(conn)
+            .await? > 0
+    }))
+}
+
+/// Put the shipped version back over an admin's override, in one statement; `false` when there
+/// is no override (already the shipped version, or no such template).
+pub async fn restore_builtin(conn: &mut DbConn, row: &TemplateRow) -> StoreResult<bool> {
+    Ok(db_run!(conn: {
+        diesel::update(templates::table.filter(templates::id.eq(&row.id)).filter(templates::builtin.eq(false)))
+            .set((
+                templates::definition.eq(&row.definition),
+                templates::builtin.eq(true),
+                templates::updated_at.eq(row.updated_at),
+            ))
+            .execute(conn)
+            .await? > 0
+    }))
+}

@@ -1,8 +1,15 @@
 //! Metrics sampled from inside a running environment over SSH: one shell command prints tagged
-//! lines from /proc and df; [`parse`] turns them into a [`Sample`]. Pure, so it is tested on text.
+//! lines from /proc and df; [`parse`] turns them into a [`Sample`] (pure, so it is tested on text).
+//! The sampler task runs that command at the configured interval while the environment runs.
+
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+
+use crate::clock::{from_db, to_db};
+use crate::ssh::client::SshClient;
+use crate::store::environments::{self as store, MetricsRow};
 
 /// Two CPU readings a second apart, memory, the disk holding the working directory, network
 /// byte counters (all interfaces but loopback) and uptime.
@@ -112,6 +119,78 @@ pub fn parse(output: &str, timestamp: DateTime<Utc>) -> Option<Sample> {
         uptime,
         timestamp,
     })
+}
+
+impl From<MetricsRow> for Sample {
+    fn from(row: MetricsRow) -> Self {
+        Self {
+            cpu_usage: row.cpu_usage,
+            memory_usage: row.memory_usage,
+            disk_usage: row.disk_usage,
+            network_in: u64::try_from(row.network_in).unwrap_or(0),
+            network_out: u64::try_from(row.network_out).unwrap_or(0),
+            uptime: u64::try_from(row.uptime).unwrap_or(0),
+            timestamp: from_db(row.sampled_at),
+        }
+    }
+}
+
+/// Largest metrics command output read.
+const METRICS_OUTPUT_LIMIT: usize = 64 * 1024;
+
+impl super::effects::TaskCtx {
+    /// Persist a sample (any node's front end reads them) and drop those past retention.
+    async fn store_sample(&self, sample: &Sample) {
+        let retention =
+            chrono::Duration::hours(self.deps.config.environments.metrics_retention_hours as i64);
+        let row = MetricsRow {
+            environment_id: self.row.id.clone(),
+            sampled_at: to_db(sample.timestamp),
+            cpu_usage: sample.cpu_usage,
+            memory_usage: sample.memory_usage,
+            disk_usage: sample.disk_usage,
+            network_in: i64::try_from(sample.network_in).unwrap_or(i64::MAX),
+            network_out: i64::try_from(sample.network_out).unwrap_or(i64::MAX),
+            uptime: i64::try_from(sample.uptime).unwrap_or(i64::MAX),
+        };
+        let result = match self.deps.db.get().await {
+            Ok(mut conn) => {
+                store::add_sample(&mut conn, &row, to_db(sample.timestamp - retention)).await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            tracing::warn!(environment = %self.row.id, error = %e, "could not store a metrics sample");
+        }
+    }
+
+    /// Sample metrics over SSH at the configured interval while running.
+    pub(super) async fn sample_metrics(self) {
+        let interval = Duration::from_secs(self.deps.config.environments.metrics_interval_seconds);
+        let mut client: Option<SshClient> = None;
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            if client.as_ref().is_none_or(|c| c.is_closed()) {
+                let deadline = tokio::time::Instant::now() + interval;
+                client = self.connect(deadline).await.ok();
+            }
+            let Some(c) = &client else { continue };
+            match c.exec(COMMAND, METRICS_OUTPUT_LIMIT).await {
+                Ok(out) => {
+                    let text = String::from_utf8_lossy(&out.stdout);
+                    if let Some(sample) = parse(&text, self.deps.clock.now()) {
+                        self.store_sample(&sample).await;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(environment = %self.row.id, error = %e, "metrics sample failed");
+                    client = None;
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,10 @@
 //! actor stays down. Actors that end normally (terminated) are forgotten.
 
 pub mod actor;
+pub mod command;
+pub mod create;
+pub mod effects;
+pub mod feed;
 pub mod machine;
 pub mod metrics;
 
@@ -15,12 +19,15 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
-use self::actor::{EnvArgs, EnvDeps, EnvMsg, EnvUpdate, EnvironmentActor};
+use self::actor::{CommandReply, EnvArgs, EnvDeps, EnvMsg, EnvUpdate, EnvironmentActor};
+use self::command::{NewEnvironment, Reply};
 use self::machine::{Event, Machine};
 use super::directory::{
     ChildExit, ChildRestarts, Directory, Pending, RestartDecision, RestartPolicy, child_exit,
 };
 use crate::clock::{db_now, from_db};
+use crate::protocol::{EnvironmentStatus, StreamFrame};
+use crate::store::environments::Environment;
 use crate::store::environments::{self as store, NewEvent, StatusChange};
 
 pub const SUPERVISOR_ID: &str = "environments";
@@ -32,11 +39,31 @@ pub fn actor_id(environment_id: &str) -> String {
 
 /// Live environment actors by environment id, for the front end to message directly. Written
 /// only by the supervisor; the lock is held just to clone or replace a reference.
-pub type EnvRegistry = Arc<RwLock<HashMap<String, (ActorRef<EnvMsg>, Pending)>>>;
+pub type EnvRegistry = Arc<RwLock<HashMap<String, EnvHandle>>>;
+
+/// A live environment actor and the count of front-end messages waiting in its mailbox.
+pub type EnvHandle = (ActorRef<EnvMsg>, Pending);
 
 pub enum EnvironmentsMsg {
     /// Start the actor of this environment (new, resumed, or recovered after giving up).
     Spawn(String),
+    /// Make sure the environment has a live actor (starting it with a clean restart record if it
+    /// is down) and answer it; `None` when the environment is terminated or gone. Spawning is
+    /// idempotent: never two actors for one environment.
+    Ensure {
+        environment_id: String,
+        reply: RpcReplyPort<Option<EnvHandle>>,
+    },
+    /// `Command::Create`: validated and inserted by a task, which reports back with `Created`.
+    Create {
+        new: Box<NewEnvironment>,
+        reply: CommandReply,
+    },
+    /// The create task stored the row: start the actor, then answer the caller.
+    Created {
+        environment: Box<Environment>,
+        reply: CommandReply,
+    },
     /// Scheduled restart after a backoff.
     Respawn(String),
     /// Fault injection: make one environment actor panic. Replies whether it existed.
@@ -76,7 +103,7 @@ impl EnvironmentsState {
         let owner = {
             let mut conn = self.args.deps.db.get().await?;
             match store::get(&mut conn, environment_id).await? {
-                Some(row) if row.status != "terminated" => row.user_id,
+                Some(row) if !row.status.is_final() => row.user_id,
                 _ => return Ok(()),
             }
         };
@@ -130,6 +157,15 @@ impl EnvironmentsState {
             .unwrap_or_else(|e| e.into_inner())
             .insert(environment_id.to_string(), (actor, pending));
         Ok(())
+    }
+
+    fn live(&self, environment_id: &str) -> Option<EnvHandle> {
+        self.args
+            .registry
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(environment_id)
+            .cloned()
     }
 
     fn registry_has(&self, environment_id: &str) -> bool {
@@ -203,8 +239,8 @@ impl EnvironmentsState {
             return Ok(());
         };
         let machine = Machine {
-            status: row.status.parse().unwrap_or(machine::Status::Error),
-            phase: row.phase.as_deref().and_then(|p| p.parse().ok()),
+            status: row.status,
+            phase: row.phase,
             progress: row.progress.clamp(0, 100) as u8,
             has_instance: row.instance_id.is_some(),
             error: row.error_message.clone(),
@@ -216,9 +252,9 @@ impl EnvironmentsState {
         };
         let now = db_now(deps.clock.as_ref());
         let change = StatusChange {
-            status: next.status.as_str().into(),
+            status: next.status,
             progress: i32::from(next.progress),
-            phase: next.phase.map(|p| p.as_str().to_string()),
+            phase: next.phase,
             message: Some(message.to_string()),
             error_message: Some(message.to_string()),
             installation_completed: row.installation_completed,
@@ -231,18 +267,23 @@ impl EnvironmentsState {
             level: "error".into(),
             source: "supervisor".into(),
             message: message.to_string(),
-            status: Some(change.status.clone()),
+            status: Some(change.status),
             status_version: None,
+            progress: None,
         };
         let version = store::record_transition(&mut conn, environment_id, &change, event).await?;
-        let _ = deps.bus.send(EnvUpdate::EnvironmentStatus {
+        let status = EnvironmentStatus {
             environment_id: environment_id.to_string(),
-            user_id: row.user_id,
             status: next.status,
             status_version: version,
             progress: next.progress,
             message: Some(message.to_string()),
             timestamp: from_db(now),
+        };
+        // No subscriber is fine: the change is persisted.
+        let _ = deps.bus.send(EnvUpdate {
+            owner: row.user_id,
+            frame: StreamFrame::EnvironmentStatus(status),
         });
         Ok(())
     }
@@ -293,6 +334,43 @@ impl Actor for EnvironmentsSupervisor {
             }
             EnvironmentsMsg::Respawn(environment_id) => {
                 state.spawn(&myself, &environment_id).await?;
+            }
+            EnvironmentsMsg::Ensure {
+                environment_id,
+                reply,
+            } => {
+                if !state.registry_has(&environment_id) {
+                    state.restarts.forget(&environment_id);
+                    state.spawn(&myself, &environment_id).await?;
+                }
+                let _ = reply.send(state.live(&environment_id));
+            }
+            EnvironmentsMsg::Create { new, reply } => {
+                let deps = state.args.deps.clone();
+                let pending = state.args.pending.clone();
+                tokio::spawn(async move {
+                    match create::create(&deps, *new).await {
+                        Ok(environment) => {
+                            pending.sent();
+                            let created = EnvironmentsMsg::Created {
+                                environment: Box::new(environment),
+                                reply,
+                            };
+                            if let Err(e) = myself.cast(created) {
+                                pending.handled();
+                                tracing::error!(error = %e, "environment stored but the supervisor is gone; it starts with the next server start");
+                            }
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                });
+            }
+            EnvironmentsMsg::Created { environment, reply } => {
+                state.restarts.forget(&environment.id);
+                state.spawn(&myself, &environment.id).await?;
+                let _ = reply.send(Ok(Reply::Environment(environment)));
             }
             EnvironmentsMsg::Crash {
                 environment_id,

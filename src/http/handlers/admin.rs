@@ -9,7 +9,7 @@ use super::message;
 use crate::actors::CrashOutcome;
 use crate::app::AppState;
 use crate::clock::{from_db, to_db};
-use crate::error::{ApiError, ApiResult, FieldError};
+use crate::error::{ErrorCode, ApiError, ApiResult, FieldError};
 use crate::http::{Body, Ctx, json, ok};
 use crate::store::audit::{self, AuditFilter};
 
@@ -30,7 +30,7 @@ pub async fn actors(app: AppState, _ctx: Ctx) -> ApiResult<Response<Body>> {
 pub async fn crash(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     if !app.config.ops.fault_injection {
         return Err(ApiError::forbidden(
-            "fault_injection_disabled",
+            ErrorCode::FaultInjectionDisabled,
             "Fault injection is disabled (ops.fault_injection = false)",
         ));
     }
@@ -53,7 +53,7 @@ pub async fn crash(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
         }
         CrashOutcome::NotFound => Err(ApiError::not_found("No such actor")),
         CrashOutcome::NotAllowed => Err(ApiError::bad_request(
-            "not_supervised",
+            ErrorCode::NotSupervised,
             "The root supervisor has no supervisor; crashing it would stop the server",
         )),
     }

@@ -12,7 +12,7 @@ use crate::auth::google::GoogleError;
 use crate::auth::tokens::{hash_refresh_token, new_refresh_token};
 use crate::auth::{self as rules, LockState};
 use crate::clock::{db_now, from_db, to_db};
-use crate::error::{ApiError, ApiResult, FieldError};
+use crate::error::{ErrorCode, ApiError, ApiResult, FieldError};
 use crate::http::{Body, Ctx, json, ok};
 use crate::store::sessions::{self, Rotation};
 use crate::store::users::{self, NewUser, Plan, User, username_key};
@@ -50,15 +50,15 @@ const BAD_CREDENTIALS: &str = "Incorrect username/email or password";
 
 fn duplicate(which: &str) -> ApiError {
     if which.contains("email") {
-        ApiError::bad_request("email_taken", "Email already registered")
+        ApiError::bad_request(ErrorCode::EmailTaken, "Email already registered")
     } else {
-        ApiError::bad_request("username_taken", "Username already taken")
+        ApiError::bad_request(ErrorCode::UsernameTaken, "Username already taken")
     }
 }
 
 fn registration_closed() -> ApiError {
     ApiError::forbidden(
-        "registration_closed",
+        ErrorCode::RegistrationClosed,
         "Self-registration is closed on this server; ask an administrator for an account",
     )
 }
@@ -158,7 +158,7 @@ pub async fn login(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
             let seconds = (until - now).num_seconds().max(1) as u64;
             return Err(ApiError::new(
                 StatusCode::LOCKED,
-                "account_locked",
+                ErrorCode::AccountLocked,
                 format!(
                     "Account locked after too many failed login attempts; try again in {} minute(s)",
                     seconds.div_ceil(60)
@@ -181,7 +181,7 @@ pub async fn login(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     }
     if !user.is_active {
         return Err(ApiError::forbidden(
-            "account_disabled",
+            ErrorCode::AccountDisabled,
             "Account is disabled",
         ));
     }
@@ -249,7 +249,7 @@ pub async fn google(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     };
     let Some(verifier) = &app.google else {
         return Err(ApiError::unavailable(
-            "google_not_configured",
+            ErrorCode::GoogleNotConfigured,
             "Google sign-in is not configured on this server",
         ));
     };
@@ -261,7 +261,7 @@ pub async fn google(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
         GoogleError::Unavailable(why) => {
             tracing::warn!(error = %why, "Google keys unavailable");
             ApiError::unavailable(
-                "google_unavailable",
+                ErrorCode::GoogleUnavailable,
                 "Google sign-in is unavailable; try again",
             )
         }
@@ -326,7 +326,7 @@ pub async fn google(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     };
     if !user.is_active {
         return Err(ApiError::forbidden(
-            "account_disabled",
+            ErrorCode::AccountDisabled,
             "Account is disabled",
         ));
     }

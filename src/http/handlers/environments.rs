@@ -1,21 +1,23 @@
-//! `/api/v1/environments`: queries read the store; every command is a message to the
-//! environment's actor. Another user's environment does not exist (404) on every route.
+//! `/api/v1/environments`: queries (list, get, logs, metrics) read the store; every command is
+//! decoded here, sent as one [`Command`] through [`crate::actors::Actors::dispatch`], and its
+//! [`Reply`] or [`CommandError`] encoded. Another user's environment does not exist (404) on
+//! every route.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use http::{Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::actors::environment::machine::{Event, Status};
+use crate::actors::environment::command::{Command, CommandError, NewEnvironment, Reply};
+use crate::actors::environment::machine::Status;
+use crate::actors::environment::metrics::Sample;
 use crate::app::{App, AppState};
-use crate::clock::{db_now, from_db};
-use crate::error::{ApiError, ApiResult, FieldError};
+use crate::clock::from_db;
+use crate::error::{ErrorCode, ApiError, ApiResult, FieldError};
 use crate::http::{Body, Ctx, json, ok};
 use crate::store::environments::{self as store, Environment};
-use crate::store::templates as template_store;
 
 pub const NAME_MAX: usize = 50;
 /// Variables per environment, and the longest name and value accepted.
@@ -25,15 +27,15 @@ pub const VARIABLE_VALUE_MAX: usize = 4096;
 pub const SNAPSHOT_NAME_MAX: usize = 50;
 pub const LOG_LINES_DEFAULT: i64 = 100;
 pub const LOG_LINES_MAX: i64 = 1000;
-/// How long a recover waits for a restarted actor to come up.
-const RECOVER_SPAWN_WAIT: Duration = Duration::from_secs(5);
+/// Metrics samples answered at most (a week at one a minute is 10,080).
+const METRICS_SAMPLES_MAX: i64 = 20_000;
 
 #[derive(Debug, Serialize)]
 pub struct EnvironmentResponse {
     pub id: String,
     pub name: String,
     pub template: String,
-    pub status: String,
+    pub status: Status,
     pub status_version: i64,
     pub progress: i32,
     pub message: Option<String>,
@@ -57,7 +59,7 @@ impl From<&Environment> for EnvironmentResponse {
             id: e.id.clone(),
             name: e.name.clone(),
             template: e.template.clone(),
-            status: e.status.clone(),
+            status: e.status,
             status_version: e.status_version,
             progress: e.progress,
             message: e.message.clone(),
@@ -198,61 +200,38 @@ pub async fn owned(app: &App, ctx: &Ctx) -> ApiResult<Environment> {
         .ok_or_else(|| ApiError::not_found("Environment not found"))
 }
 
-fn seal(app: &App, env_id: &str, secret: &str) -> ApiResult<String> {
-    Ok(app.sealer.seal(secret.as_bytes(), env_id)?)
-}
-
-async fn template_exists(app: &App, id: &str) -> ApiResult<Option<crate::templates::Template>> {
-    let mut conn = app.db.get().await?;
-    let Some(row) = template_store::get(&mut conn, &id.trim().to_lowercase()).await? else {
-        return Ok(None);
-    };
-    Ok(serde_json::from_str(&row.definition).ok())
-}
-
-fn resources(app: &App, size: &str, template: &crate::templates::Template) -> Value {
-    match app.provider.sizes().into_iter().find(|s| s.slug == size) {
-        Some(s) if s.memory_mb > 0 => json!({
-            "cpu": s.vcpus.to_string(),
-            "memory": format!("{}Gi", s.memory_mb / 1024),
-            "storage": if s.disk_gb > 0 { format!("{}Gi", s.disk_gb) } else { "shared".into() },
-        }),
-        _ => serde_json::to_value(&template.default_resources).unwrap_or(Value::Null),
+/// How a command's failure reads to the client (API.md's codes).
+impl From<CommandError> for ApiError {
+    fn from(e: CommandError) -> Self {
+        let detail = e.to_string();
+        match e {
+            CommandError::Invalid(errors) => ApiError::validation(errors),
+            CommandError::PlanLimit { .. } => ApiError::forbidden(ErrorCode::PlanLimit, detail),
+            CommandError::NameTaken(_) => ApiError::conflict(ErrorCode::NameTaken, detail),
+            CommandError::InvalidState(_) => ApiError::conflict(ErrorCode::InvalidState, detail),
+            CommandError::NotFound(_) => ApiError::not_found(detail),
+            CommandError::Unsupported(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCode::UnsupportedByProvider,
+                detail,
+            ),
+            CommandError::Busy => {
+                ApiError::unavailable(ErrorCode::EnvironmentBusy, detail).with_retry_after(2)
+            }
+            CommandError::Pending(_) => ApiError::conflict(ErrorCode::EnvironmentsPending, detail),
+            CommandError::Provider(e) => provider_error(e),
+            CommandError::Internal(e) => ApiError::internal(e),
+        }
     }
 }
 
 pub async fn create(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
-    let user = ctx.user()?.user.clone();
+    let auth = ctx.user()?;
     let req: CreateRequest = ctx.json()?;
     let mut errors = Vec::new();
     let name = check_name(&req.name, &mut errors);
     let variables = req.environment_variables.unwrap_or_default();
     check_variables(&variables, &mut errors);
-    let template = template_exists(&app, &req.template).await?;
-    if template.is_none() {
-        errors.push(FieldError::new(
-            "template",
-            "unknown",
-            format!("Unknown template '{}'", req.template),
-        ));
-    }
-    let provider = app.provider.clone();
-    let region = req.region.unwrap_or_else(|| provider.default_region());
-    let size = req.size.unwrap_or_else(|| provider.default_size());
-    if !provider.sizes().iter().any(|s| s.slug == size) {
-        errors.push(FieldError::new(
-            "size",
-            "unknown",
-            format!("Unknown size '{size}' (see /api/v1/sizes)"),
-        ));
-    }
-    if !valid_region(&app, &region) {
-        errors.push(FieldError::new(
-            "region",
-            "unknown",
-            format!("Unknown region '{region}' (see /api/v1/regions)"),
-        ));
-    }
     if let Some(pw) = &req.user_password {
         let len = pw.chars().count();
         if !(8..=128).contains(&len) {
@@ -266,140 +245,49 @@ pub async fn create(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     if !errors.is_empty() {
         return Err(ApiError::validation(errors));
     }
-    let Some(template) = template else {
-        return Err(ApiError::validation(vec![]));
-    };
-
-    let mut conn = app.db.get().await?;
-    let plan = user.plan();
-    let active = store::count_active(&mut conn, &user.id).await?;
-    if active >= i64::from(plan.max_environments()) {
-        return Err(ApiError::forbidden(
-            "plan_limit",
-            format!(
-                "Environment limit reached: the {} plan allows {} environment(s)",
-                plan.as_str(),
-                plan.max_environments()
-            ),
-        ));
-    }
-    if store::name_in_use(&mut conn, &user.id, &name, "").await? {
-        return Err(ApiError::conflict(
-            "name_taken",
-            format!("You already have an environment named '{name}'"),
-        ));
-    }
-
-    let id = uuid::Uuid::new_v4().to_string();
-    let user_key = crate::ssh::keys::generate_ed25519();
-    let host = provider
-        .new_host_key()
-        .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
-    let password = match req.user_password {
-        Some(pw) => pw,
-        None => crate::secrets::random_token::<18>(),
-    };
-    let password_hash = crate::templates::hash_password(&password)
-        .map_err(|e| ApiError::internal(anyhow::anyhow!(e.to_string())))?;
-    let now = db_now(app.clock.as_ref());
-    let env = Environment {
-        id: id.clone(),
-        user_id: user.id.clone(),
+    let new = NewEnvironment {
+        user_id: auth.user.id.clone(),
         name,
-        template: template.id().to_string(),
-        provider: provider.kind().as_str().to_string(),
-        status: Status::Creating.as_str().into(),
-        status_version: 1,
-        progress: 0,
-        phase: None,
-        message: Some("Environment requested".into()),
-        error_message: None,
-        resources: resources(&app, &size, &template).to_string(),
-        region,
-        size,
-        environment_variables: serde_json::to_string(&variables).unwrap_or_else(|_| "{}".into()),
-        display_name: format!("devpocket-{id}"),
-        operation_id: None,
-        create_attempts: 0,
-        instance_id: None,
-        ip_address: None,
-        ssh_port: None,
-        ssh_user: provider.ssh_user(),
-        ssh_public_key: crate::ssh::keys::public_to_openssh(user_key.public_key()),
-        ssh_private_key: seal(&app, &id, &crate::ssh::keys::private_to_openssh(&user_key)?)?,
-        host_public_key: host.public,
-        host_private_key: match &host.private {
-            Some(private) => Some(seal(&app, &id, private)?),
-            None => None,
-        },
-        dev_password_hash: Some(password_hash),
-        installation_completed: false,
-        created_at: now,
-        updated_at: now,
-        last_accessed: None,
+        template: req.template,
+        region: req.region,
+        size: req.size,
+        environment_variables: variables,
+        user_password: req.user_password,
     };
-    store::insert(&mut conn, &env).await?;
-    store::add_event(
-        &mut conn,
-        &store::NewEvent {
-            environment_id: id.clone(),
-            occurred_at: now,
-            kind: "status".into(),
-            level: "info".into(),
-            source: "server".into(),
-            message: "Environment requested".into(),
-            status: Some("creating".into()),
-            status_version: Some(1),
-        },
-    )
-    .await?;
-    app.actors.spawn_environment(&id);
+    let Reply::Environment(env) = app.actors.dispatch(Command::Create(new)).await? else {
+        return Err(ApiError::internal(anyhow::anyhow!(
+            "create answered something else"
+        )));
+    };
     app.audit(
         &ctx.audit(),
         "environment_created",
-        Some(&user.id),
-        Some(&ctx.user()?.session.id),
-        json!({ "environment_id": id, "template": env.template, "provider": env.provider }),
+        Some(&auth.user.id),
+        Some(&auth.session.id),
+        json!({ "environment_id": env.id, "template": env.template, "provider": env.provider }),
     )
     .await;
-    Ok(json(StatusCode::CREATED, &EnvironmentResponse::from(&env)))
-}
-
-fn valid_region(app: &App, region: &str) -> bool {
-    use crate::config::ProviderKind;
-    match app.provider.kind() {
-        ProviderKind::Local => region == crate::provider::local::REGION,
-        // Contabo's region enum (NOTES §2.6).
-        ProviderKind::Contabo => [
-            "EU",
-            "US-central",
-            "US-east",
-            "US-west",
-            "SIN",
-            "UK",
-            "AUS",
-            "JPN",
-            "IND",
-        ]
-        .contains(&region),
-    }
+    Ok(json(
+        StatusCode::CREATED,
+        &EnvironmentResponse::from(env.as_ref()),
+    ))
 }
 
 pub async fn list(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     let user = ctx.user()?;
     let q: ListQuery = ctx.query()?;
-    let status = q.status.or(q.status_filter).filter(|s| !s.is_empty());
-    if let Some(s) = &status
-        && s.parse::<Status>().is_err()
-    {
-        return Err(ApiError::validation(vec![FieldError::new(
-            "status",
-            "unknown",
-            format!("Unknown status '{s}'"),
-        )]));
-    }
+    let status = match q.status.or(q.status_filter).filter(|s| !s.is_empty()) {
+        Some(s) => Some(s.parse::<Status>().map_err(|_| {
+            ApiError::validation(vec![FieldError::new(
+                "status",
+                "unknown",
+                format!("Unknown status '{s}'"),
+            )])
+        })?),
+        None => None,
+    };
     let mut conn = app.db.get().await?;
-    let envs = store::list_for_user(&mut conn, &user.user.id, status.as_deref()).await?;
+    let envs = store::list_for_user(&mut conn, &user.user.id, status).await?;
     let list: Vec<EnvironmentResponse> = envs.iter().map(EnvironmentResponse::from).collect();
     ok(&list)
 }
@@ -419,112 +307,74 @@ pub async fn update(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     if !errors.is_empty() {
         return Err(ApiError::validation(errors));
     }
-    let mut conn = app.db.get().await?;
-    if let Some(name) = &name
-        && store::name_in_use(&mut conn, &env.user_id, name, &env.id).await?
-    {
-        return Err(ApiError::conflict(
-            "name_taken",
-            format!("You already have an environment named '{name}'"),
-        ));
+    let command = Command::Update {
+        environment_id: env.id.clone(),
+        name,
+        environment_variables: req.environment_variables,
+    };
+    match app.actors.dispatch(command).await? {
+        Reply::Environment(updated) => ok(&EnvironmentResponse::from(updated.as_ref())),
+        _ => Err(ApiError::internal(anyhow::anyhow!(
+            "update answered something else"
+        ))),
     }
-    let vars = req
-        .environment_variables
-        .map(|v| serde_json::to_string(&v).unwrap_or_else(|_| "{}".into()));
-    let updated = store::update_settings(
-        &mut conn,
-        &env.id,
-        name.as_deref(),
-        vars.as_deref(),
-        db_now(app.clock.as_ref()),
-    )
-    .await?;
-    if app.actors.environment_running(&env.id) {
-        // Let the actor pick up the new settings for what it does next.
-        let _ = app.actors.reload(&env.id).await;
-    }
-    ok(&EnvironmentResponse::from(&updated))
 }
 
-/// Send a command and answer 202 `{message, status}`, 409 when the state does not allow it.
-async fn command(
+/// Send an action and answer 202 `{message, status}` (409 when the state does not allow it).
+async fn action(
     app: &App,
     ctx: &Ctx,
     env: &Environment,
-    event: Event,
+    command: Command,
 ) -> ApiResult<Response<Body>> {
-    let verb = event.verb();
-    match app.actors.command(&env.id, event).await {
-        Ok(Ok(status)) => {
-            app.audit(
-                &ctx.audit(),
-                &format!("environment_{verb}"),
-                Some(&env.user_id),
-                ctx.auth.as_ref().map(|a| a.session.id.as_str()),
-                json!({ "environment_id": env.id }),
-            )
-            .await;
-            Ok(json(
-                StatusCode::ACCEPTED,
-                &json!({ "message": format!("Environment {verb} requested"), "status": status }),
-            ))
-        }
-        Ok(Err(rejected)) => Err(ApiError::conflict("invalid_state", rejected.to_string())),
-        Err(_) if env.status == "terminated" => Err(ApiError::conflict(
-            "invalid_state",
-            format!("Cannot {verb} environment in terminated state"),
-        )),
-        Err(_) => Err(ApiError::unavailable(
-            "environment_busy",
-            "The environment is busy or restarting; try again in a moment",
-        )
-        .with_retry_after(2)),
-    }
+    let verb = command.verb();
+    let Reply::Accepted(status) = app.actors.dispatch(command).await? else {
+        return Err(ApiError::internal(anyhow::anyhow!(
+            "{verb} answered something else"
+        )));
+    };
+    app.audit(
+        &ctx.audit(),
+        &format!("environment_{verb}"),
+        Some(&env.user_id),
+        ctx.auth.as_ref().map(|a| a.session.id.as_str()),
+        json!({ "environment_id": env.id }),
+    )
+    .await;
+    Ok(json(
+        StatusCode::ACCEPTED,
+        &json!({ "message": format!("Environment {verb} requested"), "status": status }),
+    ))
 }
 
 pub async fn delete(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     let env = owned(&app, &ctx).await?;
-    command(&app, &ctx, &env, Event::Delete).await
+    let environment_id = env.id.clone();
+    action(&app, &ctx, &env, Command::Delete { environment_id }).await
 }
 
 pub async fn start(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     let env = owned(&app, &ctx).await?;
-    command(&app, &ctx, &env, Event::Start).await
+    let environment_id = env.id.clone();
+    action(&app, &ctx, &env, Command::Start { environment_id }).await
 }
 
 pub async fn stop(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     let env = owned(&app, &ctx).await?;
-    command(&app, &ctx, &env, Event::Stop).await
+    let environment_id = env.id.clone();
+    action(&app, &ctx, &env, Command::Stop { environment_id }).await
 }
 
 pub async fn restart(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     let env = owned(&app, &ctx).await?;
-    command(&app, &ctx, &env, Event::Restart).await
+    let environment_id = env.id.clone();
+    action(&app, &ctx, &env, Command::Restart { environment_id }).await
 }
 
 pub async fn recover(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     let env = owned(&app, &ctx).await?;
-    if env.status == "error" && !app.actors.environment_running(&env.id) {
-        // Its actor was given up on: start it again (a fresh restart record), then recover.
-        app.actors.spawn_environment(&env.id);
-        let deadline = tokio::time::Instant::now() + RECOVER_SPAWN_WAIT;
-        while !app.actors.environment_running(&env.id) && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    command(&app, &ctx, &env, Event::Recover).await
-}
-
-fn require_snapshots(app: &App) -> ApiResult<()> {
-    if app.provider.capabilities().snapshots {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "unsupported_by_provider",
-            "This provider cannot take snapshots",
-        ))
-    }
+    let environment_id = env.id.clone();
+    action(&app, &ctx, &env, Command::Recover { environment_id }).await
 }
 
 pub async fn snapshot(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
@@ -538,79 +388,47 @@ pub async fn snapshot(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
             format!("Name must be 1-{SNAPSHOT_NAME_MAX} characters"),
         )]));
     }
-    require_snapshots(&app)?;
-    let resp = command(&app, &ctx, &env, Event::Snapshot { name: name.clone() }).await?;
-    if resp.status() == StatusCode::ACCEPTED {
-        return Ok(json(
-            StatusCode::CREATED,
-            &json!({ "message": "Snapshot requested", "status": "snapshotting", "name": name }),
-        ));
-    }
-    Ok(resp)
+    let command = Command::Snapshot {
+        environment_id: env.id.clone(),
+        name: name.clone(),
+    };
+    action(&app, &ctx, &env, command).await?;
+    Ok(json(
+        StatusCode::CREATED,
+        &json!({ "message": "Snapshot requested", "status": Status::Snapshotting, "name": name }),
+    ))
 }
 
 pub async fn snapshots(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     let env = owned(&app, &ctx).await?;
-    require_snapshots(&app)?;
-    let Some(instance) = env
-        .instance_id
-        .as_deref()
-        .filter(|_| env.status != "terminated")
-    else {
-        return ok(&json!({ "environment_id": env.id, "snapshots": [] }));
+    let command = Command::ListSnapshots {
+        environment_id: env.id.clone(),
     };
-    let list = app
-        .provider
-        .list_snapshots(instance)
-        .await
-        .map_err(provider_error)?;
-    ok(&json!({ "environment_id": env.id, "snapshots": list }))
+    match app.actors.dispatch(command).await? {
+        Reply::Snapshots(list) => ok(&json!({ "environment_id": env.id, "snapshots": list })),
+        _ => Err(ApiError::internal(anyhow::anyhow!(
+            "list snapshots answered something else"
+        ))),
+    }
 }
 
 pub async fn restore(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     let env = owned(&app, &ctx).await?;
-    require_snapshots(&app)?;
-    let snapshot_id = ctx.param("snapshot_id").to_string();
-    let instance = env
-        .instance_id
-        .as_deref()
-        .ok_or_else(|| ApiError::not_found("Snapshot not found"))?;
-    let list = app
-        .provider
-        .list_snapshots(instance)
-        .await
-        .map_err(provider_error)?;
-    if !list.iter().any(|s| s.id == snapshot_id) {
-        return Err(ApiError::not_found("Snapshot not found"));
-    }
-    command(&app, &ctx, &env, Event::RestoreSnapshot { snapshot_id }).await
+    let command = Command::RestoreSnapshot {
+        environment_id: env.id.clone(),
+        snapshot_id: ctx.param("snapshot_id").to_string(),
+    };
+    action(&app, &ctx, &env, command).await
 }
 
 pub async fn resize(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
-    let _env = owned(&app, &ctx).await?;
+    let env = owned(&app, &ctx).await?;
     let req: ResizeRequest = ctx.json()?;
-    if !app.provider.sizes().iter().any(|s| s.slug == req.size) {
-        return Err(ApiError::validation(vec![FieldError::new(
-            "size",
-            "unknown",
-            format!("Unknown size '{}'", req.size),
-        )]));
-    }
-    if !app.provider.capabilities().resize {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "unsupported_by_provider",
-            format!(
-                "The {} provider cannot resize an environment",
-                app.provider.kind().as_str()
-            ),
-        ));
-    }
-    Err(ApiError::new(
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "unsupported_by_provider",
-        "Resize is not supported",
-    ))
+    let command = Command::Resize {
+        environment_id: env.id.clone(),
+        size: req.size,
+    };
+    action(&app, &ctx, &env, command).await
 }
 
 fn provider_error(e: crate::provider::ProviderError) -> ApiError {
@@ -619,16 +437,16 @@ fn provider_error(e: crate::provider::ProviderError) -> ApiError {
         P::NotFound => ApiError::not_found("Not found at the provider"),
         P::Unsupported => ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
-            "unsupported_by_provider",
+            ErrorCode::UnsupportedByProvider,
             "Not supported by this provider",
         ),
         P::Rejected { status, message } => ApiError::new(
             StatusCode::BAD_GATEWAY,
-            "provider_refused",
+            ErrorCode::ProviderRefused,
             format!("The provider refused ({status}): {message}"),
         ),
         other => ApiError::unavailable(
-            "provider_unavailable",
+            ErrorCode::ProviderUnavailable,
             format!("The provider is unavailable: {other}"),
         ),
     }
@@ -645,9 +463,11 @@ pub async fn metrics(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
             "hours must be 1-168",
         )]));
     }
-    let since = app.clock.now() - chrono::Duration::hours(hours);
-    // No actor (terminated, or restarting): no samples to show.
-    let (current, samples) = app.actors.metrics(&env.id, since).await.unwrap_or_default();
+    let since = crate::clock::to_db(app.clock.now() - chrono::Duration::hours(hours));
+    let mut conn = app.db.get().await?;
+    let (current, samples) = store::samples(&mut conn, &env.id, since, METRICS_SAMPLES_MAX).await?;
+    let current = current.map(Sample::from);
+    let samples: Vec<Sample> = samples.into_iter().map(Sample::from).collect();
     ok(&json!({ "environment_id": env.id, "current": current, "samples": samples }))
 }
 
@@ -666,7 +486,7 @@ pub async fn logs(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
         Some(s) => Some(
             DateTime::parse_from_rfc3339(s)
                 .map_err(|_| {
-                    ApiError::bad_request("invalid_since", "since must be an RFC 3339 time")
+                    ApiError::bad_request(ErrorCode::InvalidSince, "since must be an RFC 3339 time")
                 })?
                 .with_timezone(&Utc),
         ),
@@ -697,49 +517,9 @@ pub async fn logs(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
 }
 
 pub async fn regions(app: AppState, _ctx: Ctx) -> ApiResult<Response<Body>> {
-    ok(&app.provider.regions().await.map_err(provider_error)?)
+    ok(&app.actors.regions().await?)
 }
 
 pub async fn sizes(app: AppState, _ctx: Ctx) -> ApiResult<Response<Body>> {
-    ok(&app.provider.sizes())
-}
-
-/// Delete every live environment of a user and wait (bounded) until they are terminated.
-pub async fn delete_all_for_user(app: &App, user_id: &str, wait: Duration) -> ApiResult<bool> {
-    let envs = {
-        let mut conn = app.db.get().await?;
-        store::list_for_user(&mut conn, user_id, None).await?
-    };
-    let live: Vec<String> = envs
-        .into_iter()
-        .filter(|e| e.status != "terminated")
-        .map(|e| e.id)
-        .collect();
-    for id in &live {
-        if !app.actors.environment_running(id) {
-            app.actors.spawn_environment(id);
-        }
-    }
-    let deadline = tokio::time::Instant::now() + wait;
-    let mut pending = live;
-    while !pending.is_empty() && tokio::time::Instant::now() < deadline {
-        let mut still = Vec::new();
-        for id in pending {
-            let mut conn = app.db.get().await?;
-            let status = store::get(&mut conn, &id).await?.map(|e| e.status);
-            match status.as_deref() {
-                None | Some("terminated") => {}
-                Some("deleting") => still.push(id),
-                Some(_) => {
-                    let _ = app.actors.command(&id, Event::Delete).await;
-                    still.push(id);
-                }
-            }
-        }
-        pending = still;
-        if !pending.is_empty() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-    Ok(pending.is_empty())
+    ok(&app.actors.catalog().sizes)
 }

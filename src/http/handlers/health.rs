@@ -4,7 +4,7 @@ use http::{Response, StatusCode};
 use serde_json::json;
 
 use crate::app::AppState;
-use crate::error::ApiResult;
+use crate::error::{ErrorCode, ApiResult};
 use crate::http::{Body, Ctx, json, ok, openapi, text};
 use crate::store::users::Plan;
 
@@ -98,7 +98,7 @@ pub async fn openapi(_app: AppState, _ctx: Ctx) -> ApiResult<Response<Body>> {
 /// WebSocket routes are upgraded before handlers run; this answers only if that did not happen.
 pub async fn not_a_websocket(_app: AppState, _ctx: Ctx) -> ApiResult<Response<Body>> {
     Err(crate::error::ApiError::bad_request(
-        "websocket_required",
+        ErrorCode::WebsocketRequired,
         "This endpoint speaks WebSocket only",
     ))
 }

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use super::message;
 use crate::app::AppState;
 use crate::clock::db_now;
-use crate::error::{ApiError, ApiResult, FieldError};
+use crate::error::{ErrorCode, ApiError, ApiResult, FieldError};
 use crate::http::{Body, Ctx, json, ok};
 use crate::store::templates::{self as store, TemplateRow};
 use crate::templates::Template;
@@ -73,24 +73,24 @@ fn checked(ctx: &Ctx) -> ApiResult<Template> {
     Ok(template)
 }
 
-async fn save(app: &AppState, template: &Template) -> ApiResult<()> {
-    let mut conn = app.db.get().await?;
-    let row = TemplateRow::new(template, false, db_now(app.clock.as_ref()))
-        .map_err(anyhow::Error::from)?;
-    store::upsert(&mut conn, &row).await?;
-    Ok(())
+/// The row an admin's template is stored as.
+fn admin_row(app: &AppState, template: &Template) -> ApiResult<TemplateRow> {
+    Ok(
+        TemplateRow::new(template, false, db_now(app.clock.as_ref()))
+            .map_err(anyhow::Error::from)?,
+    )
 }
 
 pub async fn create(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     let template = checked(&ctx)?;
+    let row = admin_row(&app, &template)?;
     let mut conn = app.db.get().await?;
-    if store::get(&mut conn, template.id()).await?.is_some() {
+    if !store::insert_new(&mut conn, &row).await? {
         return Err(ApiError::conflict(
-            "template_exists",
+            ErrorCode::TemplateExists,
             format!("Template '{}' already exists", template.id()),
         ));
     }
-    save(&app, &template).await?;
     Ok(json(StatusCode::CREATED, &template.api_view()))
 }
 
@@ -104,32 +104,38 @@ pub async fn replace(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
             "The body's name must match the path",
         )]));
     }
+    let row = admin_row(&app, &template)?;
     let mut conn = app.db.get().await?;
-    if store::get(&mut conn, &id).await?.is_none() {
+    if !store::replace_existing(&mut conn, &row).await? {
         return Err(ApiError::not_found("Template not found"));
     }
-    save(&app, &template).await?;
     ok(&template.api_view())
 }
 
 pub async fn delete(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     let id = ctx.param("template_id").to_lowercase();
     let mut conn = app.db.get().await?;
-    let row = store::get(&mut conn, &id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("Template not found"))?;
-    if row.builtin {
-        return Err(ApiError::conflict(
-            "builtin_template",
+    // Each outcome is one statement; the row is read afterwards only to explain a refusal.
+    let done = match shipped(&id) {
+        Some(template) => {
+            let row = TemplateRow::new(&template, true, db_now(app.clock.as_ref()))
+                .map_err(anyhow::Error::from)?;
+            store::restore_builtin(&mut conn, &row).await?
+        }
+        None => store::delete_custom(&mut conn, &id).await?,
+    };
+    if done {
+        let text = match shipped(&id) {
+            Some(_) => "Template restored to its built-in version",
+            None => "Template deleted",
+        };
+        return ok(&message(text));
+    }
+    match store::get(&mut conn, &id).await? {
+        Some(row) if row.builtin => Err(ApiError::conflict(
+            ErrorCode::BuiltinTemplate,
             "Built-in templates cannot be deleted",
-        ));
+        )),
+        _ => Err(ApiError::not_found("Template not found")),
     }
-    if let Some(template) = shipped(&id) {
-        let row = TemplateRow::new(&template, true, db_now(app.clock.as_ref()))
-            .map_err(anyhow::Error::from)?;
-        store::upsert(&mut conn, &row).await?;
-        return ok(&message("Template restored to its built-in version"));
-    }
-    store::delete(&mut conn, &id).await?;
-    ok(&message("Template deleted"))
 }

@@ -6,16 +6,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{UserResponse, message};
+use crate::actors::environment::command::Command;
+use crate::actors::environment::machine::Status;
 use crate::app::AppState;
 use crate::auth as rules;
 use crate::clock::{db_now, from_db};
-use crate::error::{ApiError, ApiResult, FieldError};
+use crate::error::{ErrorCode, ApiError, ApiResult, FieldError};
 use crate::http::{Body, Ctx, ok};
 use crate::store::sessions;
 use crate::store::users::{self, ProfileChanges, username_key};
-
-/// How long account deletion waits for the account's environments to be deleted.
-const ENVIRONMENT_DELETE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -69,17 +68,20 @@ pub async fn profile(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     let by_status = crate::store::environments::count_by_status(&mut conn, &auth.user.id).await?;
     let active: i64 = by_status
         .iter()
-        .filter(|(s, _)| s != "terminated")
+        .filter(|(s, _)| s.counts_against_limit())
         .map(|(_, n)| n)
         .sum();
     let running = by_status
         .iter()
-        .find(|(s, _)| s == "running")
+        .find(|(s, _)| *s == Status::Running)
         .map_or(0, |(_, n)| *n);
     body["environments"] = json!({
         "total": active,
         "running": running,
-        "by_status": by_status.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "by_status": by_status
+            .into_iter()
+            .map(|(s, n)| (s.as_str(), n))
+            .collect::<std::collections::BTreeMap<_, _>>(),
     });
     ok(&body)
 }
@@ -119,7 +121,7 @@ pub async fn update_profile(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>
         && users::by_username(&mut conn, name).await?.is_some()
     {
         return Err(ApiError::bad_request(
-            "username_taken",
+            ErrorCode::UsernameTaken,
             "Username already taken",
         ));
     }
@@ -134,7 +136,7 @@ pub async fn update_profile(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>
         Ok(user) => user,
         Err(e) if e.unique_violation().is_some() => {
             return Err(ApiError::bad_request(
-                "username_taken",
+                ErrorCode::UsernameTaken,
                 "Username already taken",
             ));
         }
@@ -157,7 +159,7 @@ pub async fn change_password(app: AppState, ctx: Ctx) -> ApiResult<Response<Body
     };
     if !current_ok {
         return Err(ApiError::bad_request(
-            "wrong_password",
+            ErrorCode::WrongPassword,
             "Current password is incorrect",
         ));
     }
@@ -202,20 +204,16 @@ pub async fn delete_account(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>
         };
         if !app.passwords.verify(password, hash).await {
             return Err(ApiError::bad_request(
-                "wrong_password",
+                ErrorCode::WrongPassword,
                 "Password is incorrect",
             ));
         }
     }
     // Environments first: their provider resources must be released before the account goes.
-    if !super::environments::delete_all_for_user(&app, &auth.user.id, ENVIRONMENT_DELETE_WAIT)
-        .await?
-    {
-        return Err(ApiError::conflict(
-            "environments_pending",
-            "Your environments are still being deleted; try again in a minute",
-        ));
-    }
+    let user_id = auth.user.id.clone();
+    app.actors
+        .dispatch(Command::DeleteAllForUser { user_id })
+        .await?;
     let mut conn = app.db.get().await?;
     let now = db_now(app.clock.as_ref());
     let ended =
