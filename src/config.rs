@@ -220,6 +220,10 @@ pub struct TerminalsConfig {
     pub max_terminals_per_session: usize,
     pub input_bytes_per_second: u32,
     pub input_burst_bytes: u32,
+    /// Seconds one piece of terminal input may wait for the environment to read it (its SSH
+    /// window to open) before the pending input is dropped and the client told; bounds what a
+    /// remote that stops reading can hold up.
+    pub write_timeout_seconds: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -495,6 +499,9 @@ impl Config {
                 "terminals.ring_bytes (>= 1024) and max_connections_per_user (>= 1) are too small"
                     .into(),
             );
+        }
+        if self.terminals.write_timeout_seconds == 0 {
+            p.push("terminals.write_timeout_seconds: must be above 0".into());
         }
         if self.terminals.ping_interval_seconds == 0 || self.terminals.idle_timeout_seconds == 0 {
             p.push(

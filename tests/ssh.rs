@@ -407,7 +407,7 @@ async fn pty_command_and_split_halves() {
     ))
     .await
     .expect("pty");
-    let (mut reader, mut writer) = pty.into_split();
+    let (mut reader, writer) = pty.into_split();
     let reading = tokio::spawn(async move {
         let mut out = Vec::new();
         let mut status = None;

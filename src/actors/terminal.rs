@@ -2,14 +2,30 @@
 //! connection to the environment with a PTY running `tmux new-session -A -s devpocket_<env>`, a
 //! bounded output ring, and the currently attached WebSocket (at most one).
 //!
-//! Bytes do not pass through the actor's mailbox: a pump task reads the SSH channel into the ring
-//! and the attached client's bounded queue, and waits when that queue is full, so a slow phone
-//! holds the SSH window closed instead of growing server memory. Input goes through its own
-//! bounded queue to a writer, so Ctrl-C gets through during a flood. The actor handles control:
-//! attach, detach and the grace period, reconnecting a lost SSH connection, closing.
+//! Ownership — state lives in one task, everything else talks to it by message; no lock is
+//! shared and none is held across an `.await`:
+//! - The **channel task** (one per terminal, it outlives SSH reconnects) owns the PTY's reader
+//!   and writer, the output [`Ring`], the UTF-8 carry, the coalescer, the terminal size and the
+//!   sink (the attached client's bounded frame queue). It `select!`s over control messages from
+//!   the actor (always answered at once), SSH output, client input and room in the client's
+//!   queue. While a frame waits for room it stops reading SSH, so a slow phone holds the SSH
+//!   window closed instead of growing server memory. Input is written one piece at a time as a
+//!   future held in the loop (never blocking it); a piece the remote does not take within
+//!   `terminals.write_timeout_seconds` is abandoned with the input queued behind it, and the
+//!   client is told. An attach swaps the sink and cuts the replay from the ring in one step, so
+//!   no byte is sent twice or skipped.
+//! - The **actor** handles control: attach, detach and the grace period, closing, environment
+//!   status, and reconnecting a lost SSH connection (connecting runs on a task; the new PTY is
+//!   handed to the channel task by message, the ring stays). Its handler never awaits the
+//!   remote: it only `try_send`s to the channel task, which answers attaches itself.
+//! - Bytes never pass through the actor's mailbox; client input goes through its own bounded
+//!   queue, so Ctrl-C gets through during a flood.
 
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -18,14 +34,24 @@ use tokio::task::JoinHandle;
 
 use crate::actors::environment::actor::EnvUpdate;
 use crate::protocol::{EnvironmentInfo, EnvironmentStatus, ServerFrame, StreamFrame};
-use crate::ssh::client::{PtyReader, PtyWriter, SshClient, SshTarget};
-use crate::terminal::coalesce::Coalescer;
+use crate::ssh::client::{PtyReader, PtySession, PtyWriter, SshClient, SshTarget};
+use crate::terminal::coalesce::{Batch, Coalescer};
 use crate::terminal::output::{Replay, Ring, incomplete_tail};
 
-/// Frames queued for one WebSocket before the pump waits (the backpressure bound).
+/// Frames queued for one WebSocket before the channel task waits (the backpressure bound).
 pub const CLIENT_QUEUE: usize = 64;
-/// Input messages queued from the client before its reads wait.
+/// Input messages queued from the client; the WebSocket drops input beyond this (and says so)
+/// rather than stop reading its client, so a close is always heard.
 pub const INPUT_QUEUE: usize = 256;
+/// Control messages queued from the actor to the channel task. The task takes each at once (it
+/// never waits on the remote or the client while handling one), so this only absorbs a burst.
+const CONTROL_QUEUE: usize = 32;
+/// Input is written to SSH in pieces of at most this many bytes (one SSH packet); the write
+/// timeout applies to each piece, so it measures a remote that stopped reading, not a big paste.
+const WRITE_CHUNK: usize = 32 * 1024;
+/// How long the goodbye to the SSH server may take when the terminal stops (a remote that stopped
+/// reading must not keep a task around for long).
+const DISCONNECT_WAIT: Duration = Duration::from_secs(5);
 /// Flowing output is coalesced up to this many bytes per frame...
 pub const COALESCE_BYTES: usize = 16 * 1024;
 /// ...or for this long after the first byte, whichever comes first (see `coalesce`: output after
@@ -65,21 +91,7 @@ pub struct Attachment {
     pub closed: watch::Receiver<Option<(u16, String)>>,
 }
 
-struct Sink {
-    connection: u64,
-    frames: mpsc::Sender<Out>,
-    closed: watch::Sender<Option<(u16, String)>>,
-}
-
-/// What the pump and `attach` share; the lock is never held across an `.await`.
-struct Shared {
-    ring: Ring,
-    /// Bytes read that end inside a UTF-8 character; they go out with the next frame.
-    carry: Vec<u8>,
-    sink: Option<Sink>,
-}
-
-/// Counters for ops and the audit trail.
+/// Counters for ops and the audit trail (atomics: read by the ops view, written by the task).
 #[derive(Default, Debug)]
 pub struct Stats {
     pub bytes_in: AtomicU64,
@@ -98,13 +110,19 @@ pub enum TerminalMsg {
     GraceExpired {
         connection: u64,
     },
-    /// The pump of SSH connection `generation` ended.
+    /// The PTY of SSH connection `generation` ended (the channel task has delivered its output,
+    /// and the exit frame when there is an exit status).
     PumpEnded {
         generation: u64,
         exit: Option<u32>,
     },
     Reconnect {
         attempt: u32,
+    },
+    /// A reconnect attempt finished (connecting runs on a task, off this actor).
+    Reconnected {
+        attempt: u32,
+        result: Result<Box<Opened>, String>,
     },
     /// The environment changed status.
     EnvironmentStatus(EnvironmentStatus),
@@ -124,6 +142,8 @@ pub struct TerminalArgs {
     pub ring_bytes: usize,
     pub grace: Duration,
     pub reconnect_attempts: u32,
+    /// How long one piece of input may wait for the remote to read it (see the module doc).
+    pub write_timeout: Duration,
     pub feed: Option<broadcast::Receiver<EnvUpdate>>,
     pub stats: Arc<Stats>,
     pub directory: crate::actors::directory::Directory,
@@ -132,19 +152,34 @@ pub struct TerminalArgs {
     pub on_close: Option<Box<dyn FnOnce(u64, u64) + Send + Sync>>,
 }
 
+/// A connected SSH client with the terminal's PTY open on it.
+pub struct Opened {
+    client: SshClient,
+    pty: PtySession,
+    has_tmux: bool,
+}
+
 pub struct TerminalActor;
+
+/// The attached WebSocket as the actor knows it (the channel task holds its own sender).
+struct Client {
+    connection: u64,
+    frames: mpsc::Sender<Out>,
+    closed: watch::Sender<Option<(u16, String)>>,
+}
 
 pub struct TerminalState {
     args: TerminalArgs,
-    shared: Arc<Mutex<Shared>>,
-    writer: Arc<tokio::sync::Mutex<Option<PtyWriter>>>,
+    control: mpsc::Sender<Control>,
     input: mpsc::Sender<In>,
     client: Option<SshClient>,
+    attached: Option<Client>,
     generation: u64,
     next_connection: u64,
-    size: Arc<Mutex<(u32, u32)>>,
+    /// The channel task and the environment feed's forwarder.
     tasks: Vec<JoinHandle<()>>,
-    pump: Option<JoinHandle<()>>,
+    /// A reconnect attempt in progress.
+    connecting: Option<JoinHandle<()>>,
 }
 
 impl Drop for TerminalState {
@@ -152,8 +187,8 @@ impl Drop for TerminalState {
         for t in self.tasks.drain(..) {
             t.abort();
         }
-        if let Some(p) = self.pump.take() {
-            p.abort();
+        if let Some(c) = self.connecting.take() {
+            c.abort();
         }
         self.close_sink(1001, "Terminal closed");
         if let Some(on_close) = self.args.on_close.take() {
@@ -165,160 +200,441 @@ impl Drop for TerminalState {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// The command the PTY runs: tmux keeps the shell alive across disconnects.
 pub fn tmux_command(environment_id: &str) -> String {
     format!("tmux new-session -A -s devpocket_{environment_id}")
 }
 
+/// Connect and open the PTY, each step bounded by the target's connect timeout.
+async fn connect(
+    target: &SshTarget,
+    environment_id: &str,
+    cols: u32,
+    rows: u32,
+) -> Result<Opened, String> {
+    let client = SshClient::connect(target)
+        .await
+        .map_err(|e| format!("cannot connect to the environment: {e}"))?;
+    let open = async {
+        let has_tmux = client
+            .exec("command -v tmux", 1024)
+            .await
+            .map(|o| o.status == Some(0))
+            .unwrap_or(false);
+        let command = has_tmux.then(|| tmux_command(environment_id));
+        let pty = client
+            .open_pty(TERM, cols, rows, command.as_deref())
+            .await
+            .map_err(|e| format!("cannot open a terminal: {e}"))?;
+        Ok::<_, String>((pty, has_tmux))
+    };
+    let (pty, has_tmux) = tokio::time::timeout(target.connect_timeout, open)
+        .await
+        .map_err(|_| {
+            "cannot open a terminal: the environment did not answer in time".to_string()
+        })??;
+    Ok(Opened {
+        client,
+        pty,
+        has_tmux,
+    })
+}
+
 impl TerminalState {
-    fn close_sink(&self, code: u16, reason: &str) {
-        if let Some(sink) = lock(&self.shared).sink.take() {
-            let _ = sink.closed.send(Some((code, reason.to_string())));
+    fn close_sink(&mut self, code: u16, reason: &str) {
+        if let Some(client) = self.attached.take() {
+            let _ = client.closed.send(Some((code, reason.to_string())));
         }
         self.args.stats.attached.store(false, Ordering::Relaxed);
     }
 
     /// Send a control frame to the attached client, if any (never waits).
     fn notify(&self, frame: ServerFrame) {
-        if let Some(sink) = &lock(&self.shared).sink {
-            let _ = sink.frames.try_send(Out::Frame(frame));
+        if let Some(client) = &self.attached {
+            let _ = client.frames.try_send(Out::Frame(frame));
         }
     }
 
-    /// Connect and open the PTY; start the pump.
-    async fn open(&mut self, myself: &ActorRef<TerminalMsg>) -> Result<(), String> {
-        let client = SshClient::connect(&self.args.target)
-            .await
-            .map_err(|e| format!("cannot connect to the environment: {e}"))?;
-        let has_tmux = client
-            .exec("command -v tmux", 1024)
-            .await
-            .map(|o| o.status == Some(0))
-            .unwrap_or(false);
-        let command = has_tmux.then(|| tmux_command(&self.args.environment.id));
+    /// Take a new connection: keep its client, hand its PTY to the channel task.
+    fn adopt(&mut self, opened: Opened) -> Result<(), String> {
+        let Opened {
+            client,
+            pty,
+            has_tmux,
+        } = opened;
         if !has_tmux {
             self.notify(ServerFrame::info(
                 "tmux is not installed in this environment: starting a plain login shell, which will not survive disconnects",
             ));
         }
-        let (cols, rows) = *lock(&self.size);
-        let pty = client
-            .open_pty(TERM, cols, rows, command.as_deref())
-            .await
-            .map_err(|e| format!("cannot open a terminal: {e}"))?;
-        let (reader, writer) = pty.into_split();
-        *self.writer.lock().await = Some(writer);
+        self.client = Some(client);
         self.generation += 1;
-        if let Some(old) = self.pump.take() {
+        let (reader, writer) = pty.into_split();
+        self.control
+            .try_send(Control::Pty {
+                generation: self.generation,
+                reader,
+                writer,
+            })
+            .map_err(|_| "the terminal's channel task is not answering".to_string())
+    }
+
+    fn reconnect(&mut self, myself: &ActorRef<TerminalMsg>, attempt: u32) {
+        let target = self.args.target.clone();
+        let env = self.args.environment.id.clone();
+        let (cols, rows) = (self.args.cols.max(1), self.args.rows.max(1));
+        let me = myself.clone();
+        if let Some(old) = self.connecting.replace(tokio::spawn(async move {
+            let result = connect(&target, &env, cols, rows).await.map(Box::new);
+            let _ = me.cast(TerminalMsg::Reconnected { attempt, result });
+        })) {
             old.abort();
         }
-        self.pump = Some(tokio::spawn(pump(
-            reader,
-            self.shared.clone(),
-            self.args.stats.clone(),
-            myself.clone(),
-            self.generation,
-        )));
-        self.client = Some(client);
-        Ok(())
     }
 }
 
-/// Read the SSH channel, coalesce, cut on UTF-8 boundaries, record in the ring, hand to the
-/// attached client — waiting while its queue is full (that wait is the backpressure).
-async fn pump(
-    mut reader: PtyReader,
-    shared: Arc<Mutex<Shared>>,
+// ---------------------------------------------------------------- the channel task
+
+/// From the actor to the channel task.
+enum Control {
+    /// Make this connection the sink and answer the attach (the replay is cut from the ring in
+    /// the same step as the swap).
+    Attach {
+        connection: u64,
+        frames: mpsc::Sender<Out>,
+        offset: Option<u64>,
+        attachment: Box<Attachment>,
+        reply: RpcReplyPort<Attachment>,
+    },
+    /// That connection's WebSocket is gone: stop sending to it.
+    Detach { connection: u64 },
+    /// The PTY of a new SSH connection; the old one, if any, is dropped (closing its channel).
+    Pty {
+        generation: u64,
+        reader: PtyReader,
+        writer: PtyWriter,
+    },
+}
+
+/// Where the channel task sends output.
+struct Sink {
+    connection: u64,
+    frames: mpsc::Sender<Out>,
+}
+
+/// Why a write to the remote did not complete.
+enum WriteError {
+    /// The connection is gone (the reader notices too and the actor reconnects).
+    Failed,
+    /// The remote did not take a piece within the write timeout.
+    TimedOut,
+}
+
+/// A write or resize in flight; it owns what it needs, so the loop keeps serving meanwhile.
+type Op = Pin<Box<dyn Future<Output = Result<(), WriteError>> + Send>>;
+
+/// Everything the channel task owns besides the PTY halves and the in-flight operation.
+struct Channel {
+    ring: Ring,
+    /// Bytes read that end inside a UTF-8 character; they go out with the next frame.
+    carry: Vec<u8>,
+    sink: Option<Sink>,
+    /// Frames waiting for room in the sink's queue; SSH is not read while any wait.
+    pending: VecDeque<Out>,
+    size: (u32, u32),
     stats: Arc<Stats>,
-    myself: ActorRef<TerminalMsg>,
-    generation: u64,
-) {
-    let mut exit = None;
-    let mut coalescer = Coalescer::new(COALESCE_BYTES, COALESCE_WAIT);
-    loop {
-        let batch = coalescer.next_batch(&mut reader).await;
-        if batch.exit.is_some() {
-            exit = batch.exit;
-        }
-        if !batch.data.is_empty() {
-            deliver(&shared, &stats, &batch.data).await;
-        }
-        if batch.closed {
-            break;
-        }
-    }
-    let _ = myself.cast(TerminalMsg::PumpEnded { generation, exit });
+    write_timeout: Duration,
+    actor: ActorRef<TerminalMsg>,
 }
 
-/// Cut on a UTF-8 boundary (carrying an incomplete character to the next batch), record in the
-/// ring, and hand to the attached client, waiting while its queue is full.
-async fn deliver(shared: &Mutex<Shared>, stats: &Stats, chunk: &[u8]) {
-    let (frame, sink) = {
-        let mut s = lock(shared);
-        let mut bytes = std::mem::take(&mut s.carry);
+impl Channel {
+    /// Cut on a UTF-8 boundary (carrying an incomplete character to the next batch), record in
+    /// the ring, and queue the frame for the attached client.
+    fn record(&mut self, chunk: &[u8]) {
+        let mut bytes = std::mem::take(&mut self.carry);
         bytes.extend_from_slice(chunk);
         let keep = incomplete_tail(&bytes);
         let complete = bytes.len() - keep;
-        s.carry = bytes.split_off(complete);
+        self.carry = bytes.split_off(complete);
         if bytes.is_empty() {
             return;
         }
-        s.ring.push(&bytes);
-        stats
+        self.ring.push(&bytes);
+        self.stats
             .bytes_out
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        let frame = ServerFrame::Output {
-            data: String::from_utf8_lossy(&bytes).into_owned(),
-            offset: s.ring.end(),
+        if self.sink.is_some() {
+            self.pending.push_back(Out::Frame(ServerFrame::Output {
+                data: String::from_utf8_lossy(&bytes).into_owned(),
+                offset: self.ring.end(),
+            }));
+        }
+    }
+
+    /// A frame for the client that must not wait (notices); dropped if its queue is full.
+    fn tell(&self, frame: ServerFrame) {
+        if let Some(sink) = &self.sink {
+            let _ = sink.frames.try_send(Out::Frame(frame));
+        }
+    }
+
+    /// Swap the sink and answer the attach. Output frames still pending were recorded in the
+    /// ring, so they are dropped: the new client's replay (or its fresh start at the end) covers
+    /// them exactly. Returns whether the screen must be redrawn.
+    fn attach(
+        &mut self,
+        connection: u64,
+        frames: mpsc::Sender<Out>,
+        offset: Option<u64>,
+        mut attachment: Box<Attachment>,
+        reply: RpcReplyPort<Attachment>,
+    ) -> bool {
+        let ring = &self.ring;
+        let (start, replay, notice) = match offset {
+            None => (ring.end(), None, None),
+            Some(offset) => match ring.since(offset) {
+                Replay::Bytes(bytes) if bytes.is_empty() => (offset.min(ring.end()), None, None),
+                Replay::Bytes(bytes) => (
+                    offset,
+                    Some(ServerFrame::Output {
+                        data: String::from_utf8_lossy(&bytes).into_owned(),
+                        offset: ring.end(),
+                    }),
+                    None,
+                ),
+                Replay::Lost { from } => (
+                    from,
+                    None,
+                    Some(ServerFrame::info(
+                        "Some output was lost while you were away; redrawing the screen",
+                    )),
+                ),
+            },
         };
-        let sink = s
+        self.sink = Some(Sink { connection, frames });
+        self.pending
+            .retain(|o| !matches!(o, Out::Frame(ServerFrame::Output { .. })));
+        let redraw = notice.is_some();
+        attachment.offset = start;
+        attachment.replay = replay;
+        attachment.notice = notice;
+        if reply.send(*attachment).is_err() {
+            // Nobody took it (the caller gave up): start the grace period as for a detach.
+            let _ = self.actor.cast(TerminalMsg::Detached { connection });
+        }
+        redraw
+    }
+
+    fn detach(&mut self, connection: u64) {
+        if self
             .sink
             .as_ref()
-            .map(|k| (k.frames.clone(), k.closed.subscribe()));
-        (frame, sink)
-    };
-    if let Some((frames, mut closed)) = sink {
-        tokio::select! {
-            // Waits while the client is slow: SSH's window then holds the producer back.
-            _ = frames.send(Out::Frame(frame)) => {}
-            // Replaced or gone meanwhile: the bytes are in the ring for the next attach.
-            _ = closed.wait_for(Option::is_some) => {}
+            .is_some_and(|s| s.connection == connection)
+        {
+            self.sink = None;
+            self.pending.clear();
+        }
+    }
+
+    /// Start writing `msg` to the PTY.
+    fn start(&mut self, writer: &Arc<PtyWriter>, msg: In) -> Op {
+        let (w, timeout) = (writer.clone(), self.write_timeout);
+        match msg {
+            In::Data(bytes) => {
+                self.stats
+                    .bytes_in
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                Box::pin(async move {
+                    for piece in bytes.chunks(WRITE_CHUNK) {
+                        match tokio::time::timeout(timeout, w.write(piece)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => return Err(WriteError::Failed),
+                            Err(_) => return Err(WriteError::TimedOut),
+                        }
+                    }
+                    Ok(())
+                })
+            }
+            In::Resize { cols, rows } => {
+                self.size = (cols.max(1), rows.max(1));
+                Box::pin(async move {
+                    match tokio::time::timeout(timeout, w.resize(cols, rows)).await {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(_)) => Err(WriteError::Failed),
+                        Err(_) => Err(WriteError::TimedOut),
+                    }
+                })
+            }
         }
     }
 }
 
-/// Forward client input (bytes and resizes) to the current SSH channel.
-async fn input_loop(
-    mut rx: mpsc::Receiver<In>,
-    writer: Arc<tokio::sync::Mutex<Option<PtyWriter>>>,
-    size: Arc<Mutex<(u32, u32)>>,
-    stats: Arc<Stats>,
+/// The next batch of output, or never when there is no PTY.
+async fn next_output(coalescer: &mut Coalescer, reader: &mut Option<PtyReader>) -> Batch {
+    match reader {
+        Some(reader) => coalescer.next_batch(reader).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Room for one frame in the sink's queue (`Err` when its WebSocket is gone), or never. The
+/// permit owns a sender clone, so the loop may swap the sink while it is held.
+async fn room(sink: Option<mpsc::Sender<Out>>) -> Result<mpsc::OwnedPermit<Out>, ()> {
+    match sink {
+        Some(frames) => frames.reserve_owned().await.map_err(|_| ()),
+        None => std::future::pending().await,
+    }
+}
+
+/// The next input: the task's own (redraw resizes) first, then the client's.
+async fn next_input(local: &mut VecDeque<In>, input: &mut mpsc::Receiver<In>) -> Option<In> {
+    match local.pop_front() {
+        Some(msg) => Some(msg),
+        None => input.recv().await,
+    }
+}
+
+/// Finish an operation that may be absent (then never).
+async fn finish(op: &mut Option<Op>) -> Result<(), WriteError> {
+    match op {
+        Some(op) => op.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The channel task (see the module doc). Ends when the actor drops its senders (or aborts it).
+async fn channel_task(
+    mut ch: Channel,
+    mut control: mpsc::Receiver<Control>,
+    mut input: mpsc::Receiver<In>,
 ) {
-    while let Some(msg) = rx.recv().await {
-        let mut guard = writer.lock().await;
-        let Some(w) = guard.as_mut() else { continue };
-        let result = match msg {
-            In::Data(bytes) => {
-                stats
-                    .bytes_in
-                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                w.write(&bytes).await
-            }
-            In::Resize { cols, rows } => {
-                *lock(&size) = (cols, rows);
-                w.resize(cols, rows).await
-            }
-        };
-        if result.is_err() {
-            // The connection is gone; the pump reports it and the actor reconnects.
-            *guard = None;
+    let mut generation = 0;
+    let mut reader: Option<PtyReader> = None;
+    let mut writer: Option<Arc<PtyWriter>> = None;
+    let mut coalescer = Coalescer::new(COALESCE_BYTES, COALESCE_WAIT);
+    let mut op: Option<Op> = None;
+    // Resizes the task sends itself (a redraw, the size after a reconnect): at most a few.
+    let mut local: VecDeque<In> = VecDeque::new();
+    let mut exit = None;
+    // The PTY ended: reported to the actor once its last frames are queued for the client.
+    let mut ended = false;
+    loop {
+        if ch.sink.is_none() {
+            ch.pending.clear();
+        }
+        if ended && ch.pending.is_empty() {
+            ended = false;
+            ch.pending.clear();
+            let _ = ch.actor.cast(TerminalMsg::PumpEnded {
+                generation,
+                exit: exit.take(),
+            });
+        }
+        let reading = ch.pending.is_empty() && reader.is_some();
+        let sending = !ch.pending.is_empty();
+        let writing = op.is_some();
+        tokio::select! {
+            biased;
+            msg = control.recv() => match msg {
+                Some(Control::Attach { connection, frames, offset, attachment, reply }) => {
+                    if ch.attach(connection, frames, offset, attachment, reply) && writer.is_some() {
+                        // Make tmux repaint the whole screen: a size change forces a redraw.
+                        let (cols, rows) = ch.size;
+                        local.push_back(In::Resize { cols, rows: rows.saturating_sub(1).max(1) });
+                        local.push_back(In::Resize { cols, rows });
+                    }
+                }
+                Some(Control::Detach { connection }) => ch.detach(connection),
+                Some(Control::Pty { generation: g, reader: r, writer: w }) => {
+                    generation = g;
+                    reader = Some(r);
+                    writer = Some(Arc::new(w));
+                    op = None;
+                    exit = None;
+                    ended = false;
+                    coalescer = Coalescer::new(COALESCE_BYTES, COALESCE_WAIT);
+                    // An incomplete character of the dead connection never completes.
+                    ch.carry.clear();
+                    // It was opened at the first size: give it the current one.
+                    let (cols, rows) = ch.size;
+                    local.clear();
+                    local.push_back(In::Resize { cols, rows });
+                }
+                None => return,
+            },
+            done = finish(&mut op), if writing => {
+                op = None;
+                match done {
+                    Ok(()) => {}
+                    // The reader sees the connection end too; the actor reconnects.
+                    Err(WriteError::Failed) => writer = None,
+                    Err(WriteError::TimedOut) => {
+                        // Drop what queued up behind it (the client typed into a remote that
+                        // does not read); keep the latest size.
+                        let mut dropped = 0usize;
+                        while let Ok(msg) = input.try_recv() {
+                            match msg {
+                                In::Data(bytes) => dropped += bytes.len(),
+                                In::Resize { cols, rows } => {
+                                    local.retain(|m| !matches!(m, In::Resize { .. }));
+                                    local.push_back(In::Resize { cols, rows });
+                                }
+                            }
+                        }
+                        ch.tell(ServerFrame::error(format!(
+                            "The environment has not read input for {} s; pending input ({dropped} more bytes) was dropped",
+                            ch.write_timeout.as_secs()
+                        )));
+                    }
+                }
+            },
+            permit = room(ch.sink.as_ref().filter(|_| sending).map(|s| s.frames.clone())), if sending => match permit {
+                Ok(permit) => {
+                    if let Some(out) = ch.pending.pop_front() {
+                        permit.send(out);
+                    }
+                }
+                Err(()) => {
+                    // Its WebSocket is gone; the output is in the ring for the next attach.
+                    ch.sink = None;
+                    ch.pending.clear();
+                }
+            },
+            msg = next_input(&mut local, &mut input), if !writing => match msg {
+                Some(msg) => match &writer {
+                    Some(w) => op = Some(ch.start(w, msg)),
+                    // No PTY (reconnecting): input has nowhere to go, as on a dead line.
+                    None => {
+                        if let In::Resize { cols, rows } = msg {
+                            ch.size = (cols.max(1), rows.max(1));
+                        }
+                    }
+                },
+                None => return,
+            },
+            batch = next_output(&mut coalescer, &mut reader), if reading => {
+                if batch.exit.is_some() {
+                    exit = batch.exit;
+                }
+                if !batch.data.is_empty() {
+                    ch.record(&batch.data);
+                }
+                if batch.closed {
+                    reader = None;
+                    writer = None;
+                    op = None;
+                    local.clear();
+                    if let (Some(code), Some(_)) = (exit, &ch.sink) {
+                        ch.pending.push_back(Out::Frame(ServerFrame::Exit { code }));
+                    }
+                    ended = true;
+                }
+            },
         }
     }
 }
+
+// ---------------------------------------------------------------- the actor
 
 impl Actor for TerminalActor {
     type Msg = TerminalMsg;
@@ -330,15 +646,22 @@ impl Actor for TerminalActor {
         myself: ActorRef<Self::Msg>,
         mut args: TerminalArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
+        args.cols = args.cols.max(1);
+        args.rows = args.rows.max(1);
+        let opened = connect(&args.target, &args.environment.id, args.cols, args.rows).await?;
         let (input, input_rx) = mpsc::channel(INPUT_QUEUE);
-        let writer = Arc::new(tokio::sync::Mutex::new(None));
-        let size = Arc::new(Mutex::new((args.cols.max(1), args.rows.max(1))));
-        let mut tasks = vec![tokio::spawn(input_loop(
-            input_rx,
-            writer.clone(),
-            size.clone(),
-            args.stats.clone(),
-        ))];
+        let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let channel = Channel {
+            ring: Ring::new(args.ring_bytes),
+            carry: Vec::new(),
+            sink: None,
+            pending: VecDeque::new(),
+            size: (args.cols, args.rows),
+            stats: args.stats.clone(),
+            write_timeout: args.write_timeout,
+            actor: myself.clone(),
+        };
+        let mut tasks = vec![tokio::spawn(channel_task(channel, control_rx, input_rx))];
         if let Some(mut feed) = args.feed.take() {
             let me = myself.clone();
             tasks.push(tokio::spawn(async move {
@@ -363,22 +686,17 @@ impl Actor for TerminalActor {
             }));
         }
         let mut state = TerminalState {
-            shared: Arc::new(Mutex::new(Shared {
-                ring: Ring::new(args.ring_bytes),
-                carry: Vec::new(),
-                sink: None,
-            })),
-            writer,
+            control,
             input,
             client: None,
+            attached: None,
             generation: 0,
             next_connection: 0,
-            size,
             tasks,
-            pump: None,
+            connecting: None,
             args,
         };
-        state.open(&myself).await?;
+        state.adopt(opened)?;
         Ok(state)
     }
 
@@ -394,81 +712,61 @@ impl Actor for TerminalActor {
                 let connection = state.next_connection;
                 let (frames_tx, frames) = mpsc::channel(CLIENT_QUEUE);
                 let (closed_tx, closed) = watch::channel(None);
-                let (start, replay, notice) = {
-                    let mut s = lock(&state.shared);
-                    let (start, replay, notice) = match offset {
-                        None => (s.ring.end(), None, None),
-                        Some(offset) => match s.ring.since(offset) {
-                            Replay::Bytes(bytes) if bytes.is_empty() => {
-                                (offset.min(s.ring.end()), None, None)
-                            }
-                            Replay::Bytes(bytes) => (
-                                offset,
-                                Some(ServerFrame::Output {
-                                    data: String::from_utf8_lossy(&bytes).into_owned(),
-                                    offset: s.ring.end(),
-                                }),
-                                None,
-                            ),
-                            Replay::Lost { from } => (
-                                from,
-                                None,
-                                Some(ServerFrame::info(
-                                    "Some output was lost while you were away; redrawing the screen",
-                                )),
-                            ),
-                        },
-                    };
-                    // Swapped under the same lock the pump records under: no byte is sent twice
-                    // or skipped.
-                    if let Some(old) = s.sink.replace(Sink {
-                        connection,
-                        frames: frames_tx,
-                        closed: closed_tx,
-                    }) {
-                        let _ = old
-                            .closed
-                            .send(Some((4000, "Replaced by a newer connection".into())));
-                    }
-                    (start, replay, notice)
-                };
-                state.args.stats.attached.store(true, Ordering::Relaxed);
-                state
-                    .args
-                    .directory
-                    .set_phase(&state.args.directory_id, Some("attached"));
-                if notice.is_some() {
-                    // Make tmux repaint the whole screen: a size change forces a redraw.
-                    let (cols, rows) = *lock(&state.size);
-                    let _ = state.input.try_send(In::Resize {
-                        cols,
-                        rows: rows.saturating_sub(1).max(1),
-                    });
-                    let _ = state.input.try_send(In::Resize { cols, rows });
-                }
-                let _ = reply.send(Attachment {
+                let attachment = Box::new(Attachment {
                     terminal: myself.clone(),
                     terminal_id: state.args.terminal_id.clone(),
                     connection,
                     frames,
                     input: state.input.clone(),
-                    offset: start,
-                    replay,
-                    notice,
+                    offset: 0,
+                    replay: None,
+                    notice: None,
                     closed,
                 });
+                // The channel task swaps the sink, cuts the replay and answers; if it cannot
+                // take the message the reply port is dropped and the caller hears so.
+                let sent = state.control.try_send(Control::Attach {
+                    connection,
+                    frames: frames_tx.clone(),
+                    offset,
+                    attachment,
+                    reply,
+                });
+                if sent.is_err() {
+                    tracing::warn!(terminal = %state.args.terminal_id, "attach refused: the channel task is not answering");
+                    if state.attached.is_none() {
+                        // This connection number is the newest now: its grace period applies.
+                        myself.send_after(state.args.grace, move || TerminalMsg::GraceExpired {
+                            connection,
+                        });
+                    }
+                    return Ok(());
+                }
+                let client = Client {
+                    connection,
+                    frames: frames_tx,
+                    closed: closed_tx,
+                };
+                if let Some(old) = state.attached.replace(client) {
+                    let _ = old
+                        .closed
+                        .send(Some((4000, "Replaced by a newer connection".into())));
+                }
+                state.args.stats.attached.store(true, Ordering::Relaxed);
+                state
+                    .args
+                    .directory
+                    .set_phase(&state.args.directory_id, Some("attached"));
             }
             TerminalMsg::Detached { connection } => {
-                let mine = {
-                    let mut s = lock(&state.shared);
-                    if s.sink.as_ref().is_some_and(|k| k.connection == connection) {
-                        s.sink = None;
-                        true
-                    } else {
-                        false
-                    }
-                };
-                if mine {
+                if state
+                    .attached
+                    .as_ref()
+                    .is_some_and(|c| c.connection == connection)
+                {
+                    state.attached = None;
+                    // If the task misses this (its queue full), it finds the sink closed.
+                    let _ = state.control.try_send(Control::Detach { connection });
                     state.args.stats.attached.store(false, Ordering::Relaxed);
                     state
                         .args
@@ -480,11 +778,7 @@ impl Actor for TerminalActor {
                 }
             }
             TerminalMsg::GraceExpired { connection } => {
-                let idle = {
-                    let s = lock(&state.shared);
-                    s.sink.is_none() && state.next_connection == connection
-                };
-                if idle {
+                if state.attached.is_none() && state.next_connection == connection {
                     myself.stop(Some("grace period over".into()));
                 }
             }
@@ -493,8 +787,8 @@ impl Actor for TerminalActor {
                     return Ok(());
                 }
                 match exit {
-                    Some(code) => {
-                        state.notify(ServerFrame::Exit { code });
+                    Some(_) => {
+                        // The exit frame is queued already, after the last output.
                         state.close_sink(1000, "Shell exited");
                         myself.stop(Some("shell exited".into()));
                     }
@@ -502,27 +796,31 @@ impl Actor for TerminalActor {
                         state.notify(ServerFrame::info(
                             "Connection to the environment lost; reconnecting (your shell keeps running in tmux)",
                         ));
-                        *state.writer.lock().await = None;
-                        let _ = myself.cast(TerminalMsg::Reconnect { attempt: 1 });
+                        state.reconnect(&myself, 1);
                     }
                 }
             }
-            TerminalMsg::Reconnect { attempt } => match state.open(&myself).await {
-                Ok(()) => state.notify(ServerFrame::info("Reconnected")),
-                Err(e) if attempt >= state.args.reconnect_attempts => {
-                    state.notify(ServerFrame::error(format!(
-                        "Could not reconnect to the environment: {e}"
-                    )));
-                    state.close_sink(1011, "Environment unreachable");
-                    myself.stop(Some("reconnect attempts exhausted".into()));
+            TerminalMsg::Reconnect { attempt } => state.reconnect(&myself, attempt),
+            TerminalMsg::Reconnected { attempt, result } => {
+                state.connecting = None;
+                let result = result.and_then(|opened| state.adopt(*opened));
+                match result {
+                    Ok(()) => state.notify(ServerFrame::info("Reconnected")),
+                    Err(e) if attempt >= state.args.reconnect_attempts => {
+                        state.notify(ServerFrame::error(format!(
+                            "Could not reconnect to the environment: {e}"
+                        )));
+                        state.close_sink(1011, "Environment unreachable");
+                        myself.stop(Some("reconnect attempts exhausted".into()));
+                    }
+                    Err(_) => {
+                        let wait = Duration::from_millis(250u64 << attempt.min(6));
+                        myself.send_after(wait, move || TerminalMsg::Reconnect {
+                            attempt: attempt + 1,
+                        });
+                    }
                 }
-                Err(_) => {
-                    let wait = Duration::from_millis(250u64 << attempt.min(6));
-                    myself.send_after(wait, move || TerminalMsg::Reconnect {
-                        attempt: attempt + 1,
-                    });
-                }
-            },
+            }
             TerminalMsg::EnvironmentStatus(change) => {
                 let status = change.status;
                 state.notify(ServerFrame::EnvironmentStatus(change));
@@ -550,7 +848,10 @@ impl Actor for TerminalActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         if let Some(client) = state.client.take() {
-            client.disconnect().await;
+            // Off the actor and bounded: a remote that stopped reading cannot hold the stop.
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(DISCONNECT_WAIT, client.disconnect()).await;
+            });
         }
         Ok(())
     }

@@ -309,6 +309,7 @@ async fn terminal(
             ring_bytes: cfg.ring_bytes,
             grace: Duration::from_secs(cfg.grace_seconds),
             reconnect_attempts: cfg.reconnect_attempts,
+            write_timeout: Duration::from_secs(cfg.write_timeout_seconds),
             feed: app.actors.subscribe(&env.id).await.ok(),
             stats: stats.clone(),
             directory: app.actors.directory().clone(),
@@ -399,6 +400,7 @@ async fn bridge(
     let idle = Duration::from_secs(cfg.idle_timeout_seconds);
     let mut last_heard = tokio::time::Instant::now();
     let mut closing = closed.clone();
+    let mut dropping = false;
     while ok {
         tokio::select! {
             msg = ws.next() => {
@@ -407,10 +409,18 @@ async fn bridge(
                     Some(Ok(Message::Text(text))) => match protocol::decode(text.as_str()) {
                         Ok(ClientFrame::Input(data)) => {
                             app.limits.terminal_input(user_id, data.len()).await;
-                            if input.send(In::Data(data.into_bytes())).await.is_err() { break; }
+                            match forward(&input, In::Data(data.into_bytes()), &mut dropping) {
+                                Forward::Sent => {}
+                                Forward::Dropped(frame) => ok = send(&mut ws, &frame).await,
+                                Forward::Gone => break,
+                            }
                         }
                         Ok(ClientFrame::Resize { cols, rows }) => {
-                            if input.send(In::Resize { cols, rows }).await.is_err() { break; }
+                            match forward(&input, In::Resize { cols, rows }, &mut dropping) {
+                                Forward::Sent => {}
+                                Forward::Dropped(frame) => ok = send(&mut ws, &frame).await,
+                                Forward::Gone => break,
+                            }
                         }
                         Ok(ClientFrame::Ping) => ok = send(&mut ws, &ServerFrame::Pong).await,
                         Ok(ClientFrame::Ack { .. }) => {}
@@ -458,6 +468,33 @@ async fn bridge(
         }
     }
     let _ = terminal.cast(crate::actors::terminal::TerminalMsg::Detached { connection });
+}
+
+enum Forward {
+    Sent,
+    /// Dropped: the terminal's input queue is full. The frame (once per run of drops) says so.
+    Dropped(ServerFrame),
+    /// The terminal is gone.
+    Gone,
+}
+
+/// Hand client input to the terminal without waiting: a full queue means the environment is not
+/// reading, and waiting would stop this loop from hearing its client (a close, a detach).
+fn forward(input: &tokio::sync::mpsc::Sender<In>, msg: In, dropping: &mut bool) -> Forward {
+    use tokio::sync::mpsc::error::TrySendError;
+    match input.try_send(msg) {
+        Ok(()) => {
+            *dropping = false;
+            Forward::Sent
+        }
+        Err(TrySendError::Full(_)) if !std::mem::replace(dropping, true) => {
+            Forward::Dropped(ServerFrame::error(
+                "Input dropped: the environment is not reading input as fast as it arrives",
+            ))
+        }
+        Err(TrySendError::Full(_)) => Forward::Sent,
+        Err(TrySendError::Closed(_)) => Forward::Gone,
+    }
 }
 
 async fn logs(app: AppState, mut ws: Ws, user: AuthUser, env_id: &str, query: WsQuery) {

@@ -520,8 +520,10 @@ pub struct PtyWriter {
 }
 
 impl PtyWriter {
-    /// Send keystrokes; waits while the server's channel window is full.
-    pub async fn write(&mut self, data: &[u8]) -> Result<(), SshError> {
+    /// Send keystrokes; waits while the server's channel window is full (a remote that stops
+    /// reading makes this wait forever: bound it). Takes `&self`, so a resize can go out while a
+    /// write waits for the window. Dropping the future midway may leave part of `data` sent.
+    pub async fn write(&self, data: &[u8]) -> Result<(), SshError> {
         self.tx
             .half()?
             .data_bytes(Bytes::copy_from_slice(data))
@@ -530,7 +532,7 @@ impl PtyWriter {
     }
 
     /// Tell the remote PTY its new size (zero is raised to one).
-    pub async fn resize(&mut self, cols: u32, rows: u32) -> Result<(), SshError> {
+    pub async fn resize(&self, cols: u32, rows: u32) -> Result<(), SshError> {
         self.tx
             .half()?
             .window_change(cols.max(1), rows.max(1), 0, 0)

@@ -34,11 +34,18 @@ pub struct Batch {
     pub closed: bool,
 }
 
+/// Gathers output into batches (see the module doc). Cancel-safe: what was read is kept here
+/// until a batch is returned, so [`Coalescer::next_batch`] may be dropped at any await (a
+/// `select!` branch losing the race) without losing a byte.
 #[derive(Debug)]
 pub struct Coalescer {
     max_bytes: usize,
     wait: Duration,
     last_batch: Option<Instant>,
+    /// The batch being gathered.
+    partial: Batch,
+    /// When gathering stops; `None` until the first data of the batch arrived.
+    deadline: Option<Instant>,
 }
 
 impl Coalescer {
@@ -47,48 +54,58 @@ impl Coalescer {
             max_bytes: max_bytes.max(1),
             wait,
             last_batch: None,
+            partial: Batch::default(),
+            deadline: None,
         }
     }
 
     /// Wait for output, then gather more as described in the module doc. A batch may carry no
     /// data (only an exit status, or the close).
     pub async fn next_batch(&mut self, source: &mut impl OutputSource) -> Batch {
-        let mut batch = Batch::default();
-        // The first read waits as long as it takes.
         loop {
-            match source.next_event().await {
-                Some(PtyEvent::Data(data)) => {
-                    batch.data.extend_from_slice(&data);
-                    break;
+            let Some(deadline) = self.deadline else {
+                // The first read waits as long as it takes.
+                match source.next_event().await {
+                    Some(PtyEvent::Data(data)) => {
+                        self.partial.data.extend_from_slice(&data);
+                        let now = Instant::now();
+                        let flowing = self
+                            .last_batch
+                            .is_some_and(|t| now.saturating_duration_since(t) < self.wait);
+                        // A zero window still takes whatever is readable right now (the read
+                        // is polled first).
+                        self.deadline =
+                            Some(now + if flowing { self.wait } else { Duration::ZERO });
+                    }
+                    Some(PtyEvent::Exit(code)) => self.partial.exit = Some(code),
+                    Some(PtyEvent::Eof) => {}
+                    Some(PtyEvent::Closed) | None => {
+                        self.partial.closed = true;
+                        return self.take();
+                    }
                 }
-                Some(PtyEvent::Exit(code)) => batch.exit = Some(code),
-                Some(PtyEvent::Eof) => {}
-                Some(PtyEvent::Closed) | None => {
-                    batch.closed = true;
-                    return batch;
-                }
+                continue;
+            };
+            if self.partial.data.len() >= self.max_bytes {
+                return self.take();
             }
-        }
-        let now = Instant::now();
-        let flowing = self
-            .last_batch
-            .is_some_and(|t| now.saturating_duration_since(t) < self.wait);
-        // A zero window still takes whatever is readable right now (the read is polled first).
-        let deadline = now + if flowing { self.wait } else { Duration::ZERO };
-        while batch.data.len() < self.max_bytes {
             match tokio::time::timeout_at(deadline, source.next_event()).await {
-                Ok(Some(PtyEvent::Data(more))) => batch.data.extend_from_slice(&more),
-                Ok(Some(PtyEvent::Exit(code))) => batch.exit = Some(code),
+                Ok(Some(PtyEvent::Data(more))) => self.partial.data.extend_from_slice(&more),
+                Ok(Some(PtyEvent::Exit(code))) => self.partial.exit = Some(code),
                 Ok(Some(PtyEvent::Eof)) => {}
                 Ok(Some(PtyEvent::Closed) | None) => {
-                    batch.closed = true;
-                    break;
+                    self.partial.closed = true;
+                    return self.take();
                 }
-                Err(_) => break,
+                Err(_) => return self.take(),
             }
         }
+    }
+
+    fn take(&mut self) -> Batch {
         self.last_batch = Some(Instant::now());
-        batch
+        self.deadline = None;
+        std::mem::take(&mut self.partial)
     }
 }
 
@@ -217,5 +234,24 @@ mod tests {
         );
         let after = c.next_batch(&mut source).await;
         assert!(after.closed && after.data.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_batch_loses_nothing() {
+        let (tx, rx) = mpsc::channel(16);
+        let mut source = Queue(rx);
+        let mut c = Coalescer::new(16 * 1024, WAIT);
+        // Flowing output: the next batch gathers for the window.
+        tx.send(data(1)).await.expect("send");
+        assert_eq!(c.next_batch(&mut source).await.data.len(), 1);
+        tx.send(data(2)).await.expect("send");
+        tx.send(PtyEvent::Exit(5)).await.expect("send");
+        // Cancelled mid-gather (as a `select!` branch that lost the race).
+        let cut = tokio::time::timeout(Duration::from_millis(1), c.next_batch(&mut source)).await;
+        assert!(cut.is_err(), "still gathering within the window");
+        tx.send(data(3)).await.expect("send");
+        let batch = c.next_batch(&mut source).await;
+        assert_eq!(batch.data.len(), 5, "bytes read before the cancel are kept");
+        assert_eq!(batch.exit, Some(5));
     }
 }

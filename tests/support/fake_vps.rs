@@ -21,6 +21,13 @@
 //!     from the channel, stdout/stderr streamed (1 MiB each at most), then exit status, EOF, close.
 //! - `stall(true)` makes the machine hang like a black-holed host: new TCP connections are
 //!   accepted and held without a byte of SSH; `stall(false)` drops the held ones.
+//! - `deaf(true)` makes the machine stop reading terminal input, as a remote stuck on a program
+//!   that never reads stdin: connections made from then on offer a small SSH window
+//!   ([`DEAF_WINDOW`]) that is re-opened at most once, and their PTY channels (exec or shell with
+//!   a prior `pty-req`) run no program: they print [`DEAF_BANNER`] and stay open, never reading.
+//!   A client writing to one waits for window space for ever once about 1.5 windows are sent.
+//! - `cut()` hangs up every SSH connection being served (an SSH disconnect, so the client's
+//!   channels end at once); new ones are served as before.
 //! - `shell` with a prior `pty-req` runs `/bin/bash` in a PTY (window changes honoured); without
 //!   one, `/bin/sh` on pipes.
 
@@ -54,6 +61,11 @@ const INPUT_QUEUE: usize = 32;
 const MAX_CONNECTIONS: usize = 64;
 /// Exec commands remembered; the oldest are dropped beyond this.
 const MAX_COMMANDS: usize = 10_000;
+/// The SSH window a deaf connection offers per channel: the input a client may send before it has
+/// to wait (it is re-opened once, after half of it, then never).
+pub const DEAF_WINDOW: u32 = 64 * 1024;
+/// What a deaf PTY channel prints when it opens.
+pub const DEAF_BANNER: &str = "deaf-terminal: this machine reads no input";
 /// While `cloud-init status --wait` waits, one dot per this interval (as cloud-init does).
 const STATUS_DOT_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -103,7 +115,11 @@ struct Shared {
     connections: AtomicUsize,
     /// Hang new connections (see the module doc); the held ones, dropped on un-stall.
     stalled: AtomicBool,
+    /// PTY channels of new connections never read input (see the module doc).
+    deaf: AtomicBool,
     held: Mutex<Vec<tokio::net::TcpStream>>,
+    /// Bumped by `cut`: every connection being served hangs up.
+    cut: tokio::sync::watch::Sender<u64>,
     commands: Mutex<VecDeque<String>>,
     /// (instance id, install generation) → when its install log started.
     installs: Mutex<HashMap<(i64, u32), Instant>>,
@@ -122,7 +138,9 @@ impl FakeVps {
             workdir: tempfile::tempdir().expect("fake vps workdir"),
             connections: AtomicUsize::new(0),
             stalled: AtomicBool::new(false),
+            deaf: AtomicBool::new(false),
             held: Mutex::new(Vec::new()),
+            cut: tokio::sync::watch::Sender::new(0),
             commands: Mutex::new(VecDeque::new()),
             installs: Mutex::new(HashMap::new()),
         });
@@ -157,6 +175,17 @@ impl FakeVps {
                 .unwrap_or_else(|e| e.into_inner())
                 .clear();
         }
+    }
+
+    /// Hang up every SSH connection being served now (new ones are served as before).
+    pub fn cut(&self) {
+        self.shared.cut.send_modify(|n| *n += 1);
+    }
+
+    /// Make terminals of connections made from now on never read their input (`true`), or read
+    /// it again (`false`, for new connections). See the module doc.
+    pub fn deaf(&self, on: bool) {
+        self.shared.deaf.store(on, Ordering::SeqCst);
     }
 
     /// Connections accepted and held while stalled.
@@ -204,7 +233,13 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         };
         shared.connections.fetch_add(1, Ordering::SeqCst);
         let _ = stream.set_nodelay(true);
+        let deaf = shared.deaf.load(Ordering::SeqCst);
         let config = russh::server::Config {
+            window_size: if deaf {
+                DEAF_WINDOW
+            } else {
+                russh::server::Config::default().window_size
+            },
             keys: vec![identity.host_key],
             methods: russh::MethodSet::from(&[russh::MethodKind::PublicKey][..]),
             auth_rejection_time: Duration::from_millis(5),
@@ -218,11 +253,21 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             authorized: identity.authorized,
             install_start: identity.install_start,
             channels: HashMap::new(),
+            deaf,
         };
+        let mut cut = shared.cut.subscribe();
         sessions.spawn(async move {
             if let Ok(session) = russh::server::run_stream(Arc::new(config), stream, handler).await
             {
-                let _ = session.await;
+                let handle = session.handle();
+                tokio::select! {
+                    _ = session => {}
+                    _ = cut.changed() => {
+                        let _ = handle
+                            .disconnect(russh::Disconnect::ByApplication, "cut".into(), "en".into())
+                            .await;
+                    }
+                }
             }
         });
     }
@@ -302,6 +347,8 @@ struct VpsSession {
     authorized: Vec<PublicKey>,
     install_start: Instant,
     channels: HashMap<ChannelId, ChannelState>,
+    /// Terminals on this connection never read input.
+    deaf: bool,
 }
 
 impl Drop for VpsSession {
@@ -392,6 +439,12 @@ impl russh::server::Handler for VpsSession {
         })
     }
 
+    fn adjust_window(&mut self, _channel: ChannelId, current: u32) -> u32 {
+        // Deaf: after this (first) re-opening the target window is 1, so russh never re-opens
+        // any window of this connection again.
+        if self.deaf { 1 } else { current }
+    }
+
     async fn channel_open_session(
         &mut self,
         channel: Channel<Msg>,
@@ -442,7 +495,10 @@ impl russh::server::Handler for VpsSession {
         self.record(&command);
         session.channel_success(channel)?;
         let handle = session.handle();
-        let task = if command.contains("cloud-init-output.log") {
+        let has_pty = self.channels.get(&channel).is_some_and(|s| s.pty.is_some());
+        let task = if self.deaf && has_pty {
+            tokio::spawn(deaf_pty(handle, channel))
+        } else if command.contains("cloud-init-output.log") {
             let follow = command
                 .split_whitespace()
                 .any(|w| w.starts_with('-') && !w.starts_with("--") && w.contains(['f', 'F']))
@@ -473,6 +529,7 @@ impl russh::server::Handler for VpsSession {
         let rx = self.input_for(channel);
         let workdir = self.shared.workdir.path().to_path_buf();
         let task = match pty {
+            Some(_) if self.deaf => tokio::spawn(deaf_pty(handle, channel)),
             Some(pty) => tokio::spawn(pty_shell(handle, channel, pty, workdir, rx)),
             None => tokio::spawn(run_command(handle, channel, None, workdir, rx)),
         };
@@ -736,6 +793,18 @@ async fn pump<R: AsyncRead + Unpin>(
         if !delivered {
             return;
         }
+    }
+}
+
+/// A terminal that never reads its input: a banner, then silence until the channel closes (the
+/// task is aborted then).
+async fn deaf_pty(handle: russh::server::Handle, channel: ChannelId) {
+    if handle
+        .data(channel, format!("{DEAF_BANNER}\r\n"))
+        .await
+        .is_ok()
+    {
+        std::future::pending::<()>().await;
     }
 }
 
