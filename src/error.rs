@@ -35,7 +35,6 @@ error_codes! {
     AdminRequired => "admin_required",
     AuthBusy => "auth_busy",
     BadBody => "bad_body",
-    BadRequest => "bad_request",
     BodyTimeout => "body_timeout",
     BuiltinTemplate => "builtin_template",
     DatabaseUnavailable => "database_unavailable",
@@ -60,6 +59,7 @@ error_codes! {
     RateLimited => "rate_limited",
     RegistrationClosed => "registration_closed",
     TemplateExists => "template_exists",
+    TooManyConnections => "too_many_connections",
     Unauthorized => "unauthorized",
     UnsupportedByProvider => "unsupported_by_provider",
     UsernameTaken => "username_taken",
@@ -213,7 +213,8 @@ impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
         match e {
             crate::store::StoreError::Unavailable(_) => {
-                let mut err = Self::unavailable(ErrorCode::DatabaseUnavailable, "Database unavailable");
+                let mut err =
+                    Self::unavailable(ErrorCode::DatabaseUnavailable, "Database unavailable");
                 err.source = Some(e.into());
                 err
             }
@@ -298,6 +299,58 @@ mod tests {
         let e = serde_json::from_str::<Login>(r#"{"username_or_email":1,"password":"x"}"#)
             .expect_err("type");
         assert_eq!(json_body_error(&e).errors[0].code, "invalid");
+    }
+
+    /// The codes clients match on. Changing this list is changing the API contract: add a
+    /// code freely, never rename or remove one without a version.
+    #[test]
+    fn error_codes_are_stable() {
+        let wire: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(
+            wire,
+            [
+                "account_disabled",
+                "account_locked",
+                "admin_required",
+                "auth_busy",
+                "bad_body",
+                "body_timeout",
+                "builtin_template",
+                "database_unavailable",
+                "email_taken",
+                "environment_busy",
+                "environments_pending",
+                "fault_injection_disabled",
+                "google_not_configured",
+                "google_unavailable",
+                "internal_error",
+                "invalid_json",
+                "invalid_since",
+                "invalid_state",
+                "method_not_allowed",
+                "name_taken",
+                "not_found",
+                "not_supervised",
+                "payload_too_large",
+                "plan_limit",
+                "provider_refused",
+                "provider_unavailable",
+                "rate_limited",
+                "registration_closed",
+                "template_exists",
+                "too_many_connections",
+                "unauthorized",
+                "unsupported_by_provider",
+                "username_taken",
+                "validation_error",
+                "websocket_required",
+                "wrong_password",
+            ]
+        );
+        assert_eq!(
+            serde_json::to_string(&ErrorCode::PlanLimit).expect("json"),
+            "\"plan_limit\""
+        );
     }
 
     #[test]

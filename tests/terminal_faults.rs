@@ -1,7 +1,7 @@
 //! Terminals against a machine that misbehaves, through the real server, a Contabo simulator and
 //! the fake VPS (real SSH):
 //! - it stops reading input (its SSH window fills and never re-opens) while the client pastes
-//!   1 MiB: control — detach, re-attach, close — never waits for the stuck input, and the write
+//!   3 MiB: control — detach, re-attach, close — never waits for the stuck input, and the write
 //!   timeout drops what the machine does not take;
 //! - its connection drops: the terminal reconnects and its output stream (the ring) continues.
 
@@ -22,9 +22,10 @@ on_both_backends!(
     a_dropped_connection_is_reconnected_and_the_stream_continues,
 );
 
-/// The paste: 1 MiB in 2 KiB input frames, far beyond what a deaf machine takes (about 1.5
-/// windows) plus the terminal's input queue (256 messages).
-const PASTE_BYTES: usize = 1 << 20;
+/// The paste: 3 MiB in 2 KiB input frames, far beyond what a deaf machine takes (about 1.5
+/// windows) plus the terminal's input queue (256 messages) plus the front end's input backlog
+/// (`INPUT_BACKLOG_BYTES`, 1 MiB).
+const PASTE_BYTES: usize = 3 << 20;
 const PASTE_FRAME: usize = 2048;
 
 struct Deaf {

@@ -30,7 +30,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::app::{AppState, AuditContext};
-use crate::error::{ErrorCode, ApiError, ApiResult, json_body_error};
+use crate::error::{ApiError, ApiResult, ErrorCode, json_body_error};
 use authn::AuthUser;
 use conn::{HeadDeadline, Held, PerIpConnections, TrustedProxies};
 use router::{Access, ROUTER, RouteMatch};
@@ -49,7 +49,7 @@ const LIMITER_HOUSEKEEPING: Duration = Duration::from_secs(60);
 static OVER_CAP_RESPONSE: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
     let body = serde_json::json!({
         "detail": "Too many connections from this address",
-        "code": "too_many_connections",
+        "code": crate::error::ErrorCode::TooManyConnections,
     })
     .to_string();
     format!(
@@ -515,8 +515,9 @@ async fn read_body(
             return Err(err);
         };
         let Some(frame) = frame else { break };
-        let frame = frame
-            .map_err(|_| ApiError::bad_request(ErrorCode::BadBody, "The request body could not be read"))?;
+        let frame = frame.map_err(|_| {
+            ApiError::bad_request(ErrorCode::BadBody, "The request body could not be read")
+        })?;
         let Ok(data) = frame.into_data() else {
             continue;
         };

@@ -35,7 +35,7 @@ use crate::actors::session::TerminalRequest;
 use crate::actors::terminal::{In, Out, Stats, TerminalArgs};
 use crate::app::{AppState, AuditContext};
 use crate::clock::from_db;
-use crate::error::{ErrorCode, ApiError};
+use crate::error::{ApiError, ErrorCode};
 use crate::protocol::{
     self, ClientFrame, EnvironmentInfo, EnvironmentStatus, ServerFrame, StreamFrame,
 };
@@ -101,7 +101,10 @@ struct WsQuery {
 }
 
 fn bad_upgrade() -> ApiError {
-    ApiError::bad_request(ErrorCode::WebsocketRequired, "This endpoint speaks WebSocket only")
+    ApiError::bad_request(
+        ErrorCode::WebsocketRequired,
+        "This endpoint speaks WebSocket only",
+    )
 }
 
 /// Validate the upgrade request, answer 101 and run the stream on the upgraded connection.
@@ -400,7 +403,7 @@ async fn bridge(
     let idle = Duration::from_secs(cfg.idle_timeout_seconds);
     let mut last_heard = tokio::time::Instant::now();
     let mut closing = closed.clone();
-    let mut dropping = false;
+    let mut backlog = InputBacklog::default();
     while ok {
         tokio::select! {
             msg = ws.next() => {
@@ -409,14 +412,14 @@ async fn bridge(
                     Some(Ok(Message::Text(text))) => match protocol::decode(text.as_str()) {
                         Ok(ClientFrame::Input(data)) => {
                             app.limits.terminal_input(user_id, data.len()).await;
-                            match forward(&input, In::Data(data.into_bytes()), &mut dropping) {
+                            match backlog.forward(&input, In::Data(data.into_bytes())) {
                                 Forward::Sent => {}
                                 Forward::Dropped(frame) => ok = send(&mut ws, &frame).await,
                                 Forward::Gone => break,
                             }
                         }
                         Ok(ClientFrame::Resize { cols, rows }) => {
-                            match forward(&input, In::Resize { cols, rows }, &mut dropping) {
+                            match backlog.forward(&input, In::Resize { cols, rows }) {
                                 Forward::Sent => {}
                                 Forward::Dropped(frame) => ok = send(&mut ws, &frame).await,
                                 Forward::Gone => break,
@@ -440,6 +443,11 @@ async fn bridge(
                     }
                 }
             }
+            permit = input.reserve(), if !backlog.queue.is_empty() => match (permit, backlog.pop()) {
+                (Ok(permit), Some(msg)) => permit.send(msg),
+                (Ok(_), None) => {}
+                (Err(_), _) => break,
+            },
             out = frames.recv() => match out {
                 Some(Out::Frame(frame)) => ok = send(&mut ws, &frame).await,
                 Some(Out::Close(code, reason)) => { close(&mut ws, code, &reason).await; break; }
@@ -470,30 +478,74 @@ async fn bridge(
     let _ = terminal.cast(crate::actors::terminal::TerminalMsg::Detached { connection });
 }
 
+/// Input held while the terminal's input queue is full. A fast paste into a slow but reading
+/// shell loses nothing; past this many bytes the environment is not reading at all (its writes
+/// are timing out), and further input is dropped with an `error` frame. The WebSocket keeps being
+/// read meanwhile, so a close, a detach or a replacement is heard at once.
+pub const INPUT_BACKLOG_BYTES: usize = 1024 * 1024;
+
+/// Client input waiting for room in the terminal's queue, in order, bounded by
+/// [`INPUT_BACKLOG_BYTES`].
+#[derive(Default)]
+struct InputBacklog {
+    queue: std::collections::VecDeque<In>,
+    bytes: usize,
+    /// Input is being dropped (the client has been told once for this run of drops).
+    dropping: bool,
+}
+
+fn input_len(msg: &In) -> usize {
+    match msg {
+        In::Data(bytes) => bytes.len(),
+        In::Resize { .. } => 16,
+    }
+}
+
 enum Forward {
     Sent,
-    /// Dropped: the terminal's input queue is full. The frame (once per run of drops) says so.
+    /// Dropped: the backlog is full. The frame (once per run of drops) says so.
     Dropped(ServerFrame),
     /// The terminal is gone.
     Gone,
 }
 
-/// Hand client input to the terminal without waiting: a full queue means the environment is not
-/// reading, and waiting would stop this loop from hearing its client (a close, a detach).
-fn forward(input: &tokio::sync::mpsc::Sender<In>, msg: In, dropping: &mut bool) -> Forward {
-    use tokio::sync::mpsc::error::TrySendError;
-    match input.try_send(msg) {
-        Ok(()) => {
-            *dropping = false;
-            Forward::Sent
+impl InputBacklog {
+    /// Hand input to the terminal without waiting: straight into its queue when there is room
+    /// and nothing is held, else into the backlog (in order), else dropped.
+    fn forward(&mut self, input: &tokio::sync::mpsc::Sender<In>, msg: In) -> Forward {
+        use tokio::sync::mpsc::error::TrySendError;
+        let msg = if self.queue.is_empty() {
+            match input.try_send(msg) {
+                Ok(()) => {
+                    self.dropping = false;
+                    return Forward::Sent;
+                }
+                Err(TrySendError::Full(msg)) => msg,
+                Err(TrySendError::Closed(_)) => return Forward::Gone,
+            }
+        } else {
+            msg
+        };
+        let len = input_len(&msg);
+        if self.bytes + len <= INPUT_BACKLOG_BYTES {
+            self.bytes += len;
+            self.queue.push_back(msg);
+            self.dropping = false;
+            return Forward::Sent;
         }
-        Err(TrySendError::Full(_)) if !std::mem::replace(dropping, true) => {
-            Forward::Dropped(ServerFrame::error(
-                "Input dropped: the environment is not reading input as fast as it arrives",
-            ))
+        if std::mem::replace(&mut self.dropping, true) {
+            return Forward::Sent;
         }
-        Err(TrySendError::Full(_)) => Forward::Sent,
-        Err(TrySendError::Closed(_)) => Forward::Gone,
+        Forward::Dropped(ServerFrame::error(
+            "Input dropped: the environment is not reading input as fast as it arrives",
+        ))
+    }
+
+    /// The oldest held input, to send now that the queue has room.
+    fn pop(&mut self) -> Option<In> {
+        let msg = self.queue.pop_front()?;
+        self.bytes -= input_len(&msg);
+        Some(msg)
     }
 }
 

@@ -9,7 +9,7 @@ use super::message;
 use crate::actors::CrashOutcome;
 use crate::app::AppState;
 use crate::clock::{from_db, to_db};
-use crate::error::{ErrorCode, ApiError, ApiResult, FieldError};
+use crate::error::{ApiError, ApiResult, ErrorCode, FieldError};
 use crate::http::{Body, Ctx, json, ok};
 use crate::store::audit::{self, AuditFilter};
 

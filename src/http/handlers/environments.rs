@@ -15,7 +15,7 @@ use crate::actors::environment::machine::Status;
 use crate::actors::environment::metrics::Sample;
 use crate::app::{App, AppState};
 use crate::clock::from_db;
-use crate::error::{ErrorCode, ApiError, ApiResult, FieldError};
+use crate::error::{ApiError, ApiResult, ErrorCode, FieldError};
 use crate::http::{Body, Ctx, json, ok};
 use crate::store::environments::{self as store, Environment};
 

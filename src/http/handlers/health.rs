@@ -4,7 +4,7 @@ use http::{Response, StatusCode};
 use serde_json::json;
 
 use crate::app::AppState;
-use crate::error::{ErrorCode, ApiResult};
+use crate::error::{ApiResult, ErrorCode};
 use crate::http::{Body, Ctx, json, ok, openapi, text};
 use crate::store::users::Plan;
 

@@ -18,7 +18,7 @@ use crate::auth::lockout::{Admission, Subject, seconds_until};
 use crate::auth::passwords::HashTicket;
 use crate::auth::tokens::new_refresh_token;
 use crate::clock::{db_now, from_db};
-use crate::error::{ErrorCode, ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::store::DbConn;
 use crate::store::sessions::{self, Session};
 use crate::store::users::User;

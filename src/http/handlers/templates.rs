@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use super::message;
 use crate::app::AppState;
 use crate::clock::db_now;
-use crate::error::{ErrorCode, ApiError, ApiResult, FieldError};
+use crate::error::{ApiError, ApiResult, ErrorCode, FieldError};
 use crate::http::{Body, Ctx, json, ok};
 use crate::store::templates::{self as store, TemplateRow};
 use crate::templates::Template;

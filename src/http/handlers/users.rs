@@ -13,7 +13,7 @@ use crate::app::AppState;
 use crate::auth as rules;
 use crate::auth::lockout::Subject;
 use crate::clock::{db_now, from_db};
-use crate::error::{ErrorCode, ApiError, ApiResult, FieldError};
+use crate::error::{ApiError, ApiResult, ErrorCode, FieldError};
 use crate::http::{Body, Ctx, ok};
 use crate::store::sessions;
 use crate::store::users::{self, ProfileChanges, username_key};
