@@ -100,8 +100,12 @@ pub struct Stats {
 }
 
 pub enum TerminalMsg {
+    /// Attach a WebSocket from `offset` (`None`: from now); resize to `size` if given; repaint
+    /// the whole screen if asked (or if the bytes after `offset` are gone).
     Attach {
         offset: Option<u64>,
+        size: Option<(u32, u32)>,
+        repaint: bool,
         reply: RpcReplyPort<Attachment>,
     },
     Detached {
@@ -304,6 +308,8 @@ enum Control {
         connection: u64,
         frames: mpsc::Sender<Out>,
         offset: Option<u64>,
+        size: Option<(u32, u32)>,
+        repaint: bool,
         attachment: Box<Attachment>,
         reply: RpcReplyPort<Attachment>,
     },
@@ -537,11 +543,19 @@ async fn channel_task(
         tokio::select! {
             biased;
             msg = control.recv() => match msg {
-                Some(Control::Attach { connection, frames, offset, attachment, reply }) => {
-                    if ch.attach(connection, frames, offset, attachment, reply) && writer.is_some() {
-                        // Make tmux repaint the whole screen: a size change forces a redraw.
+                Some(Control::Attach { connection, frames, offset, size, repaint, attachment, reply }) => {
+                    let redraw = ch.attach(connection, frames, offset, attachment, reply) || repaint;
+                    // The client's size wins on attach (a phone rotated while away).
+                    let resized = size.filter(|s| *s != ch.size);
+                    if let Some(size) = resized {
+                        ch.size = size;
+                    }
+                    if writer.is_some() && (redraw || resized.is_some()) {
                         let (cols, rows) = ch.size;
-                        local.push_back(In::Resize { cols, rows: rows.saturating_sub(1).max(1) });
+                        if resized.is_none() {
+                            // Make tmux repaint the whole screen: a size change forces a redraw.
+                            local.push_back(In::Resize { cols, rows: rows.saturating_sub(1).max(1) });
+                        }
                         local.push_back(In::Resize { cols, rows });
                     }
                 }
@@ -711,7 +725,12 @@ impl Actor for TerminalActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            TerminalMsg::Attach { offset, reply } => {
+            TerminalMsg::Attach {
+                offset,
+                size,
+                repaint,
+                reply,
+            } => {
                 state.next_connection += 1;
                 let connection = state.next_connection;
                 let (frames_tx, frames) = mpsc::channel(CLIENT_QUEUE);
@@ -733,6 +752,8 @@ impl Actor for TerminalActor {
                     connection,
                     frames: frames_tx.clone(),
                     offset,
+                    size,
+                    repaint,
                     attachment,
                     reply,
                 });

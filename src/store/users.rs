@@ -252,6 +252,18 @@ pub async fn link_google(
     }))
 }
 
+/// Allow or stop sign-ins and new environments for an account (account deletion deactivates
+/// first: environment creates check this in their transaction).
+pub async fn set_active(conn: &mut DbConn, id: &str, active: bool) -> StoreResult<()> {
+    db_run!(conn: {
+        diesel::update(users::table.find(id))
+            .set(users::is_active.eq(active))
+            .execute(conn)
+            .await?;
+    });
+    Ok(())
+}
+
 pub async fn delete(conn: &mut DbConn, id: &str) -> StoreResult<bool> {
     Ok(db_run!(conn: {
         diesel::delete(users::table.find(id)).execute(conn).await? > 0

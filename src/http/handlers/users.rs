@@ -235,11 +235,24 @@ pub async fn delete_account(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>
             ));
         }
     }
-    // Environments first: their provider resources must be released before the account goes.
+    // Close the account to new environments first (creates check it in their transaction), so
+    // the deletion below sees every environment there will ever be; then release their provider
+    // resources before the account goes. If that cannot finish, the account opens again so the
+    // person can retry.
+    {
+        let mut conn = app.db.get().await?;
+        users::set_active(&mut conn, &auth.user.id, false).await?;
+    }
     let user_id = auth.user.id.clone();
-    app.actors
+    if let Err(e) = app
+        .actors
         .dispatch(Command::DeleteAllForUser { user_id })
-        .await?;
+        .await
+    {
+        let mut conn = app.db.get().await?;
+        users::set_active(&mut conn, &auth.user.id, true).await?;
+        return Err(e.into());
+    }
     let mut conn = app.db.get().await?;
     let now = db_now(app.clock.as_ref());
     let ended =
