@@ -82,8 +82,9 @@ fn schemas() -> Value {
         "RefreshRequest": object(&["refresh_token"], json!({ "refresh_token": string() })),
         "ProfileUpdate": object(&[], json!({
             "full_name": nullable_string(), "username": string(), "avatar_url": nullable_string() })),
-        "PasswordChange": object(&["current_password", "new_password"], json!({
-            "current_password": string(), "new_password": string() })),
+        "PasswordChange": object(&["new_password"], json!({
+            "current_password": { "type": "string", "description": "required when the account has a password" },
+            "new_password": string() })),
         "DeleteAccountRequest": object(&[], json!({
             "password": { "type": "string", "description": "required when the account has a password" } })),
         "SessionList": object(&["sessions", "total"], json!({
@@ -215,6 +216,10 @@ fn operation(route: &super::router::Route, schemas: &Value) -> Value {
             "429".into(),
             error_response("Rate limited; see Retry-After"),
         );
+    }
+    // Route-specific answers last: their descriptions are the more precise.
+    for (code, description) in route.errors {
+        responses.insert(code.to_string(), error_response(description));
     }
     let mut op = json!({
         "summary": route.summary,
