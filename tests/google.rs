@@ -12,6 +12,7 @@ on_both_backends!(
     google_sign_in_links_and_creates,
     google_claims_an_account_whose_email_we_never_verified,
     a_login_in_flight_cannot_outlive_a_claim,
+    parallel_logins_never_outlive_a_claim,
     google_links_a_verified_account_without_revoking,
     unverified_google_email_never_claims,
     link_and_unlink_google_from_the_profile,
@@ -302,6 +303,49 @@ async fn a_login_in_flight_cannot_outlive_a_claim(backend: Backend) {
     );
     drop(conn);
     s.stop().await;
+}
+
+/// Password logins running in parallel with the claim: whichever got a session, none survives
+/// it (each either finished before the claim and was revoked by it, or found the password gone).
+async fn parallel_logins_never_outlive_a_claim(backend: Backend) {
+    // Below the lockout threshold (5): attempts in flight count toward it, so 5 parallel
+    // logins would lock the account for the Google sign-in as well.
+    const LOGINS: usize = 4;
+    let keys = JwksServer::start().await;
+    let s = server(backend, &keys).await;
+    s.register("victim").await;
+    let s = &s;
+    let logins = (0..LOGINS).map(|_| async move { s.login("victim", PASSWORD).await });
+    let (results, (status, body)) = tokio::join!(
+        futures_util::future::join_all(logins),
+        google_sign_in(s, "google-victim", "victim@example.com"),
+    );
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let victim = Session::from_auth(&body);
+    for (status, body) in results {
+        match status {
+            StatusCode::OK => {
+                let late = Session::from_auth(&body);
+                assert_eq!(
+                    s.get("/api/v1/auth/me", late.token()).await.0,
+                    StatusCode::UNAUTHORIZED,
+                    "a password session outlived the claim"
+                );
+            }
+            // Refused after the claim (401; the failures count toward the lockout, so 423
+            // once there were enough), or the hashing queue was full (503).
+            StatusCode::UNAUTHORIZED | StatusCode::LOCKED | StatusCode::SERVICE_UNAVAILABLE => {}
+            other => panic!("login answered {other}: {body}"),
+        }
+    }
+    let (status, body) = s.get("/api/v1/users/me/sessions", victim.token()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["total"], 1, "only the claimant's session lives: {body}");
+    let (status, body) = s.login("victim", PASSWORD).await;
+    assert!(
+        status == StatusCode::UNAUTHORIZED || status == StatusCode::LOCKED,
+        "{status}: {body}"
+    );
 }
 
 /// An account whose e-mail we verified (through Google) is linked, never claimed: its password
