@@ -290,4 +290,33 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn google_routes_document_every_answer() {
+        let doc = &*DOCUMENT;
+        let answers = |path: &str, method: &str| -> Vec<String> {
+            doc["paths"][path][method]["responses"]
+                .as_object()
+                .map(|r| r.keys().cloned().collect())
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            answers("/api/v1/users/me/google", "post"),
+            ["200", "401", "409", "422", "429", "503"]
+        );
+        assert_eq!(
+            answers("/api/v1/users/me/google", "delete"),
+            ["200", "401", "409", "429"]
+        );
+        assert_eq!(
+            answers("/api/v1/auth/google", "post"),
+            ["200", "401", "403", "409", "422", "423", "429", "503"]
+        );
+        let unlink = &doc["paths"]["/api/v1/users/me/google"]["delete"]["responses"]["409"];
+        assert!(
+            unlink["description"]
+                .as_str()
+                .is_some_and(|d| d.contains("last_sign_in_method"))
+        );
+    }
 }
