@@ -118,10 +118,7 @@ async fn google_sign_in_links_and_creates(backend: Backend) {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["user"]["id"], existing.user_id.as_str());
     // The password still works alongside.
-    assert_eq!(
-        s.login("sam@example.com", PASSWORD).await.0,
-        StatusCode::OK
-    );
+    assert_eq!(s.login("sam@example.com", PASSWORD).await.0, StatusCode::OK);
 
     // A new person gets a new account with a username from the address.
     let token = jwks::sign(
@@ -185,7 +182,10 @@ async fn google_claims_an_account_whose_email_we_never_verified(backend: Backend
         s.login("victim@example.com", PASSWORD).await.0,
         StatusCode::UNAUTHORIZED
     );
-    assert_eq!(s.login("mallory", PASSWORD).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        s.login("mallory", PASSWORD).await.0,
+        StatusCode::UNAUTHORIZED
+    );
     for old in [&first, &second] {
         assert_eq!(
             s.get("/api/v1/auth/me", old.token()).await.0,
@@ -340,7 +340,10 @@ async fn parallel_logins_never_outlive_a_claim(backend: Backend) {
     }
     let (status, body) = s.get("/api/v1/users/me/sessions", victim.token()).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["total"], 1, "only the claimant's session lives: {body}");
+    assert_eq!(
+        body["total"], 1,
+        "only the claimant's session lives: {body}"
+    );
     let (status, body) = s.login("victim", PASSWORD).await;
     assert!(
         status == StatusCode::UNAUTHORIZED || status == StatusCode::LOCKED,
@@ -519,10 +522,7 @@ async fn link_and_unlink_google_from_the_profile(backend: Backend) {
     let (status, body) = set_password(&s, &gus, json!({ "new_password": PASSWORD })).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(unlink(&s, &gus).await.0, StatusCode::OK);
-    assert_eq!(
-        s.login("gus@example.com", PASSWORD).await.0,
-        StatusCode::OK
-    );
+    assert_eq!(s.login("gus@example.com", PASSWORD).await.0, StatusCode::OK);
     s.stop().await;
 }
 

@@ -203,11 +203,26 @@ fn routes() -> Vec<Route> {
         ),
         Route {
             errors: &[
-                (401, "Invalid Google token, or (`unauthorized`) its e-mail is not verified by Google and it matches no linked account"),
-                (403, "`account_disabled`, or `registration_closed` when a new account would be created"),
-                (409, "`google_already_linked`: the verified account with this e-mail is linked to a different Google account; `google_linked_elsewhere`: linked to another account meanwhile"),
-                (423, "`account_locked` (with Retry-After), checked before anything is linked or claimed"),
-                (503, "`google_not_configured`, or `google_unavailable` when Google's keys cannot be fetched"),
+                (
+                    401,
+                    "Invalid Google token, or (`unauthorized`) its e-mail is not verified by Google and it matches no linked account",
+                ),
+                (
+                    403,
+                    "`account_disabled`, or `registration_closed` when a new account would be created",
+                ),
+                (
+                    409,
+                    "`google_already_linked`: the verified account with this e-mail is linked to a different Google account; `google_linked_elsewhere`: linked to another account meanwhile",
+                ),
+                (
+                    423,
+                    "`account_locked` (with Retry-After), checked before anything is linked or claimed",
+                ),
+                (
+                    503,
+                    "`google_not_configured`, or `google_unavailable` when Google's keys cannot be fetched",
+                ),
             ],
             ..route(
                 post.clone(),
@@ -309,8 +324,14 @@ fn routes() -> Vec<Route> {
         Route {
             errors: &[
                 (401, "Invalid Google token (or the session has ended)"),
-                (409, "`google_linked_elsewhere`: that Google account is linked to another account; `google_already_linked`: this account has a different one (unlink it first)"),
-                (503, "`google_not_configured`, or `google_unavailable` when Google's keys cannot be fetched"),
+                (
+                    409,
+                    "`google_linked_elsewhere`: that Google account is linked to another account; `google_already_linked`: this account has a different one (unlink it first)",
+                ),
+                (
+                    503,
+                    "`google_not_configured`, or `google_unavailable` when Google's keys cannot be fetched",
+                ),
             ],
             ..route(
                 post.clone(),

@@ -218,13 +218,13 @@ pub async fn set_plan(
 #[derive(Debug)]
 pub enum GoogleBind {
     /// We had verified the account's e-mail: the Google identity was linked (or already was).
-    Linked(User),
+    Linked(Box<User>),
     /// We had never verified the account's e-mail: the Google identity took the account over.
     /// Its password was removed, `ended` are the sessions revoked with it, `had_password` says
     /// whether there was a password to remove, and `replaced_google` whether another Google
     /// identity was linked before (now replaced).
     Claimed {
-        user: User,
+        user: Box<User>,
         ended: Vec<String>,
         had_password: bool,
         replaced_google: bool,
@@ -326,7 +326,7 @@ pub async fn bind_google(
                 .returning(User::as_returning())
                 .get_result(c)
                 .await?;
-            return Ok(GoogleBind::Linked(user));
+            return Ok(GoogleBind::Linked(Box::new(user)));
         }
         let had_password = user.password_hash.is_some();
         let replaced_google = user.google_id.as_deref().is_some_and(|g| g != google_id);
@@ -344,7 +344,7 @@ pub async fn bind_google(
             .await?;
         let ended = revoke_sessions_in!(c, id, "", "account_claimed", now);
         Ok(GoogleBind::Claimed {
-            user: claimed,
+            user: Box::new(claimed),
             ended,
             had_password,
             replaced_google,
@@ -356,9 +356,9 @@ pub async fn bind_google(
 #[derive(Debug)]
 pub enum GoogleLink {
     /// Linked now (`verified`: the e-mail was marked verified with it).
-    Linked { user: User, verified: bool },
+    Linked { user: Box<User>, verified: bool },
     /// This Google identity was already linked to this account (a repeat).
-    AlreadyLinked(User),
+    AlreadyLinked(Box<User>),
     /// The account is linked to a different Google identity.
     OtherGoogle,
     /// The account is gone.
@@ -383,7 +383,7 @@ pub async fn link_google(
             return Ok(GoogleLink::Gone);
         };
         match user.google_id.as_deref() {
-            Some(g) if g == google_id => return Ok(GoogleLink::AlreadyLinked(user)),
+            Some(g) if g == google_id => return Ok(GoogleLink::AlreadyLinked(Box::new(user))),
             Some(_) => return Ok(GoogleLink::OtherGoogle),
             None => {}
         }
@@ -399,7 +399,7 @@ pub async fn link_google(
             .get_result(c)
             .await?;
         Ok(GoogleLink::Linked {
-            user,
+            user: Box::new(user),
             verified: verifies_email,
         })
     }))
@@ -409,7 +409,7 @@ pub async fn link_google(
 #[derive(Debug)]
 pub enum GoogleUnlink {
     /// Unlinked; the account keeps its password.
-    Unlinked(User),
+    Unlinked(Box<User>),
     /// No Google identity is linked.
     NotLinked,
     /// The account has no password: unlinking would leave no way to sign in.
@@ -444,7 +444,7 @@ pub async fn unlink_google(
             .returning(User::as_returning())
             .get_result(c)
             .await?;
-        Ok(GoogleUnlink::Unlinked(user))
+        Ok(GoogleUnlink::Unlinked(Box::new(user)))
     }))
 }
 

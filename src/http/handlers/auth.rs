@@ -302,7 +302,7 @@ pub async fn google(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
                 )
                 .await;
                 match bound {
-                    Ok(GoogleBind::Linked(user)) => (user, "email"),
+                    Ok(GoogleBind::Linked(user)) => (*user, "email"),
                     Ok(GoogleBind::Claimed {
                         user,
                         ended,
@@ -325,7 +325,7 @@ pub async fn google(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
                             }),
                         )
                         .await;
-                        (user, "claimed")
+                        (*user, "claimed")
                     }
                     Ok(GoogleBind::OtherGoogle) => return Err(other_google_linked()),
                     Ok(GoogleBind::Gone) => {

@@ -300,7 +300,7 @@ pub async fn link_google(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
         Err(e) if e.unique_violation().is_some() => return Err(linked_elsewhere()),
         Err(e) => return Err(e.into()),
     };
-    ok(&UserResponse::from(&user))
+    ok(&UserResponse::from(&*user))
 }
 
 /// `DELETE /users/me/google`: unlink the Google account. Refused with 409 `last_sign_in_method`
@@ -334,7 +334,7 @@ pub async fn unlink_google(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>>
         json!({}),
     )
     .await;
-    ok(&UserResponse::from(&user))
+    ok(&UserResponse::from(&*user))
 }
 
 pub async fn delete_account(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
