@@ -16,6 +16,24 @@ use super::directory::{
 };
 use crate::actors::terminal::{Attachment, TerminalActor, TerminalArgs, TerminalMsg};
 
+/// Why a terminal could not be opened or resumed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("this session has ended")]
+    SessionEnded,
+    /// The session holds this many terminals already (`terminals.max_terminals_per_session`).
+    #[error(
+        "too many open terminals in this session ({0}); close some or let detached ones expire"
+    )]
+    TooMany(usize),
+    /// A mailbox on the way is full, or the session is restarting: try again shortly.
+    #[error("the server is busy; try again shortly")]
+    Busy,
+    /// Connecting to the environment or starting the terminal failed.
+    #[error("{0:#}")]
+    Failed(anyhow::Error),
+}
+
 /// What a WebSocket asks for when it opens a terminal.
 pub struct TerminalRequest {
     /// Resume this terminal (if it still exists in this session).
@@ -44,7 +62,7 @@ pub enum SessionMsg {
     /// Attach a WebSocket to a terminal of this session, creating the terminal if needed.
     OpenTerminal {
         request: Box<TerminalRequest>,
-        reply: RpcReplyPort<Result<Attachment, String>>,
+        reply: RpcReplyPort<Result<Attachment, OpenError>>,
     },
     /// A terminal started on a task is up (`Some`) or failed to start (`None`).
     TerminalStarted {
@@ -96,10 +114,10 @@ impl SessionState {
         &mut self,
         myself: &ActorRef<SessionMsg>,
         request: Box<TerminalRequest>,
-        reply: RpcReplyPort<Result<Attachment, String>>,
+        reply: RpcReplyPort<Result<Attachment, OpenError>>,
     ) {
         if self.closing.is_some() {
-            let _ = reply.send(Err("this session has ended".into()));
+            let _ = reply.send(Err(OpenError::SessionEnded));
             return;
         }
         let env_id = request.args.environment.id.clone();
@@ -117,9 +135,7 @@ impl SessionState {
         }
         let held = self.terminals.len() + self.opening;
         if held >= request.max_terminals {
-            let _ = reply.send(Err(format!(
-                "too many open terminals in this session ({held}); close some or let detached ones expire"
-            )));
+            let _ = reply.send(Err(OpenError::TooMany(held)));
             return;
         }
         self.opening += 1;
@@ -152,7 +168,7 @@ impl SessionState {
                         environment_id: env_id,
                         actor: None,
                     });
-                    let _ = reply.send(Err(e.to_string()));
+                    let _ = reply.send(Err(OpenError::Failed(anyhow::anyhow!("{e}"))));
                     return;
                 }
             };
@@ -165,7 +181,7 @@ impl SessionState {
                 // The session ended while the terminal was starting.
                 actor.stop(Some("session ended".into()));
                 directory.remove(&directory_id);
-                let _ = reply.send(Err("this session has ended".into()));
+                let _ = reply.send(Err(OpenError::SessionEnded));
                 return;
             }
             // A new terminal streams from its very first byte (tmux's first screen).
@@ -203,7 +219,7 @@ async fn attach(
     actor: &ActorRef<TerminalMsg>,
     offset: Option<u64>,
     expired: bool,
-) -> Result<Attachment, String> {
+) -> Result<Attachment, OpenError> {
     let reply = actor
         .call(
             |reply| TerminalMsg::Attach { offset, reply },
@@ -219,7 +235,9 @@ async fn attach(
             }
             Ok(attachment)
         }
-        _ => Err("the terminal did not answer".into()),
+        _ => Err(OpenError::Failed(anyhow::anyhow!(
+            "the terminal did not answer"
+        ))),
     }
 }
 
@@ -371,7 +389,7 @@ pub enum SessionsMsg {
         session_id: String,
         user_id: String,
         request: Box<TerminalRequest>,
-        reply: RpcReplyPort<Result<Attachment, String>>,
+        reply: RpcReplyPort<Result<Attachment, OpenError>>,
     },
     /// Fault injection: make one session actor panic. Replies whether it existed.
     Crash {
@@ -527,15 +545,16 @@ impl Actor for SessionsSupervisor {
                 if !state.children.contains_key(&session_id) {
                     let now = state.args.directory.now();
                     if state.restarts.is_down(&session_id, now) {
-                        let _ =
-                            reply.send(Err("this session is down after repeated failures".into()));
+                        let _ = reply.send(Err(OpenError::Failed(anyhow::anyhow!(
+                            "this session is down after repeated failures"
+                        ))));
                         return Ok(());
                     }
                     state.spawn_child(&myself, &session_id, &user_id).await?;
                 }
                 match state.children.get(&session_id) {
                     Some(child) if !child.pending.admit() => {
-                        let _ = reply.send(Err("this session is busy; try again shortly".into()));
+                        let _ = reply.send(Err(OpenError::Busy));
                     }
                     Some(child) => {
                         let _ = child
@@ -543,7 +562,7 @@ impl Actor for SessionsSupervisor {
                             .cast(SessionMsg::OpenTerminal { request, reply });
                     }
                     None => {
-                        let _ = reply.send(Err("no session actor".into()));
+                        let _ = reply.send(Err(OpenError::Busy));
                     }
                 }
             }

@@ -327,6 +327,10 @@ async fn terminal(
         .await
     {
         Ok(a) => a,
+        Err(crate::actors::session::OpenError::Busy) => {
+            close(&mut ws, 1013, "Server busy, try again").await;
+            return;
+        }
         Err(e) => {
             let _ = send(
                 &mut ws,
