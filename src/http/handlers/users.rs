@@ -1,5 +1,6 @@
-//! `/api/v1/users/me`: profile, password change, account deletion, sessions. The passwords
-//! re-entered for a change or a deletion count toward the lockout like logins.
+//! `/api/v1/users/me`: profile, password change (or setting one where there is none), account
+//! deletion, sessions, linking and unlinking Google. The passwords re-entered for a change or a
+//! deletion count toward the lockout like logins.
 
 use chrono::{DateTime, Utc};
 use http::Response;
