@@ -178,7 +178,11 @@ fn decode_frame(text: &str) -> Result<ClientFrame, BadFrame> {
     };
     let kind = match value.get("type") {
         Some(serde_json::Value::String(kind)) => kind.clone(),
-        Some(_) => return Err(BadFrame("malformed message: 'type' must be a string".into())),
+        Some(_) => {
+            return Err(BadFrame(
+                "malformed message: 'type' must be a string".into(),
+            ));
+        }
         None => return Err(BadFrame("malformed message: no 'type'".into())),
     };
     match serde_json::from_value::<Wire>(value) {
@@ -211,8 +215,11 @@ pub struct EnvironmentInfo {
 }
 
 /// An environment's status change, the same on every stream: its new `status`, the
-/// `status_version` it was persisted with (monotonic per environment: a client drops what it
-/// has seen), `progress` (0–100 within the phase), a human `message` and when (RFC 3339 UTC).
+/// `status_version` it was persisted with, `progress` (0–100 within the phase), a human
+/// `message` and when (RFC 3339 UTC). `status_version` grows by one with every change of
+/// `status`; progress within one status keeps the version and only grows `progress`. So
+/// `(status_version, progress)` only ever increases: a client drops a frame not above the last
+/// one it has.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct EnvironmentStatus {
     pub environment_id: String,

@@ -246,7 +246,8 @@ impl SessionState {
             .map(|(id, _)| id.clone());
         if let Some(held) = oldest.and_then(|id| self.terminals.remove(&id)) {
             tracing::debug!(session = %self.args.session_id, "evicting the oldest detached terminal");
-            held.actor.stop(Some("evicted: the session opened a newer terminal".into()));
+            held.actor
+                .stop(Some("evicted: the session opened a newer terminal".into()));
         }
     }
 

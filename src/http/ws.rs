@@ -311,7 +311,12 @@ async fn terminal(
     }
     let cfg = &app.config.terminals;
     // Feedback for the person while SSH connects (up to the connect timeout on a slow machine).
-    if !send(&mut ws, &ServerFrame::info(format!("Connecting to {}…", env.name))).await {
+    if !send(
+        &mut ws,
+        &ServerFrame::info(format!("Connecting to {}…", env.name)),
+    )
+    .await
+    {
         return;
     }
     let target = match app.actors.ssh_target(&env.id).await {
@@ -372,7 +377,10 @@ async fn terminal(
         },
         max_terminals: cfg.max_terminals_per_session,
         size: query.cols.zip(query.rows).map(|(cols, rows)| {
-            (cols.clamp(1, protocol::MAX_COLS), rows.clamp(1, protocol::MAX_ROWS))
+            (
+                cols.clamp(1, protocol::MAX_COLS),
+                rows.clamp(1, protocol::MAX_ROWS),
+            )
         }),
     };
     let attachment = match app

@@ -437,6 +437,49 @@ pub async fn insert_checked(
     }
 }
 
+/// The checks of [`insert_checked`] without its transaction: a fast refusal before the costly
+/// part of a create. Only a hint — the insert checks again where it holds.
+pub async fn precheck(
+    conn: &mut DbConn,
+    user_id: &str,
+    name: &str,
+) -> StoreResult<Option<CreateRefusal>> {
+    let (plan, active, live, same_name): (Option<String>, Option<bool>, i64, i64) = db_run!(conn: {
+        let user: Option<(String, bool)> = users::table
+            .find(user_id)
+            .select((users::subscription_plan, users::is_active))
+            .first(conn)
+            .await
+            .optional()?;
+        let live: i64 = environments::table
+            .filter(environments::user_id.eq(user_id))
+            .filter(environments::status.ne(Status::Terminated))
+            .count()
+            .get_result(conn)
+            .await?;
+        let same_name: i64 = environments::table
+            .filter(environments::user_id.eq(user_id))
+            .filter(environments::name.eq(name))
+            .filter(environments::status.ne(Status::Terminated))
+            .count()
+            .get_result(conn)
+            .await?;
+        (user.as_ref().map(|u| u.0.clone()), user.map(|u| u.1), live, same_name)
+    });
+    let (Some(plan), Some(true)) = (plan, active) else {
+        return Ok(Some(CreateRefusal::NoUser));
+    };
+    let plan = Plan::parse(&plan).unwrap_or(Plan::Free);
+    let limit = plan.max_environments();
+    Ok(if live >= i64::from(limit) {
+        Some(CreateRefusal::PlanLimit { plan, limit })
+    } else if same_name > 0 {
+        Some(CreateRefusal::NameTaken)
+    } else {
+        None
+    })
+}
+
 /// The live environments of a user (what account deletion must delete first).
 pub async fn live_ids_for_user(conn: &mut DbConn, user_id: &str) -> StoreResult<Vec<String>> {
     Ok(db_run!(conn: {
