@@ -50,7 +50,7 @@ async fn cli_creates_users_that_can_sign_in(backend: Backend) {
             "--email",
             "vic@example.com",
             "--password",
-            "Admin1234",
+            "Admin-Pocket-4821",
             "--plan",
             "admin",
         ],
@@ -67,7 +67,7 @@ async fn cli_creates_users_that_can_sign_in(backend: Backend) {
             "--email",
             "x@example.com",
             "--password",
-            "Admin1234",
+            "Admin-Pocket-4821",
         ],
         &env,
     );
@@ -116,7 +116,7 @@ async fn cli_creates_users_that_can_sign_in(backend: Backend) {
     assert!(!out.status.success() && text(&out).contains("unknown plan"));
 
     let s = TestServer::start_with(backend, |c| *c = test_config(&data, &db.url)).await;
-    let (status, body) = s.login("vic", "Admin1234").await;
+    let (status, body) = s.login("vic", "Admin-Pocket-4821").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["user"]["subscription_plan"], "admin");
     let token = body["access_token"].as_str().expect("token").to_string();
@@ -192,7 +192,7 @@ async fn the_binary_on_embedded_defaults_serves_a_newcomer() {
     let base = server.base.clone();
     let (status, body) = send(
         http.post(format!("{base}/api/v1/auth/register"))
-            .json(&serde_json::json!({ "username": "newbie", "email": "newbie@example.com", "password": "Secret123" })),
+            .json(&serde_json::json!({ "username": "newbie", "email": "newbie@example.com", "password": "Pocket-Dev-7319" })),
     )
     .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
