@@ -441,7 +441,7 @@ fn render_with_fuel(t: &Template, vars: &RenderVars, fuel: u64) -> Result<String
     // Written into a buffer that refuses to grow past the limit, so a template that expands
     // (`{{ "x" * 10000000 }}` in a loop) stops at the limit instead of filling memory.
     let mut out = BoundedBuffer(Vec::with_capacity(4096));
-    if let Err(e) = template.render_to_write(ctx, &mut out) {
+    if let Err(e) = template.render_captured_to(ctx, &mut out) {
         if out.0.len() > MAX_USER_DATA {
             return Err(TemplateError::TooLarge {
                 template: t.name.clone(),
