@@ -86,7 +86,10 @@ async fn common_passwords_are_refused_on_register_and_password_change(backend: B
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(s.login("alice", "Harbour-Lantern-58").await.0, StatusCode::OK);
+    assert_eq!(
+        s.login("alice", "Harbour-Lantern-58").await.0,
+        StatusCode::OK
+    );
     s.stop().await;
 }
 
@@ -117,7 +120,8 @@ async fn runaway_admin_templates_are_refused(backend: Backend) {
             "{% for i in range(1000) %}{{ 'x' * 10000000 }}{% endfor %}",
         ),
     ] {
-        let user_data = shipped.replacen("#cloud-config\n", &format!("#cloud-config\n{extra}\n"), 1);
+        let user_data =
+            shipped.replacen("#cloud-config\n", &format!("#cloud-config\n{extra}\n"), 1);
         let (status, body) = s
             .post(
                 "/api/v1/templates",
@@ -280,10 +284,10 @@ async fn served_templates_match_the_documented_schema(backend: Backend) {
     let s = TestServer::start(backend).await;
     let (status, doc) = s.get("/api/v1/openapi.json", None).await;
     assert_eq!(status, StatusCode::OK);
-    let list_schema =
-        &doc["paths"]["/api/v1/templates"]["get"]["responses"]["200"]["content"]["application/json"]["schema"];
-    let one_schema = &doc["paths"]["/api/v1/templates/{template_id}"]["get"]["responses"]["200"]
-        ["content"]["application/json"]["schema"];
+    let list_schema = &doc["paths"]["/api/v1/templates"]["get"]["responses"]["200"]["content"]["application/json"]
+        ["schema"];
+    let one_schema = &doc["paths"]["/api/v1/templates/{template_id}"]["get"]["responses"]["200"]["content"]
+        ["application/json"]["schema"];
     let (status, list) = s.get("/api/v1/templates", None).await;
     assert_eq!(status, StatusCode::OK);
     assert!(!list.as_array().expect("list").is_empty());

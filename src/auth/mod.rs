@@ -167,7 +167,13 @@ mod tests {
     #[test]
     fn passwords() {
         assert!(errs(|e| check_password("p", "Pocket-Dev-7319", e)).is_empty());
-        for common in ["Password1", "Passw0rd", "Qwerty123", "Secret123", " pASSWORD1 "] {
+        for common in [
+            "Password1",
+            "Passw0rd",
+            "Qwerty123",
+            "Secret123",
+            " pASSWORD1 ",
+        ] {
             assert_eq!(
                 errs(|e| check_password("p", common, e)),
                 ["common_password"],
@@ -175,7 +181,11 @@ mod tests {
             );
         }
         assert!(COMMON_PASSWORDS.len() > 8000, "the list is loaded");
-        assert!(COMMON_PASSWORDS.iter().all(|p| p.chars().count() >= PASSWORD_MIN));
+        assert!(
+            COMMON_PASSWORDS
+                .iter()
+                .all(|p| p.chars().count() >= PASSWORD_MIN)
+        );
         assert_eq!(errs(|e| check_password("p", "Sh0rt", e)), ["length"]);
         assert_eq!(
             errs(|e| check_password("p", "alllowercase1", e)),

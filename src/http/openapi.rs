@@ -219,7 +219,10 @@ pub fn error_statuses(route: &Route) -> Vec<(u16, &'static str)> {
             400,
             "Malformed request: body not valid JSON or unreadable; or a handler's refusal (see code)",
         ));
-        out.push((408, "The request body did not arrive in time (body_timeout)"));
+        out.push((
+            408,
+            "The request body did not arrive in time (body_timeout)",
+        ));
         out.push((413, "Request body too large (payload_too_large)"));
     }
     out.push((
@@ -252,7 +255,10 @@ pub fn error_statuses(route: &Route) -> Vec<(u16, &'static str)> {
     ];
     let provider = [
         (404, "Not found at the provider"),
-        (422, "Not supported by the provider (unsupported_by_provider)"),
+        (
+            422,
+            "Not supported by the provider (unsupported_by_provider)",
+        ),
         (502, "The provider refused (provider_refused)"),
     ];
     let handler: &[(u16, &'static str)] = match (method, route.path) {
@@ -284,9 +290,10 @@ pub fn error_statuses(route: &Route) -> Vec<(u16, &'static str)> {
         ) if method != "GET" => &env_command,
         ("GET", "/api/v1/environments/{environment_id}/snapshots") => &provider,
         ("POST", "/api/v1/templates") => &[(409, "Template id taken (template_exists)")],
-        ("DELETE", "/api/v1/templates/{template_id}") => {
-            &[(409, "A built-in template cannot be deleted (builtin_template)")]
-        }
+        ("DELETE", "/api/v1/templates/{template_id}") => &[(
+            409,
+            "A built-in template cannot be deleted (builtin_template)",
+        )],
         ("POST", "/api/v1/admin/actors/{actor_id}/crash") => &[(403, "Fault injection is off")],
         _ => &[],
     };
@@ -444,9 +451,15 @@ mod tests {
     fn template_schemas_match_what_is_served_and_accepted() {
         let schemas = &DOCUMENT["components"]["schemas"];
         let view = crate::templates::builtin()[0].api_view();
-        for field in schemas["Template"]["required"].as_array().expect("required") {
+        for field in schemas["Template"]["required"]
+            .as_array()
+            .expect("required")
+        {
             let field = field.as_str().expect("name");
-            assert!(view.get(field).is_some(), "Template.{field} is required but not served");
+            assert!(
+                view.get(field).is_some(),
+                "Template.{field} is required but not served"
+            );
         }
         assert!(view.get("user_data").is_none());
         let input = serde_json::to_value(&crate::templates::builtin()[0]).expect("template");
