@@ -7,6 +7,7 @@ use serde_json::{Map, Value, json};
 
 use super::limits::RateClass;
 use super::router::{Access, ROUTER, Route};
+use crate::error::ErrorCode;
 use crate::http::handlers::health::{SERVICE, VERSION};
 
 pub static DOCUMENT: LazyLock<Value> = LazyLock::new(build);
@@ -24,6 +25,7 @@ fn object(required: &[&str], properties: Value) -> Value {
 }
 
 fn schemas() -> Value {
+    let codes: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
     let user = object(
         &[
             "id",
@@ -51,7 +53,7 @@ fn schemas() -> Value {
     json!({
         "Error": object(&["detail", "code"], json!({
             "detail": string(),
-            "code": string(),
+            "code": { "type": "string", "enum": codes },
             "errors": { "type": "array", "items": object(&["field", "message", "code"], json!({
                 "field": string(), "message": string(), "code": string() })) },
             "retry_after": { "type": "integer" },
