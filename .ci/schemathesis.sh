@@ -85,6 +85,11 @@ ending=(
   delete_api_v1_users_me_sessions_session_id
   delete_api_v1_users_me
 )
+exclude_ending=() include_ending=()
+for op in "${ending[@]}"; do
+  exclude_ending+=(--exclude-operation-id "$op")
+  include_ending+=(--include-operation-id "$op")
+done
 common=(
   "$base/api/v1/openapi.json"
   --checks not_a_server_error,status_code_conformance,response_schema_conformance,content_type_conformance
@@ -103,18 +108,19 @@ status=0
 started=$(date +%s)
 log "pass 1: every route but those that end the session"
 token=$(login)
-timeout --kill-after=10 "$((budget * 2 / 3))" "$venv/bin/schemathesis" run "${common[@]}" \
+# Run from the temp dir: schemathesis keeps a cache (.schemathesis/) in its working directory.
+(cd "$work" && timeout --kill-after=10 "$((budget * 2 / 3))" "$venv/bin/schemathesis" run "${common[@]}" \
   -H "Authorization: Bearer $token" \
-  $(printf -- '--exclude-operation-id %s ' "${ending[@]}") \
+  "${exclude_ending[@]}") \
   || status=$?
 
 left=$((budget - ($(date +%s) - started)))
 [ "$left" -lt 60 ] && left=60
 log "pass 2: the routes that end the session ($left s left)"
 token=$(login)
-timeout --kill-after=10 "$left" "$venv/bin/schemathesis" run "${common[@]}" \
+(cd "$work" && timeout --kill-after=10 "$left" "$venv/bin/schemathesis" run "${common[@]}" \
   -H "Authorization: Bearer $token" \
-  $(printf -- '--include-operation-id %s ' "${ending[@]}") \
+  "${include_ending[@]}") \
   || status=$?
 
 if [ "$status" != 0 ]; then
