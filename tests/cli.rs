@@ -96,6 +96,23 @@ async fn cli_creates_users_that_can_sign_in(backend: Backend) {
         t.contains("--username") && t.contains("--email") && t.contains("--password"),
         "{t}"
     );
+    // The common-password rule holds for accounts made by hand too.
+    let out = devpocket(
+        &[
+            "user",
+            "create",
+            "--username",
+            "wendy",
+            "--email",
+            "wendy@example.com",
+            "--password",
+            "Qwerty123",
+        ],
+        &env,
+    );
+    assert!(!out.status.success());
+    let t = text(&out);
+    assert!(t.contains("--password") && t.contains("common"), "{t}");
     let out = devpocket(
         &[
             "user",
