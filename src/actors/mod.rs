@@ -325,12 +325,12 @@ impl Actors {
         session_id: &str,
         user_id: &str,
         request: session::TerminalRequest,
-    ) -> Result<crate::actors::terminal::Attachment, String> {
+    ) -> Result<crate::actors::terminal::Attachment, session::OpenError> {
         let Some(sup) = read_slot(&self.inner.sessions) else {
-            return Err("sessions are unavailable".into());
+            return Err(session::OpenError::Busy);
         };
         if !self.inner.sessions_pending.admit() {
-            return Err("the server is busy; try again shortly".into());
+            return Err(session::OpenError::Busy);
         }
         let (session_id, user_id) = (session_id.to_string(), user_id.to_string());
         match sup
@@ -346,10 +346,12 @@ impl Actors {
             .await
         {
             Ok(ractor::rpc::CallResult::Success(result)) => result,
-            Ok(_) => Err("the session did not answer".into()),
+            Ok(_) => Err(session::OpenError::Failed(anyhow::anyhow!(
+                "the session did not answer"
+            ))),
             Err(_) => {
                 self.inner.sessions_pending.handled(); // never delivered
-                Err("sessions are unavailable".into())
+                Err(session::OpenError::Busy)
             }
         }
     }

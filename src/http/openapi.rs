@@ -85,8 +85,9 @@ fn schemas() -> Value {
         "RefreshRequest": object(&["refresh_token"], json!({ "refresh_token": string() })),
         "ProfileUpdate": object(&[], json!({
             "full_name": nullable_string(), "username": string(), "avatar_url": nullable_string() })),
-        "PasswordChange": object(&["current_password", "new_password"], json!({
-            "current_password": string(), "new_password": string() })),
+        "PasswordChange": object(&["new_password"], json!({
+            "current_password": { "type": "string", "description": "required when the account has a password" },
+            "new_password": string() })),
         "DeleteAccountRequest": object(&[], json!({
             "password": { "type": "string", "description": "required when the account has a password" } })),
         "SessionList": object(&["sessions", "total"], json!({
@@ -264,20 +265,31 @@ pub fn error_statuses(route: &Route) -> Vec<(u16, &'static str)> {
         (502, "The provider refused (provider_refused)"),
     ];
     let handler: &[(u16, &'static str)] = match (method, route.path) {
-        ("POST", "/api/v1/auth/register") => &[(403, "Registration closed (registration_closed)")],
         ("POST", "/api/v1/auth/login") => &[
             (401, "Wrong username, e-mail or password"),
             (403, "Account disabled (account_disabled)"),
             (423, "Account locked after failed attempts (account_locked)"),
         ],
-        ("POST", "/api/v1/auth/google") => &[
-            (401, "Invalid Google token"),
-            (403, "Account disabled (account_disabled)"),
-        ],
         ("POST", "/api/v1/auth/refresh") => &[(401, "Invalid, expired or reused refresh token")],
-        ("POST", "/api/v1/users/me/password") | ("DELETE", "/api/v1/users/me") => {
-            &[(423, "Locked after failed attempts (account_locked)")]
+        ("DELETE", "/api/v1/users/me") => &[
+            (400, "`wrong_password`: the password is incorrect"),
+            (423, "Locked after failed attempts (account_locked)"),
+        ],
+        ("PUT", "/api/v1/users/me") => &[(400, "`username_taken`")],
+        ("POST", "/api/v1/auth/register") => &[
+            (400, "`email_taken` or `username_taken`"),
+            (403, "Registration closed (registration_closed)"),
+        ],
+        ("GET", "/api/v1/environments/{environment_id}/logs") => {
+            &[(400, "`invalid_since`: since is not an RFC 3339 time")]
         }
+        ("POST", "/api/v1/admin/actors/{actor_id}/crash") => &[
+            (400, "`not_supervised`: that actor cannot be crashed"),
+            (
+                403,
+                "Not on the admin plan, or fault injection is off (fault_injection_disabled)",
+            ),
+        ],
         ("POST", "/api/v1/environments") => &env_command,
         (
             _,
@@ -296,12 +308,23 @@ pub fn error_statuses(route: &Route) -> Vec<(u16, &'static str)> {
             409,
             "A built-in template cannot be deleted (builtin_template)",
         )],
-        ("POST", "/api/v1/admin/actors/{actor_id}/crash") => &[(403, "Fault injection is off")],
         _ => &[],
     };
-    for &(status, description) in handler {
-        if !out.iter().any(|(s, _)| *s == status) {
-            out.push((status, description));
+    // The handler's answers: those declared in the route table (`Route::errors`) win, then those
+    // known here; either replaces the generic description of the same status.
+    // Whether an entry already has a handler's description.
+    let mut specific = vec![false; out.len()];
+    for &(status, description) in route.errors.iter().chain(handler) {
+        match out.iter().position(|(s, _)| *s == status) {
+            Some(i) if !specific[i] => {
+                out[i].1 = description;
+                specific[i] = true;
+            }
+            Some(_) => {}
+            None => {
+                out.push((status, description));
+                specific.push(true);
+            }
         }
     }
     out.sort_by_key(|(s, _)| *s);
@@ -471,5 +494,38 @@ mod tests {
                 "TemplateInput lacks {field}"
             );
         }
+    }
+
+    #[test]
+    fn google_routes_document_every_answer() {
+        let doc = &*DOCUMENT;
+        let answers = |path: &str, method: &str| -> Vec<String> {
+            doc["paths"][path][method]["responses"]
+                .as_object()
+                .map(|r| r.keys().cloned().collect())
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            answers("/api/v1/users/me/google", "post"),
+            [
+                "200", "400", "401", "408", "409", "413", "422", "429", "503"
+            ]
+        );
+        assert_eq!(
+            answers("/api/v1/users/me/google", "delete"),
+            ["200", "400", "401", "408", "409", "413", "429", "503"]
+        );
+        assert_eq!(
+            answers("/api/v1/auth/google", "post"),
+            [
+                "200", "400", "401", "403", "408", "409", "413", "422", "423", "429", "503"
+            ]
+        );
+        let unlink = &doc["paths"]["/api/v1/users/me/google"]["delete"]["responses"]["409"];
+        assert!(
+            unlink["description"]
+                .as_str()
+                .is_some_and(|d| d.contains("last_sign_in_method"))
+        );
     }
 }

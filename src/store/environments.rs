@@ -353,7 +353,8 @@ pub enum CreateRefusal {
     PlanLimit { plan: Plan, limit: u32 },
     /// Another live environment of the user has this name.
     NameTaken,
-    /// The user no longer exists (deleted meanwhile).
+    /// The user no longer exists, or is being deleted (deactivated first, so that no environment
+    /// can be created behind account deletion's back).
     NoUser,
 }
 
@@ -370,7 +371,7 @@ pub async fn insert_checked(
     let (env, event) = (env.clone(), event.clone());
     macro_rules! checked_insert {
         ($c:ident, $plan:expr) => {{
-            let Some(plan) = $plan else {
+            let Some((plan, true)) = $plan else {
                 return Ok(Err(CreateRefusal::NoUser));
             };
             let plan = Plan::parse(&plan).unwrap_or(Plan::Free);
@@ -407,9 +408,9 @@ pub async fn insert_checked(
     }
     let result: Result<Result<(), CreateRefusal>, diesel::result::Error> = db_run!(conn: pg {
         conn.transaction(async |c| {
-            let plan: Option<String> = users::table
+            let plan: Option<(String, bool)> = users::table
                 .find(&env.user_id)
-                .select(users::subscription_plan)
+                .select((users::subscription_plan, users::is_active))
                 .for_update()
                 .first(c)
                 .await
@@ -419,9 +420,9 @@ pub async fn insert_checked(
         .await
     } sqlite {
         conn.immediate_transaction(async |c| {
-            let plan: Option<String> = users::table
+            let plan: Option<(String, bool)> = users::table
                 .find(&env.user_id)
-                .select(users::subscription_plan)
+                .select((users::subscription_plan, users::is_active))
                 .first(c)
                 .await
                 .optional()?;
