@@ -7,7 +7,6 @@
 
 mod support;
 
-use devpocket::config::ProviderKind;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use support::contabo_sim::{ContaboSim, SimConfig};
@@ -41,17 +40,8 @@ async fn deaf_environment(backend: Backend, write_timeout_seconds: u64) -> Deaf 
     let sim_config = SimConfig::default();
     let sim = ContaboSim::start(sim_config.clone()).await;
     let vps = FakeVps::start(&sim, FakeVpsConfig::default()).await;
-    let (api, auth, port) = (sim.api_url.clone(), sim.auth_url.clone(), vps.port);
-    let s = TestServer::start_with(backend, move |c| {
-        c.provider.kind = ProviderKind::Contabo;
-        c.contabo.api_url = api;
-        c.contabo.auth_url = auth;
-        c.contabo.client_id = sim_config.client_id;
-        c.contabo.client_secret = devpocket::config::Secret::new(sim_config.client_secret);
-        c.contabo.username = sim_config.username;
-        c.contabo.password = devpocket::config::Secret::new(sim_config.password);
-        c.contabo.ssh_port = port;
-        c.contabo.retry_base_ms = 5;
+    let s = TestServer::start_with(backend, |c| {
+        support::contabo_sim::use_simulator(c, &sim, &sim_config, vps.port);
         c.terminals.write_timeout_seconds = write_timeout_seconds;
     })
     .await;

@@ -2528,3 +2528,22 @@ fn prune(tokens: &mut HashMap<String, Issued>, now: Instant) {
         tokens.remove(&key);
     }
 }
+
+/// Point a server's configuration at this simulator (and the fake VPS on `ssh_port`), with fast
+/// retries: the Contabo set-up every Contabo test starts from.
+pub fn use_simulator(
+    c: &mut devpocket::config::Config,
+    sim: &ContaboSim,
+    config: &SimConfig,
+    ssh_port: u16,
+) {
+    c.provider.kind = devpocket::config::ProviderKind::Contabo;
+    c.contabo.api_url = sim.api_url.clone();
+    c.contabo.auth_url = sim.auth_url.clone();
+    c.contabo.client_id = config.client_id.clone();
+    c.contabo.client_secret = devpocket::config::Secret::new(config.client_secret.clone());
+    c.contabo.username = config.username.clone();
+    c.contabo.password = devpocket::config::Secret::new(config.password.clone());
+    c.contabo.ssh_port = ssh_port;
+    c.contabo.retry_base_ms = 5;
+}
