@@ -1,5 +1,5 @@
 //! The Terminal actor: one per open terminal, a child of the user's session actor. It owns an SSH
-//! connection to the environment with a PTY running `tmux new-session -A -s devpocket_<env>`, a
+//! connection to the environment with a PTY running `tmux -u new-session -A -s devpocket_<env>` (UTF-8 whatever the locale), a
 //! bounded output ring, and the currently attached WebSocket (at most one).
 //!
 //! Ownership — state lives in one task, everything else talks to it by message; no lock is
@@ -206,7 +206,13 @@ impl Drop for TerminalState {
 
 /// The command the PTY runs: tmux keeps the shell alive across disconnects.
 pub fn tmux_command(environment_id: &str) -> String {
-    format!("tmux new-session -A -s devpocket_{environment_id}")
+    // UTF-8 by construction, whatever the server's or the SSH server's environment says (a
+    // service manager often gives no LANG, and an SSH server may refuse environment requests):
+    // tmux `-u` draws UTF-8 whatever the locale, and `C.UTF-8` (on every stock Debian/Ubuntu)
+    // is the shell's locale in a new session.
+    format!(
+        "env LANG=C.UTF-8 LC_CTYPE=C.UTF-8 tmux -u new-session -A -s devpocket_{environment_id}"
+    )
 }
 
 /// Connect and open the PTY, each step bounded by the target's connect timeout.
