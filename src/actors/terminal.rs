@@ -1,6 +1,7 @@
 //! The Terminal actor: one per open terminal, a child of the user's session actor. It owns an SSH
-//! connection to the environment with a PTY running `tmux -u new-session -A -s devpocket_<env>` (UTF-8 whatever the locale), a
-//! bounded output ring, and the currently attached WebSocket (at most one).
+//! connection to the environment with a PTY running `tmux -u new-session -A -s devpocket_<env>`
+//! (UTF-8 whatever the locale), a bounded output ring, and the currently attached WebSocket (at
+//! most one).
 //!
 //! Ownership — state lives in one task, everything else talks to it by message; no lock is
 //! shared and none is held across an `.await`:
