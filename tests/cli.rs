@@ -274,6 +274,8 @@ impl Served {
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("DEVPOCKET_SERVER__BIND", "127.0.0.1:0")
+            // As root the default would be /var/lib/devpocket-workspaces: keep tests in the tempdir.
+            .env("DEVPOCKET_LOCAL__WORKSPACES_DIR", dir.join("workspaces"))
             .env("DEVPOCKET_LOG__FORMAT", "json")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
