@@ -236,7 +236,7 @@ async fn accept_loop(
         let (authed_tx, authed_rx) = oneshot::channel();
         let handler = ConnectionHandler {
             authorizer: authorizer.clone(),
-            spec: None,
+            identity: None,
             authed: Some(authed_tx),
             channels: HashMap::new(),
             done: done.clone(),
@@ -303,8 +303,9 @@ async fn serve_connection(
 /// Per-connection russh handler: authentication, channel bookkeeping, request replies.
 struct ConnectionHandler {
     authorizer: Arc<dyn Authorizer>,
-    /// Set by successful authentication.
-    spec: Option<Arc<SessionSpec>>,
+    /// Set by successful authentication: who signed in. Every new channel asks the authorizer
+    /// again, so a stopped environment's open connections cannot start programs any more.
+    identity: Option<(String, PublicKey)>,
     authed: Option<oneshot::Sender<()>>,
     channels: HashMap<ChannelId, ChannelEntry>,
     done: mpsc::Sender<()>,
@@ -343,7 +344,7 @@ impl server::Handler for ConnectionHandler {
             return Ok(Auth::reject());
         };
         tracing::debug!(user, workdir = %spec.workdir.display(), "local SSH: authenticated");
-        self.spec = Some(Arc::new(spec));
+        self.identity = Some((user.to_string(), key.public_key.clone()));
         if let Some(authed) = self.authed.take() {
             let _ = authed.send(());
         }
@@ -356,9 +357,15 @@ impl server::Handler for ConnectionHandler {
         reply: server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let Some(spec) = self.spec.clone() else {
-            return Ok(()); // dropping `reply` refuses the channel
+        // Dropping `reply` refuses the channel.
+        let Some((user, key)) = &self.identity else {
+            return Ok(());
         };
+        let Some(spec) = self.authorizer.authorize(user, key) else {
+            tracing::info!(user, "local SSH: no longer authorized; channel refused");
+            return Ok(());
+        };
+        let spec = Arc::new(spec);
         self.channels
             .retain(|_, entry| Arc::strong_count(&entry.alive) > 1);
         if self.channels.len() >= MAX_CHANNELS_PER_CONNECTION {
