@@ -129,6 +129,13 @@ pub fn ensure_account(name: &str, home: &Path, shell: &Path) -> std::io::Result<
         }
         return Ok(account);
     }
+    // Checked under the lock: once a workspace is gone, no account is made for it any more.
+    if !home.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("home {} of {name} does not exist", home.display()),
+        ));
+    }
     let useradd = tool("useradd")?;
     let code = run_locked(
         &useradd,
@@ -152,6 +159,12 @@ pub fn ensure_account(name: &str, home: &Path, shell: &Path) -> std::io::Result<
     lookup(name)?
         .map(|(account, _)| account)
         .ok_or_else(|| std::io::Error::other(format!("useradd {name} left no account behind")))
+}
+
+/// Wait until no account is being created or removed in this process (an account creation
+/// that has not started yet will find its home first).
+pub fn settle() {
+    drop(lock());
 }
 
 /// Kill everything the account `name` runs and remove it. A missing account is not an error.

@@ -185,6 +185,9 @@ impl Default for Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
+        // The workspaces go first: a server still winding down cannot make an account for a
+        // workspace that is gone (the provider does not recreate its root).
+        let _ = std::fs::remove_dir_all(self.dir.path().join("workspaces"));
         sweep_accounts(self.dir.path());
     }
 }
@@ -192,6 +195,8 @@ impl Drop for Scratch {
 /// Kill and remove every environment account whose home is under `dir`; returns their names.
 pub fn sweep_accounts(dir: &Path) -> Vec<String> {
     use devpocket::provider::sandbox;
+    // A server winding down may be creating one right now; later ones find no home.
+    sandbox::settle();
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     let mut removed = Vec::new();
     for line in passwd.lines() {
