@@ -788,6 +788,37 @@ mod tests {
     }
 
     #[test]
+    fn local_sandbox_settings_are_checked() {
+        let c = Config::defaults();
+        assert!(!c.local.shared_account, "secure by default");
+        assert_eq!(
+            c.local.workspaces_root(true),
+            PathBuf::from("/var/lib/devpocket-workspaces")
+        );
+        assert_eq!(
+            c.local.workspaces_root(false),
+            PathBuf::from("./workspaces")
+        );
+        let mut c = Config::defaults();
+        c.local.max_processes = 3;
+        c.local.max_memory_mb = 10;
+        c.local.workspaces_dir = c.server.data_dir.join("workspaces");
+        let problems = c.problems().join("\n");
+        for key in [
+            "local.max_processes",
+            "local.max_memory_mb",
+            "local.workspaces_dir",
+        ] {
+            assert!(problems.contains(key), "{key}: {problems}");
+        }
+        c.local.workspaces_dir = PathBuf::from("/srv/ws");
+        c.local.max_processes = 64;
+        c.local.max_memory_mb = 0;
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        assert_eq!(c.local.workspaces_root(true), PathBuf::from("/srv/ws"));
+    }
+
+    #[test]
     fn structured_env_overrides_win_over_plain_names() {
         let c = Config::load(
             None,

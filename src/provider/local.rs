@@ -833,6 +833,61 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sessions_run_with_default_signals_and_limits() {
+        let mut config = crate::config::Config::defaults().local;
+        config.max_processes = 100;
+        config.max_memory_mb = 64;
+        let argv = |mode| {
+            wrapper(&config, mode)
+                .expect("tools")
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+        };
+        let accounts = argv(Mode::Accounts);
+        assert!(accounts[0].ends_with("/env"), "{accounts:?}");
+        assert_eq!(accounts[1], "--default-signal");
+        assert!(accounts[2].ends_with("/prlimit"), "{accounts:?}");
+        assert_eq!(
+            &accounts[3..],
+            ["--nproc=100", "--data=67108864", "--"],
+            "{accounts:?}"
+        );
+        // Without an account of its own, RLIMIT_NPROC would count the server's threads.
+        let single = argv(Mode::Single);
+        assert!(
+            !single.iter().any(|a| a.starts_with("--nproc")),
+            "{single:?}"
+        );
+        assert!(
+            single.contains(&"--data=67108864".to_string()),
+            "{single:?}"
+        );
+        // The prefix really runs a program under the limits.
+        let mut command = std::process::Command::new(&accounts[0]);
+        command.args(&accounts[1..]).args(["sh", "-c", "ulimit -d"]);
+        let out = command.output().expect("runs");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "65536");
+        // Signals the spawning process ignored (here SIGINT and SIGQUIT) are default again.
+        let prefix = accounts[..3].join(" ");
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "trap '' INT QUIT; exec {prefix} grep '^SigIgn' /proc/self/status"
+            ))
+            .output()
+            .expect("runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let ignored = text
+            .trim()
+            .strip_prefix("SigIgn:")
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .expect("SigIgn line");
+        // Signals 1-31 (32 and 33 belong to glibc, which keeps any program from changing them).
+        assert_eq!(ignored & 0x7fff_ffff, 0, "{text}");
+    }
+
+    #[test]
     fn the_account_metrics_command_runs_here() {
         let script = ACCOUNT_METRICS_COMMAND
             .trim_start_matches("sh -c '")

@@ -336,6 +336,30 @@ mod tests {
     }
 
     #[test]
+    fn kill_marked_ends_the_processes_of_one_environment_only() {
+        let id = format!("test-{}", uuid::Uuid::new_v4());
+        let spawn = |marker: &str| {
+            Command::new("sleep")
+                .arg("1000")
+                .env("DEVPOCKET_ENVIRONMENT_ID", marker)
+                .spawn()
+                .expect("sleep")
+        };
+        let mut marked = spawn(&id);
+        let mut other = spawn(&format!("{id}-other"));
+        kill_marked(&id).expect("kill");
+        let status = marked.wait().expect("wait");
+        assert!(!status.success(), "killed: {status}");
+        assert_eq!(
+            other.try_wait().expect("try_wait"),
+            None,
+            "the other one still runs"
+        );
+        let _ = other.kill();
+        let _ = other.wait();
+    }
+
+    #[test]
     fn lookup_finds_root() {
         let (root, home) = lookup("root").expect("passwd").expect("root exists");
         assert_eq!((root.uid, root.gid), (0, 0));
