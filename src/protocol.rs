@@ -44,33 +44,162 @@ enum Wire {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BadFrame(pub String);
 
-/// Decode one text frame.
+/// Marks a UTF-16 surrogate escape (`\uD800`–`\uDFFF`) that JSON text carried unpaired: it is
+/// rewritten before parsing as this noncharacter followed by the four hex digits, so the parsed
+/// string still says where the half was and [`InputDecoder`] can join it with its other half.
+const SURROGATE_MARK: char = '\u{FDD0}';
+
+/// Rewrite every surrogate escape that is not part of a valid pair (`\uD83D\uDE00` stays) as
+/// [`SURROGATE_MARK`] + hex, which serde_json accepts. Escaped backslashes are skipped.
+fn mark_lone_surrogates(text: &str) -> std::borrow::Cow<'_, str> {
+    fn escape_at(bytes: &[u8], i: usize) -> Option<u16> {
+        if bytes.get(i) != Some(&b'\\') || bytes.get(i + 1) != Some(&b'u') {
+            return None;
+        }
+        let hex = std::str::from_utf8(bytes.get(i + 2..i + 6)?).ok()?;
+        u16::from_str_radix(hex, 16).ok()
+    }
+    let is_high = |u: u16| (0xD800..0xDC00).contains(&u);
+    let is_low = |u: u16| (0xDC00..0xE000).contains(&u);
+    let bytes = text.as_bytes();
+    if !text.contains("\\u") {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    let mut copied = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        match escape_at(bytes, i) {
+            Some(u) if is_high(u) && escape_at(bytes, i + 6).is_some_and(is_low) => i += 12,
+            Some(u) if is_high(u) || is_low(u) => {
+                out.push_str(&text[copied..i]);
+                out.push_str(&format!("\\u{:04x}{u:04x}", SURROGATE_MARK as u32));
+                i += 6;
+                copied = i;
+            }
+            _ => i += 2, // any other escape, including `\\`
+        }
+    }
+    out.push_str(&text[copied..]);
+    out.into()
+}
+
+/// Decodes one terminal connection's frames, keeping what must carry from one frame to the next:
+/// a high surrogate that ended an input frame (a client that split an emoji across two frames)
+/// waits for its low half; a surrogate that finds no other half becomes U+FFFD.
+#[derive(Debug, Default)]
+pub struct InputDecoder {
+    pending_high: Option<u16>,
+}
+
+impl InputDecoder {
+    /// Decode one text frame. Text that is not a JSON object is input (the app's raw fallback);
+    /// text that is, or starts like one (`{"`), must be a valid message or it is refused — never
+    /// typed into the shell.
+    pub fn decode(&mut self, text: &str) -> Result<ClientFrame, BadFrame> {
+        match decode_frame(text)? {
+            ClientFrame::Input(data) => Ok(ClientFrame::Input(self.join(&data))),
+            other => Ok(other),
+        }
+    }
+
+    /// Resolve the surrogate marks of an input string, carrying a trailing high half.
+    fn join(&mut self, data: &str) -> String {
+        let mut out = String::with_capacity(data.len());
+        let mut chars = data.chars().peekable();
+        let mut units: Vec<u16> = self.pending_high.take().into_iter().collect();
+        loop {
+            let unit = match chars.peek() {
+                Some(&SURROGATE_MARK) => {
+                    let mut lookahead = chars.clone();
+                    lookahead.next();
+                    let hex: String = lookahead.by_ref().take(4).collect();
+                    match u16::from_str_radix(&hex, 16) {
+                        Ok(u) if hex.len() == 4 && (0xD800..0xE000).contains(&u) => {
+                            chars = lookahead;
+                            Some(u)
+                        }
+                        _ => None,
+                    }
+                }
+                _ => None,
+            };
+            match unit {
+                Some(u) => units.push(u),
+                None => match chars.next() {
+                    Some(c) => {
+                        flush_units(&mut units, &mut out);
+                        out.push(c);
+                    }
+                    None => break,
+                },
+            }
+        }
+        // A high half at the very end waits for the next frame.
+        if let Some(&last) = units.last()
+            && (0xD800..0xDC00).contains(&last)
+        {
+            units.pop();
+            self.pending_high = Some(last);
+        }
+        flush_units(&mut units, &mut out);
+        out
+    }
+}
+
+/// Decode collected UTF-16 surrogate units: pairs become their character, lone halves U+FFFD.
+fn flush_units(units: &mut Vec<u16>, out: &mut String) {
+    out.extend(char::decode_utf16(units.drain(..)).map(|r| r.unwrap_or('\u{FFFD}')));
+}
+
+/// Decode one text frame on its own (no state across frames; see [`InputDecoder`]).
 pub fn decode(text: &str) -> Result<ClientFrame, BadFrame> {
+    InputDecoder::default().decode(text)
+}
+
+fn decode_frame(text: &str) -> Result<ClientFrame, BadFrame> {
     let trimmed = text.trim_start();
     if !trimmed.starts_with('{') {
         // Not JSON: the app's fallback is raw input.
         return Ok(ClientFrame::Input(text.to_string()));
     }
-    let value: serde_json::Value = match serde_json::from_str(trimmed) {
-        Ok(v) => v,
-        Err(_) => return Ok(ClientFrame::Input(text.to_string())),
+    let marked = mark_lone_surrogates(trimmed);
+    let value: serde_json::Value = match serde_json::from_str(&marked) {
+        Ok(v @ serde_json::Value::Object(_)) => v,
+        // Starts like a message but is not one: refused, never typed into the shell.
+        _ if trimmed.starts_with("{\"") => {
+            return Err(BadFrame("malformed message: not valid JSON".into()));
+        }
+        _ => return Ok(ClientFrame::Input(text.to_string())),
     };
-    let kind = value.get("type").and_then(|t| t.as_str()).unwrap_or("");
-    match serde_json::from_value::<Wire>(value.clone()) {
+    let kind = match value.get("type") {
+        Some(serde_json::Value::String(kind)) => kind.clone(),
+        Some(_) => {
+            return Err(BadFrame(
+                "malformed message: 'type' must be a string".into(),
+            ));
+        }
+        None => return Err(BadFrame("malformed message: no 'type'".into())),
+    };
+    match serde_json::from_value::<Wire>(value) {
         Ok(Wire::Input { data }) => Ok(ClientFrame::Input(data)),
         Ok(Wire::Resize { cols, rows }) => {
             if cols < 1 || rows < 1 {
                 return Err(BadFrame(format!("invalid terminal size {cols}x{rows}")));
             }
             Ok(ClientFrame::Resize {
-                cols: (cols as u64).min(u64::from(MAX_COLS)) as u32,
-                rows: (rows as u64).min(u64::from(MAX_ROWS)) as u32,
+                cols: cols.min(i64::from(MAX_COLS)) as u32,
+                rows: rows.min(i64::from(MAX_ROWS)) as u32,
             })
         }
         Ok(Wire::Ping) => Ok(ClientFrame::Ping),
         Ok(Wire::Ack { offset }) => Ok(ClientFrame::Ack { offset }),
-        Err(_) if ["input", "resize", "ack"].contains(&kind) => {
-            Err(BadFrame(format!("malformed '{kind}' message")))
+        Err(e) if ["input", "resize", "ack", "ping"].contains(&kind.as_str()) => {
+            Err(BadFrame(format!("malformed '{kind}' message: {e}")))
         }
         Err(_) => Err(BadFrame(format!("unknown message type '{kind}'"))),
     }
@@ -86,8 +215,11 @@ pub struct EnvironmentInfo {
 }
 
 /// An environment's status change, the same on every stream: its new `status`, the
-/// `status_version` it was persisted with (monotonic per environment: a client drops what it
-/// has seen), `progress` (0–100 within the phase), a human `message` and when (RFC 3339 UTC).
+/// `status_version` it was persisted with, `progress` (0–100 within the phase), a human
+/// `message` and when (RFC 3339 UTC). `status_version` grows by one with every change of
+/// `status`; progress within one status keeps the version and only grows `progress`. So
+/// `(status_version, progress)` only ever increases: a client drops a frame not above the last
+/// one it has.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct EnvironmentStatus {
     pub environment_id: String,
@@ -216,6 +348,11 @@ mod tests {
             decode("{not json"),
             Ok(ClientFrame::Input("{not json".into()))
         );
+        assert_eq!(
+            decode("{ echo hi; }"),
+            Ok(ClientFrame::Input("{ echo hi; }".into())),
+            "shell text that is not JSON stays input"
+        );
         assert_eq!(decode(r#"{"type":"ping"}"#), Ok(ClientFrame::Ping));
         assert_eq!(
             decode(r#"{"type":"ack","offset":42}"#),
@@ -234,6 +371,72 @@ mod tests {
         let err = decode(r#"{"type":"launch_missiles"}"#).expect_err("unknown");
         assert!(err.0.contains("launch_missiles"));
         assert!(decode(r#"{"type":"input"}"#).is_err());
+    }
+
+    /// A frame that is (or starts like) a JSON message but is not a valid one is refused, never
+    /// typed into the shell.
+    #[test]
+    fn invalid_messages_are_refused_not_typed() {
+        for text in [
+            r#"{"type":"input","data":5}"#,
+            r#"{"type":"input","data":null}"#,
+            r#"{"type":"resize","cols":80.5,"rows":24}"#,
+            r#"{"type":"resize","cols":99999999999999999999,"rows":24}"#,
+            r#"{"type":"ack","offset":-1}"#,
+            r#"{"type":"ping","extra":"fine"}"#,
+            r#"{"type":7}"#,
+            r#"{"data":"rm -rf /"}"#,
+            r#"{"type":"input","data":"x""#,
+            r#"{"type":"teleport"}"#,
+            r#"[1,2,3]"#,
+        ] {
+            match decode(text) {
+                Err(_) => {}
+                Ok(ClientFrame::Input(data)) if !text.starts_with('{') => {
+                    assert_eq!(data, text, "non-object JSON text is plain input");
+                }
+                Ok(ClientFrame::Ping) if text.contains("ping") => {}
+                other => panic!("{text} must be refused, got {other:?}"),
+            }
+        }
+    }
+
+    /// An emoji split across two input frames as UTF-16 halves arrives whole; a half that finds
+    /// no partner becomes U+FFFD; valid pairs in one frame are untouched.
+    #[test]
+    fn split_surrogates_are_joined_and_lone_ones_replaced() {
+        let mut d = InputDecoder::default();
+        assert_eq!(
+            d.decode(r#"{"type":"input","data":"a\ud83d"}"#),
+            Ok(ClientFrame::Input("a".into()))
+        );
+        assert_eq!(
+            d.decode(r#"{"type":"input","data":"\ude00b"}"#),
+            Ok(ClientFrame::Input("\u{1F600}b".into()))
+        );
+        let mut d = InputDecoder::default();
+        assert_eq!(
+            d.decode(r#"{"type":"input","data":"\ud83d\ude00"}"#),
+            Ok(ClientFrame::Input("\u{1F600}".into()))
+        );
+        assert_eq!(
+            d.decode(r#"{"type":"input","data":"x\ude00y"}"#),
+            Ok(ClientFrame::Input("x\u{FFFD}y".into()))
+        );
+        assert_eq!(
+            d.decode(r#"{"type":"input","data":"\ud83d"}"#),
+            Ok(ClientFrame::Input(String::new()))
+        );
+        assert_eq!(
+            d.decode(r#"{"type":"input","data":"z"}"#),
+            Ok(ClientFrame::Input("\u{FFFD}z".into())),
+            "a high half followed by no low half"
+        );
+        assert_eq!(
+            d.decode(r#"{"type":"input","data":"back\\ud83d"}"#),
+            Ok(ClientFrame::Input("back\\ud83d".into())),
+            "an escaped backslash is not an escape"
+        );
     }
 
     fn at() -> DateTime<Utc> {

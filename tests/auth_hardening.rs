@@ -629,7 +629,7 @@ async fn a_locked_account_stays_locked_for_google(backend: Backend) {
         c.auth.lockout_minutes = 2;
     })
     .await;
-    s.register("sam").await;
+    let registrant = s.register("sam").await;
     for _ in 0..5 {
         assert_eq!(
             s.login("sam", "Wrong1234").await.0,
@@ -643,8 +643,20 @@ async fn a_locked_account_stays_locked_for_google(backend: Backend) {
     let (status, body) = google(s.now_ts()).await;
     assert_eq!(status, StatusCode::LOCKED, "{body}");
     assert_eq!(body["code"], "account_locked");
+    // Refused before anything changed: nothing was claimed.
+    assert_eq!(
+        s.get("/api/v1/auth/me", registrant.token()).await.0,
+        StatusCode::OK
+    );
+    assert!(audit_events(&s, "account_claimed").await.is_empty());
     s.clock.advance(Duration::seconds(121));
     let (status, body) = google(s.now_ts()).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    // Unlocked, the unverified account is claimed.
+    assert_eq!(audit_events(&s, "account_claimed").await.len(), 1);
+    assert_eq!(
+        s.get("/api/v1/auth/me", registrant.token()).await.0,
+        StatusCode::UNAUTHORIZED
+    );
     s.stop().await;
 }

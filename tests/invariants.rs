@@ -16,6 +16,7 @@ on_both_backends!(
     parallel_renames_to_one_name_leave_one_owner,
     the_store_refuses_a_second_live_name,
     names_duplicated_before_the_upgrade_are_resolved_by_the_migration,
+    creates_racing_account_deletion_leave_nothing_behind,
 );
 
 /// Send `bodies` as parallel creates; the (status, body) of each.
@@ -220,4 +221,66 @@ async fn names_duplicated_before_the_upgrade_are_resolved_by_the_migration(backe
     );
     drop(conn);
     db.close();
+}
+
+/// Creates that race an account deletion are either deleted with the account or refused: once
+/// the deletion has answered, nothing of the account runs (no environment actor, no store row).
+async fn creates_racing_account_deletion_leave_nothing_behind(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let admin = s.admin("ops").await;
+    let me = s.register("leaver").await;
+    s.make_plan("leaver", Plan::Pro).await;
+    s.create_env(&me, "first", "ubuntu").await;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let done = AtomicBool::new(false);
+    let created = AtomicUsize::new(0);
+    let creator = |lane: usize| {
+        let (s, me, done, created) = (&s, &me, &done, &created);
+        async move {
+            let mut mine = 0;
+            for i in 0..3 {
+                if done.load(Ordering::Relaxed) {
+                    break;
+                }
+                let body = json!({ "name": format!("race-{lane}-{i}"), "template": "ubuntu" });
+                let (status, _) = s.post("/api/v1/environments", me.token(), body).await;
+                if status == StatusCode::CREATED {
+                    created.fetch_add(1, Ordering::Relaxed);
+                    mine += 1;
+                }
+            }
+            mine
+        }
+    };
+    let deleter = async {
+        // Delete while creates are landing: after the first ones, with others in flight.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        while created.load(Ordering::Relaxed) < 2 && tokio::time::Instant::now() < deadline {
+            tokio::task::yield_now().await;
+        }
+        let (status, body) = s
+            .send(
+                s.request(Method::DELETE, "/api/v1/users/me", me.token())
+                    .json(&json!({ "password": support::PASSWORD })),
+            )
+            .await;
+        done.store(true, Ordering::Relaxed);
+        (status, body)
+    };
+    let (a, b, c, (status, body)) = tokio::join!(creator(0), creator(1), creator(2), deleter);
+    assert_eq!(status, StatusCode::OK, "{body}");
+    eprintln!("created while deleting: {}", a + b + c);
+    let user_id = me.user_id.clone();
+    s.wait_tree(&admin, "no actor of the deleted account", |tree| {
+        !tree.to_string().contains(&user_id)
+    })
+    .await;
+    let app = &s.running().app;
+    let mut conn = app.db.get().await.expect("conn");
+    let live = devpocket::store::environments::live_ids_for_user(&mut conn, &user_id)
+        .await
+        .expect("query");
+    assert!(live.is_empty(), "{live:?}");
+    drop(conn);
+    s.stop().await;
 }

@@ -25,6 +25,10 @@ use session::SessionsMsg;
 const CRASH_REPLY_TIMEOUT: StdDuration = StdDuration::from_secs(5);
 /// How long a request waits for an environment actor to take a command.
 const COMMAND_TIMEOUT: StdDuration = StdDuration::from_secs(10);
+/// How long a create may take: validation, key generation (queued behind other creates on a busy
+/// machine) and the insert. Generous, because a caller that gave up would not learn that its
+/// environment was made after all.
+const CREATE_TIMEOUT: StdDuration = StdDuration::from_secs(60);
 /// Ended session ids kept for slow WebSocket streams before they lag; a stream that lags checks
 /// its session in the store instead, so nothing is missed, only looked up.
 const SESSION_ENDS_CAPACITY: usize = 256;
@@ -43,10 +47,19 @@ async fn call_actor<M: ractor::Message, T: Send + 'static>(
     pending: &Pending,
     msg: impl FnOnce(ractor::RpcReplyPort<T>) -> M,
 ) -> Result<T, EnvUnavailable> {
+    call_actor_within(actor, pending, COMMAND_TIMEOUT, msg).await
+}
+
+async fn call_actor_within<M: ractor::Message, T: Send + 'static>(
+    actor: &ActorRef<M>,
+    pending: &Pending,
+    timeout: StdDuration,
+    msg: impl FnOnce(ractor::RpcReplyPort<T>) -> M,
+) -> Result<T, EnvUnavailable> {
     if !pending.admit() {
         return Err(EnvUnavailable);
     }
-    match actor.call(msg, Some(COMMAND_TIMEOUT)).await {
+    match actor.call(msg, Some(timeout)).await {
         Ok(ractor::rpc::CallResult::Success(value)) => Ok(value),
         Ok(_) => Err(EnvUnavailable),
         Err(_) => {
@@ -178,9 +191,12 @@ impl Actors {
             Command::Create(new) => {
                 let sup = read_slot(&self.inner.environments).ok_or(CommandError::Busy)?;
                 let new = Box::new(new);
-                call_actor(&sup, &self.inner.environments_pending, |reply| {
-                    EnvironmentsMsg::Create { new, reply }
-                })
+                call_actor_within(
+                    &sup,
+                    &self.inner.environments_pending,
+                    CREATE_TIMEOUT,
+                    |reply| EnvironmentsMsg::Create { new, reply },
+                )
                 .await
                 .map_err(|_| CommandError::Busy)?
             }
@@ -192,10 +208,33 @@ impl Actors {
                 let Some((actor, pending)) = self.ensure_environment(&id).await? else {
                     return command.when_terminated();
                 };
-                call_actor(&actor, &pending, |reply| EnvMsg::Command { command, reply })
-                    .await
-                    .map_err(|_| CommandError::Busy)?
+                let verb = command.verb();
+                match call_actor(&actor, &pending, |reply| EnvMsg::Command { command, reply }).await
+                {
+                    Ok(reply) => reply,
+                    // It may have just ended (terminated actors stop themselves): the store says.
+                    Err(EnvUnavailable) => self.unreachable_environment(&id, verb).await,
+                }
             }
+        }
+    }
+
+    /// An environment's actor did not take a command: terminated meanwhile (409, as for any
+    /// command on a terminated environment) or busy/restarting (503).
+    async fn unreachable_environment(
+        &self,
+        id: &str,
+        verb: &'static str,
+    ) -> Result<Reply, CommandError> {
+        let mut conn = self.inner.env_deps.db.get().await?;
+        match crate::store::environments::get(&mut conn, id).await? {
+            Some(row) if row.status.is_final() => {
+                Err(CommandError::InvalidState(environment::machine::Rejected {
+                    status: row.status,
+                    verb,
+                }))
+            }
+            _ => Err(CommandError::Busy),
         }
     }
 
@@ -325,12 +364,12 @@ impl Actors {
         session_id: &str,
         user_id: &str,
         request: session::TerminalRequest,
-    ) -> Result<crate::actors::terminal::Attachment, String> {
+    ) -> Result<crate::actors::terminal::Attachment, session::OpenError> {
         let Some(sup) = read_slot(&self.inner.sessions) else {
-            return Err("sessions are unavailable".into());
+            return Err(session::OpenError::Busy);
         };
         if !self.inner.sessions_pending.admit() {
-            return Err("the server is busy; try again shortly".into());
+            return Err(session::OpenError::Busy);
         }
         let (session_id, user_id) = (session_id.to_string(), user_id.to_string());
         match sup
@@ -346,10 +385,12 @@ impl Actors {
             .await
         {
             Ok(ractor::rpc::CallResult::Success(result)) => result,
-            Ok(_) => Err("the session did not answer".into()),
+            Ok(_) => Err(session::OpenError::Failed(anyhow::anyhow!(
+                "the session did not answer"
+            ))),
             Err(_) => {
                 self.inner.sessions_pending.handled(); // never delivered
-                Err("sessions are unavailable".into())
+                Err(session::OpenError::Busy)
             }
         }
     }

@@ -6,6 +6,8 @@
 //! restart policy and leaves it down past it, recording the failure for ops.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration as StdDuration;
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
@@ -14,7 +16,25 @@ use tokio::time::Instant;
 use super::directory::{
     ChildExit, ChildRestarts, Directory, Pending, RestartDecision, RestartPolicy, child_exit,
 };
-use crate::actors::terminal::{Attachment, TerminalActor, TerminalArgs, TerminalMsg};
+use crate::actors::terminal::{Attachment, Stats, TerminalActor, TerminalArgs, TerminalMsg};
+
+/// Why a terminal could not be opened or resumed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("this session has ended")]
+    SessionEnded,
+    /// The session holds this many terminals already (`terminals.max_terminals_per_session`).
+    #[error(
+        "too many open terminals in this session ({0}); close some or let detached ones expire"
+    )]
+    TooMany(usize),
+    /// A mailbox on the way is full, or the session is restarting: try again shortly.
+    #[error("the server is busy; try again shortly")]
+    Busy,
+    /// Connecting to the environment or starting the terminal failed.
+    #[error("{0:#}")]
+    Failed(anyhow::Error),
+}
 
 /// What a WebSocket asks for when it opens a terminal.
 pub struct TerminalRequest {
@@ -27,6 +47,17 @@ pub struct TerminalRequest {
     /// Terminals (attached or in their grace period) this session may hold at once; each holds
     /// an SSH connection and an output ring.
     pub max_terminals: usize,
+    /// The size the client asked for (`cols` and `rows` both given): applied on resume too.
+    pub size: Option<(u32, u32)>,
+}
+
+/// A terminal of this session.
+struct HeldTerminal {
+    actor: ActorRef<TerminalMsg>,
+    environment_id: String,
+    stats: Arc<Stats>,
+    /// Start order: the newest detached terminal is re-attached, the oldest evicted.
+    seq: u64,
 }
 
 pub const SUPERVISOR_ID: &str = "sessions";
@@ -44,13 +75,14 @@ pub enum SessionMsg {
     /// Attach a WebSocket to a terminal of this session, creating the terminal if needed.
     OpenTerminal {
         request: Box<TerminalRequest>,
-        reply: RpcReplyPort<Result<Attachment, String>>,
+        reply: RpcReplyPort<Result<Attachment, OpenError>>,
     },
     /// A terminal started on a task is up (`Some`) or failed to start (`None`).
     TerminalStarted {
         terminal_id: String,
         environment_id: String,
         actor: Option<ActorRef<TerminalMsg>>,
+        stats: Arc<Stats>,
     },
     /// The session ended (logout, revocation, password change): close its terminals, then stop.
     Shutdown(String),
@@ -75,7 +107,9 @@ pub struct SessionArgs {
 pub struct SessionState {
     args: SessionArgs,
     last_activity: Instant,
-    terminals: HashMap<String, (ActorRef<TerminalMsg>, String)>, // id → (actor, environment id)
+    terminals: HashMap<String, HeldTerminal>,
+    /// Counts terminal starts (for [`HeldTerminal::seq`]).
+    started: u64,
     /// Terminals being started on a task, counted against the session's bound.
     opening: usize,
     /// Shutting down: stop once the last terminal has closed.
@@ -96,35 +130,51 @@ impl SessionState {
         &mut self,
         myself: &ActorRef<SessionMsg>,
         request: Box<TerminalRequest>,
-        reply: RpcReplyPort<Result<Attachment, String>>,
+        reply: RpcReplyPort<Result<Attachment, OpenError>>,
     ) {
         if self.closing.is_some() {
-            let _ = reply.send(Err("this session has ended".into()));
+            let _ = reply.send(Err(OpenError::SessionEnded));
             return;
         }
         let env_id = request.args.environment.id.clone();
+        let size = request.size;
         let existing = request
             .terminal_id
             .as_ref()
             .and_then(|id| self.terminals.get(id))
-            .filter(|(_, env)| *env == env_id)
-            .map(|(actor, _)| actor.clone());
+            .filter(|t| t.environment_id == env_id)
+            .map(|t| t.actor.clone());
         if let Some(actor) = existing {
             tokio::spawn(async move {
-                let _ = reply.send(attach(&actor, request.offset, false).await);
+                let _ = reply.send(attach(&actor, request.offset, size, false, false).await);
             });
             return;
         }
+        // The app reconnects without a terminal id: give it back this session's newest detached
+        // terminal on the environment, repainted (it has nothing on its screen), instead of
+        // piling up terminals that wait out their grace period.
+        if request.terminal_id.is_none()
+            && let Some(actor) = self.newest_detached(&env_id)
+        {
+            tokio::spawn(async move {
+                let _ = reply.send(attach(&actor, None, size, true, false).await);
+            });
+            return;
+        }
+        // At the cap: the oldest detached terminal makes room (nobody is refused because of
+        // their own abandoned terminals); only attached ones count against a refusal.
+        if self.terminals.len() + self.opening >= request.max_terminals {
+            self.evict_oldest_detached();
+        }
         let held = self.terminals.len() + self.opening;
         if held >= request.max_terminals {
-            let _ = reply.send(Err(format!(
-                "too many open terminals in this session ({held}); close some or let detached ones expire"
-            )));
+            let _ = reply.send(Err(OpenError::TooMany(held)));
             return;
         }
         self.opening += 1;
         let expired = request.terminal_id.is_some();
         let args = request.args;
+        let stats = args.stats.clone();
         let terminal_id = args.terminal_id.clone();
         let directory = args.directory.clone();
         let directory_id = args.directory_id.clone();
@@ -151,8 +201,9 @@ impl SessionState {
                         terminal_id,
                         environment_id: env_id,
                         actor: None,
+                        stats,
                     });
-                    let _ = reply.send(Err(e.to_string()));
+                    let _ = reply.send(Err(OpenError::Failed(anyhow::anyhow!("{e}"))));
                     return;
                 }
             };
@@ -160,25 +211,52 @@ impl SessionState {
                 terminal_id,
                 environment_id: env_id,
                 actor: Some(actor.clone()),
+                stats,
             });
             if registered.is_err() {
                 // The session ended while the terminal was starting.
                 actor.stop(Some("session ended".into()));
                 directory.remove(&directory_id);
-                let _ = reply.send(Err("this session has ended".into()));
+                let _ = reply.send(Err(OpenError::SessionEnded));
                 return;
             }
             // A new terminal streams from its very first byte (tmux's first screen).
-            let _ = reply.send(attach(&actor, Some(0), expired).await);
+            let _ = reply.send(attach(&actor, Some(0), None, false, expired).await);
         });
     }
 
     /// A terminal started off the handler reports in (or failed to start).
+    /// This session's most recently started terminal on `environment_id` that no WebSocket holds.
+    fn newest_detached(&self, environment_id: &str) -> Option<ActorRef<TerminalMsg>> {
+        self.terminals
+            .values()
+            .filter(|t| t.environment_id == environment_id)
+            .filter(|t| !t.stats.attached.load(Ordering::Relaxed))
+            .max_by_key(|t| t.seq)
+            .map(|t| t.actor.clone())
+    }
+
+    /// Close the oldest terminal no WebSocket holds (its grace period cut short).
+    fn evict_oldest_detached(&mut self) {
+        let oldest = self
+            .terminals
+            .iter()
+            .filter(|(_, t)| !t.stats.attached.load(Ordering::Relaxed))
+            .min_by_key(|(_, t)| t.seq)
+            .map(|(id, _)| id.clone());
+        if let Some(held) = oldest.and_then(|id| self.terminals.remove(&id)) {
+            tracing::debug!(session = %self.args.session_id, "evicting the oldest detached terminal");
+            held.actor
+                .stop(Some("evicted: the session opened a newer terminal".into()));
+        }
+    }
+
     fn terminal_started(
         &mut self,
         terminal_id: String,
         environment_id: String,
         actor: Option<ActorRef<TerminalMsg>>,
+        stats: Arc<Stats>,
     ) {
         self.opening = self.opening.saturating_sub(1);
         let Some(actor) = actor else {
@@ -194,19 +272,35 @@ impl SessionState {
                 .remove(&crate::terminal::directory_id(&terminal_id));
             return;
         }
-        self.terminals.insert(terminal_id, (actor, environment_id));
+        self.started += 1;
+        let held = HeldTerminal {
+            actor,
+            environment_id,
+            stats,
+            seq: self.started,
+        };
+        self.terminals.insert(terminal_id, held);
     }
 }
 
 /// Attach a WebSocket to a terminal actor (waiting for it, within a bound).
+/// Attach a WebSocket: from `offset` (`None`: from now), at `size` if given, with a full
+/// repaint when asked (a client with an empty screen).
 async fn attach(
     actor: &ActorRef<TerminalMsg>,
     offset: Option<u64>,
+    size: Option<(u32, u32)>,
+    repaint: bool,
     expired: bool,
-) -> Result<Attachment, String> {
+) -> Result<Attachment, OpenError> {
     let reply = actor
         .call(
-            |reply| TerminalMsg::Attach { offset, reply },
+            |reply| TerminalMsg::Attach {
+                offset,
+                size,
+                repaint,
+                reply,
+            },
             Some(ATTACH_TIMEOUT),
         )
         .await;
@@ -219,7 +313,9 @@ async fn attach(
             }
             Ok(attachment)
         }
-        _ => Err("the terminal did not answer".into()),
+        _ => Err(OpenError::Failed(anyhow::anyhow!(
+            "the terminal did not answer"
+        ))),
     }
 }
 
@@ -240,6 +336,7 @@ impl Actor for UserSession {
             args,
             last_activity: Instant::now(),
             terminals: HashMap::new(),
+            started: 0,
             opening: 0,
             closing: None,
         })
@@ -265,6 +362,7 @@ impl Actor for UserSession {
                 terminal_id,
                 environment_id,
                 actor,
+                stats,
             } => {
                 let closing = state.closing.is_some();
                 if let (true, Some(actor)) = (closing, &actor) {
@@ -274,7 +372,7 @@ impl Actor for UserSession {
                         reason: "Session ended".into(),
                     });
                 }
-                state.terminal_started(terminal_id, environment_id, actor);
+                state.terminal_started(terminal_id, environment_id, actor, stats);
                 if closing && state.terminals.is_empty() && state.opening == 0 {
                     myself.stop(state.closing.take());
                 }
@@ -282,7 +380,10 @@ impl Actor for UserSession {
             SessionMsg::Shutdown(reason) => {
                 state.args.pending.handled();
                 // Terminals first, so each WebSocket gets 1008 "Session ended"; then stop.
-                for (terminal, _) in state.terminals.values() {
+                for HeldTerminal {
+                    actor: terminal, ..
+                } in state.terminals.values()
+                {
                     let _ = terminal.cast(TerminalMsg::Close {
                         code: 1008,
                         reason: "Session ended".into(),
@@ -334,7 +435,7 @@ impl Actor for UserSession {
         let gone: Vec<String> = state
             .terminals
             .iter()
-            .filter(|(_, (actor, _))| actor.get_id() == id)
+            .filter(|(_, t)| t.actor.get_id() == id)
             .map(|(tid, _)| tid.clone())
             .collect();
         for terminal_id in gone {
@@ -371,7 +472,7 @@ pub enum SessionsMsg {
         session_id: String,
         user_id: String,
         request: Box<TerminalRequest>,
-        reply: RpcReplyPort<Result<Attachment, String>>,
+        reply: RpcReplyPort<Result<Attachment, OpenError>>,
     },
     /// Fault injection: make one session actor panic. Replies whether it existed.
     Crash {
@@ -527,15 +628,16 @@ impl Actor for SessionsSupervisor {
                 if !state.children.contains_key(&session_id) {
                     let now = state.args.directory.now();
                     if state.restarts.is_down(&session_id, now) {
-                        let _ =
-                            reply.send(Err("this session is down after repeated failures".into()));
+                        let _ = reply.send(Err(OpenError::Failed(anyhow::anyhow!(
+                            "this session is down after repeated failures"
+                        ))));
                         return Ok(());
                     }
                     state.spawn_child(&myself, &session_id, &user_id).await?;
                 }
                 match state.children.get(&session_id) {
                     Some(child) if !child.pending.admit() => {
-                        let _ = reply.send(Err("this session is busy; try again shortly".into()));
+                        let _ = reply.send(Err(OpenError::Busy));
                     }
                     Some(child) => {
                         let _ = child
@@ -543,7 +645,7 @@ impl Actor for SessionsSupervisor {
                             .cast(SessionMsg::OpenTerminal { request, reply });
                     }
                     None => {
-                        let _ = reply.send(Err("no session actor".into()));
+                        let _ = reply.send(Err(OpenError::Busy));
                     }
                 }
             }

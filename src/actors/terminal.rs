@@ -100,8 +100,12 @@ pub struct Stats {
 }
 
 pub enum TerminalMsg {
+    /// Attach a WebSocket from `offset` (`None`: from now); resize to `size` if given; repaint
+    /// the whole screen if asked (or if the bytes after `offset` are gone).
     Attach {
         offset: Option<u64>,
+        size: Option<(u32, u32)>,
+        repaint: bool,
         reply: RpcReplyPort<Attachment>,
     },
     Detached {
@@ -122,7 +126,7 @@ pub enum TerminalMsg {
     /// A reconnect attempt finished (connecting runs on a task, off this actor).
     Reconnected {
         attempt: u32,
-        result: Result<Box<Opened>, String>,
+        result: anyhow::Result<Box<Opened>>,
     },
     /// The environment changed status.
     EnvironmentStatus(EnvironmentStatus),
@@ -211,10 +215,11 @@ async fn connect(
     environment_id: &str,
     cols: u32,
     rows: u32,
-) -> Result<Opened, String> {
+) -> anyhow::Result<Opened> {
+    use anyhow::Context;
     let client = SshClient::connect(target)
         .await
-        .map_err(|e| format!("cannot connect to the environment: {e}"))?;
+        .context("cannot connect to the environment")?;
     let open = async {
         let has_tmux = client
             .exec("command -v tmux", 1024)
@@ -225,13 +230,13 @@ async fn connect(
         let pty = client
             .open_pty(TERM, cols, rows, command.as_deref())
             .await
-            .map_err(|e| format!("cannot open a terminal: {e}"))?;
-        Ok::<_, String>((pty, has_tmux))
+            .context("cannot open a terminal")?;
+        Ok::<_, anyhow::Error>((pty, has_tmux))
     };
     let (pty, has_tmux) = tokio::time::timeout(target.connect_timeout, open)
         .await
         .map_err(|_| {
-            "cannot open a terminal: the environment did not answer in time".to_string()
+            anyhow::anyhow!("cannot open a terminal: the environment did not answer in time")
         })??;
     Ok(Opened {
         client,
@@ -256,7 +261,7 @@ impl TerminalState {
     }
 
     /// Take a new connection: keep its client, hand its PTY to the channel task.
-    fn adopt(&mut self, opened: Opened) -> Result<(), String> {
+    fn adopt(&mut self, opened: Opened) -> anyhow::Result<()> {
         let Opened {
             client,
             pty,
@@ -276,7 +281,7 @@ impl TerminalState {
                 reader,
                 writer,
             })
-            .map_err(|_| "the terminal's channel task is not answering".to_string())
+            .map_err(|_| anyhow::anyhow!("the terminal's channel task is not answering"))
     }
 
     fn reconnect(&mut self, myself: &ActorRef<TerminalMsg>, attempt: u32) {
@@ -303,6 +308,8 @@ enum Control {
         connection: u64,
         frames: mpsc::Sender<Out>,
         offset: Option<u64>,
+        size: Option<(u32, u32)>,
+        repaint: bool,
         attachment: Box<Attachment>,
         reply: RpcReplyPort<Attachment>,
     },
@@ -536,11 +543,19 @@ async fn channel_task(
         tokio::select! {
             biased;
             msg = control.recv() => match msg {
-                Some(Control::Attach { connection, frames, offset, attachment, reply }) => {
-                    if ch.attach(connection, frames, offset, attachment, reply) && writer.is_some() {
-                        // Make tmux repaint the whole screen: a size change forces a redraw.
+                Some(Control::Attach { connection, frames, offset, size, repaint, attachment, reply }) => {
+                    let redraw = ch.attach(connection, frames, offset, attachment, reply) || repaint;
+                    // The client's size wins on attach (a phone rotated while away).
+                    let resized = size.filter(|s| *s != ch.size);
+                    if let Some(size) = resized {
+                        ch.size = size;
+                    }
+                    if writer.is_some() && (redraw || resized.is_some()) {
                         let (cols, rows) = ch.size;
-                        local.push_back(In::Resize { cols, rows: rows.saturating_sub(1).max(1) });
+                        if resized.is_none() {
+                            // Make tmux repaint the whole screen: a size change forces a redraw.
+                            local.push_back(In::Resize { cols, rows: rows.saturating_sub(1).max(1) });
+                        }
                         local.push_back(In::Resize { cols, rows });
                     }
                 }
@@ -648,7 +663,10 @@ impl Actor for TerminalActor {
     ) -> Result<Self::State, ActorProcessingErr> {
         args.cols = args.cols.max(1);
         args.rows = args.rows.max(1);
-        let opened = connect(&args.target, &args.environment.id, args.cols, args.rows).await?;
+        // The whole chain of causes goes into the startup error (the client sees it).
+        let opened = connect(&args.target, &args.environment.id, args.cols, args.rows)
+            .await
+            .map_err(|e| format!("{e:#}"))?;
         let (input, input_rx) = mpsc::channel(INPUT_QUEUE);
         let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let channel = Channel {
@@ -696,7 +714,7 @@ impl Actor for TerminalActor {
             connecting: None,
             args,
         };
-        state.adopt(opened)?;
+        state.adopt(opened).map_err(|e| format!("{e:#}"))?;
         Ok(state)
     }
 
@@ -707,7 +725,12 @@ impl Actor for TerminalActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            TerminalMsg::Attach { offset, reply } => {
+            TerminalMsg::Attach {
+                offset,
+                size,
+                repaint,
+                reply,
+            } => {
                 state.next_connection += 1;
                 let connection = state.next_connection;
                 let (frames_tx, frames) = mpsc::channel(CLIENT_QUEUE);
@@ -729,6 +752,8 @@ impl Actor for TerminalActor {
                     connection,
                     frames: frames_tx.clone(),
                     offset,
+                    size,
+                    repaint,
                     attachment,
                     reply,
                 });
@@ -808,7 +833,7 @@ impl Actor for TerminalActor {
                     Ok(()) => state.notify(ServerFrame::info("Reconnected")),
                     Err(e) if attempt >= state.args.reconnect_attempts => {
                         state.notify(ServerFrame::error(format!(
-                            "Could not reconnect to the environment: {e}"
+                            "Could not reconnect to the environment: {e:#}"
                         )));
                         state.close_sink(1011, "Environment unreachable");
                         myself.stop(Some("reconnect attempts exhausted".into()));

@@ -37,6 +37,22 @@ use router::{Access, ROUTER, RouteMatch};
 
 pub type Body = Full<Bytes>;
 
+/// TCP keepalive on every accepted socket: a phone that vanished (network switch, tunnel) without
+/// a FIN is found within about `TCP_KEEPALIVE_IDLE + 3 × TCP_KEEPALIVE_INTERVAL`, and NAT
+/// mappings in between see traffic even when the WebSocket is quiet.
+const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+fn set_keepalive(stream: &tokio::net::TcpStream) {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(TCP_KEEPALIVE_IDLE)
+        .with_interval(TCP_KEEPALIVE_INTERVAL)
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "could not set TCP keepalive");
+    }
+}
+
 /// Longest `X-Request-Id` taken from a client; longer or odd ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
 /// After a body proves too large, read and discard at most this much more so the client sees the
@@ -230,6 +246,7 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                set_keepalive(&stream);
                 let stream = Held::new(stream, permit, slot);
                 connections.spawn(serve_connection(
                     app.clone(),

@@ -82,8 +82,9 @@ fn schemas() -> Value {
         "RefreshRequest": object(&["refresh_token"], json!({ "refresh_token": string() })),
         "ProfileUpdate": object(&[], json!({
             "full_name": nullable_string(), "username": string(), "avatar_url": nullable_string() })),
-        "PasswordChange": object(&["current_password", "new_password"], json!({
-            "current_password": string(), "new_password": string() })),
+        "PasswordChange": object(&["new_password"], json!({
+            "current_password": { "type": "string", "description": "required when the account has a password" },
+            "new_password": string() })),
         "DeleteAccountRequest": object(&[], json!({
             "password": { "type": "string", "description": "required when the account has a password" } })),
         "SessionList": object(&["sessions", "total"], json!({
@@ -216,6 +217,10 @@ fn operation(route: &super::router::Route, schemas: &Value) -> Value {
             error_response("Rate limited; see Retry-After"),
         );
     }
+    // Route-specific answers last: their descriptions are the more precise.
+    for (code, description) in route.errors {
+        responses.insert(code.to_string(), error_response(description));
+    }
     let mut op = json!({
         "summary": route.summary,
         "tags": [route.tag],
@@ -284,5 +289,34 @@ mod tests {
                 "dangling ref {name}"
             );
         }
+    }
+
+    #[test]
+    fn google_routes_document_every_answer() {
+        let doc = &*DOCUMENT;
+        let answers = |path: &str, method: &str| -> Vec<String> {
+            doc["paths"][path][method]["responses"]
+                .as_object()
+                .map(|r| r.keys().cloned().collect())
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            answers("/api/v1/users/me/google", "post"),
+            ["200", "401", "409", "422", "429", "503"]
+        );
+        assert_eq!(
+            answers("/api/v1/users/me/google", "delete"),
+            ["200", "401", "409", "429"]
+        );
+        assert_eq!(
+            answers("/api/v1/auth/google", "post"),
+            ["200", "401", "403", "409", "422", "423", "429", "503"]
+        );
+        let unlink = &doc["paths"]["/api/v1/users/me/google"]["delete"]["responses"]["409"];
+        assert!(
+            unlink["description"]
+                .as_str()
+                .is_some_and(|d| d.contains("last_sign_in_method"))
+        );
     }
 }

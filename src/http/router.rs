@@ -40,6 +40,10 @@ pub struct Route {
     pub query: &'static [(&'static str, &'static str)],
     /// Success status and the response schema name (or a description).
     pub ok: (u16, &'static str),
+    /// Route-specific error answers: (status, description naming the `code`s). The generic ones
+    /// (422 for a body or query, 401 for a token, 403 admin, 429 rate) are added by the OpenAPI
+    /// generator from the other fields.
+    pub errors: &'static [(u16, &'static str)],
     /// A WebSocket endpoint: upgraded, authenticated by `?token=`.
     pub websocket: Option<super::ws::WsKind>,
 }
@@ -73,6 +77,7 @@ fn route(
         body,
         query: &[],
         ok,
+        errors: &[],
         websocket: None,
     }
 }
@@ -196,17 +201,41 @@ fn routes() -> Vec<Route> {
             Some("LoginRequest"),
             (200, "AuthResponse"),
         ),
-        route(
-            post.clone(),
-            "/api/v1/auth/google",
-            handler!(auth::google),
-            Public,
-            Credentials,
-            "auth",
-            "Sign in with a Google ID token",
-            Some("GoogleRequest"),
-            (200, "AuthResponse"),
-        ),
+        Route {
+            errors: &[
+                (
+                    401,
+                    "Invalid Google token, or (`unauthorized`) its e-mail is not verified by Google and it matches no linked account",
+                ),
+                (
+                    403,
+                    "`account_disabled`, or `registration_closed` when a new account would be created",
+                ),
+                (
+                    409,
+                    "`google_already_linked`: the verified account with this e-mail is linked to a different Google account; `google_linked_elsewhere`: linked to another account meanwhile",
+                ),
+                (
+                    423,
+                    "`account_locked` (with Retry-After), checked before anything is linked or claimed",
+                ),
+                (
+                    503,
+                    "`google_not_configured`, or `google_unavailable` when Google's keys cannot be fetched",
+                ),
+            ],
+            ..route(
+                post.clone(),
+                "/api/v1/auth/google",
+                handler!(auth::google),
+                Public,
+                Credentials,
+                "auth",
+                "Sign in with a Google ID token. Matches by Google id, else by the e-mail when Google verified it: an account whose e-mail we verified is linked; one whose e-mail we never verified is claimed (its password removed, every session revoked, e-mail marked verified, audited as account_claimed); else a new account is created",
+                Some("GoogleRequest"),
+                (200, "AuthResponse"),
+            )
+        },
         route(
             post.clone(),
             "/api/v1/auth/refresh",
@@ -273,17 +302,66 @@ fn routes() -> Vec<Route> {
             Some("DeleteAccountRequest"),
             (200, "Message"),
         ),
-        route(
-            post.clone(),
-            "/api/v1/users/me/password",
-            handler!(users::change_password),
-            User,
-            Api,
-            "users",
-            "Change password; every other session ends",
-            Some("PasswordChange"),
-            (200, "Message"),
-        ),
+        Route {
+            errors: &[
+                (400, "`wrong_password`: current_password is incorrect"),
+                (409, "`invalid_state`: the password was changed meanwhile"),
+                (423, "`account_locked`: too many wrong current passwords"),
+                (503, "`auth_busy`: the password hashing queue is full"),
+            ],
+            ..route(
+                post.clone(),
+                "/api/v1/users/me/password",
+                handler!(users::change_password),
+                User,
+                Api,
+                "users",
+                "Change the password (current_password required), or set one on an account that has none (a Google account); every other session ends",
+                Some("PasswordChange"),
+                (200, "Message"),
+            )
+        },
+        Route {
+            errors: &[
+                (401, "Invalid Google token (or the session has ended)"),
+                (
+                    409,
+                    "`google_linked_elsewhere`: that Google account is linked to another account; `google_already_linked`: this account has a different one (unlink it first)",
+                ),
+                (
+                    503,
+                    "`google_not_configured`, or `google_unavailable` when Google's keys cannot be fetched",
+                ),
+            ],
+            ..route(
+                post.clone(),
+                "/api/v1/users/me/google",
+                handler!(users::link_google),
+                User,
+                Api,
+                "users",
+                "Link a Google account (by ID token) to this account; the e-mail is marked verified when it is the account's and Google verified it. Linking the same one again answers 200",
+                Some("GoogleRequest"),
+                (200, "UserResponse"),
+            )
+        },
+        Route {
+            errors: &[(
+                409,
+                "`last_sign_in_method`: the account has no password, so unlinking would leave no way to sign in (set a password first); `google_not_linked`: none is linked",
+            )],
+            ..route(
+                delete.clone(),
+                "/api/v1/users/me/google",
+                handler!(users::unlink_google),
+                User,
+                Api,
+                "users",
+                "Unlink the Google account",
+                None,
+                (200, "UserResponse"),
+            )
+        },
         route(
             get.clone(),
             "/api/v1/users/me/sessions",

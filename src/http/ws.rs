@@ -19,7 +19,6 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::broadcast;
 use tokio_tungstenite::WebSocketStream;
@@ -90,7 +89,9 @@ impl Drop for ConnectionSlot {
     }
 }
 
-#[derive(Deserialize, Default)]
+/// The query of a WebSocket route. Each parameter is decoded on its own, so a malformed optional
+/// one is named in the refusal instead of hiding the token ([`WsQuery::parse`]).
+#[derive(Default, Debug)]
 struct WsQuery {
     token: Option<String>,
     terminal_id: Option<String>,
@@ -98,6 +99,46 @@ struct WsQuery {
     cols: Option<u32>,
     rows: Option<u32>,
     follow: Option<bool>,
+}
+
+impl WsQuery {
+    /// Decode `token`, `terminal_id`, `offset`, `cols`, `rows` and `follow` each on its own;
+    /// `Err` names the first malformed one (unknown parameters are ignored, the last of a
+    /// repeated one wins).
+    fn parse(query: &str) -> Result<Self, String> {
+        fn number<T: std::str::FromStr>(name: &str, value: &str) -> Result<Option<T>, String> {
+            match value {
+                "" => Ok(None),
+                v => v.parse().map(Some).map_err(|_| name.to_string()),
+            }
+        }
+        let pairs: Vec<(String, String)> =
+            serde_urlencoded::from_str(query).map_err(|_| "the query string".to_string())?;
+        let mut q = WsQuery::default();
+        for (name, value) in pairs {
+            match name.as_str() {
+                "token" => q.token = Some(value),
+                "terminal_id" if value.is_empty() => q.terminal_id = None,
+                "terminal_id" => {
+                    uuid::Uuid::parse_str(&value).map_err(|_| name.clone())?;
+                    q.terminal_id = Some(value);
+                }
+                "offset" => q.offset = number(&name, &value)?,
+                "cols" => q.cols = number(&name, &value)?,
+                "rows" => q.rows = number(&name, &value)?,
+                "follow" => {
+                    q.follow = match value.as_str() {
+                        "" => None,
+                        "true" | "1" => Some(true),
+                        "false" | "0" => Some(false),
+                        _ => return Err(name),
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(q)
+    }
 }
 
 fn bad_upgrade() -> ApiError {
@@ -128,8 +169,7 @@ pub fn upgrade(
     let (true, true, Some(key)) = (is_upgrade, version_ok, key) else {
         return Err(bad_upgrade());
     };
-    let query: WsQuery =
-        serde_urlencoded::from_str(req.uri().query().unwrap_or("")).unwrap_or_default();
+    let query = WsQuery::parse(req.uri().query().unwrap_or(""));
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(&mut req);
     let app = app.clone();
@@ -225,9 +265,16 @@ async fn run(
     mut ws: Ws,
     kind: WsKind,
     env_id: String,
-    query: WsQuery,
+    query: Result<WsQuery, String>,
     audit: AuditContext,
 ) {
+    let query = match query {
+        Ok(query) => query,
+        Err(bad) => {
+            close(&mut ws, 1008, &format!("Invalid query parameter: {bad}")).await;
+            return;
+        }
+    };
     let Some((user, _slot)) = admit(&app, &mut ws, &query).await else {
         return;
     };
@@ -263,6 +310,15 @@ async fn terminal(
         return;
     }
     let cfg = &app.config.terminals;
+    // Feedback for the person while SSH connects (up to the connect timeout on a slow machine).
+    if !send(
+        &mut ws,
+        &ServerFrame::info(format!("Connecting to {}…", env.name)),
+    )
+    .await
+    {
+        return;
+    }
     let target = match app.actors.ssh_target(&env.id).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
@@ -320,6 +376,12 @@ async fn terminal(
             on_close: Some(on_close),
         },
         max_terminals: cfg.max_terminals_per_session,
+        size: query.cols.zip(query.rows).map(|(cols, rows)| {
+            (
+                cols.clamp(1, protocol::MAX_COLS),
+                rows.clamp(1, protocol::MAX_ROWS),
+            )
+        }),
     };
     let attachment = match app
         .actors
@@ -327,6 +389,10 @@ async fn terminal(
         .await
     {
         Ok(a) => a,
+        Err(crate::actors::session::OpenError::Busy) => {
+            close(&mut ws, 1013, "Server busy, try again").await;
+            return;
+        }
         Err(e) => {
             let _ = send(
                 &mut ws,
@@ -404,12 +470,13 @@ async fn bridge(
     let mut last_heard = tokio::time::Instant::now();
     let mut closing = closed.clone();
     let mut backlog = InputBacklog::default();
+    let mut decoder = protocol::InputDecoder::default();
     while ok {
         tokio::select! {
             msg = ws.next() => {
                 last_heard = tokio::time::Instant::now();
                 match msg {
-                    Some(Ok(Message::Text(text))) => match protocol::decode(text.as_str()) {
+                    Some(Ok(Message::Text(text))) => match decoder.decode(text.as_str()) {
                         Ok(ClientFrame::Input(data)) => {
                             app.limits.terminal_input(user_id, data.len()).await;
                             match backlog.forward(&input, In::Data(data.into_bytes())) {

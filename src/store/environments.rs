@@ -353,7 +353,8 @@ pub enum CreateRefusal {
     PlanLimit { plan: Plan, limit: u32 },
     /// Another live environment of the user has this name.
     NameTaken,
-    /// The user no longer exists (deleted meanwhile).
+    /// The user no longer exists, or is being deleted (deactivated first, so that no environment
+    /// can be created behind account deletion's back).
     NoUser,
 }
 
@@ -370,7 +371,7 @@ pub async fn insert_checked(
     let (env, event) = (env.clone(), event.clone());
     macro_rules! checked_insert {
         ($c:ident, $plan:expr) => {{
-            let Some(plan) = $plan else {
+            let Some((plan, true)) = $plan else {
                 return Ok(Err(CreateRefusal::NoUser));
             };
             let plan = Plan::parse(&plan).unwrap_or(Plan::Free);
@@ -407,9 +408,9 @@ pub async fn insert_checked(
     }
     let result: Result<Result<(), CreateRefusal>, diesel::result::Error> = db_run!(conn: pg {
         conn.transaction(async |c| {
-            let plan: Option<String> = users::table
+            let plan: Option<(String, bool)> = users::table
                 .find(&env.user_id)
-                .select(users::subscription_plan)
+                .select((users::subscription_plan, users::is_active))
                 .for_update()
                 .first(c)
                 .await
@@ -419,9 +420,9 @@ pub async fn insert_checked(
         .await
     } sqlite {
         conn.immediate_transaction(async |c| {
-            let plan: Option<String> = users::table
+            let plan: Option<(String, bool)> = users::table
                 .find(&env.user_id)
-                .select(users::subscription_plan)
+                .select((users::subscription_plan, users::is_active))
                 .first(c)
                 .await
                 .optional()?;
@@ -434,6 +435,49 @@ pub async fn insert_checked(
         Err(e) if is_name_violation(&e) => Ok(Err(CreateRefusal::NameTaken)),
         Err(e) => Err(e),
     }
+}
+
+/// The checks of [`insert_checked`] without its transaction: a fast refusal before the costly
+/// part of a create. Only a hint — the insert checks again where it holds.
+pub async fn precheck(
+    conn: &mut DbConn,
+    user_id: &str,
+    name: &str,
+) -> StoreResult<Option<CreateRefusal>> {
+    let (plan, active, live, same_name): (Option<String>, Option<bool>, i64, i64) = db_run!(conn: {
+        let user: Option<(String, bool)> = users::table
+            .find(user_id)
+            .select((users::subscription_plan, users::is_active))
+            .first(conn)
+            .await
+            .optional()?;
+        let live: i64 = environments::table
+            .filter(environments::user_id.eq(user_id))
+            .filter(environments::status.ne(Status::Terminated))
+            .count()
+            .get_result(conn)
+            .await?;
+        let same_name: i64 = environments::table
+            .filter(environments::user_id.eq(user_id))
+            .filter(environments::name.eq(name))
+            .filter(environments::status.ne(Status::Terminated))
+            .count()
+            .get_result(conn)
+            .await?;
+        (user.as_ref().map(|u| u.0.clone()), user.map(|u| u.1), live, same_name)
+    });
+    let (Some(plan), Some(true)) = (plan, active) else {
+        return Ok(Some(CreateRefusal::NoUser));
+    };
+    let plan = Plan::parse(&plan).unwrap_or(Plan::Free);
+    let limit = plan.max_environments();
+    Ok(if live >= i64::from(limit) {
+        Some(CreateRefusal::PlanLimit { plan, limit })
+    } else if same_name > 0 {
+        Some(CreateRefusal::NameTaken)
+    } else {
+        None
+    })
 }
 
 /// The live environments of a user (what account deletion must delete first).

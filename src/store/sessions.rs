@@ -81,6 +81,65 @@ pub async fn create(conn: &mut DbConn, session: &Session, token_hash: &str) -> S
     Ok(())
 }
 
+/// Create a session (as [`create`]) only if the user's password is still `password_hash` — the
+/// hash a login just verified. Checked and written in one transaction holding the user's row
+/// (PostgreSQL `FOR UPDATE`, SQLite `BEGIN IMMEDIATE`): a login racing a Google claim either
+/// finishes first (and the claim revokes its session) or finds the password gone. False when the
+/// password changed (nothing is written).
+pub async fn create_if_password(
+    conn: &mut DbConn,
+    session: &Session,
+    token_hash: &str,
+    password_hash: &str,
+) -> StoreResult<bool> {
+    use diesel_async::AsyncConnection;
+    let token = (
+        refresh_tokens::token_hash.eq(token_hash),
+        refresh_tokens::session_id.eq(&session.id),
+        refresh_tokens::created_at.eq(session.created_at),
+    );
+    macro_rules! insert_if {
+        ($c:ident, $current:expr) => {{
+            let current: Option<Option<String>> = $current;
+            if current.flatten().as_deref() != Some(password_hash) {
+                return Ok(false);
+            }
+            diesel::insert_into(sessions::table)
+                .values(session)
+                .execute($c)
+                .await?;
+            diesel::insert_into(refresh_tokens::table)
+                .values(token)
+                .execute($c)
+                .await?;
+            Ok(true)
+        }};
+    }
+    let created: Result<bool, diesel::result::Error> = db_run!(conn: pg {
+        conn.transaction(async |c| {
+            insert_if!(c, users::table
+                .find(&session.user_id)
+                .select(users::password_hash)
+                .for_update()
+                .first(c)
+                .await
+                .optional()?)
+        })
+        .await
+    } sqlite {
+        conn.immediate_transaction(async |c| {
+            insert_if!(c, users::table
+                .find(&session.user_id)
+                .select(users::password_hash)
+                .first(c)
+                .await
+                .optional()?)
+        })
+        .await
+    });
+    Ok(created?)
+}
+
 /// A session with its user, whatever its state.
 pub async fn with_user(conn: &mut DbConn, id: &str) -> StoreResult<Option<(Session, User)>> {
     Ok(db_run!(conn: {

@@ -40,6 +40,15 @@ pub async fn open_terminal(s: &TestServer, me: &Session, env: &str, extra: &str)
         &format!("/api/v1/ws/terminal/{env}?token={}{extra}", me.access),
     )
     .await;
+    // Feedback while SSH connects comes first (the app ignores it), then the welcome.
+    let connecting = next_json(&mut ws).await.expect("connecting");
+    assert_eq!(connecting["type"], "info", "{connecting}");
+    assert!(
+        connecting["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("Connecting to ")),
+        "{connecting}"
+    );
     let welcome = next_json(&mut ws).await.expect("welcome");
     assert_eq!(welcome["type"], "welcome", "{welcome}");
     (ws, welcome)

@@ -192,6 +192,10 @@ pub enum CommandError {
     /// The provider refused or is unreachable (502 / 503).
     #[error(transparent)]
     Provider(#[from] ProviderError),
+    /// The store failed: unavailable (pool exhausted, database down: 503 `database_unavailable`)
+    /// or a query error (500).
+    #[error(transparent)]
+    Store(crate::store::StoreError),
     /// Anything else: logged, answered 500 without detail.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -199,6 +203,6 @@ pub enum CommandError {
 
 impl From<crate::store::StoreError> for CommandError {
     fn from(e: crate::store::StoreError) -> Self {
-        Self::Internal(e.into())
+        Self::Store(e)
     }
 }

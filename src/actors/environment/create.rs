@@ -67,7 +67,21 @@ struct Keys {
     password_hash: String,
 }
 
+/// Creates generating keys at once: one per core, so a burst of creates queues here instead of
+/// starving every other request of CPU.
+fn keygen_slots() -> &'static tokio::sync::Semaphore {
+    static SLOTS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    SLOTS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        tokio::sync::Semaphore::new(cores)
+    })
+}
+
 async fn make_keys(deps: &EnvDeps, password: Option<String>) -> Result<Keys, CommandError> {
+    let _slot = keygen_slots()
+        .acquire()
+        .await
+        .map_err(|e| anyhow::anyhow!("key generation closed: {e}"))?;
     let provider = deps.provider.clone();
     let made = tokio::task::spawn_blocking(move || -> anyhow::Result<Keys> {
         let user_key = crate::ssh::keys::generate_ed25519();
@@ -119,6 +133,14 @@ pub async fn create(deps: &EnvDeps, new: NewEnvironment) -> Result<Environment, 
         return Err(CommandError::Invalid(errors));
     };
 
+    // A cheap look first, so a refused create (a double-tap) costs no key generation; the insert
+    // checks again in its transaction, which is what holds.
+    {
+        let mut conn = deps.db.get().await?;
+        if let Some(refusal) = store::precheck(&mut conn, &new.user_id, &new.name).await? {
+            return Err(refused(refusal, new.name));
+        }
+    }
     let id = uuid::Uuid::new_v4().to_string();
     let keys = make_keys(deps, new.user_password).await?;
     let seal = |secret: &str| deps.sealer.seal(secret.as_bytes(), &id);
@@ -171,10 +193,14 @@ pub async fn create(deps: &EnvDeps, new: NewEnvironment) -> Result<Environment, 
     let mut conn = deps.db.get().await?;
     match store::insert_checked(&mut conn, &env, &event).await? {
         Ok(()) => Ok(env),
-        Err(CreateRefusal::PlanLimit { plan, limit }) => {
-            Err(CommandError::PlanLimit { plan, limit })
-        }
-        Err(CreateRefusal::NameTaken) => Err(CommandError::NameTaken(env.name)),
-        Err(CreateRefusal::NoUser) => Err(CommandError::NotFound("User")),
+        Err(refusal) => Err(refused(refusal, env.name)),
+    }
+}
+
+fn refused(refusal: CreateRefusal, name: String) -> CommandError {
+    match refusal {
+        CreateRefusal::PlanLimit { plan, limit } => CommandError::PlanLimit { plan, limit },
+        CreateRefusal::NameTaken => CommandError::NameTaken(name),
+        CreateRefusal::NoUser => CommandError::NotFound("User"),
     }
 }

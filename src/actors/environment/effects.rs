@@ -495,6 +495,14 @@ impl TaskCtx {
         if let Err(e) = result {
             tracing::warn!(environment = %self.row.id, kind, error = %e, "could not store an event");
         }
+        if kind == "info" {
+            // Live too, in the shape the history gives it.
+            self.publish(StreamFrame::Info {
+                environment_id: Some(row.environment_id),
+                message: row.message,
+                timestamp: Some(crate::clock::from_db(row.occurred_at)),
+            });
+        }
     }
 
     /// A power action, then wait for the instance to show its result.

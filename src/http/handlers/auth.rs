@@ -9,10 +9,10 @@ use serde_json::json;
 
 use super::{
     AuthResponse, PasswordCheck, UserResponse, auth_response, check_password, locked_error,
-    message, open_session, session_expiry,
+    message, open_session, open_session_guarded, session_expiry,
 };
 use crate::app::AppState;
-use crate::auth::google::GoogleError;
+use crate::auth::google::{GoogleError, GoogleIdentity};
 use crate::auth::lockout::Subject;
 use crate::auth::tokens::{hash_refresh_token, new_refresh_token};
 use crate::auth::{self as rules};
@@ -21,7 +21,7 @@ use crate::error::{ApiError, ApiResult, ErrorCode, FieldError};
 use crate::http::{Body, Ctx, json, ok};
 use crate::store::DbConn;
 use crate::store::sessions::{self, Rotation, Successor};
-use crate::store::users::{self, NewUser, Plan, User, username_key};
+use crate::store::users::{self, GoogleBind, NewUser, Plan, User, username_key};
 
 #[derive(Deserialize)]
 pub struct RegisterRequest {
@@ -168,10 +168,19 @@ pub async fn login(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
         event: "login_failed",
         reason,
     };
-    let hash = user.as_ref().and_then(|u| u.password_hash.as_deref());
-    let right = check_password(&app, &ctx, conn, &ticket, check, &req.password, hash).await?;
+    let hash = user.as_ref().and_then(|u| u.password_hash.clone());
+    let right = check_password(
+        &app,
+        &ctx,
+        conn,
+        &ticket,
+        check,
+        &req.password,
+        hash.as_deref(),
+    )
+    .await?;
     drop(ticket);
-    let Some(user) = user.filter(|_| right) else {
+    let (Some(user), Some(verified_hash)) = (user.filter(|_| right), hash) else {
         return Err(ApiError::unauthorized(BAD_CREDENTIALS));
     };
     if !user.is_active {
@@ -185,7 +194,9 @@ pub async fn login(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     let user = users::by_id(&mut conn, &user.id)
         .await?
         .ok_or_else(|| ApiError::unauthorized(BAD_CREDENTIALS))?;
-    let (session, response) = open_session(&app, &mut conn, &ctx, &user).await?;
+    // Only if the password is still the one just verified (a Google claim may have removed it).
+    let (session, response) =
+        open_session_guarded(&app, &mut conn, &ctx, &user, Some(&verified_hash)).await?;
     app.audit(
         &ctx.audit(),
         "login",
@@ -197,8 +208,12 @@ pub async fn login(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     ok(&response)
 }
 
-pub async fn google(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
-    let req: GoogleRequest = ctx.json()?;
+/// The ID token of a Google request (`id_token`, or `token`), verified: 422 when missing, 503
+/// when Google sign-in is not configured or its keys cannot be fetched, 401 when invalid.
+pub(super) async fn verified_google_identity(
+    app: &AppState,
+    req: GoogleRequest,
+) -> ApiResult<GoogleIdentity> {
     let Some(token) = req.id_token.or(req.token).filter(|t| !t.is_empty()) else {
         return Err(ApiError::validation(vec![FieldError::new(
             "id_token",
@@ -212,7 +227,7 @@ pub async fn google(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
             "Google sign-in is not configured on this server",
         ));
     };
-    let identity = verifier.verify(&token).await.map_err(|e| match e {
+    verifier.verify(&token).await.map_err(|e| match e {
         GoogleError::Invalid(why) => {
             tracing::info!(reason = why, "Google token rejected");
             ApiError::unauthorized("Invalid Google token")
@@ -224,10 +239,50 @@ pub async fn google(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
                 "Google sign-in is unavailable; try again",
             )
         }
-    })?;
+    })
+}
+
+/// 409 when an account is linked to a different Google identity than the one presented.
+pub(super) fn other_google_linked() -> ApiError {
+    ApiError::conflict(
+        ErrorCode::GoogleAlreadyLinked,
+        "This account is linked to a different Google account",
+    )
+}
+
+/// Refuse a sign-in to a disabled (403) or locked (423) account. Checked before anything is
+/// linked or claimed: a locked account stays locked for Google sign-in too.
+async fn admit(app: &AppState, conn: &mut DbConn, user: &User) -> ApiResult<()> {
+    if !user.is_active {
+        return Err(ApiError::forbidden(
+            ErrorCode::AccountDisabled,
+            "Account is disabled",
+        ));
+    }
+    let clock_now = app.clock.now();
+    if let Some(until) = app
+        .lockout
+        .locked_until(conn, &Subject::account(&user.id), clock_now)
+        .await?
+    {
+        return Err(locked_error(until, clock_now));
+    }
+    Ok(())
+}
+
+/// Sign in with a Google ID token. The account is found by `google_id`; else, when Google
+/// verified the token's e-mail, by that e-mail: an account whose e-mail we verified is linked,
+/// one whose e-mail we never verified is **claimed** (see [`users::bind_google`]: password
+/// removed, every session revoked and its sockets closed, e-mail verified, audited as
+/// `account_claimed`); else a new account is created. A token whose e-mail Google did not verify
+/// never matches by e-mail (401). Disabled → 403, locked → 423, both before any change.
+pub async fn google(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
+    let req: GoogleRequest = ctx.json()?;
+    let identity = verified_google_identity(&app, req).await?;
     let mut conn = app.db.get().await?;
     let now = db_now(app.clock.as_ref());
     let (user, how) = if let Some(user) = users::by_google_id(&mut conn, &identity.sub).await? {
+        admit(&app, &mut conn, &user).await?;
         (user, "google_id")
     } else {
         let email = identity
@@ -237,16 +292,56 @@ pub async fn google(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
             .ok_or_else(|| ApiError::unauthorized("Google account has no verified e-mail"))?;
         match users::by_email(&mut conn, &email).await? {
             Some(existing) => {
-                let avatar = existing.avatar_url.clone().or(identity.picture.clone());
-                let user = users::link_google(
+                admit(&app, &mut conn, &existing).await?;
+                let bound = users::bind_google(
                     &mut conn,
                     &existing.id,
                     &identity.sub,
-                    avatar.as_deref(),
+                    identity.picture.as_deref(),
                     now,
                 )
-                .await?;
-                (user, "email")
+                .await;
+                match bound {
+                    Ok(GoogleBind::Linked(user)) => (*user, "email"),
+                    Ok(GoogleBind::Claimed {
+                        user,
+                        ended,
+                        had_password,
+                        replaced_google,
+                    }) => {
+                        let count = ended.len();
+                        app.actors.stop_sessions(ended, "account claimed");
+                        app.audit(
+                            &ctx.audit(),
+                            "account_claimed",
+                            Some(&user.id),
+                            None,
+                            json!({
+                                "method": "google",
+                                "email": user.email,
+                                "password_removed": had_password,
+                                "google_replaced": replaced_google,
+                                "sessions_ended": count,
+                            }),
+                        )
+                        .await;
+                        (*user, "claimed")
+                    }
+                    Ok(GoogleBind::OtherGoogle) => return Err(other_google_linked()),
+                    Ok(GoogleBind::Gone) => {
+                        return Err(ApiError::unauthorized(
+                            "The account was deleted meanwhile; try again",
+                        ));
+                    }
+                    Err(e) if e.unique_violation().is_some() => {
+                        // This Google identity was linked elsewhere meanwhile.
+                        return Err(ApiError::conflict(
+                            ErrorCode::GoogleLinkedElsewhere,
+                            "This Google account is linked to another account",
+                        ));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
             None => {
                 if !app.config.registration_open() {
@@ -282,20 +377,6 @@ pub async fn google(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
             }
         }
     };
-    if !user.is_active {
-        return Err(ApiError::forbidden(
-            ErrorCode::AccountDisabled,
-            "Account is disabled",
-        ));
-    }
-    let clock_now = app.clock.now();
-    if let Some(until) = app
-        .lockout
-        .locked_until(&mut conn, &Subject::account(&user.id), clock_now)
-        .await?
-    {
-        return Err(locked_error(until, clock_now));
-    }
     users::record_login(&mut conn, &user.id, now).await?;
     let (session, response) = open_session(&app, &mut conn, &ctx, &user).await?;
     app.audit(

@@ -220,6 +220,7 @@ impl From<CommandError> for ApiError {
             }
             CommandError::Pending(_) => ApiError::conflict(ErrorCode::EnvironmentsPending, detail),
             CommandError::Provider(e) => provider_error(e),
+            CommandError::Store(e) => ApiError::from(e),
             CommandError::Internal(e) => ApiError::internal(e),
         }
     }

@@ -106,6 +106,19 @@ pub async fn open_session(
     ctx: &Ctx,
     user: &User,
 ) -> ApiResult<(Session, AuthResponse)> {
+    open_session_guarded(app, conn, ctx, user, None).await
+}
+
+/// As [`open_session`]; with `password_hash`, only if the user's password is still that hash (the
+/// one a login just verified; see [`sessions::create_if_password`]), else 401 `unauthorized`:
+/// a password removed by a Google claim during the login must not open a session.
+pub async fn open_session_guarded(
+    app: &App,
+    conn: &mut DbConn,
+    ctx: &Ctx,
+    user: &User,
+    password_hash: Option<&str>,
+) -> ApiResult<(Session, AuthResponse)> {
     let now = db_now(app.clock.as_ref());
     let session = Session {
         id: uuid::Uuid::new_v4().to_string(),
@@ -119,7 +132,16 @@ pub async fn open_session(
         revoked_reason: None,
     };
     let (refresh, hash) = new_refresh_token();
-    sessions::create(conn, &session, &hash).await?;
+    match password_hash {
+        None => sessions::create(conn, &session, &hash).await?,
+        Some(expected) => {
+            if !sessions::create_if_password(conn, &session, &hash, expected).await? {
+                return Err(ApiError::unauthorized(
+                    "Incorrect username/email or password",
+                ));
+            }
+        }
+    }
     app.actors.touch_session(&session.id, &user.id);
     let response = auth_response(app, user, &session.id, refresh)?;
     Ok((session, response))

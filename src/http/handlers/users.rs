@@ -1,11 +1,13 @@
-//! `/api/v1/users/me`: profile, password change, account deletion, sessions. The passwords
-//! re-entered for a change or a deletion count toward the lockout like logins.
+//! `/api/v1/users/me`: profile, password change (or setting one where there is none), account
+//! deletion, sessions, linking and unlinking Google. The passwords re-entered for a change or a
+//! deletion count toward the lockout like logins.
 
 use chrono::{DateTime, Utc};
 use http::Response;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::auth::{GoogleRequest, other_google_linked, verified_google_identity};
 use super::{PasswordCheck, UserResponse, check_password, message};
 use crate::actors::environment::command::Command;
 use crate::actors::environment::machine::Status;
@@ -16,7 +18,9 @@ use crate::clock::{db_now, from_db};
 use crate::error::{ApiError, ApiResult, ErrorCode, FieldError};
 use crate::http::{Body, Ctx, ok};
 use crate::store::sessions;
-use crate::store::users::{self, ProfileChanges, username_key};
+use crate::store::users::{
+    self, GoogleLink, GoogleUnlink, PasswordReplaced, ProfileChanges, username_key,
+};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,9 +33,12 @@ pub struct ProfileUpdate {
     avatar_url: Option<String>,
 }
 
+/// `current_password` is required when the account has a password; an account without one (a
+/// Google account, or one claimed through Google) sets one with `new_password` alone.
 #[derive(Deserialize)]
 pub struct PasswordChange {
-    current_password: String,
+    #[serde(default)]
+    current_password: Option<String>,
     new_password: String,
 }
 
@@ -147,66 +154,188 @@ pub async fn update_profile(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>
     ok(&UserResponse::from(&user))
 }
 
+/// Change the password, or set one when the account has none (no `current_password` needed
+/// then; the caller is signed in). Every other session ends. The write is conditional on the
+/// password still being the one checked and this session still being live
+/// ([`users::replace_password`]), so it cannot undo a Google claim that raced it.
 pub async fn change_password(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     let auth = ctx.user()?;
     let req: PasswordChange = ctx.json()?;
     let mut errors = Vec::new();
     rules::check_password("new_password", &req.new_password, &mut errors);
+    let current = auth.user.password_hash.as_deref();
+    if current.is_some() && req.current_password.is_none() {
+        errors.push(current_password_required());
+    }
     if !errors.is_empty() {
         return Err(ApiError::validation(errors));
     }
     let ticket = app.passwords.admit()?;
-    let check = PasswordCheck {
-        subject: Subject::account(&auth.user.id),
-        user_id: Some(&auth.user.id),
-        event: "password_check_failed",
-        reason: "bad_current_password",
-    };
-    let conn = app.db.get().await?;
-    let hash = auth.user.password_hash.as_deref();
-    if !check_password(
-        &app,
-        &ctx,
-        conn,
-        &ticket,
-        check,
-        &req.current_password,
-        hash,
-    )
-    .await?
-    {
-        return Err(ApiError::bad_request(
-            ErrorCode::WrongPassword,
-            "Current password is incorrect",
-        ));
+    if let (Some(hash), Some(given)) = (current, req.current_password.as_deref()) {
+        let check = PasswordCheck {
+            subject: Subject::account(&auth.user.id),
+            user_id: Some(&auth.user.id),
+            event: "password_check_failed",
+            reason: "bad_current_password",
+        };
+        let conn = app.db.get().await?;
+        if !check_password(&app, &ctx, conn, &ticket, check, given, Some(hash)).await? {
+            return Err(ApiError::bad_request(
+                ErrorCode::WrongPassword,
+                "Current password is incorrect",
+            ));
+        }
     }
     let hash = ticket.hash(&req.new_password).await?;
     drop(ticket);
     let mut conn = app.db.get().await?;
     let now = db_now(app.clock.as_ref());
-    users::set_password(&mut conn, &auth.user.id, &hash, now).await?;
-    let ended = sessions::revoke_all(
+    let replaced = users::replace_password(
         &mut conn,
         &auth.user.id,
-        Some(&auth.session.id),
+        current,
+        &hash,
+        &auth.session.id,
         "password_change",
         now,
     )
     .await?;
+    let ended = match replaced {
+        PasswordReplaced::Set { ended } => ended,
+        PasswordReplaced::SessionEnded => {
+            return Err(ApiError::unauthorized("Session has ended"));
+        }
+        PasswordReplaced::Changed => {
+            return Err(ApiError::conflict(
+                ErrorCode::InvalidState,
+                "The password was changed meanwhile; reload and try again",
+            ));
+        }
+    };
     let count = ended.len();
     app.actors.stop_sessions(ended, "password changed");
     app.audit(
         &ctx.audit(),
-        "password_change",
+        if current.is_some() {
+            "password_change"
+        } else {
+            "password_set"
+        },
         Some(&auth.user.id),
         Some(&auth.session.id),
         json!({ "sessions_ended": count }),
     )
     .await;
-    ok(&json!({
-        "message": "Password changed; other sessions have been signed out",
-        "sessions_ended": count,
-    }))
+    let message = if current.is_some() {
+        "Password changed; other sessions have been signed out"
+    } else {
+        "Password set; other sessions have been signed out"
+    };
+    ok(&json!({ "message": message, "sessions_ended": count }))
+}
+
+fn current_password_required() -> FieldError {
+    FieldError::new(
+        "current_password",
+        "required",
+        "current_password is required to change the password",
+    )
+}
+
+/// `POST /users/me/google {id_token}`: link a Google account to the signed-in account, so it can
+/// sign in with Google too. The token's e-mail may differ from the account's (the signed-in user
+/// chooses which Google account to link); the e-mail is marked verified only when it is the same
+/// and Google verified it. 409 `google_linked_elsewhere` when that Google account belongs to
+/// another account, 409 `google_already_linked` when this account has a different one (unlink it
+/// first); linking the same one again answers 200. Audited as `google_linked`.
+pub async fn link_google(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
+    let auth = ctx.user()?;
+    let req: GoogleRequest = ctx.json()?;
+    let identity = verified_google_identity(&app, req).await?;
+    let mut conn = app.db.get().await?;
+    let linked_elsewhere = || {
+        ApiError::conflict(
+            ErrorCode::GoogleLinkedElsewhere,
+            "This Google account is linked to another account",
+        )
+    };
+    if let Some(owner) = users::by_google_id(&mut conn, &identity.sub).await?
+        && owner.id != auth.user.id
+    {
+        return Err(linked_elsewhere());
+    }
+    let verifies_email = identity.email_verified
+        && identity
+            .email
+            .as_deref()
+            .is_some_and(|e| e.eq_ignore_ascii_case(&auth.user.email));
+    let now = db_now(app.clock.as_ref());
+    let linked = users::link_google(
+        &mut conn,
+        &auth.user.id,
+        &identity.sub,
+        verifies_email,
+        identity.picture.as_deref(),
+        now,
+    )
+    .await;
+    let user = match linked {
+        Ok(GoogleLink::Linked { user, verified }) => {
+            app.audit(
+                &ctx.audit(),
+                "google_linked",
+                Some(&auth.user.id),
+                Some(&auth.session.id),
+                json!({
+                    "google_email": identity.email,
+                    "same_email": verifies_email,
+                    "email_verified": verified,
+                }),
+            )
+            .await;
+            user
+        }
+        Ok(GoogleLink::AlreadyLinked(user)) => user,
+        Ok(GoogleLink::OtherGoogle) => return Err(other_google_linked()),
+        Ok(GoogleLink::Gone) => return Err(ApiError::unauthorized("Account no longer exists")),
+        Err(e) if e.unique_violation().is_some() => return Err(linked_elsewhere()),
+        Err(e) => return Err(e.into()),
+    };
+    ok(&UserResponse::from(&*user))
+}
+
+/// `DELETE /users/me/google`: unlink the Google account. Refused with 409 `last_sign_in_method`
+/// when the account has no password (it would leave no way to sign in: set a password first),
+/// 409 `google_not_linked` when none is linked. Audited as `google_unlinked`.
+pub async fn unlink_google(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
+    let auth = ctx.user()?;
+    let mut conn = app.db.get().await?;
+    let now = db_now(app.clock.as_ref());
+    let user = match users::unlink_google(&mut conn, &auth.user.id, now).await? {
+        GoogleUnlink::Unlinked(user) => user,
+        GoogleUnlink::NotLinked => {
+            return Err(ApiError::conflict(
+                ErrorCode::GoogleNotLinked,
+                "No Google account is linked",
+            ));
+        }
+        GoogleUnlink::LastSignInMethod => {
+            return Err(ApiError::conflict(
+                ErrorCode::LastSignInMethod,
+                "Google is the only way to sign in to this account; set a password first",
+            ));
+        }
+        GoogleUnlink::Gone => return Err(ApiError::unauthorized("Account no longer exists")),
+    };
+    app.audit(
+        &ctx.audit(),
+        "google_unlinked",
+        Some(&auth.user.id),
+        Some(&auth.session.id),
+        json!({}),
+    )
+    .await;
+    ok(&UserResponse::from(&*user))
 }
 
 pub async fn delete_account(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
@@ -235,11 +364,24 @@ pub async fn delete_account(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>
             ));
         }
     }
-    // Environments first: their provider resources must be released before the account goes.
+    // Close the account to new environments first (creates check it in their transaction), so
+    // the deletion below sees every environment there will ever be; then release their provider
+    // resources before the account goes. If that cannot finish, the account opens again so the
+    // person can retry.
+    {
+        let mut conn = app.db.get().await?;
+        users::set_active(&mut conn, &auth.user.id, false).await?;
+    }
     let user_id = auth.user.id.clone();
-    app.actors
+    if let Err(e) = app
+        .actors
         .dispatch(Command::DeleteAllForUser { user_id })
-        .await?;
+        .await
+    {
+        let mut conn = app.db.get().await?;
+        users::set_active(&mut conn, &auth.user.id, true).await?;
+        return Err(e.into());
+    }
     let mut conn = app.db.get().await?;
     let now = db_now(app.clock.as_ref());
     let ended =
