@@ -26,6 +26,12 @@ use serde_norway::Value as Yaml;
 /// payloads (shared/contabo/NOTES.md §2.8); 16 KiB is the safe target.
 pub const MAX_USER_DATA: usize = 16 * 1024;
 
+/// minijinja instructions one render of a user-data template may run. The shipped templates use
+/// a few thousand (see the `shipped_templates_stay_well_within_the_fuel` test); a loop template
+/// an admin posts (`{% for i in range(100000) %}` nested, which burnt 10 s of CPU before this
+/// bound) runs out in a few milliseconds and is refused as a render error (422 on the API).
+pub const RENDER_FUEL: u64 = 200_000;
+
 /// What starts a progress marker line in `/var/log/cloud-init-output.log`:
 /// `devpocket-progress: <percent 0-100> <phase words>`.
 pub const PROGRESS_PREFIX: &str = "devpocket-progress: ";
@@ -233,7 +239,7 @@ pub enum TemplateError {
     #[error("{template}: environment variable {name} contains a NUL byte")]
     VariableValue { template: String, name: String },
     /// The rendered user-data is over [`MAX_USER_DATA`].
-    #[error("{template}: user_data is {size} bytes, over the limit of {limit} bytes")]
+    #[error("{template}: user_data is over the limit of {limit} bytes ({size} bytes or more)")]
     TooLarge {
         template: String,
         size: usize,
@@ -406,6 +412,10 @@ struct RenderContext<'a> {
 /// single-quoted `export`s) and `docker`; filters `tojson` (a YAML-safe JSON string) and
 /// `shquote` (a single-quoted shell word). Unknown variables are errors.
 pub fn render(t: &Template, vars: &RenderVars) -> Result<String, TemplateError> {
+    render_with_fuel(t, vars, RENDER_FUEL)
+}
+
+fn render_with_fuel(t: &Template, vars: &RenderVars, fuel: u64) -> Result<String, TemplateError> {
     check_render_vars(t, vars)?;
     let variables = merged_variables(t, vars)?;
     let ctx = RenderContext {
@@ -421,20 +431,57 @@ pub fn render(t: &Template, vars: &RenderVars) -> Result<String, TemplateError> 
         env_file: env_file(&variables),
         docker: t.docker,
     };
-    let text = jinja()
-        .render_str(&t.user_data, ctx)
-        .map_err(|e| TemplateError::Render {
-            template: t.name.clone(),
-            message: e.to_string(),
-        })?;
-    if text.len() > MAX_USER_DATA {
+    let render_error = |e: minijinja::Error| TemplateError::Render {
+        template: t.name.clone(),
+        message: e.to_string(),
+    };
+    let mut env = jinja();
+    env.set_fuel(Some(fuel));
+    let template = env.template_from_str(&t.user_data).map_err(render_error)?;
+    // Written into a buffer that refuses to grow past the limit, so a template that expands
+    // (`{{ "x" * 10000000 }}` in a loop) stops at the limit instead of filling memory.
+    let mut out = BoundedBuffer(Vec::with_capacity(4096));
+    if let Err(e) = template.render_captured_to(ctx, &mut out) {
+        if out.0.len() > MAX_USER_DATA {
+            return Err(TemplateError::TooLarge {
+                template: t.name.clone(),
+                size: out.0.len(),
+                limit: MAX_USER_DATA,
+            });
+        }
+        return Err(render_error(e));
+    }
+    if out.0.len() > MAX_USER_DATA {
         return Err(TemplateError::TooLarge {
             template: t.name.clone(),
-            size: text.len(),
+            size: out.0.len(),
             limit: MAX_USER_DATA,
         });
     }
-    Ok(text)
+    String::from_utf8(out.0).map_err(|e| TemplateError::Render {
+        template: t.name.clone(),
+        message: e.to_string(),
+    })
+}
+
+/// A render target holding at most [`MAX_USER_DATA`] + 1 bytes: a write past that fills it to
+/// one byte over (so the size check sees the overflow) and then fails, ending the render.
+struct BoundedBuffer(Vec<u8>);
+
+impl std::io::Write for BoundedBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let room = (MAX_USER_DATA + 1).saturating_sub(self.0.len());
+        if room == 0 {
+            return Err(std::io::Error::other("user_data is over the size limit"));
+        }
+        let n = buf.len().min(room);
+        self.0.extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn jinja() -> Environment<'static> {
@@ -443,6 +490,7 @@ fn jinja() -> Environment<'static> {
     env.set_keep_trailing_newline(true);
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
+    env.set_fuel(Some(RENDER_FUEL));
     env.add_filter("tojson", tojson);
     env.add_filter("shquote", |s: String| shell_quote(&s));
     env
@@ -1199,6 +1247,39 @@ mod tests {
             render(&t, &vars),
             Err(TemplateError::VariableValue { .. })
         ));
+    }
+
+    #[test]
+    fn shipped_templates_stay_well_within_the_fuel() {
+        let vars = sample_vars();
+        for t in builtin() {
+            render_with_fuel(&t, &vars, RENDER_FUEL / 10)
+                .unwrap_or_else(|e| panic!("{} needs over a tenth of RENDER_FUEL: {e}", t.name));
+        }
+    }
+
+    #[test]
+    fn runaway_templates_are_refused() {
+        for body in [
+            "{% for i in range(100000000) %}x{% endfor %}",
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+        ] {
+            let t = edited("#cloud-config\n", &format!("#cloud-config\n{body}\n"));
+            let err = validate(&t).expect_err(body);
+            assert!(matches!(err, TemplateError::Render { .. }), "{body}: {err}");
+            assert!(!err.is_input_error());
+        }
+        // Output that expands past the limit stops at it instead of filling memory.
+        let t = edited(
+            "#cloud-config\n",
+            "#cloud-config\n{% for i in range(1000) %}{{ 'x' * 10000000 }}{% endfor %}\n",
+        );
+        let err = validate(&t).expect_err("too large");
+        assert!(
+            matches!(err, TemplateError::TooLarge { size, .. } if size == MAX_USER_DATA + 1),
+            "{err}"
+        );
     }
 
     #[test]

@@ -50,7 +50,7 @@ async fn cli_creates_users_that_can_sign_in(backend: Backend) {
             "--email",
             "vic@example.com",
             "--password",
-            "Admin1234",
+            "Admin-Pocket-4821",
             "--plan",
             "admin",
         ],
@@ -67,7 +67,7 @@ async fn cli_creates_users_that_can_sign_in(backend: Backend) {
             "--email",
             "x@example.com",
             "--password",
-            "Admin1234",
+            "Admin-Pocket-4821",
         ],
         &env,
     );
@@ -96,6 +96,23 @@ async fn cli_creates_users_that_can_sign_in(backend: Backend) {
         t.contains("--username") && t.contains("--email") && t.contains("--password"),
         "{t}"
     );
+    // The common-password rule holds for accounts made by hand too.
+    let out = devpocket(
+        &[
+            "user",
+            "create",
+            "--username",
+            "wendy",
+            "--email",
+            "wendy@example.com",
+            "--password",
+            "Qwerty123",
+        ],
+        &env,
+    );
+    assert!(!out.status.success());
+    let t = text(&out);
+    assert!(t.contains("--password") && t.contains("common"), "{t}");
     let out = devpocket(
         &[
             "user",
@@ -116,7 +133,7 @@ async fn cli_creates_users_that_can_sign_in(backend: Backend) {
     assert!(!out.status.success() && text(&out).contains("unknown plan"));
 
     let s = TestServer::start_with(backend, |c| *c = test_config(&data, &db.url)).await;
-    let (status, body) = s.login("vic", "Admin1234").await;
+    let (status, body) = s.login("vic", "Admin-Pocket-4821").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["user"]["subscription_plan"], "admin");
     let token = body["access_token"].as_str().expect("token").to_string();
@@ -193,7 +210,7 @@ async fn the_binary_on_embedded_defaults_serves_a_newcomer() {
     let base = server.base.clone();
     let (status, body) = send(
         http.post(format!("{base}/api/v1/auth/register"))
-            .json(&serde_json::json!({ "username": "newbie", "email": "newbie@example.com", "password": "Secret123" })),
+            .json(&serde_json::json!({ "username": "newbie", "email": "newbie@example.com", "password": "Pocket-Dev-7319" })),
     )
     .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");

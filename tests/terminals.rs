@@ -71,7 +71,10 @@ async fn echo_resize_and_tmux_persistence(backend: Backend) {
     ws.close(None).await.expect("close");
     drop(ws);
 
-    // A brand-new terminal lands in the same tmux session: the shell and its variable survived.
+    // A brand-new terminal (another login, so not a re-attach of the first) lands in the same
+    // tmux session: the shell and its variable survived.
+    let (_, login) = s.login("tess", support::PASSWORD).await;
+    let me = Session::from_auth(&login);
     let (mut ws, welcome2) = open_terminal(&s, &me, &env, "").await;
     assert_ne!(welcome2["terminal_id"], welcome["terminal_id"]);
     input(&mut ws, "echo again-$DP_VAR\r").await;
@@ -511,15 +514,21 @@ async fn terminals_per_session_are_bounded(backend: Backend) {
     let s = TestServer::start_with(backend, |c| c.terminals.max_terminals_per_session = 2).await;
     let me = s.register("bea").await;
     let env = running_env(&s, &me, "bounded").await;
+    // Both held by live WebSockets: a third is refused (a detached one would be re-attached or
+    // make room instead; see tests/field.rs).
     let (first, welcome) = open_terminal(&s, &me, &env, "").await;
     let (second, _) = open_terminal(&s, &me, &env, "").await;
-    drop((first, second)); // detached, within their grace period: they still count
     let mut third = connect(
         &s,
         &format!("/api/v1/ws/terminal/{env}?token={}", me.access),
     )
     .await;
-    let error = next_json(&mut third).await.expect("error frame");
+    let error = loop {
+        let frame = next_json(&mut third).await.expect("error frame");
+        if frame["type"] != "info" {
+            break frame;
+        }
+    };
     assert_eq!(error["type"], "error", "{error}");
     assert!(
         error["message"]
@@ -531,5 +540,6 @@ async fn terminals_per_session_are_bounded(backend: Backend) {
     let tid = welcome["terminal_id"].as_str().expect("id");
     let (_, again) = open_terminal(&s, &me, &env, &format!("&terminal_id={tid}")).await;
     assert_eq!(again["terminal_id"], tid);
+    drop((first, second));
     s.stop().await;
 }

@@ -6,6 +6,9 @@ pub mod lockout;
 pub mod passwords;
 pub mod tokens;
 
+use std::collections::HashSet;
+use std::sync::LazyLock;
+
 use crate::error::FieldError;
 
 pub const USERNAME_MIN: usize = 3;
@@ -63,6 +66,27 @@ fn is_plausible_email(email: &str) -> bool {
         && !domain.contains("..")
 }
 
+/// The most common breached passwords, lower-cased, one a line: Django 5.2's list (20,000
+/// passwords compiled by Royce Williams from breach corpora; BSD-3-Clause, see
+/// `common-passwords.LICENSE` beside it), keeping only the entries of [`PASSWORD_MIN`] or more
+/// characters, since shorter ones are refused by length anyway.
+static COMMON_PASSWORDS: LazyLock<HashSet<&'static str>> = LazyLock::new(|| {
+    include_str!("common-passwords.txt")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect()
+});
+
+/// Whether `password` is on the common breached passwords list, compared case-insensitively
+/// and ignoring surrounding whitespace (`Password1`, `Passw0rd` and `Qwerty123` are).
+pub fn is_common_password(password: &str) -> bool {
+    COMMON_PASSWORDS.contains(password.trim().to_lowercase().as_str())
+}
+
+/// The password rules of register, password change and `user create`: [`PASSWORD_MIN`]-
+/// [`PASSWORD_MAX`] characters (`length`), lower + upper case letters and a digit
+/// (`weak_password`), and not one of the most common breached passwords (`common_password`).
 pub fn check_password(field: &str, password: &str, errors: &mut Vec<FieldError>) {
     let len = password.chars().count();
     if !(PASSWORD_MIN..=PASSWORD_MAX).contains(&len) {
@@ -81,6 +105,12 @@ pub fn check_password(field: &str, password: &str, errors: &mut Vec<FieldError>)
             field,
             "weak_password",
             "Password must contain a lower-case letter, an upper-case letter and a digit",
+        ));
+    } else if is_common_password(password) {
+        errors.push(FieldError::new(
+            field,
+            "common_password",
+            "Password is one of the most common breached passwords; choose another",
         ));
     }
 }
@@ -136,7 +166,26 @@ mod tests {
 
     #[test]
     fn passwords() {
-        assert!(errs(|e| check_password("p", "Secret123", e)).is_empty());
+        assert!(errs(|e| check_password("p", "Pocket-Dev-7319", e)).is_empty());
+        for common in [
+            "Password1",
+            "Passw0rd",
+            "Qwerty123",
+            "Secret123",
+            " pASSWORD1 ",
+        ] {
+            assert_eq!(
+                errs(|e| check_password("p", common, e)),
+                ["common_password"],
+                "{common}"
+            );
+        }
+        assert!(COMMON_PASSWORDS.len() > 8000, "the list is loaded");
+        assert!(
+            COMMON_PASSWORDS
+                .iter()
+                .all(|p| p.chars().count() >= PASSWORD_MIN)
+        );
         assert_eq!(errs(|e| check_password("p", "Sh0rt", e)), ["length"]);
         assert_eq!(
             errs(|e| check_password("p", "alllowercase1", e)),

@@ -108,7 +108,19 @@ impl Ctx {
                 "A JSON body is required",
             )]));
         }
-        serde_json::from_slice(&self.body).map_err(|e| json_body_error(&e))
+        // Parsed as a value first: malformed JSON is a 400; a body that is not an object (an
+        // array would otherwise fill a struct positionally, a string or number be a type error
+        // deep in serde) is a 422 on `body`, for every JSON route alike.
+        let value: serde_json::Value =
+            serde_json::from_slice(&self.body).map_err(|e| json_body_error(&e))?;
+        if !value.is_object() {
+            return Err(ApiError::validation(vec![crate::error::FieldError::new(
+                "body",
+                "type",
+                "The request body must be a JSON object",
+            )]));
+        }
+        serde_json::from_value(value).map_err(|e| json_body_error(&e))
     }
 
     /// Like [`Ctx::json`], but an empty body is `T::default()`.

@@ -5,7 +5,9 @@ use std::sync::LazyLock;
 
 use serde_json::{Map, Value, json};
 
-use super::router::{Access, ROUTER};
+use super::limits::RateClass;
+use super::router::{Access, ROUTER, Route};
+use crate::error::ErrorCode;
 use crate::http::handlers::health::{SERVICE, VERSION};
 
 pub static DOCUMENT: LazyLock<Value> = LazyLock::new(build);
@@ -23,6 +25,7 @@ fn object(required: &[&str], properties: Value) -> Value {
 }
 
 fn schemas() -> Value {
+    let codes: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
     let user = object(
         &[
             "id",
@@ -50,7 +53,7 @@ fn schemas() -> Value {
     json!({
         "Error": object(&["detail", "code"], json!({
             "detail": string(),
-            "code": string(),
+            "code": { "type": "string", "enum": codes },
             "errors": { "type": "array", "items": object(&["field", "message", "code"], json!({
                 "field": string(), "message": string(), "code": string() })) },
             "retry_after": { "type": "integer" },
@@ -151,13 +154,38 @@ fn schemas() -> Value {
             "logs": { "type": "array", "items": object(&["timestamp", "level", "message", "source"], json!({
                 "timestamp": string(), "level": string(), "message": string(), "source": string() })) },
             "total_lines": { "type": "integer" }, "has_more": { "type": "boolean" } })),
-        "Template": object(&["name", "display_name", "user_data"], json!({
-            "name": string(), "display_name": string(), "description": string(), "category": string(),
+        // What the API answers: `api_view` (never the user-data), plus `builtin` and
+        // `customized` on GET.
+        "Template": object(&["id", "name", "display_name", "description", "category", "tags",
+                "default_resources", "environment_variables", "installed_tools", "status", "version",
+                "documentation_url", "icon_url"], json!({
+            "id": string(), "name": string(), "display_name": string(), "description": string(), "category": string(),
             "tags": { "type": "array", "items": string() }, "default_resources": { "type": "object" },
-            "environment_variables": { "type": "object" }, "installed_tools": { "type": "array", "items": string() },
+            "environment_variables": { "type": "object", "additionalProperties": string() },
+            "installed_tools": { "type": "array", "items": string() },
             "status": string(), "version": string(), "documentation_url": nullable_string(), "icon_url": nullable_string(),
-            "docker": { "type": "boolean" }, "local_setup": { "type": "array", "items": string() },
-            "user_data": { "type": "string", "description": "minijinja template of a #cloud-config document" } })),
+            "builtin": { "type": "boolean", "description": "shipped with the server" },
+            "customized": { "type": "boolean", "description": "an admin's override of a built-in template" } })),
+        // What an admin posts: the template file's fields (templates/README.md); unknown fields
+        // are refused.
+        "TemplateInput": {
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["name", "display_name", "description", "category", "default_resources", "version", "user_data"],
+            "properties": {
+                "name": { "type": "string", "description": "id: lower-case letters, digits and '-'" },
+                "display_name": string(), "description": string(), "category": string(),
+                "tags": { "type": "array", "items": string() },
+                "default_resources": { "type": "object", "additionalProperties": false,
+                    "required": ["cpu", "memory", "storage"],
+                    "properties": { "cpu": { "type": ["string", "number"] }, "memory": { "type": ["string", "number"] },
+                        "storage": { "type": ["string", "number"] } } },
+                "environment_variables": { "type": "object", "additionalProperties": string() },
+                "installed_tools": { "type": "array", "items": string() },
+                "status": string(), "version": string(),
+                "documentation_url": nullable_string(), "icon_url": nullable_string(),
+                "docker": { "type": "boolean" }, "local_setup": { "type": "array", "items": string() },
+                "user_data": { "type": "string", "description": "minijinja template of a #cloud-config document (bounded: RENDER_FUEL instructions, 16 KiB rendered)" } } },
         "TemplateList": { "type": "array", "items": { "$ref": "#/components/schemas/Template" } },
         "RegionList": { "type": "array", "items": object(&["slug", "name", "available"], json!({
             "slug": string(), "name": string(), "available": { "type": "boolean" }, "features": { "type": "array", "items": string() } })) },
@@ -168,7 +196,8 @@ fn schemas() -> Value {
             "status": string(), "service": string(), "version": string(),
             "environment": string(), "timestamp": string() })),
         "Liveness": object(&["status"], json!({ "status": { "const": "alive" } })),
-        "Readiness": object(&["status", "checks"], json!({ "status": string(), "checks": { "type": "object" } })),
+        "Readiness": object(&["status", "checks"], json!({ "status": string(), "checks": { "type": "object" },
+            "detail": string(), "code": string() })),
         "Info": object(&["name", "version", "features", "plans"], json!({
             "name": string(), "version": string(), "features": { "type": "object" }, "plans": { "type": "object" } })),
     })
@@ -177,6 +206,129 @@ fn schemas() -> Value {
 fn error_response(description: &str) -> Value {
     json!({ "description": description, "content": { "application/json": {
         "schema": { "$ref": "#/components/schemas/Error" } } } })
+}
+
+/// Every error status `route` can answer, with a description: those of the front end (what every
+/// route shares, then what its access, rate class, body, query and path parameters add), then
+/// those of its handler.
+pub fn error_statuses(route: &Route) -> Vec<(u16, &'static str)> {
+    let mut out: Vec<(u16, &'static str)> = Vec::new();
+    if route.websocket.is_some() {
+        // Refusals after the upgrade are close frames (1008 + reason); before it, only these.
+        out.push((400, "Not a WebSocket upgrade (websocket_required)"));
+    } else {
+        // Every route's body is read (and bounded) before its handler runs.
+        out.push((
+            400,
+            "Malformed request: body not valid JSON or unreadable; or a handler's refusal (see code)",
+        ));
+        out.push((
+            408,
+            "The request body did not arrive in time (body_timeout)",
+        ));
+        out.push((413, "Request body too large (payload_too_large)"));
+    }
+    out.push((
+        503,
+        "Unavailable: database, connection cap or a busy resource (see code; Retry-After when known)",
+    ));
+    if route.rate != RateClass::Exempt {
+        out.push((429, "Rate limited; see Retry-After"));
+    }
+    if route.websocket.is_none() {
+        if route.access != Access::Public {
+            out.push((401, "Missing, invalid or expired token"));
+        }
+        if route.access == Access::Admin {
+            out.push((403, "Not on the admin plan (admin_required)"));
+        }
+        if route.body.is_some() || !route.query.is_empty() {
+            out.push((422, "Validation error (errors names the fields)"));
+        }
+        if route.path.contains('{') {
+            out.push((404, "Not found"));
+        }
+    }
+    let method = route.method.as_str();
+    let env_command = [
+        (403, "Plan limit reached (plan_limit)"),
+        (404, "Environment not found"),
+        (409, "Name taken, or not possible in the current status"),
+        (422, "Validation error, or not supported by the provider"),
+    ];
+    let provider = [
+        (404, "Not found at the provider"),
+        (
+            422,
+            "Not supported by the provider (unsupported_by_provider)",
+        ),
+        (502, "The provider refused (provider_refused)"),
+    ];
+    let handler: &[(u16, &'static str)] = match (method, route.path) {
+        ("POST", "/api/v1/auth/login") => &[
+            (401, "Wrong username, e-mail or password"),
+            (403, "Account disabled (account_disabled)"),
+            (423, "Account locked after failed attempts (account_locked)"),
+        ],
+        ("POST", "/api/v1/auth/refresh") => &[(401, "Invalid, expired or reused refresh token")],
+        ("DELETE", "/api/v1/users/me") => &[
+            (400, "`wrong_password`: the password is incorrect"),
+            (423, "Locked after failed attempts (account_locked)"),
+        ],
+        ("PUT", "/api/v1/users/me") => &[(400, "`username_taken`")],
+        ("POST", "/api/v1/auth/register") => &[
+            (400, "`email_taken` or `username_taken`"),
+            (403, "Registration closed (registration_closed)"),
+        ],
+        ("GET", "/api/v1/environments/{environment_id}/logs") => {
+            &[(400, "`invalid_since`: since is not an RFC 3339 time")]
+        }
+        ("POST", "/api/v1/admin/actors/{actor_id}/crash") => &[
+            (400, "`not_supervised`: that actor cannot be crashed"),
+            (
+                403,
+                "Not on the admin plan, or fault injection is off (fault_injection_disabled)",
+            ),
+        ],
+        ("POST", "/api/v1/environments") => &env_command,
+        (
+            _,
+            "/api/v1/environments/{environment_id}"
+            | "/api/v1/environments/{environment_id}/start"
+            | "/api/v1/environments/{environment_id}/stop"
+            | "/api/v1/environments/{environment_id}/restart"
+            | "/api/v1/environments/{environment_id}/recover"
+            | "/api/v1/environments/{environment_id}/snapshot"
+            | "/api/v1/environments/{environment_id}/snapshots/{snapshot_id}/restore"
+            | "/api/v1/environments/{environment_id}/resize",
+        ) if method != "GET" => &env_command,
+        ("GET", "/api/v1/environments/{environment_id}/snapshots") => &provider,
+        ("POST", "/api/v1/templates") => &[(409, "Template id taken (template_exists)")],
+        ("DELETE", "/api/v1/templates/{template_id}") => &[(
+            409,
+            "A built-in template cannot be deleted (builtin_template)",
+        )],
+        _ => &[],
+    };
+    // The handler's answers: those declared in the route table (`Route::errors`) win, then those
+    // known here; either replaces the generic description of the same status.
+    // Whether an entry already has a handler's description.
+    let mut specific = vec![false; out.len()];
+    for &(status, description) in route.errors.iter().chain(handler) {
+        match out.iter().position(|(s, _)| *s == status) {
+            Some(i) if !specific[i] => {
+                out[i].1 = description;
+                specific[i] = true;
+            }
+            Some(_) => {}
+            None => {
+                out.push((status, description));
+                specific.push(true);
+            }
+        }
+    }
+    out.sort_by_key(|(s, _)| *s);
+    out
 }
 
 fn operation(route: &super::router::Route, schemas: &Value) -> Value {
@@ -199,27 +351,14 @@ fn operation(route: &super::router::Route, schemas: &Value) -> Value {
     };
     let mut responses = Map::new();
     responses.insert(status.to_string(), ok);
-    if route.body.is_some() || !route.query.is_empty() {
-        responses.insert("422".into(), error_response("Validation error"));
-    }
-    if route.access != Access::Public {
-        responses.insert(
-            "401".into(),
-            error_response("Missing, invalid or expired token"),
-        );
-    }
-    if route.access == Access::Admin {
-        responses.insert("403".into(), error_response("Not on the admin plan"));
-    }
-    if route.rate != super::limits::RateClass::Exempt {
-        responses.insert(
-            "429".into(),
-            error_response("Rate limited; see Retry-After"),
-        );
-    }
-    // Route-specific answers last: their descriptions are the more precise.
-    for (code, description) in route.errors {
-        responses.insert(code.to_string(), error_response(description));
+    for (status, description) in error_statuses(route) {
+        let answer = if route.path == "/health/ready" && status == 503 {
+            json!({ "description": description, "content": { "application/json": {
+                "schema": { "$ref": "#/components/schemas/Readiness" } } } })
+        } else {
+            error_response(description)
+        };
+        responses.entry(status.to_string()).or_insert(answer);
     }
     let mut op = json!({
         "summary": route.summary,
@@ -292,6 +431,72 @@ mod tests {
     }
 
     #[test]
+    fn every_route_documents_the_statuses_it_can_answer() {
+        let doc = &*DOCUMENT;
+        for route in ROUTER.routes() {
+            let op = &doc["paths"][route.path][route.method.as_str().to_lowercase()];
+            let name = format!("{} {}", route.method, route.path);
+            let has = |status: &str| op["responses"][status].is_object();
+            assert!(has(&route.ok.0.to_string()), "{name}: success");
+            assert!(has("503"), "{name}: 503");
+            if route.websocket.is_some() {
+                assert!(has("400"), "{name}: 400 websocket_required");
+                continue;
+            }
+            for status in ["400", "408", "413"] {
+                assert!(has(status), "{name}: {status} (every body is read)");
+            }
+            if route.access != Access::Public {
+                assert!(has("401"), "{name}: authenticated routes document 401");
+            }
+            if route.access == Access::Admin {
+                assert!(has("403"), "{name}: admin routes document 403");
+            }
+            if route.body.is_some() || !route.query.is_empty() {
+                assert!(has("422"), "{name}: a body or query documents 422");
+            }
+            if route.path.contains('{') {
+                assert!(has("404"), "{name}: path parameters document 404");
+            }
+            if route.rate != RateClass::Exempt {
+                assert!(has("429"), "{name}: rate-limited routes document 429");
+            }
+            for (status, answer) in op["responses"].as_object().expect("responses") {
+                if status.starts_with('4') || status.starts_with('5') {
+                    assert!(
+                        answer["content"]["application/json"]["schema"]["$ref"].is_string(),
+                        "{name} {status}: error answers have a schema"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn template_schemas_match_what_is_served_and_accepted() {
+        let schemas = &DOCUMENT["components"]["schemas"];
+        let view = crate::templates::builtin()[0].api_view();
+        for field in schemas["Template"]["required"]
+            .as_array()
+            .expect("required")
+        {
+            let field = field.as_str().expect("name");
+            assert!(
+                view.get(field).is_some(),
+                "Template.{field} is required but not served"
+            );
+        }
+        assert!(view.get("user_data").is_none());
+        let input = serde_json::to_value(&crate::templates::builtin()[0]).expect("template");
+        for field in input.as_object().expect("object").keys() {
+            assert!(
+                schemas["TemplateInput"]["properties"][field].is_object(),
+                "TemplateInput lacks {field}"
+            );
+        }
+    }
+
+    #[test]
     fn google_routes_document_every_answer() {
         let doc = &*DOCUMENT;
         let answers = |path: &str, method: &str| -> Vec<String> {
@@ -302,15 +507,19 @@ mod tests {
         };
         assert_eq!(
             answers("/api/v1/users/me/google", "post"),
-            ["200", "401", "409", "422", "429", "503"]
+            [
+                "200", "400", "401", "408", "409", "413", "422", "429", "503"
+            ]
         );
         assert_eq!(
             answers("/api/v1/users/me/google", "delete"),
-            ["200", "401", "409", "429"]
+            ["200", "400", "401", "408", "409", "413", "429", "503"]
         );
         assert_eq!(
             answers("/api/v1/auth/google", "post"),
-            ["200", "401", "403", "409", "422", "423", "429", "503"]
+            [
+                "200", "400", "401", "403", "408", "409", "413", "422", "423", "429", "503"
+            ]
         );
         let unlink = &doc["paths"]["/api/v1/users/me/google"]["delete"]["responses"]["409"];
         assert!(

@@ -606,7 +606,7 @@ fn routes() -> Vec<Route> {
             Api,
             "templates",
             "Add a template (validated)",
-            Some("Template"),
+            Some("TemplateInput"),
             (201, "Template"),
         ),
         route(
@@ -628,7 +628,7 @@ fn routes() -> Vec<Route> {
             Api,
             "templates",
             "Replace a template (built-ins are restored at start)",
-            Some("Template"),
+            Some("TemplateInput"),
             (200, "Template"),
         ),
         route(

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 pub const PG_ENV: &str = "DEVPOCKET_TEST_DATABASE_URL";
-pub const PASSWORD: &str = "Secret123";
+pub const PASSWORD: &str = "Pocket-Dev-7319";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
