@@ -334,7 +334,7 @@ async fn without_root_the_local_provider_serves_one_account_unless_shared() {
 async fn newcomer(http: &reqwest::Client, base: &str, name: &str) -> String {
     let (status, body) = send(
         http.post(format!("{base}/api/v1/auth/register"))
-            .json(&serde_json::json!({ "username": name, "email": format!("{name}@example.com"), "password": "Secret123" })),
+            .json(&serde_json::json!({ "username": name, "email": format!("{name}@example.com"), "password": support::PASSWORD })),
     )
     .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
