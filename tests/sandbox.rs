@@ -312,7 +312,9 @@ async fn a_fork_bomb_stays_in_its_environment(backend: Backend) {
     assert_eq!(ask(&mut wgood, "before", "echo fine").await, "fine");
     let uid = account_uid(&bad).expect("account");
 
-    input(&mut wbad, "bomb() { bomb | bomb & }; bomb\r").await;
+    assert_eq!(ask(&mut wbad, "ready", "echo armed").await, "armed");
+    // Each copy forks two more and stays (sleeping), so the bomb holds the ceiling.
+    input(&mut wbad, "bomb() { bomb | bomb & sleep 1000; }; bomb\r").await;
     // Wait until the bomb has hit its ceiling (forks fail from then on).
     let deadline = tokio::time::Instant::now() + WAIT;
     while processes_of(uid).len() < 40 {

@@ -137,9 +137,12 @@ pub fn ensure_account(name: &str, home: &Path, shell: &Path) -> std::io::Result<
         ));
     }
     let useradd = tool("useradd")?;
+    let uid = free_uid()?.to_string();
     let code = run_locked(
         &useradd,
         &[
+            "--uid".as_ref(),
+            uid.as_ref(),
             "--home-dir".as_ref(),
             home.as_os_str(),
             "--no-create-home".as_ref(),
@@ -159,6 +162,36 @@ pub fn ensure_account(name: &str, home: &Path, shell: &Path) -> std::io::Result<
     lookup(name)?
         .map(|(account, _)| account)
         .ok_or_else(|| std::io::Error::other(format!("useradd {name} left no account behind")))
+}
+
+/// First uid of environment accounts (the usual first uid of ordinary users).
+const UID_MIN: u32 = 1000;
+/// Last uid of environment accounts (below `nobody` and the 16-bit edge).
+const UID_MAX: u32 = 60000;
+
+/// The lowest uid in [`UID_MIN`, `UID_MAX`] that no account has and no process runs as, zombies
+/// included: a deleted environment's zombies (until init reaps them) would otherwise count
+/// against the next account's process limit if it got the same uid.
+fn free_uid() -> std::io::Result<u32> {
+    let passwd = std::fs::read_to_string("/etc/passwd")?;
+    let mut taken: std::collections::HashSet<u32> = passwd
+        .lines()
+        .filter_map(|l| l.split(':').nth(2)?.parse().ok())
+        .collect();
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.parse::<u32>().is_ok())
+        {
+            if let Ok(meta) = std::fs::metadata(entry.path()) {
+                taken.insert(meta.uid());
+            }
+        }
+    }
+    (UID_MIN..=UID_MAX)
+        .find(|uid| !taken.contains(uid))
+        .ok_or_else(|| std::io::Error::other("no free uid for an environment account"))
 }
 
 /// Wait until no account is being created or removed in this process (an account creation
