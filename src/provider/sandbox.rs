@@ -179,14 +179,14 @@ fn free_uid() -> std::io::Result<u32> {
         .filter_map(|l| l.split(':').nth(2)?.parse().ok())
         .collect();
     for entry in std::fs::read_dir("/proc")?.flatten() {
-        if entry
+        let is_process = entry
             .file_name()
             .to_str()
-            .is_some_and(|n| n.parse::<u32>().is_ok())
+            .is_some_and(|n| n.parse::<u32>().is_ok());
+        if let Ok(meta) = std::fs::metadata(entry.path())
+            && is_process
         {
-            if let Ok(meta) = std::fs::metadata(entry.path()) {
-                taken.insert(meta.uid());
-            }
+            taken.insert(meta.uid());
         }
     }
     (UID_MIN..=UID_MAX)
