@@ -33,12 +33,19 @@ fi
 "$venv/bin/schemathesis" --version
 
 work=$(mktemp -d)
+# Environment accounts (the local provider as root) reach their homes through it.
+chmod 711 "$work"
 server_pid=""
 stop_server() {
   if [ -n "$server_pid" ]; then
     kill "$server_pid" 2>/dev/null || true
     wait "$server_pid" 2>/dev/null || true
   fi
+  # The environments' accounts go with their workspaces.
+  for account in $(awk -F: -v w="$work/" '$1 ~ /^dp-/ && index($6, w) == 1 {print $1}' /etc/passwd); do
+    pkill -KILL -U "$account" || true
+    userdel "$account" || true
+  done
   rm -rf "$work"
 }
 trap stop_server EXIT
@@ -47,6 +54,7 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); p
 base="http://127.0.0.1:$port"
 export DEVPOCKET_SERVER__BIND="127.0.0.1:$port"
 export DEVPOCKET_SERVER__DATA_DIR="$work/data"
+export DEVPOCKET_LOCAL__WORKSPACES_DIR="$work/workspaces"
 export DEVPOCKET_SERVER__REGISTRATION=open
 export DEVPOCKET_DATABASE__URL=""
 export DEVPOCKET_RATE_LIMIT__ENABLED=false

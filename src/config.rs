@@ -231,6 +231,33 @@ pub struct TerminalsConfig {
 pub struct LocalConfig {
     pub ssh_port: u16,
     pub shell: PathBuf,
+    /// Root of the environments' workspaces (each one an account's home), outside the data dir.
+    /// Empty: `/var/lib/devpocket-workspaces` when the server runs as root, `./workspaces`
+    /// otherwise.
+    pub workspaces_dir: PathBuf,
+    /// Without root the provider cannot give environments OS accounts of their own; it then
+    /// serves one DevPocket account only, unless this is set (every account's shells then run as
+    /// the server's OS user and can read each other's workspaces and the data dir).
+    pub shared_account: bool,
+    /// Processes (threads included) one environment's account may run at once (RLIMIT_NPROC):
+    /// a fork bomb stops there instead of exhausting the host's process table.
+    pub max_processes: u32,
+    /// Memory one process of an environment may allocate (RLIMIT_DATA, MiB; 0 = unbounded): a
+    /// runaway build fails its allocation instead of driving the host into the OOM killer.
+    pub max_memory_mb: u64,
+}
+
+impl LocalConfig {
+    /// The workspaces root this process uses (see [`LocalConfig::workspaces_dir`]).
+    pub fn workspaces_root(&self, running_as_root: bool) -> PathBuf {
+        if !self.workspaces_dir.as_os_str().is_empty() {
+            self.workspaces_dir.clone()
+        } else if running_as_root {
+            PathBuf::from("/var/lib/devpocket-workspaces")
+        } else {
+            PathBuf::from("./workspaces")
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -359,6 +386,17 @@ impl Config {
         }
         if self.server.data_dir.as_os_str().is_empty() {
             p.push("server.data_dir: must not be empty".into());
+        }
+        if !(16..=1_000_000).contains(&self.local.max_processes) {
+            p.push("local.max_processes: must be 16 to 1000000".into());
+        }
+        if self.local.max_memory_mb != 0 && self.local.max_memory_mb < 64 {
+            p.push("local.max_memory_mb: must be 0 (unbounded) or at least 64".into());
+        }
+        if !self.local.workspaces_dir.as_os_str().is_empty()
+            && self.local.workspaces_dir.starts_with(&self.server.data_dir)
+        {
+            p.push("local.workspaces_dir: must be outside server.data_dir".into());
         }
         for origin in &self.server.allowed_origins {
             let ok = origin == "*"
@@ -747,6 +785,37 @@ mod tests {
         assert_eq!(c.provider.kind, ProviderKind::Local);
         assert!(c.database.url.is_empty());
         assert!(c.registration_open());
+    }
+
+    #[test]
+    fn local_sandbox_settings_are_checked() {
+        let c = Config::defaults();
+        assert!(!c.local.shared_account, "secure by default");
+        assert_eq!(
+            c.local.workspaces_root(true),
+            PathBuf::from("/var/lib/devpocket-workspaces")
+        );
+        assert_eq!(
+            c.local.workspaces_root(false),
+            PathBuf::from("./workspaces")
+        );
+        let mut c = Config::defaults();
+        c.local.max_processes = 3;
+        c.local.max_memory_mb = 10;
+        c.local.workspaces_dir = c.server.data_dir.join("workspaces");
+        let problems = c.problems().join("\n");
+        for key in [
+            "local.max_processes",
+            "local.max_memory_mb",
+            "local.workspaces_dir",
+        ] {
+            assert!(problems.contains(key), "{key}: {problems}");
+        }
+        c.local.workspaces_dir = PathBuf::from("/srv/ws");
+        c.local.max_processes = 64;
+        c.local.max_memory_mb = 0;
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        assert_eq!(c.local.workspaces_root(true), PathBuf::from("/srv/ws"));
     }
 
     #[test]

@@ -202,7 +202,8 @@ fn help_shows_no_secrets() {
 /// environment is still there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_on_embedded_defaults_serves_a_newcomer() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    // Searchable by the environments' accounts; they are removed with it.
+    let dir = support::Scratch::new();
     let http = reqwest::Client::new();
 
     let server = Served::start(dir.path());
@@ -271,6 +272,112 @@ async fn the_binary_on_embedded_defaults_serves_a_newcomer() {
     assert!(server.stop());
 }
 
+/// Without root the local provider cannot give environments accounts of their own: it serves
+/// the first DevPocket account only, unless `local.shared_account = true`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_root_the_local_provider_serves_one_account_unless_shared() {
+    use std::os::unix::fs::PermissionsExt;
+    if !devpocket::provider::sandbox::running_as_root() {
+        eprintln!("skipped: starting the binary as another user needs root (CI runs as root)");
+        return;
+    }
+    let scratch = support::Scratch::new();
+    let (nobody, _) = devpocket::provider::sandbox::lookup("nobody")
+        .expect("passwd")
+        .expect("the nobody account");
+    let account = (nobody.uid, nobody.gid);
+    let home = scratch.path().join("home");
+    std::fs::create_dir(&home).expect("mkdir");
+    std::os::unix::fs::chown(&home, Some(account.0), Some(account.1)).expect("chown");
+    // The build directory may not be reachable for other users: run a copy.
+    let bin = scratch.path().join("devpocket");
+    std::fs::copy(env!("CARGO_BIN_EXE_devpocket"), &bin).expect("copy");
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let http = reqwest::Client::new();
+
+    let server = Served::start_as(&bin, &home, Some(account), &[]);
+    let ann = newcomer(&http, &server.base, "ann").await;
+    let ben = newcomer(&http, &server.base, "ben").await;
+    let first = create_env(&http, &server.base, &ann, "mine").await;
+    let env = env_reaching(&http, &server.base, &ann, &first, &["running"]).await;
+    assert_eq!(env["status"], "running", "{env}");
+    let second = create_env(&http, &server.base, &ben, "theirs").await;
+    let env = env_reaching(&http, &server.base, &ben, &second, &["running", "error"]).await;
+    assert_eq!(env["status"], "error", "a second account was served: {env}");
+    assert!(
+        env.to_string().contains("local.shared_account"),
+        "refused for another reason: {env}"
+    );
+    // The first account's workspace belongs to the server's own user.
+    let workspace = home.join("workspaces").join(&first);
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(&workspace).expect("workspace").uid(),
+        nobody.uid
+    );
+    assert!(server.stop());
+
+    // Shared on purpose: everyone is served (as this one OS user).
+    let server = Served::start_as(
+        &bin,
+        &home,
+        Some(account),
+        &[("DEVPOCKET_LOCAL__SHARED_ACCOUNT", "true".as_ref())],
+    );
+    let cal = newcomer(&http, &server.base, "cal").await;
+    let third = create_env(&http, &server.base, &cal, "shared").await;
+    let env = env_reaching(&http, &server.base, &cal, &third, &["running", "error"]).await;
+    assert_eq!(env["status"], "running", "{env}");
+    assert!(server.stop());
+}
+
+async fn newcomer(http: &reqwest::Client, base: &str, name: &str) -> String {
+    let (status, body) = send(
+        http.post(format!("{base}/api/v1/auth/register"))
+            .json(&serde_json::json!({ "username": name, "email": format!("{name}@example.com"), "password": support::PASSWORD })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    body["access_token"].as_str().expect("token").to_string()
+}
+
+async fn create_env(http: &reqwest::Client, base: &str, token: &str, name: &str) -> String {
+    let (status, env) = send(
+        http.post(format!("{base}/api/v1/environments"))
+            .bearer_auth(token)
+            .json(&serde_json::json!({ "name": name, "template": "ubuntu" })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{env}");
+    env["id"].as_str().expect("id").to_string()
+}
+
+/// Poll an environment until its status is one of `statuses` (60 s at most).
+async fn env_reaching(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    id: &str,
+    statuses: &[&str],
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (_, env) = send(
+            http.get(format!("{base}/api/v1/environments/{id}"))
+                .bearer_auth(token),
+        )
+        .await;
+        if statuses.iter().any(|s| env["status"] == *s) {
+            return env;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never reached {statuses:?}: {env}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 async fn send(req: reqwest::RequestBuilder) -> (StatusCode, serde_json::Value) {
     let resp = req.send().await.expect("request");
     let status = resp.status();
@@ -285,12 +392,35 @@ struct Served {
 
 impl Served {
     fn start(dir: &std::path::Path) -> Self {
+        // As root the default would be /var/lib/devpocket-workspaces: keep tests in the tempdir.
+        let workspaces = dir.join("workspaces");
+        Self::start_as(
+            std::path::Path::new(env!("CARGO_BIN_EXE_devpocket")),
+            dir,
+            None,
+            &[("DEVPOCKET_LOCAL__WORKSPACES_DIR", workspaces.as_os_str())],
+        )
+    }
+
+    /// `bin` serving from `dir`, as the OS account `(uid, gid)` if given, with extra variables.
+    fn start_as(
+        bin: &std::path::Path,
+        dir: &std::path::Path,
+        account: Option<(u32, u32)>,
+        vars: &[(&str, &std::ffi::OsStr)],
+    ) -> Self {
         use std::io::BufRead;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_devpocket"))
+        use std::os::unix::process::CommandExt;
+        let mut command = Command::new(bin);
+        if let Some((uid, gid)) = account {
+            command.uid(uid).gid(gid);
+        }
+        let mut child = command
             .current_dir(dir)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("DEVPOCKET_SERVER__BIND", "127.0.0.1:0")
+            .envs(vars.iter().copied())
             .env("DEVPOCKET_LOG__FORMAT", "json")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

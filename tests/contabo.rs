@@ -524,6 +524,8 @@ async fn terminal_round_trip_against_openssh(backend: Backend) {
     let port = vps.port;
     vps.stop().await;
     let _sshd = support::sshd::Sshd::start(port, &host_key, &authorized).await;
+    // The terminal starts a tmux session as `dev` on this host: it goes with the test.
+    let _tmux = DevTmuxSession(format!("devpocket_{id}"));
     let (mut ws, welcome) = open_terminal(&s, &me, &id, "&cols=90&rows=20").await;
     assert_eq!(welcome["environment"]["id"], id.as_str());
     input(&mut ws, "echo via-openssh-$((20+1)) $(whoami)\r").await;
@@ -546,6 +548,19 @@ async fn terminal_round_trip_against_openssh(backend: Backend) {
         "{seen:?}"
     );
     drop(sim);
+}
+
+/// Ends `dev`'s tmux session of that name on drop (its server exits with its last session).
+struct DevTmuxSession(String);
+
+impl Drop for DevTmuxSession {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("runuser")
+            .args(["-u", "dev", "--", "tmux", "kill-session", "-t", &self.0])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
 }
 
 /// The `dev` user the templates create, on this host (tests run as root, as CI does). Its

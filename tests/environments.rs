@@ -131,13 +131,14 @@ async fn local_lifecycle(backend: Backend) {
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 
-    // Metrics are sampled from the environment itself.
+    // Metrics are sampled from the environment itself (a sample needs the memory lines; the
+    // environment's own processes may be well under 0.1 % of the host's memory).
     let metrics = wait_for_metrics(&s, &me, &id).await;
     let current = &metrics["current"];
     assert!(
         current["memory_usage"]
             .as_f64()
-            .is_some_and(|m| m > 0.0 && m <= 100.0),
+            .is_some_and(|m| (0.0..=100.0).contains(&m)),
         "{metrics}"
     );
     assert!(
@@ -262,10 +263,7 @@ async fn local_lifecycle(backend: Backend) {
         .get("/api/v1/environments?status_filter=running", me.token())
         .await;
     assert_eq!(list.as_array().map(Vec::len), Some(0));
-    assert!(
-        !s.data_dir().join("workspaces").join(&id).exists(),
-        "workspace removed"
-    );
+    assert!(!s.workspaces_dir().join(&id).exists(), "workspace removed");
     let (status, _) = s
         .post(
             &format!("/api/v1/environments/{id}/start"),
@@ -286,7 +284,7 @@ async fn local_lifecycle(backend: Backend) {
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(
-        !s.data_dir().join("workspaces").join(&second).exists(),
+        !s.workspaces_dir().join(&second).exists(),
         "workspace removed with the account"
     );
     s.stop().await;

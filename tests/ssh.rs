@@ -53,11 +53,11 @@ impl Fixture {
         let auth = OneUser {
             user: USER.into(),
             key: user_key.public_key().clone(),
-            spec: SessionSpec {
-                workdir: workdir.clone(),
-                env: vec![("DEVPOCKET_TEST".into(), "yes".into())],
-                shell: "/bin/bash".into(),
-            },
+            spec: SessionSpec::new(
+                workdir.clone(),
+                vec![("DEVPOCKET_TEST".into(), "yes".into())],
+                "/bin/bash".into(),
+            ),
         };
         let bind: SocketAddr = "127.0.0.1:0".parse().expect("addr");
         let server = LocalSshServer::start(bind, host, Arc::new(auth))

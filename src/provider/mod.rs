@@ -4,6 +4,7 @@
 
 pub mod contabo;
 pub mod local;
+pub mod sandbox;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -15,6 +16,8 @@ use crate::config::ProviderKind;
 #[derive(Debug, Clone)]
 pub struct InstanceSpec {
     pub environment_id: String,
+    /// The DevPocket user who owns the environment.
+    pub owner_id: String,
     /// `devpocket-<environment id>`: how a lost instance is found again.
     pub display_name: String,
     /// Our id for this create attempt, stored before the call; sent as the request id.
@@ -134,6 +137,12 @@ pub trait Provider: Send + Sync + 'static {
     fn ssh_endpoint(&self, ip: &str) -> (String, u16);
     /// How installation is followed; `local_setup` are the template's steps for local hosts.
     fn install_plan(&self, local_setup: &[String]) -> InstallPlan;
+
+    /// The shell command that samples metrics inside an environment (output as
+    /// [`crate::actors::environment::metrics::parse`] reads it).
+    fn metrics_command(&self) -> &'static str {
+        crate::actors::environment::metrics::COMMAND
+    }
 
     /// Release what the provider runs (the local provider's SSH server).
     async fn shutdown(&self) {}

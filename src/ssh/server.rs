@@ -73,11 +73,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a connection being shut down gets to say goodbye.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(2);
-/// Environment variables a session inherits from the server process; everything else
-/// (database URLs, provider credentials) stays out of user shells.
-const INHERITED_ENV: &[&str] = &[
-    "HOME", "USER", "LOGNAME", "PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR",
-];
+/// `PATH` of a session unless its spec sets one.
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 /// What an authorized session runs in.
@@ -85,10 +81,40 @@ const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 pub struct SessionSpec {
     /// Working directory of every shell and command (the workspace).
     pub workdir: PathBuf,
-    /// Extra environment, on top of the inherited basics.
+    /// The session's variables (`HOME`, `USER`, the environment's own...), on top of a clean
+    /// base (`HOME` = workdir, `PATH`, `LANG=C.UTF-8`, `SHELL`); nothing is inherited from the
+    /// server process.
     pub env: Vec<(String, String)>,
     /// The shell: `shell -l` for a login shell, `shell -c <command>` for commands.
     pub shell: PathBuf,
+    /// Run every program as this OS account, `(uid, gid)`, with no supplementary groups;
+    /// `None`: as the server's own user.
+    pub account: Option<(u32, u32)>,
+    /// A command prefix every program runs under (e.g. `env --default-signal prlimit ... --`);
+    /// its first item is the program executed. Empty: the shell runs directly.
+    pub wrapper: Vec<OsString>,
+}
+
+impl SessionSpec {
+    /// A session in `workdir` running `shell` as the server's user, without a wrapper.
+    pub fn new(workdir: PathBuf, env: Vec<(String, String)>, shell: PathBuf) -> Self {
+        Self {
+            workdir,
+            env,
+            shell,
+            account: None,
+            wrapper: Vec::new(),
+        }
+    }
+
+    /// The program to execute and its arguments: the wrapper, the shell, the shell's arguments.
+    fn argv(&self, program: &Program) -> (OsString, Vec<OsString>) {
+        let mut argv: Vec<OsString> = self.wrapper.clone();
+        argv.push(self.shell.clone().into());
+        argv.extend(program_args(program));
+        let first = argv.remove(0);
+        (first, argv)
+    }
 }
 
 /// Decides who gets in.
@@ -210,7 +236,7 @@ async fn accept_loop(
         let (authed_tx, authed_rx) = oneshot::channel();
         let handler = ConnectionHandler {
             authorizer: authorizer.clone(),
-            spec: None,
+            identity: None,
             authed: Some(authed_tx),
             channels: HashMap::new(),
             done: done.clone(),
@@ -277,8 +303,9 @@ async fn serve_connection(
 /// Per-connection russh handler: authentication, channel bookkeeping, request replies.
 struct ConnectionHandler {
     authorizer: Arc<dyn Authorizer>,
-    /// Set by successful authentication.
-    spec: Option<Arc<SessionSpec>>,
+    /// Set by successful authentication: who signed in. Every new channel asks the authorizer
+    /// again, so a stopped environment's open connections cannot start programs any more.
+    identity: Option<(String, PublicKey)>,
     authed: Option<oneshot::Sender<()>>,
     channels: HashMap<ChannelId, ChannelEntry>,
     done: mpsc::Sender<()>,
@@ -317,7 +344,7 @@ impl server::Handler for ConnectionHandler {
             return Ok(Auth::reject());
         };
         tracing::debug!(user, workdir = %spec.workdir.display(), "local SSH: authenticated");
-        self.spec = Some(Arc::new(spec));
+        self.identity = Some((user.to_string(), key.public_key.clone()));
         if let Some(authed) = self.authed.take() {
             let _ = authed.send(());
         }
@@ -330,9 +357,15 @@ impl server::Handler for ConnectionHandler {
         reply: server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let Some(spec) = self.spec.clone() else {
-            return Ok(()); // dropping `reply` refuses the channel
+        // Dropping `reply` refuses the channel.
+        let Some((user, key)) = &self.identity else {
+            return Ok(());
         };
+        let Some(spec) = self.authorizer.authorize(user, key) else {
+            tracing::info!(user, "local SSH: no longer authorized; channel refused");
+            return Ok(());
+        };
+        let spec = Arc::new(spec);
         self.channels
             .retain(|_, entry| Arc::strong_count(&entry.alive) > 1);
         if self.channels.len() >= MAX_CHANNELS_PER_CONNECTION {
@@ -581,17 +614,16 @@ fn program_args(program: &Program) -> Vec<OsString> {
     }
 }
 
-/// The child's whole environment: a few basics inherited from the server, the spec's variables,
-/// `TERM` for a PTY, and `DEVPOCKET_WORKSPACE`.
+/// The child's whole environment, built rather than inherited: a clean base (`HOME` = the
+/// workdir, `PATH`, `LANG`, `SHELL`), the spec's variables, `TERM` for a PTY, and
+/// `DEVPOCKET_WORKSPACE`.
 fn session_env(spec: &SessionSpec, term: Option<&str>) -> Vec<(OsString, OsString)> {
-    let mut env: Vec<(OsString, OsString)> = INHERITED_ENV
-        .iter()
-        .filter_map(|name| std::env::var_os(name).map(|value| ((*name).into(), value)))
-        .collect();
-    if std::env::var_os("PATH").is_none() {
-        env.push(("PATH".into(), DEFAULT_PATH.into()));
-    }
-    env.push(("SHELL".into(), spec.shell.clone().into()));
+    let mut env: Vec<(OsString, OsString)> = vec![
+        ("HOME".into(), spec.workdir.clone().into()),
+        ("PATH".into(), DEFAULT_PATH.into()),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("SHELL".into(), spec.shell.clone().into()),
+    ];
     env.extend(
         spec.env
             .iter()
@@ -613,8 +645,15 @@ async fn run_in_pty(
 ) -> anyhow::Result<Outcome> {
     let (pty, pts) = pty_process::open().context("opening a PTY")?;
     pty.resize(params.size).context("sizing the PTY")?;
-    let mut child = pty_process::Command::new(&spec.shell)
-        .args(program_args(program))
+    let (file, args) = spec.argv(program);
+    let mut command = pty_process::Command::new(file);
+    if let Some((uid, gid)) = spec.account {
+        // The terminal belongs to the account that uses it (tools reopen it by name).
+        std::os::unix::fs::fchown(&pts, Some(uid), Some(gid)).context("handing over the PTY")?;
+        command = command.uid(uid).gid(gid);
+    }
+    let mut child = command
+        .args(args)
         .env_clear()
         .envs(session_env(spec, Some(&params.term)))
         .current_dir(&spec.workdir)
@@ -653,8 +692,13 @@ async fn run_with_pipes(
     spec: &SessionSpec,
     program: &Program,
 ) -> anyhow::Result<Outcome> {
-    let mut child = tokio::process::Command::new(&spec.shell)
-        .args(program_args(program))
+    let (file, args) = spec.argv(program);
+    let mut command = tokio::process::Command::new(file);
+    if let Some((uid, gid)) = spec.account {
+        command.uid(uid).gid(gid);
+    }
+    let mut child = command
+        .args(args)
         .env_clear()
         .envs(session_env(spec, None))
         .current_dir(&spec.workdir)
@@ -872,11 +916,11 @@ mod tests {
 
     #[test]
     fn session_env_is_built_not_inherited() {
-        let spec = SessionSpec {
-            workdir: "/work/space".into(),
-            env: vec![("FOO".into(), "bar".into())],
-            shell: "/bin/bash".into(),
-        };
+        let spec = SessionSpec::new(
+            "/work/space".into(),
+            vec![("FOO".into(), "bar".into())],
+            "/bin/bash".into(),
+        );
         let env = session_env(&spec, Some("xterm-256color"));
         let get = |name: &str| {
             env.iter()
@@ -888,8 +932,13 @@ mod tests {
         assert_eq!(get("TERM").as_deref(), Some("xterm-256color"));
         assert_eq!(get("FOO").as_deref(), Some("bar"));
         assert_eq!(get("SHELL").as_deref(), Some("/bin/bash"));
-        assert!(get("PATH").is_some());
-        assert!(env.iter().all(|(k, _)| k != "CARGO_MANIFEST_DIR"));
+        assert_eq!(get("PATH").as_deref(), Some(DEFAULT_PATH));
+        assert_eq!(get("HOME").as_deref(), Some("/work/space"));
+        assert_eq!(get("LANG").as_deref(), Some("C.UTF-8"));
+        assert!(
+            env.iter()
+                .all(|(k, _)| k != "CARGO_MANIFEST_DIR" && k != "USER")
+        );
         assert_eq!(
             session_env(&spec, None)
                 .iter()

@@ -71,8 +71,9 @@ pub struct TestDb {
 impl TestDb {
     pub async fn create(backend: Backend, dir: &Path) -> Self {
         match backend {
+            // In the data dir (0700): environment accounts must not read it.
             Backend::Sqlite => Self {
-                url: format!("sqlite://{}", dir.join("test.db").display()),
+                url: format!("sqlite://{}", dir.join("data").join("test.db").display()),
                 pg: None,
             },
             Backend::Postgres => {
@@ -149,7 +150,70 @@ pub fn test_config(data_dir: &Path, db_url: &str) -> Config {
     config.provider.ssh_connect_timeout_seconds = 5;
     config.environments.metrics_interval_seconds = 1;
     config.environments.restart_backoff_ms = 10;
+    // Next to the data dir, in the test's own temp dir: every test server has its own workspaces,
+    // tmux sockets (under <workspaces>/.tmux) and environment accounts.
+    config.local.workspaces_dir = data_dir.with_file_name("workspaces");
     config
+}
+
+/// A test's temp dir. Environment accounts must pass through it to reach their homes (0711);
+/// on drop, the accounts whose homes are under it (and everything they still run, their tmux
+/// servers included) are removed before the files.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+            .expect("chmod tempdir");
+        Self { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // The workspaces go first: a server still winding down cannot make an account for a
+        // workspace that is gone (the provider does not recreate its root).
+        let _ = std::fs::remove_dir_all(self.dir.path().join("workspaces"));
+        sweep_accounts(self.dir.path());
+    }
+}
+
+/// Kill and remove every environment account whose home is under `dir`; returns their names.
+pub fn sweep_accounts(dir: &Path) -> Vec<String> {
+    use devpocket::provider::sandbox;
+    // A server winding down may be creating one right now; later ones find no home.
+    sandbox::settle();
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let mut removed = Vec::new();
+    for line in passwd.lines() {
+        let fields: Vec<&str> = line.split(':').collect();
+        if fields.len() < 7 || !fields[0].starts_with(sandbox::ACCOUNT_PREFIX) {
+            continue;
+        }
+        if !Path::new(fields[5]).starts_with(dir) {
+            continue;
+        }
+        // Kills what the account runs (its tmux server too), then removes it.
+        if let Err(e) = sandbox::remove_account(fields[0]) {
+            eprintln!("could not remove test account {}: {e}", fields[0]);
+        }
+        removed.push(fields[0].to_string());
+    }
+    removed
 }
 
 pub struct TestServer {
@@ -158,7 +222,7 @@ pub struct TestServer {
     pub http: reqwest::Client,
     pub config: Config,
     pub db: Arc<TestDb>,
-    dir: Arc<tempfile::TempDir>,
+    dir: Arc<Scratch>,
 }
 
 impl TestServer {
@@ -167,7 +231,7 @@ impl TestServer {
     }
 
     pub async fn start_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> Self {
-        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+        let dir = Arc::new(Scratch::new());
         let db = Arc::new(TestDb::create(backend, dir.path()).await);
         let mut config = test_config(&dir.path().join("data"), &db.url);
         tweak(&mut config);
@@ -178,7 +242,7 @@ impl TestServer {
         config: Config,
         clock: Arc<ManualClock>,
         db: Arc<TestDb>,
-        dir: Arc<tempfile::TempDir>,
+        dir: Arc<Scratch>,
     ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let server = start_on(listener, config.clone(), clock.clone())
@@ -223,6 +287,11 @@ impl TestServer {
 
     pub fn data_dir(&self) -> PathBuf {
         self.config.server.data_dir.clone()
+    }
+
+    /// The local provider's workspaces root.
+    pub fn workspaces_dir(&self) -> PathBuf {
+        self.config.local.workspaces_dir.clone()
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -123,6 +123,7 @@ impl TaskCtx {
         let user_data = self.user_data(&variables).await?;
         Ok(InstanceSpec {
             environment_id: self.row.id.clone(),
+            owner_id: self.row.user_id.clone(),
             display_name: self.row.display_name.clone(),
             operation_id: operation_id.to_string(),
             region: self.row.region.clone(),

@@ -177,7 +177,10 @@ impl super::effects::TaskCtx {
                 client = self.connect(deadline).await.ok();
             }
             let Some(c) = &client else { continue };
-            match c.exec(COMMAND, METRICS_OUTPUT_LIMIT).await {
+            match c
+                .exec(self.deps.provider.metrics_command(), METRICS_OUTPUT_LIMIT)
+                .await
+            {
                 Ok(out) => {
                     let text = String::from_utf8_lossy(&out.stdout);
                     if let Some(sample) = parse(&text, self.deps.clock.now()) {
