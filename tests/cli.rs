@@ -236,6 +236,9 @@ async fn the_binary_on_embedded_defaults_serves_a_newcomer() {
         assert!(tokio::time::Instant::now() < deadline, "never ran: {env}");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    // Started with nothing but PATH in its environment (no LANG, as under a service manager),
+    // the terminal is still UTF-8 end to end: a euro sign typed in comes back as one.
+    euro_round_trips(&base, &token, &id).await;
     // Its secrets were made on first start, readable by the server's user only.
     for key in ["jwt.key", "seal.key"] {
         let mode = std::fs::metadata(dir.path().join("data").join(key))
@@ -476,4 +479,33 @@ impl Drop for Served {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Open a terminal on `env` and check that `€` typed in comes back as `€` (not tmux's `_`).
+async fn euro_round_trips(base: &str, token: &str, env: &str) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let url = format!(
+        "{}/api/v1/ws/terminal/{env}?token={token}",
+        base.replacen("http://", "ws://", 1)
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("terminal");
+    let input = serde_json::json!({ "type": "input", "data": "echo \"price: €$((2+3))\"\r" });
+    ws.send(Message::text(input.to_string())).await.expect("send");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut seen = String::new();
+    while !seen.contains("price: €5") {
+        let frame = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("no euro came back: {seen:?}"))
+            .expect("open")
+            .expect("frame");
+        if let Message::Text(text) = frame {
+            let frame: serde_json::Value = serde_json::from_str(text.as_str()).expect("json");
+            if frame["type"] == "output" {
+                seen.push_str(frame["data"].as_str().unwrap_or_default());
+            }
+        }
+    }
+    let _ = ws.close(None).await;
 }
