@@ -489,9 +489,13 @@ async fn euro_round_trips(base: &str, token: &str, env: &str) {
         "{}/api/v1/ws/terminal/{env}?token={token}",
         base.replacen("http://", "ws://", 1)
     );
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("terminal");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("terminal");
     let input = serde_json::json!({ "type": "input", "data": "echo \"price: €$((2+3))\"\r" });
-    ws.send(Message::text(input.to_string())).await.expect("send");
+    ws.send(Message::text(input.to_string()))
+        .await
+        .expect("send");
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     let mut seen = String::new();
     while !seen.contains("price: €5") {
