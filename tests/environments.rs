@@ -206,6 +206,38 @@ async fn local_lifecycle(backend: Backend) {
         )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    // Past the provider's quota (5 on the local provider) a snapshot is refused, and the
+    // environment goes back to running instead of to error.
+    for i in 0..5 {
+        let (status, body) = s
+            .post(
+                &format!("/api/v1/environments/{id}/snapshot"),
+                me.token(),
+                json!({ "name": format!("more-{i}") }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        s.wait_status(&me, &id, "running").await;
+    }
+    let (_, snaps) = s
+        .get(&format!("/api/v1/environments/{id}/snapshots"), me.token())
+        .await;
+    assert_eq!(
+        snaps["snapshots"].as_array().map(Vec::len),
+        Some(5),
+        "{snaps}"
+    );
+    let (_, logs) = s
+        .get(
+            &format!("/api/v1/environments/{id}/logs?lines=20"),
+            me.token(),
+        )
+        .await;
+    assert!(
+        logs.to_string()
+            .contains("Snapshot refused by the provider"),
+        "{logs}"
+    );
 
     let (status, body) = s
         .post(

@@ -542,11 +542,11 @@ impl TaskCtx {
 
     async fn snapshot(&self, name: &str) -> anyhow::Result<()> {
         let instance_id = self.instance_id()?;
-        let snap = self
-            .provider()
-            .create_snapshot(&instance_id, name)
-            .await
-            .context("snapshot failed")?;
+        let snap = match self.provider().create_snapshot(&instance_id, name).await {
+            Ok(snap) => snap,
+            Err(ProviderError::Rejected { message, .. }) => return self.refused(&message).await,
+            Err(e) => return Err(anyhow::Error::from(e).context("snapshot failed")),
+        };
         self.log_event(
             "info",
             "info",
@@ -560,14 +560,34 @@ impl TaskCtx {
 
     async fn restore(&self, snapshot_id: &str) -> anyhow::Result<()> {
         let instance_id = self.instance_id()?;
-        self.provider()
+        match self
+            .provider()
             .restore_snapshot(&instance_id, snapshot_id)
             .await
-            .context("restore failed")?;
+        {
+            Ok(()) => {}
+            Err(ProviderError::Rejected { message, .. }) => return self.refused(&message).await,
+            Err(e) => return Err(anyhow::Error::from(e).context("restore failed")),
+        }
         self.log_event(
             "info",
             "info",
             &format!("Snapshot {snapshot_id} restored"),
+            None,
+        )
+        .await;
+        self.report(Event::ActionDone);
+        Ok(())
+    }
+
+    /// The provider refused a snapshot or restore outright (a quota, say): nothing was taken or
+    /// changed, so the environment goes back to where it was — not to `error` — and the refusal
+    /// is in its log (live and stored).
+    async fn refused(&self, message: &str) -> anyhow::Result<()> {
+        self.log_event(
+            "info",
+            "error",
+            &format!("Snapshot refused by the provider: {message}"),
             None,
         )
         .await;
