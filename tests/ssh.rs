@@ -262,6 +262,16 @@ async fn exec_collects_output_and_status() {
     assert!(out.truncated);
     assert_eq!(out.status, Some(0));
 
+    // A session of its own, with no controlling terminal: nothing an environment runs can
+    // reach the terminal the server was started from.
+    let out = within(client.exec(
+        "[ \"$(ps -o sid= -p $$ | tr -d ' ')\" = \"$$\" ] && echo own-session; cat /dev/tty 2>/dev/null || echo no-tty",
+        1024,
+    ))
+    .await
+    .expect("exec");
+    assert_eq!(out.stdout, b"own-session\nno-tty\n", "{out:?}");
+
     // Stdin is closed right away, so a command that reads it does not hang.
     let out = within(client.exec("cat; echo done", 1024))
         .await

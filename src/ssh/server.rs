@@ -693,7 +693,23 @@ async fn run_with_pipes(
     program: &Program,
 ) -> anyhow::Result<Outcome> {
     let (file, args) = spec.argv(program);
-    let mut command = tokio::process::Command::new(file);
+    // A session of its own, without a controlling terminal: a command in an environment must
+    // never reach the terminal the server was started from (`/dev/tty`, TIOCSTI keystroke
+    // injection, Ctrl-C). `setsid` (util-linux) execs in place — the child is not a group
+    // leader, so it does not fork — and the pid we hold stays the program's.
+    let mut command = match crate::provider::sandbox::find_tool("setsid") {
+        Some(setsid) => {
+            let mut command = tokio::process::Command::new(setsid);
+            command.arg(file);
+            command
+        }
+        None => {
+            tracing::warn!("setsid (util-linux) not found: commands share the server's session");
+            let mut command = tokio::process::Command::new(file);
+            command.process_group(0);
+            command
+        }
+    };
     if let Some((uid, gid)) = spec.account {
         command.uid(uid).gid(gid);
     }
@@ -705,8 +721,6 @@ async fn run_with_pipes(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        // Its own process group: a Ctrl-C at the server's terminal is not meant for it.
-        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("in {}", spec.workdir.display()))?;
