@@ -281,6 +281,18 @@ async fn stop_start_and_delete_leave_nothing_running(backend: Backend) {
         "unset",
         "a fresh tmux session after start"
     );
+    // Files left in shared temp dirs go with the account (its uid is handed out again).
+    let leftover = format!("/tmp/devpocket-leftover-{id}");
+    assert_eq!(
+        ask(
+            &mut ws,
+            "left",
+            &format!("echo secret > {leftover} && echo kept")
+        )
+        .await,
+        "kept"
+    );
+    assert!(Path::new(&leftover).exists());
     ws.close(None).await.ok();
 
     let (status, body) = s
@@ -294,6 +306,7 @@ async fn stop_start_and_delete_leave_nothing_running(backend: Backend) {
     s.wait_status(&me, &id, "terminated").await;
     assert_eq!(account_uid(&id), None, "account removed");
     assert!(!workspace.exists(), "workspace removed");
+    assert!(!Path::new(&leftover).exists(), "its /tmp files removed");
     assert_eq!(processes_of(uid), Vec::<u32>::new());
     s.stop().await;
 }

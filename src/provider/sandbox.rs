@@ -213,7 +213,10 @@ pub fn remove_account(name: &str) -> std::io::Result<()> {
         kill_uid(account.uid)?;
         match run_locked(&userdel, &[name.as_ref()])? {
             // 6: no such user (gone meanwhile).
-            0 | 6 => return Ok(()),
+            0 | 6 => {
+                purge_shared_files(account.uid);
+                return Ok(());
+            }
             8 => continue,
             code => {
                 return Err(std::io::Error::other(format!(
@@ -225,6 +228,38 @@ pub fn remove_account(name: &str) -> std::io::Result<()> {
     Err(std::io::Error::other(format!(
         "userdel {name}: the account kept running processes"
     )))
+}
+
+/// World-writable places an environment may have left files in. The uid is handed to the next
+/// new account, which must not inherit them.
+const SHARED_WRITABLE_DIRS: [&str; 4] = ["/tmp", "/var/tmp", "/dev/shm", "/run/lock"];
+
+/// Remove what a removed account left in [`SHARED_WRITABLE_DIRS`] (files, links — never their
+/// targets — and its directories once empty), staying on each directory's filesystem. Best
+/// effort: a failure is logged; files elsewhere are not searched for.
+fn purge_shared_files(uid: u32) {
+    let Some(find) = find_tool("find") else {
+        tracing::warn!(
+            uid,
+            "find is not installed: a removed account's temp files stay"
+        );
+        return;
+    };
+    let dirs: Vec<&str> = SHARED_WRITABLE_DIRS
+        .into_iter()
+        .filter(|d| Path::new(d).is_dir())
+        .collect();
+    let uid_arg = uid.to_string();
+    let status = Command::new(find)
+        .args(&dirs)
+        .args(["-xdev", "-depth", "-uid", &uid_arg, "-delete"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if let Err(e) = status {
+        tracing::warn!(uid, error = %e, "could not remove a removed account's temp files");
+    }
 }
 
 /// Kill every process whose real uid is `uid` (the environment's account: its shells, its tmux
