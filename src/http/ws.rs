@@ -713,6 +713,15 @@ async fn session_live(app: &AppState, session_id: &str) -> bool {
 
 /// Forward a feed (only this user's environments when `user` is given), answer pings, close on
 /// idle, and close with 1008 `Session ended` when the login session `session_id` ends.
+/// Whether a stream forwards an update: the events stream (`user` given) only that user's
+/// environments' status changes; a logs stream everything of its environment.
+fn for_this_stream(update: &EnvUpdate, user: Option<&str>) -> bool {
+    match user {
+        Some(me) => update.owner == me && update.frame.as_status().is_some(),
+        None => true,
+    }
+}
+
 async fn live(
     app: &AppState,
     mut ws: Ws,
@@ -742,16 +751,22 @@ async fn live(
                     }
                 };
                 if gone {
+                    // What happened before the end is still delivered (an account deletion's
+                    // `terminated` changes), then the close.
+                    while let Ok(update) = feed.try_recv() {
+                        if for_this_stream(&update, user.as_deref())
+                            && ws.send(Message::text(update.frame.to_json())).await.is_err()
+                        {
+                            return;
+                        }
+                    }
                     close(&mut ws, 1008, "Session ended").await;
                     return;
                 }
             }
             update = feed.recv() => match update {
                 Ok(update) => {
-                    // The events stream: only this user's environments, only status changes.
-                    if let Some(me) = &user
-                        && (&update.owner != me || update.frame.as_status().is_none())
-                    {
+                    if !for_this_stream(&update, user.as_deref()) {
                         continue;
                     }
                     if ws.send(Message::text(update.frame.to_json())).await.is_err() { return; }
