@@ -224,6 +224,11 @@ pub struct TerminalsConfig {
     /// window to open) before the pending input is dropped and the client told; bounds what a
     /// remote that stops reading can hold up.
     pub write_timeout_seconds: u64,
+    /// Largest screen (columns × rows) a terminal keeps a server-side model of (see
+    /// `terminal::screen`): 32 bytes per cell, twice with a full-screen program, so the default
+    /// 40,000 cells bound it at 2.5 MiB per terminal (an 80×24 phone uses 60 KiB). Above it a
+    /// terminal keeps no model and repaints fall back to tmux; 0 turns the model off.
+    pub screen_max_cells: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

@@ -369,6 +369,7 @@ async fn terminal(
             grace: Duration::from_secs(cfg.grace_seconds),
             reconnect_attempts: cfg.reconnect_attempts,
             write_timeout: Duration::from_secs(cfg.write_timeout_seconds),
+            screen_max_cells: cfg.screen_max_cells,
             feed: app.actors.subscribe(&env.id).await.ok(),
             stats: stats.clone(),
             directory: app.actors.directory().clone(),

@@ -643,7 +643,7 @@ async fn run_in_pty(
     params: PtyParams,
     program: &Program,
 ) -> anyhow::Result<Outcome> {
-    let (pty, pts) = pty_process::open().context("opening a PTY")?;
+    let (pty, pts) = super::pty::open().context("opening a PTY")?;
     pty.resize(params.size).context("sizing the PTY")?;
     let (file, args) = spec.argv(program);
     let mut command = pty_process::Command::new(file);
