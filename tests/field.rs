@@ -22,6 +22,7 @@ on_both_backends!(
     a_malformed_query_parameter_is_named_not_blamed_on_the_token,
     lost_output_is_repainted_exactly_from_the_server_screen,
     a_reattach_without_offset_is_painted_by_the_server_and_terminals_are_listed,
+    a_node_at_capacity_refuses_new_terminals_at_once_and_plainly,
 );
 
 /// The terminals a session holds, as ops see them.
@@ -427,5 +428,67 @@ async fn a_reattach_without_offset_is_painted_by_the_server_and_terminals_are_li
     let mut painted = emulator(64, 20);
     painted.process(data.as_bytes());
     assert!(painted.screen().contents().contains("shown-42"));
+    s.stop().await;
+}
+
+/// At `terminals.max_terminals_per_node` a new terminal is refused at once with 1013 and a plain
+/// reason (another user's, so no per-user or per-session cap is involved); re-attaching to the
+/// live one still works, and its end frees the slot.
+async fn a_node_at_capacity_refuses_new_terminals_at_once_and_plainly(backend: Backend) {
+    let s = TestServer::start_with(backend, |c| c.terminals.max_terminals_per_node = 1).await;
+    let me = s.register("first").await;
+    let late = s.register("second").await;
+    let env = running_env(&s, &me, "only").await;
+    let other_env = running_env(&s, &late, "wanted").await;
+    let (mut ws, welcome) = open_terminal(&s, &me, &env, "").await;
+    let tid = welcome["terminal_id"].as_str().expect("id").to_string();
+    input(&mut ws, "echo held-$((3*3))\r").await;
+    let (_, offset) = read_until(&mut ws, "held-9").await;
+
+    let mut refused = support::terminal::connect(
+        &s,
+        &format!("/api/v1/ws/terminal/{other_env}?token={}", late.access),
+    )
+    .await;
+    let (code, reason) = close_of(&mut refused).await;
+    assert_eq!((code, reason.as_str()), (1013, "Server busy, try again"));
+
+    drop(ws);
+    let (mut ws, welcome) = open_terminal(
+        &s,
+        &me,
+        &env,
+        &format!("&terminal_id={tid}&offset={offset}"),
+    )
+    .await;
+    assert_eq!(
+        welcome["terminal_id"],
+        tid.as_str(),
+        "re-attaching is never refused"
+    );
+    // The shell exits: the terminal ends and its slot is free again.
+    input(&mut ws, "exit\r").await;
+    assert_eq!(close_of(&mut ws).await.0, 1000);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let mut ws = support::terminal::connect(
+            &s,
+            &format!("/api/v1/ws/terminal/{other_env}?token={}", late.access),
+        )
+        .await;
+        let first = next_json(&mut ws).await;
+        if first.as_ref().is_some_and(|f| f["type"] == "info") {
+            assert_eq!(
+                next_json(&mut ws).await.expect("welcome")["type"],
+                "welcome"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot never came back"
+        );
+        tokio::task::yield_now().await;
+    }
     s.stop().await;
 }

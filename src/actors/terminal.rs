@@ -158,6 +158,8 @@ pub struct TerminalArgs {
     pub stats: Arc<Stats>,
     pub directory: crate::actors::directory::Directory,
     pub directory_id: String,
+    /// This terminal's slot of the node's capacity, held for its lifetime.
+    pub slot: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Called once when the terminal ends, with the bytes in and out (for the audit trail).
     pub on_close: Option<Box<dyn FnOnce(u64, u64) + Send + Sync>>,
 }

@@ -375,8 +375,10 @@ async fn terminal(
             directory: app.actors.directory().clone(),
             directory_id: crate::terminal::directory_id(&terminal_id),
             on_close: Some(on_close),
+            slot: None,
         },
         max_terminals: cfg.max_terminals_per_session,
+        node_slots: app.terminal_slots.clone(),
         size: query.cols.zip(query.rows).map(|(cols, rows)| {
             (
                 cols.clamp(1, protocol::MAX_COLS),
