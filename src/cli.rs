@@ -267,10 +267,11 @@ fn raise_open_file_limit() {
         current: limit.maximum,
         maximum: limit.maximum,
     };
+    let shown = |v: Option<u64>| v.map_or_else(|| "unlimited".to_owned(), |v| v.to_string());
     match setrlimit(Resource::Nofile, raised) {
         Ok(()) => tracing::info!(
-            from = ?limit.current,
-            to = ?limit.maximum,
+            from = %shown(limit.current),
+            to = %shown(limit.maximum),
             "raised the open-file limit (RLIMIT_NOFILE) to its hard limit"
         ),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit (RLIMIT_NOFILE)"),
