@@ -38,6 +38,8 @@ pub struct App {
     pub tokens: Tokens,
     pub passwords: PasswordHashing,
     pub lockout: Lockout,
+    /// The per-request session check's cache (see [`crate::auth::session_cache`]).
+    pub session_cache: crate::auth::session_cache::SessionCache,
     pub housekeeping: Housekeeping,
     pub google: Option<GoogleVerifier>,
     pub actors: Actors,
@@ -62,6 +64,13 @@ pub struct AuditContext {
 }
 
 impl App {
+    /// End these login sessions on this node now: the session check forgets them (their next
+    /// request is refused) and their actors stop, closing their terminals and streams.
+    pub fn end_sessions(&self, session_ids: Vec<String>, reason: &str) {
+        self.session_cache.forget_sessions(&session_ids);
+        self.actors.stop_sessions(session_ids, reason);
+    }
+
     /// Record an audit event. A failure to record is logged, never shown to the client.
     pub async fn audit(
         &self,
@@ -285,6 +294,10 @@ pub async fn build(config: Config, clock: SharedClock) -> anyhow::Result<AppStat
             config.auth.hash_queue as usize,
         ),
         lockout: Lockout::new(&config.auth),
+        session_cache: crate::auth::session_cache::SessionCache::new(
+            config.auth.session_cache_seconds,
+            crate::auth::session_cache::MAX_ENTRIES,
+        ),
         housekeeping: Housekeeping::new(),
         google: GoogleVerifier::from_config(&config.google, clock.clone()),
         limits: RateLimits::new(&config.rate_limit, &config.terminals),

@@ -129,6 +129,10 @@ pub struct AuthConfig {
     pub refresh_reuse_grace_seconds: u32,
     /// Most failed-login counters kept for login names that match no account.
     pub lockout_max_unknown_names: u32,
+    /// Seconds a node trusts the session and account rows it read for a request (see
+    /// `auth::session_cache`): a session ended or an account changed through another node or
+    /// the CLI is refused here within this bound (on the node that did it, at once). 0 = off.
+    pub session_cache_seconds: u64,
 }
 
 /// Upper bound of `auth.hash_queue`: each waiting request holds a connection and its body.
