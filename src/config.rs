@@ -61,6 +61,7 @@ pub struct Config {
     pub local: LocalConfig,
     pub contabo: ContaboConfig,
     pub ops: OpsConfig,
+    pub files: FilesConfig,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -295,6 +296,21 @@ pub struct ContaboConfig {
     pub retry_base_ms: u64,
 }
 
+/// The file API (`/environments/{id}/files`, over SFTP as the environment's account).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesConfig {
+    /// Largest file one upload may write, in bytes (the upload route is exempt from
+    /// `server.max_body_bytes`; it streams to disk with bounded memory).
+    pub max_upload_bytes: u64,
+    /// Seconds an upload may go without receiving a byte before it is abandoned (408).
+    pub upload_idle_timeout_seconds: u64,
+    /// Entries read from one directory for a listing; past it the listing says `truncated`.
+    pub max_list_entries: usize,
+    /// Seconds one SFTP request may wait for the environment's answer.
+    pub request_timeout_seconds: u64,
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OpsConfig {
@@ -407,6 +423,18 @@ impl Config {
                     "server.allowed_origins: '{origin}' must be \"*\" or scheme://host[:port] without a trailing slash"
                 ));
             }
+        }
+        if self.files.max_upload_bytes == 0 {
+            p.push("files.max_upload_bytes: must be above 0".into());
+        }
+        if !(1..=1_000_000).contains(&self.files.max_list_entries) {
+            p.push("files.max_list_entries: must be 1 to 1000000".into());
+        }
+        if self.files.upload_idle_timeout_seconds == 0 || self.files.request_timeout_seconds == 0 {
+            p.push(
+                "files.upload_idle_timeout_seconds and files.request_timeout_seconds: must be above 0"
+                    .into(),
+            );
         }
         if self.server.max_body_bytes == 0 {
             p.push("server.max_body_bytes: must be above 0".into());
@@ -605,7 +633,7 @@ impl Config {
 }
 
 /// Top-level sections; anything else in a file or variable is a mistake worth reporting.
-const SECTIONS: [&str; 13] = [
+const SECTIONS: [&str; 14] = [
     "server",
     "database",
     "auth",
@@ -619,6 +647,7 @@ const SECTIONS: [&str; 13] = [
     "local",
     "contabo",
     "ops",
+    "files",
 ];
 
 /// Extract section by section so that a mistake in one section does not hide those in others.
@@ -669,6 +698,7 @@ fn extract_sections(figment: &Figment, problems: &mut Vec<String>) -> Option<Con
     let local = section(figment, "local", problems);
     let contabo = section(figment, "contabo", problems);
     let ops = section(figment, "ops", problems);
+    let files = section(figment, "files", problems);
     Some(Config {
         server: server?,
         database: database?,
@@ -683,6 +713,7 @@ fn extract_sections(figment: &Figment, problems: &mut Vec<String>) -> Option<Con
         local: local?,
         contabo: contabo?,
         ops: ops?,
+        files: files?,
     })
 }
 

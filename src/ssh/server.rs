@@ -1,5 +1,7 @@
 //! The local provider's SSH server: loopback only, public-key auth through an [`Authorizer`],
-//! PTY shells and commands in the environment's workspace directory.
+//! PTY shells and commands in the environment's workspace directory, and the `sftp` subsystem
+//! (OpenSSH's `sftp-server`, run as the session's account like any command: see
+//! [`crate::ssh::sftp`]).
 //!
 //! Each accepted session channel gets its own task that owns the russh channel and runs the
 //! protocol for it in order (`pty-req`, `shell`/`exec`, `window-change`, data, EOF, close); the
@@ -107,11 +109,17 @@ impl SessionSpec {
         }
     }
 
-    /// The program to execute and its arguments: the wrapper, the shell, the shell's arguments.
+    /// The program to execute and its arguments: the wrapper, the shell, the shell's arguments
+    /// (or, for a subsystem, its program instead of the shell).
     fn argv(&self, program: &Program) -> (OsString, Vec<OsString>) {
         let mut argv: Vec<OsString> = self.wrapper.clone();
-        argv.push(self.shell.clone().into());
-        argv.extend(program_args(program));
+        match program {
+            Program::Subsystem(path) => argv.push(path.clone().into()),
+            _ => {
+                argv.push(self.shell.clone().into());
+                argv.extend(program_args(program));
+            }
+        }
         let first = argv.remove(0);
         (first, argv)
     }
@@ -466,10 +474,13 @@ impl server::Handler for ConnectionHandler {
     async fn subsystem_request(
         &mut self,
         channel: ChannelId,
-        _name: &str,
+        name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        Self::reply(session, channel, false)
+        // Only `sftp`, and only where OpenSSH's sftp-server is installed (as the channel's task
+        // decides too).
+        let ok = subsystem_program(name).is_some() && self.start(channel);
+        Self::reply(session, channel, ok)
     }
 
     async fn x11_request(
@@ -510,6 +521,15 @@ impl ConnectionHandler {
 enum Program {
     Shell,
     Exec(Bytes),
+    /// A subsystem's program, run without a shell and without a PTY (`sftp`: sftp-server).
+    Subsystem(PathBuf),
+}
+
+/// The program of a subsystem this server offers: `sftp` only, when sftp-server is installed.
+fn subsystem_program(name: &str) -> Option<PathBuf> {
+    (name == "sftp")
+        .then(crate::ssh::sftp::sftp_server_path)
+        .flatten()
 }
 
 struct PtyParams {
@@ -561,14 +581,23 @@ async fn run_channel(channel: Channel<Msg>, spec: Arc<SessionSpec>) {
             }
             Some(ChannelMsg::RequestShell { .. }) => break Program::Shell,
             Some(ChannelMsg::Exec { command, .. }) => break Program::Exec(command.into()),
+            Some(ChannelMsg::RequestSubsystem { name, .. }) => {
+                // Anything else was refused by the handler.
+                if let Some(path) = subsystem_program(&name) {
+                    break Program::Subsystem(path);
+                }
+            }
             Some(ChannelMsg::Close) | None => return,
             // Data before a program has nowhere to go; env and other requests are refused.
             Some(_) => {}
         }
     };
     let outcome = match pty {
-        Some(params) => run_in_pty(&mut rx, &tx, &spec, params, &program).await,
-        None => run_with_pipes(&mut rx, &tx, &spec, &program).await,
+        // A subsystem speaks a binary protocol: never through a terminal.
+        Some(params) if !matches!(program, Program::Subsystem(_)) => {
+            run_in_pty(&mut rx, &tx, &spec, params, &program).await
+        }
+        _ => run_with_pipes(&mut rx, &tx, &spec, &program).await,
     };
     let status = match outcome {
         Ok(Outcome::ClientGone) => return,
@@ -611,6 +640,7 @@ fn program_args(program: &Program) -> Vec<OsString> {
             "-c".into(),
             std::ffi::OsStr::from_bytes(command).to_os_string(),
         ],
+        Program::Subsystem(_) => Vec::new(),
     }
 }
 
