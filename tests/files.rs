@@ -29,8 +29,9 @@ const LIMIT: u64 = BIG as u64;
 /// Pieces the raw client writes at a time (and samples memory between).
 const PIECE: usize = 1024 * 1024;
 
-/// Memory measurements in this binary take turns: another test's 32 MiB must not land in them.
-static MEMORY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// The tests of this binary run one at a time: the server's memory is measured in this process,
+/// and another test's allocations (its 32 MiB, a password hash's 19 MiB) must not land in it.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn root() -> bool {
     if devpocket::provider::sandbox::running_as_root() {
@@ -281,6 +282,7 @@ async fn files_round_trip_as_the_environments_account(backend: Backend) {
     if !root() {
         return;
     }
+    let _turn = ONE_AT_A_TIME.lock().await;
     let s = server(backend).await;
     let me = s.register("filer").await;
     let env = running_env(&s, &me, "files").await;
@@ -288,7 +290,6 @@ async fn files_round_trip_as_the_environments_account(backend: Backend) {
 
     // 32 MiB up, with the server's memory sampled while it arrives.
     let (rss_growth, put) = {
-        let _turn = MEMORY.lock().await;
         let data = noise(BIG, 7);
         let before = rss_kib();
         let mut peak = before;
@@ -571,13 +572,13 @@ async fn uploads_over_the_limit_and_escapes_are_refused(backend: Backend) {
     if !root() {
         return;
     }
+    let _turn = ONE_AT_A_TIME.lock().await;
     let s = server(backend).await;
     let me = s.register("limits").await;
     let env = running_env(&s, &me, "limits").await;
     let home = workspace(&s, &env);
 
     // Over the limit, declared: refused before anything is written.
-    let turn = MEMORY.lock().await;
     let over = vec![0u8; BIG + 1];
     let declared = raw_put(
         &s,
@@ -608,7 +609,7 @@ async fn uploads_over_the_limit_and_escapes_are_refused(backend: Backend) {
         || {},
     )
     .await;
-    drop((over, turn));
+    drop(over);
     assert_eq!(
         streamed.status,
         413,
@@ -679,6 +680,7 @@ async fn a_symlink_to_the_data_dir_is_refused_by_the_os(backend: Backend) {
     if !root() {
         return;
     }
+    let _turn = ONE_AT_A_TIME.lock().await;
     let s = server(backend).await;
     let me = s.register("linker").await;
     let env = running_env(&s, &me, "links").await;
