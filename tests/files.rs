@@ -756,3 +756,148 @@ async fn a_symlink_to_the_data_dir_is_refused_by_the_os(backend: Backend) {
     assert!(data.join("ssh_host_ed25519_key").exists());
     s.stop().await;
 }
+
+// ---- the SFTP client against OpenSSH (the reference peer) -------------------------------------
+
+/// What `sftp-server` under OpenSSH's sshd does for the file API's client, as the user sshd
+/// logs in (this test's own): atomic replace, streamed reads, listing, rename, removal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sftp_client_works_against_openssh() {
+    use devpocket::ssh::keys;
+    use devpocket::ssh::sftp::{FsError, Kind, Remote};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    if devpocket::ssh::sftp::sftp_server_path().is_none() {
+        eprintln!("skipped: OpenSSH's sftp-server is not installed (.ci/run installs it)");
+        return;
+    }
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let user_key = Arc::new(keys::generate_ed25519());
+    let host = keys::generate_ed25519();
+    let sshd = support::sshd::Sshd::start_anywhere(
+        &keys::private_to_openssh(&host).expect("host key"),
+        &keys::public_to_openssh(user_key.public_key()),
+    )
+    .await;
+    let user = String::from_utf8(
+        std::process::Command::new("id")
+            .arg("-un")
+            .output()
+            .expect("id")
+            .stdout,
+    )
+    .expect("utf-8")
+    .trim()
+    .to_string();
+    let target = devpocket::ssh::SshTarget {
+        host: "127.0.0.1".into(),
+        port: sshd.port,
+        user,
+        key: user_key,
+        host_key: host.public_key().clone(),
+        connect_timeout: Duration::from_secs(10),
+    };
+    let remote = match Remote::connect(&target, Duration::from_secs(10)).await {
+        Ok(remote) => Arc::new(remote),
+        Err(e) => panic!("SFTP to sshd: {e}\nsshd log:\n{}", sshd.log()),
+    };
+    assert!(remote.home().starts_with('/'));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let at = |name: &str| format!("{}/{name}", dir.path().display());
+    std::fs::write(dir.path().join("file.bin"), b"old").expect("old version");
+
+    // Write a temporary file in bounded pieces, then rename it over the old version.
+    let data = noise(3 * 1024 * 1024 + 17, 11);
+    let handle = remote.create_new(&at(".tmp"), 0o600).await.expect("create");
+    assert!(matches!(
+        remote.create_new(&at(".tmp"), 0o600).await,
+        Err(FsError::Failed(_))
+    ));
+    let mut writer = remote.writer(handle.clone());
+    for piece in data.chunks(100_000) {
+        writer.push(piece).await.expect("write");
+    }
+    assert_eq!(writer.len(), data.len() as u64);
+    writer.finish().await.expect("flush");
+    remote.close(&handle).await.expect("close");
+    remote
+        .replace(&at(".tmp"), &at("file.bin"))
+        .await
+        .expect("replace");
+    assert_eq!(
+        std::fs::read(dir.path().join("file.bin")).expect("read"),
+        data
+    );
+    let stat = remote
+        .stat(&at("file.bin"))
+        .await
+        .expect("stat")
+        .expect("exists");
+    assert_eq!(
+        (stat.kind, stat.size, stat.mode),
+        (Kind::File, data.len() as u64, 0o600)
+    );
+
+    // Read it back, whole and in part.
+    let read = |start: u64, len: u64| {
+        let remote = remote.clone();
+        let file = at("file.bin");
+        async move {
+            let (handle, _) = remote.open_read(&file).await.expect("open");
+            let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+            tokio::spawn(remote.stream_file(handle, start, len, tx));
+            let mut out = Vec::new();
+            while let Some(piece) = rx.recv().await {
+                out.extend_from_slice(&piece.expect("piece"));
+            }
+            out
+        }
+    };
+    assert_eq!(read(0, data.len() as u64).await, data);
+    assert_eq!(read(1_000_000, 70_000).await, data[1_000_000..1_070_000]);
+
+    // List, rename (never over an existing name), remove.
+    remote.mkdir(&at("sub")).await.expect("mkdir");
+    let (entries, truncated) = remote
+        .list(&dir.path().display().to_string(), 100)
+        .await
+        .expect("list");
+    let mut names: Vec<_> = entries.iter().map(|(n, s)| (n.as_str(), s.kind)).collect();
+    names.sort_by_key(|(n, _)| *n);
+    assert_eq!(names, [("file.bin", Kind::File), ("sub", Kind::Directory)]);
+    assert!(!truncated);
+    let (one, truncated) = remote
+        .list(&dir.path().display().to_string(), 1)
+        .await
+        .expect("list");
+    assert_eq!((one.len(), truncated), (1, true));
+    remote
+        .rename(&at("file.bin"), &at("sub/moved.bin"))
+        .await
+        .expect("rename");
+    std::fs::write(dir.path().join("taken"), b"t").expect("taken");
+    assert!(
+        remote
+            .rename(&at("sub/moved.bin"), &at("taken"))
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("taken")).expect("taken"),
+        b"t"
+    );
+    assert!(matches!(
+        remote.remove_dir(&at("sub")).await,
+        Err(FsError::Failed(_))
+    ));
+    remote.remove_file(&at("sub/moved.bin")).await.expect("rm");
+    remote.remove_dir(&at("sub")).await.expect("rmdir");
+    assert_eq!(remote.stat(&at("sub")).await.expect("stat"), None);
+    assert!(matches!(
+        remote.open_read(&at("sub")).await,
+        Err(FsError::NotFound)
+    ));
+    drop(remote);
+    drop(sshd);
+}
