@@ -303,8 +303,9 @@ pub struct FilesConfig {
     /// Largest file one upload may write, in bytes (the upload route is exempt from
     /// `server.max_body_bytes`; it streams to disk with bounded memory).
     pub max_upload_bytes: u64,
-    /// Seconds an upload may go without receiving a byte before it is abandoned (408).
-    pub upload_idle_timeout_seconds: u64,
+    /// Seconds an upload may send nothing (408), or a download's client read nothing (the
+    /// response is cut), before the transfer is abandoned and its SFTP session ended.
+    pub idle_timeout_seconds: u64,
     /// Entries read from one directory for a listing; past it the listing says `truncated`.
     pub max_list_entries: usize,
     /// Seconds one SFTP request may wait for the environment's answer.
@@ -430,9 +431,9 @@ impl Config {
         if !(1..=1_000_000).contains(&self.files.max_list_entries) {
             p.push("files.max_list_entries: must be 1 to 1000000".into());
         }
-        if self.files.upload_idle_timeout_seconds == 0 || self.files.request_timeout_seconds == 0 {
+        if self.files.idle_timeout_seconds == 0 || self.files.request_timeout_seconds == 0 {
             p.push(
-                "files.upload_idle_timeout_seconds and files.request_timeout_seconds: must be above 0"
+                "files.idle_timeout_seconds and files.request_timeout_seconds: must be above 0"
                     .into(),
             );
         }

@@ -846,7 +846,7 @@ async fn the_sftp_client_works_against_openssh() {
         async move {
             let (handle, _) = remote.open_read(&file).await.expect("open");
             let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-            tokio::spawn(remote.stream_file(handle, start, len, tx));
+            tokio::spawn(remote.stream_file(handle, start, len, tx, Duration::from_secs(10)));
             let mut out = Vec::new();
             while let Some(piece) = rx.recv().await {
                 out.extend_from_slice(&piece.expect("piece"));

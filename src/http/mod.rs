@@ -390,6 +390,18 @@ async fn handle(
 
     let (route, result) = dispatch(&app, req, ip, &request_id).await;
     let mut resp = match result {
+        // A streamed body (a download) is still being sent when this returns: the request stays
+        // in flight until it is done, or the keep-alive deadline would cut it.
+        Ok(resp) if hyper::body::Body::size_hint(resp.body()).exact().is_none() => {
+            let in_flight = deadline.request_started();
+            resp.map(|body| {
+                body.map_frame(move |frame| {
+                    let _ = &in_flight;
+                    frame
+                })
+                .boxed_unsync()
+            })
+        }
         Ok(resp) => resp,
         Err(err) => {
             if let Some(source) = &err.source {

@@ -341,7 +341,8 @@ impl Remote {
     }
 
     /// Stream `len` bytes of an open file from `start` into `out`, then close the handle. Stops
-    /// early when `out`'s receiver goes away (the client left); a file that ends before
+    /// early when `out`'s receiver goes away (the client left) or takes nothing for `idle` (a
+    /// client that stopped reading); a file that ends before
     /// `start + len` or a failing read is reported as an error item (so the response is cut,
     /// not completed short).
     pub async fn stream_file(
@@ -350,6 +351,7 @@ impl Remote {
         start: u64,
         len: u64,
         out: mpsc::Sender<std::io::Result<Bytes>>,
+        idle: Duration,
     ) {
         let end = start.saturating_add(len);
         let mut next = start;
@@ -369,7 +371,8 @@ impl Remote {
                 Ok(data) if !data.data.is_empty() => {
                     let got = data.data.len() as u64;
                     delivered += got;
-                    if out.send(Ok(Bytes::from(data.data))).await.is_err() {
+                    let sent = tokio::time::timeout(idle, out.send(Ok(Bytes::from(data.data))));
+                    if !matches!(sent.await, Ok(Ok(()))) {
                         break;
                     }
                     if got < u64::from(asked) {

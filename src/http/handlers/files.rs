@@ -403,7 +403,7 @@ pub async fn get(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     };
     match found.kind {
         Kind::Directory => list(&app, &remote, &components, query.offset.unwrap_or(0), limit).await,
-        Kind::File => download(&ctx, remote, &components).await,
+        Kind::File => download(&app, &ctx, remote, &components).await,
         _ => Err(conflict(
             ErrorCode::FileOperationFailed,
             format!(
@@ -478,7 +478,12 @@ fn set(resp: &mut Response<Body>, name: header::HeaderName, value: &str) {
     }
 }
 
-async fn download(ctx: &Ctx, remote: Remote, components: &[String]) -> ApiResult<Response<Body>> {
+async fn download(
+    app: &App,
+    ctx: &Ctx,
+    remote: Remote,
+    components: &[String],
+) -> ApiResult<Response<Body>> {
     let (handle, stat) = remote
         .open_read(&remote.absolute(components))
         .await
@@ -524,7 +529,8 @@ async fn download(ctx: &Ctx, remote: Remote, components: &[String]) -> ApiResult
         crate::http::full(Bytes::new())
     } else {
         let (tx, rx) = tokio::sync::mpsc::channel(DOWNLOAD_QUEUE);
-        tokio::spawn(Arc::new(remote).stream_file(handle, start, len, tx));
+        let idle = Duration::from_secs(app.config.files.idle_timeout_seconds);
+        tokio::spawn(Arc::new(remote).stream_file(handle, start, len, tx, idle));
         let frames = futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         })
@@ -590,7 +596,7 @@ pub async fn put(app: AppState, mut ctx: Ctx) -> ApiResult<Response<Body>> {
     let env = owned(&app, &ctx).await?;
     let path = given(query.path.as_deref())?;
     let limit = app.config.files.max_upload_bytes;
-    let idle = Duration::from_secs(app.config.files.upload_idle_timeout_seconds);
+    let idle = Duration::from_secs(app.config.files.idle_timeout_seconds);
     let mut body = ctx
         .stream
         .take()
