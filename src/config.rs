@@ -310,6 +310,9 @@ pub struct FilesConfig {
     pub max_list_entries: usize,
     /// Seconds one SFTP request may wait for the environment's answer.
     pub request_timeout_seconds: u64,
+    /// File operations one user may run at once (each holds an SSH connection; a download until
+    /// it is sent); more → 429 `too_many_file_operations`.
+    pub max_operations_per_user: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -427,6 +430,9 @@ impl Config {
         }
         if self.files.max_upload_bytes == 0 {
             p.push("files.max_upload_bytes: must be above 0".into());
+        }
+        if self.files.max_operations_per_user == 0 {
+            p.push("files.max_operations_per_user: must be above 0".into());
         }
         if !(1..=1_000_000).contains(&self.files.max_list_entries) {
             p.push("files.max_list_entries: must be 1 to 1000000".into());

@@ -90,6 +90,8 @@ error_codes! {
     RegistrationClosed => "registration_closed",
     TemplateExists => "template_exists",
     TooManyConnections => "too_many_connections",
+    /// A user's file operations running at once are capped (429).
+    TooManyFileOperations => "too_many_file_operations",
     Unauthorized => "unauthorized",
     UnsupportedByProvider => "unsupported_by_provider",
     UsernameTaken => "username_taken",
@@ -384,6 +386,7 @@ mod tests {
                 "registration_closed",
                 "template_exists",
                 "too_many_connections",
+                "too_many_file_operations",
                 "unauthorized",
                 "unsupported_by_provider",
                 "username_taken",

@@ -42,7 +42,11 @@ fn root() -> bool {
 }
 
 async fn server(backend: Backend) -> TestServer {
-    TestServer::start_with(backend, |c| c.files.max_upload_bytes = LIMIT).await
+    TestServer::start_with(backend, |c| {
+        c.files.max_upload_bytes = LIMIT;
+        c.files.max_operations_per_user = 2;
+    })
+    .await
 }
 
 /// Not-quite-random bytes that do not compress (xorshift), reproducible.
@@ -673,6 +677,37 @@ async fn uploads_over_the_limit_and_escapes_are_refused(backend: Backend) {
         .get(&format!("{}&limit=0", files_url(&env, "")), me.token())
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+
+    // A user's transfers are capped: two downloads nobody reads hold their slots (the file is
+    // far larger than what the buffers on the way take), a third operation is refused.
+    std::fs::write(home.join("held.bin"), noise(BIG / 2, 5)).expect("held.bin");
+    let hold = || {
+        s.http
+            .get(s.url(&files_url(&env, "held.bin")))
+            .bearer_auth(me.token().expect("token"))
+            .send()
+    };
+    let first = hold().await.expect("first");
+    let second = hold().await.expect("second");
+    assert_eq!(
+        (first.status(), second.status()),
+        (StatusCode::OK, StatusCode::OK)
+    );
+    let (status, body) = s.get(&files_url(&env, ""), me.token()).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(body["code"], "too_many_file_operations");
+    // Abandoned downloads give their slots back.
+    drop((first, second));
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (status, body) = s.get(&files_url(&env, ""), me.token()).await;
+        if status == StatusCode::OK {
+            break;
+        }
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+        assert!(tokio::time::Instant::now() < deadline, "slots never freed");
+        tokio::task::yield_now().await;
+    }
     s.stop().await;
 }
 

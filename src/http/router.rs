@@ -765,6 +765,10 @@ fn file_routes() -> Vec<Route> {
         503,
         "`environment_unreachable` (with Retry-After): SSH or SFTP to the environment failed; `environment_busy`",
     );
+    const BUSY: (u16, &str) = (
+        429,
+        "`rate_limited`, or `too_many_file_operations` (with Retry-After): the caller already runs `files.max_operations_per_user` file operations (downloads count until sent)",
+    );
     vec![
         Route {
             query: &[
@@ -792,6 +796,7 @@ fn file_routes() -> Vec<Route> {
                 ),
                 PATH,
                 UNREACHABLE,
+                BUSY,
             ],
             ..route(
                 Method::GET,
@@ -824,6 +829,7 @@ fn file_routes() -> Vec<Route> {
                 ),
                 PATH,
                 UNREACHABLE,
+                BUSY,
             ],
             streamed_body: true,
             ..route(
@@ -853,6 +859,7 @@ fn file_routes() -> Vec<Route> {
                 ),
                 PATH,
                 UNREACHABLE,
+                BUSY,
             ],
             ..route(
                 Method::DELETE,
@@ -873,6 +880,7 @@ fn file_routes() -> Vec<Route> {
                 NOT_RUNNING,
                 PATH,
                 UNREACHABLE,
+                BUSY,
             ],
             ..route(
                 Method::POST,
@@ -896,6 +904,7 @@ fn file_routes() -> Vec<Route> {
                 NOT_RUNNING,
                 PATH,
                 UNREACHABLE,
+                BUSY,
             ],
             ..route(
                 Method::POST,

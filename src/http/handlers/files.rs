@@ -11,7 +11,8 @@
 //! Uploads, moves, deletes and new directories are audited (`file_written`, `file_moved`,
 //! `file_deleted`, `directory_created`).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -44,6 +45,43 @@ const OVERSIZE_DRAIN_LIMIT: u64 = 32 * 1024 * 1024;
 const NEW_FILE_MODE: u32 = 0o644;
 /// Retry-After of a 503 when the environment cannot be reached.
 const UNREACHABLE_RETRY_SECONDS: u64 = 5;
+
+/// File operations running per user: each holds an SSH connection and an `sftp-server` process
+/// until it ends (a download until its last byte is sent), so one user's parallel transfers are
+/// capped at `files.max_operations_per_user` and cannot take the local SSH server's connection
+/// slots from everyone else's terminals. The map holds only users with operations running.
+static RUNNING: LazyLock<Mutex<HashMap<String, usize>>> = LazyLock::new(Default::default);
+
+/// One running file operation of a user; released when dropped.
+struct Slot {
+    user: String,
+}
+
+impl Slot {
+    fn take(user: &str, max: usize) -> Option<Self> {
+        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        let count = running.entry(user.to_string()).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            user: user.to_string(),
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = running.get_mut(&self.user) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                running.remove(&self.user);
+            }
+        }
+    }
+}
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -294,14 +332,24 @@ fn given(raw: Option<&str>) -> ApiResult<GivenPath> {
     parse_path(raw).map_err(invalid_path)
 }
 
-/// The caller's running environment and an SFTP session to it as its own account.
-async fn connect(app: &App, env: &Environment) -> ApiResult<Remote> {
+/// An SFTP session to the caller's running environment as its own account, and the caller's
+/// slot for it (429 `too_many_file_operations` when they are all taken).
+async fn connect(app: &App, env: &Environment) -> ApiResult<(Remote, Slot)> {
     if env.status != Status::Running {
         return Err(conflict(
             ErrorCode::EnvironmentNotRunning,
             format!("Environment is {}; files need it running", env.status),
         ));
     }
+    let max = app.config.files.max_operations_per_user;
+    let slot = Slot::take(&env.user_id, max).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::TooManyFileOperations,
+            format!("At most {max} file operations may run at once; wait for one to finish"),
+        )
+        .with_retry_after(1)
+    })?;
     let target = match app.actors.ssh_target(&env.id).await {
         Ok(Ok(target)) => target,
         Ok(Err(e)) => return Err(unreachable(format!("{e:#}"))),
@@ -314,9 +362,10 @@ async fn connect(app: &App, env: &Environment) -> ApiResult<Remote> {
         }
     };
     let timeout = Duration::from_secs(app.config.files.request_timeout_seconds);
-    Remote::connect(&target, timeout)
+    let remote = Remote::connect(&target, timeout)
         .await
-        .map_err(|e| fs_error(e, &[]))
+        .map_err(|e| fs_error(e, &[]))?;
+    Ok((remote, slot))
 }
 
 /// Components of a path below the home of a connected session.
@@ -396,14 +445,14 @@ pub async fn get(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     }
     let env = owned(&app, &ctx).await?;
     let path = parse_path(query.path.as_deref().unwrap_or("")).map_err(invalid_path)?;
-    let remote = connect(&app, &env).await?;
+    let (remote, slot) = connect(&app, &env).await?;
     let components = resolve(&remote, path)?;
     let Some(found) = stat(&remote, &components).await? else {
         return Err(fs_error(FsError::NotFound, &components));
     };
     match found.kind {
         Kind::Directory => list(&app, &remote, &components, query.offset.unwrap_or(0), limit).await,
-        Kind::File => download(&app, &ctx, remote, &components).await,
+        Kind::File => download(&app, &ctx, remote, slot, &components).await,
         _ => Err(conflict(
             ErrorCode::FileOperationFailed,
             format!(
@@ -482,6 +531,7 @@ async fn download(
     app: &App,
     ctx: &Ctx,
     remote: Remote,
+    slot: Slot,
     components: &[String],
 ) -> ApiResult<Response<Body>> {
     let (handle, stat) = remote
@@ -530,7 +580,12 @@ async fn download(
     } else {
         let (tx, rx) = tokio::sync::mpsc::channel(DOWNLOAD_QUEUE);
         let idle = Duration::from_secs(app.config.files.idle_timeout_seconds);
-        tokio::spawn(Arc::new(remote).stream_file(handle, start, len, tx, idle));
+        tokio::spawn(async move {
+            Arc::new(remote)
+                .stream_file(handle, start, len, tx, idle)
+                .await;
+            drop(slot);
+        });
         let frames = futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         })
@@ -607,7 +662,7 @@ pub async fn put(app: AppState, mut ctx: Ctx) -> ApiResult<Response<Body>> {
         drain(&mut body, idle).await;
         return Err(too_large(limit));
     }
-    let remote = connect(&app, &env).await?;
+    let (remote, _slot) = connect(&app, &env).await?;
     let components = resolve(&remote, path)?;
     let Some(name) = components.last().cloned() else {
         return Err(invalid_path("The path must name a file, not the home"));
@@ -755,7 +810,7 @@ pub async fn mkdir(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     let request: MkdirRequest = ctx.json()?;
     let env = owned(&app, &ctx).await?;
     let path = given(Some(&request.path))?;
-    let remote = connect(&app, &env).await?;
+    let (remote, _slot) = connect(&app, &env).await?;
     let components = resolve(&remote, path)?;
     if let Some(existing) = lstat(&remote, &components).await? {
         if request.parents && existing.kind == Kind::Directory {
@@ -805,7 +860,7 @@ pub async fn move_file(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     let env = owned(&app, &ctx).await?;
     let from = given(Some(&request.from))?;
     let to = given(Some(&request.to))?;
-    let remote = connect(&app, &env).await?;
+    let (remote, _slot) = connect(&app, &env).await?;
     let from = resolve(&remote, from)?;
     let to = resolve(&remote, to)?;
     if from.is_empty() || to.is_empty() {
@@ -845,7 +900,7 @@ pub async fn delete(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     let query: FileQuery = ctx.query()?;
     let env = owned(&app, &ctx).await?;
     let path = given(query.path.as_deref())?;
-    let remote = connect(&app, &env).await?;
+    let (remote, _slot) = connect(&app, &env).await?;
     let components = resolve(&remote, path)?;
     if components.is_empty() {
         return Err(invalid_path("The home itself cannot be deleted"));
