@@ -13,7 +13,9 @@
 //! back through the PTY or pipe. Input goes to the child through a bounded queue; a child that
 //! stops reading its input stalls this connection (russh acknowledges windows on receipt, not on
 //! consumption), and input it does not take within [`INPUT_STALL_LIMIT`] is dropped so a wedged
-//! child cannot wedge the connection for good.
+//! child cannot wedge the connection for good — except for a subsystem, whose protocol would be
+//! garbled by a gap (a wedged `sftp-server` stalls only its own connection: the file API opens
+//! one per operation).
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -698,6 +700,7 @@ async fn run_in_pty(
         InputSink::Pty(writer),
         Box::new(reader),
         None,
+        Some(INPUT_STALL_LIMIT),
     )
     .await;
     // The PTY is closed now (its halves lived in the futures `supervise` dropped).
@@ -764,6 +767,9 @@ async fn run_with_pipes(
         InputSink::Pipe(stdin),
         Box::new(stdout),
         Some(Box::new(stderr)),
+        // A subsystem speaks a protocol: input dropped midway would garble the rest of it, so
+        // a subsystem that stops reading stalls its own connection instead.
+        (!matches!(program, Program::Subsystem(_))).then_some(INPUT_STALL_LIMIT),
     )
     .await;
     Ok(match ended {
@@ -779,7 +785,8 @@ async fn run_with_pipes(
 type Output = Box<dyn AsyncRead + Send + Unpin>;
 
 /// Run a started child until it exits and its output is drained (`Some(status)`), or until the
-/// client closes the channel or goes away (`None`; the child is still to be dealt with).
+/// client closes the channel or goes away (`None`; the child is still to be dealt with). Input
+/// the child does not take within `stall_limit` is dropped (`None`: never dropped).
 async fn supervise(
     rx: &mut ChannelReadHalf,
     tx: &ChannelWriteHalf<Msg>,
@@ -787,6 +794,7 @@ async fn supervise(
     sink: InputSink,
     stdout: Output,
     stderr: Option<Output>,
+    stall_limit: Option<Duration>,
 ) -> Option<ExitStatus> {
     let (input_tx, input_rx) = mpsc::channel(INPUT_QUEUE);
     let (exited_tx, exited_rx) = watch::channel(false);
@@ -806,7 +814,7 @@ async fn supervise(
         status
     };
     let client = async {
-        let forward = forward_input(rx, input_tx);
+        let forward = forward_input(rx, input_tx, stall_limit);
         let write = write_input(sink, input_rx);
         tokio::pin!(forward, write);
         let mut writing = true;
@@ -876,8 +884,13 @@ async fn pump_output(
 }
 
 /// Client messages to the input queue, until the client closes the channel or the connection
-/// goes. Blocks (bounded by [`INPUT_STALL_LIMIT`]) while the child is not reading.
-async fn forward_input(rx: &mut ChannelReadHalf, input: mpsc::Sender<Input>) {
+/// goes. Blocks (bounded by `stall_limit`, [`INPUT_STALL_LIMIT`] for shells and commands) while
+/// the child is not reading.
+async fn forward_input(
+    rx: &mut ChannelReadHalf,
+    input: mpsc::Sender<Input>,
+    stall_limit: Option<Duration>,
+) {
     while let Some(msg) = rx.wait().await {
         let item = match msg {
             ChannelMsg::Data { data } => Input::Data(data),
@@ -890,7 +903,11 @@ async fn forward_input(rx: &mut ChannelReadHalf, input: mpsc::Sender<Input>) {
             ChannelMsg::Close => return,
             _ => continue,
         };
-        match tokio::time::timeout(INPUT_STALL_LIMIT, input.send(item)).await {
+        let Some(limit) = stall_limit else {
+            let _ = input.send(item).await; // an error: the child's input is closed
+            continue;
+        };
+        match tokio::time::timeout(limit, input.send(item)).await {
             Ok(_) => {} // an error means the child's input is closed: nothing to deliver
             Err(_) => tracing::warn!("local SSH: the child is not reading its input; dropped"),
         }
