@@ -613,6 +613,24 @@ async fn uploads_over_the_limit_and_escapes_are_refused(backend: Backend) {
         || {},
     )
     .await;
+    // A refused upload's body is read (and thrown away) so the client gets its answer, even one
+    // far larger than the socket buffers on the way.
+    let refused = raw_put(
+        &s,
+        &files_url(&env, "over.bin"),
+        &me,
+        &[("if-match", "\"1-1\"")],
+        &over[..BIG / 2],
+        false,
+        || {},
+    )
+    .await;
+    assert_eq!(
+        refused.status,
+        412,
+        "{}",
+        String::from_utf8_lossy(&refused.body)
+    );
     drop(over);
     assert_eq!(
         streamed.status,

@@ -646,20 +646,37 @@ async fn drain(body: &mut Incoming, idle: Duration) {
 
 /// PUT: stream the body into a temporary file next to the target, then rename it over the
 /// target. Memory: one body frame plus the SFTP writes in flight.
+/// A refused upload's body is read and discarded (bounded) before the answer, so the client
+/// reads the answer rather than a reset connection.
 pub async fn put(app: AppState, mut ctx: Ctx) -> ApiResult<Response<Body>> {
-    let query: FileQuery = ctx.query()?;
-    let env = owned(&app, &ctx).await?;
-    let path = given(query.path.as_deref())?;
-    let limit = app.config.files.max_upload_bytes;
-    let idle = Duration::from_secs(app.config.files.idle_timeout_seconds);
     let mut body = ctx
         .stream
         .take()
         .ok_or_else(|| ApiError::internal(anyhow::anyhow!("upload route without its body")))?;
+    let idle = Duration::from_secs(app.config.files.idle_timeout_seconds);
+    let result = upload(&app, &ctx, &mut body, idle).await;
+    if let Err(e) = &result
+        && e.status != StatusCode::REQUEST_TIMEOUT
+        && !hyper::body::Body::is_end_stream(&body)
+    {
+        drain(&mut body, idle).await;
+    }
+    result
+}
+
+async fn upload(
+    app: &App,
+    ctx: &Ctx,
+    body: &mut Incoming,
+    idle: Duration,
+) -> ApiResult<Response<Body>> {
+    let query: FileQuery = ctx.query()?;
+    let env = owned(app, ctx).await?;
+    let path = given(query.path.as_deref())?;
+    let limit = app.config.files.max_upload_bytes;
     let declared =
         header_str(&ctx.headers, &header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
-        drain(&mut body, idle).await;
         return Err(too_large(limit));
     }
     let (remote, _slot) = connect(&app, &env).await?;
@@ -693,7 +710,7 @@ pub async fn put(app: AppState, mut ctx: Ctx) -> ApiResult<Response<Body>> {
     // Removes the temporary file if this future is dropped (the client went away).
     let mut remover = remote.remover();
     remover.arm(temp.clone());
-    let written = receive(&remote, &handle, &mut body, limit, idle, &components).await;
+    let written = receive(&remote, &handle, body, limit, idle, &components).await;
     let closed = remote.close(&handle).await;
     let outcome = match (written, closed) {
         (Err(e), _) => Err(e),
@@ -725,9 +742,6 @@ pub async fn put(app: AppState, mut ctx: Ctx) -> ApiResult<Response<Body>> {
             // Removed before answering, so the client never sees a partial file.
             if remote.remove_file(&temp).await.is_ok() {
                 remover.disarm();
-            }
-            if e.status == StatusCode::PAYLOAD_TOO_LARGE {
-                drain(&mut body, idle).await;
             }
             return Err(e);
         }
