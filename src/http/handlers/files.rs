@@ -679,7 +679,7 @@ async fn upload(
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large(limit));
     }
-    let (remote, _slot) = connect(&app, &env).await?;
+    let (remote, _slot) = connect(app, &env).await?;
     let components = resolve(&remote, path)?;
     let Some(name) = components.last().cloned() else {
         return Err(invalid_path("The path must name a file, not the home"));
@@ -751,8 +751,8 @@ async fn upload(
         .ok_or_else(|| fs_error(FsError::NotFound, &components))?;
     let created = current.is_none();
     audit(
-        &app,
-        &ctx,
+        app,
+        ctx,
         &env,
         "file_written",
         json!({ "environment_id": env.id, "path": components.join("/"), "size": size, "created": created }),
