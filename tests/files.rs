@@ -640,6 +640,39 @@ async fn uploads_over_the_limit_and_escapes_are_refused(backend: Backend) {
     );
     assert!(!home.join("over.bin").exists());
     assert!(leftovers(&home).is_empty(), "{:?}", leftovers(&home));
+    // A client that goes away midway leaves nothing behind either.
+    {
+        let addr = s.url("").trim_start_matches("http://").to_string();
+        let mut tcp = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let head = format!(
+            "PUT {} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {}\r\ncontent-length: {}\r\n\r\n",
+            files_url(&env, "gone.bin"),
+            me.token().expect("token"),
+            BIG
+        );
+        tcp.write_all(head.as_bytes()).await.expect("head");
+        tcp.write_all(&vec![7u8; PIECE]).await.expect("piece");
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        while leftovers(&home).is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the upload never started"
+            );
+            tokio::task::yield_now().await;
+        }
+        drop(tcp);
+        while !leftovers(&home).is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{:?} left behind",
+                leftovers(&home)
+            );
+            tokio::task::yield_now().await;
+        }
+        assert!(!home.join("gone.bin").exists());
+    }
     // A chunked upload within the limit works.
     let small = noise(100_000, 3);
     let ok = raw_put(
