@@ -1,10 +1,12 @@
 //! SSH: key helpers ([`keys`]), the client the server uses to reach environments with pinned host
-//! keys ([`client`]), and the local provider's loopback server ([`server`]).
+//! keys ([`client`]), the local provider's loopback server ([`server`]), and SFTP to an
+//! environment as its own account for the file API ([`sftp`]).
 
 pub mod client;
 pub mod keys;
 pub mod pty;
 pub mod server;
+pub mod sftp;
 pub mod target;
 
 pub use client::{
