@@ -40,6 +40,8 @@ error_codes! {
     DatabaseUnavailable => "database_unavailable",
     EmailTaken => "email_taken",
     EnvironmentBusy => "environment_busy",
+    /// The environment did not answer over SSH (502).
+    EnvironmentUnreachable => "environment_unreachable",
     EnvironmentsPending => "environments_pending",
     FaultInjectionDisabled => "fault_injection_disabled",
     /// The account is linked to a different Google identity than the one presented (409).
@@ -327,6 +329,7 @@ mod tests {
                 "database_unavailable",
                 "email_taken",
                 "environment_busy",
+                "environment_unreachable",
                 "environments_pending",
                 "fault_injection_disabled",
                 "google_already_linked",

@@ -9,6 +9,7 @@ pub mod handlers;
 pub mod limits;
 pub mod metrics;
 pub mod openapi;
+pub mod preview;
 pub mod router;
 pub mod ws;
 
@@ -231,7 +232,10 @@ pub async fn serve(
         tokio::select! {
             _ = &mut shutdown => break,
             Some(_) = connections.join_next() => {}
-            _ = housekeeping.tick() => app.limits.housekeeping(),
+            _ = housekeeping.tick() => {
+                app.limits.housekeeping();
+                app.previews.housekeeping();
+            }
             permit = permits.clone().acquire_owned() => {
                 let Ok(permit) = permit else { break };
                 let accepted = tokio::select! {
@@ -322,7 +326,17 @@ async fn serve_connection(
         let app = app.clone();
         let deadline = deadline.clone();
         hyper::service::service_fn(move |req| {
-            handle(app.clone(), front.clone(), deadline.clone(), peer, req)
+            let (app, front, deadline) = (app.clone(), front.clone(), deadline.clone());
+            async move {
+                // A preview (by host, or by path when enabled) is proxied, not routed.
+                if let Some(target) = preview::target(&app.config.server, &req) {
+                    let ip = conn::client_ip(&front.trusted, peer.ip(), req.headers());
+                    return Ok(preview::serve(app, deadline, ip, req, target).await);
+                }
+                handle(app, front, deadline, peer, req)
+                    .await
+                    .map(preview::boxed)
+            }
         })
     };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);

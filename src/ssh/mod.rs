@@ -1,8 +1,11 @@
 //! SSH: key helpers ([`keys`]), the client the server uses to reach environments with pinned host
-//! keys ([`client`]), and the local provider's loopback server ([`server`]).
+//! keys ([`client`]), and the local provider's loopback server ([`server`]) with its port
+//! forwarding for previews ([`forward`], [`listeners`]).
 
 pub mod client;
+pub mod forward;
 pub mod keys;
+pub mod listeners;
 pub mod server;
 pub mod target;
 

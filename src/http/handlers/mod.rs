@@ -4,6 +4,7 @@ pub mod admin;
 pub mod auth;
 pub mod environments;
 pub mod health;
+pub mod ports;
 pub mod templates;
 pub mod users;
 
