@@ -1,0 +1,507 @@
+//! Port previews (issue 13, part 1), through the real server, the local provider's real SSH server
+//! and real programs started in an environment's terminal: the ports API, the host-based proxy
+//! (requests carry the preview's `Host`), one-time codes and cookies, public and private ports,
+//! refusals (another user, the API's own port, logout), and streaming: a WebSocket echo and
+//! server-sent events arriving one by one.
+
+mod support;
+
+use base64::Engine;
+use futures_util::{SinkExt, StreamExt};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use support::terminal::*;
+use support::{Backend, Session, TestServer};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+on_both_backends!(a_private_preview_opens_with_its_code_and_only_for_its_owner);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_and_server_sent_events_stream_through_the_preview() {
+    streaming(Backend::Sqlite).await
+}
+
+/// A stdlib-only app: `/events` sends one server-sent event, waits until `/next` is requested,
+/// sends the second; `/ws` is a WebSocket echo; anything else answers "hello". It prints the
+/// port it got (the kernel picks it, so parallel tests never collide).
+const APP: &str = r#"
+import base64, hashlib, http.server, socketserver, struct, threading
+go_on = threading.Event()
+
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def do_GET(self):
+        if self.path == "/events":
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(b"data: first\n\n"); self.wfile.flush()
+            go_on.wait(60)
+            self.wfile.write(b"data: second\n\n"); self.wfile.flush()
+            self.close_connection = True
+        elif self.path == "/next":
+            go_on.set()
+            self.reply(b"ok")
+        elif self.path == "/ws":
+            self.websocket()
+        else:
+            self.reply(("hello host=%s xfh=%s cookie=%s" % (self.headers.get("Host"), self.headers.get("X-Forwarded-Host"), self.headers.get("Cookie"))).encode())
+    def reply(self, body):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-App", "mine")
+        self.end_headers()
+        self.wfile.write(body)
+    def websocket(self):
+        key = self.headers["Sec-WebSocket-Key"]
+        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept)
+        self.end_headers(); self.wfile.flush()
+        r, w = self.rfile, self.wfile
+        while True:
+            head = r.read(2)
+            if len(head) < 2: return
+            op, n = head[0] & 15, head[1] & 127
+            if n == 126: n = struct.unpack(">H", r.read(2))[0]
+            elif n == 127: n = struct.unpack(">Q", r.read(8))[0]
+            mask = r.read(4)
+            data = bytes(b ^ mask[i % 4] for i, b in enumerate(r.read(n)))
+            if op == 8:
+                w.write(b"\x88\x00"); w.flush(); return
+            if op == 9: op = 10
+            out = bytes([128 | op]) + (bytes([len(data)]) if len(data) < 126 else b"\x7e" + struct.pack(">H", len(data))) + data
+            w.write(out); w.flush()
+        self.close_connection = True
+
+class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+
+s = S(("127.0.0.1", 0), H)
+print("LISTENING-ON-%d-" % s.server_address[1], flush=True)
+s.serve_forever()
+"#;
+
+fn root() -> bool {
+    if devpocket::provider::sandbox::running_as_root() {
+        return true;
+    }
+    eprintln!("skipped: the local provider's accounts need root (CI runs as root)");
+    false
+}
+
+/// Terminal output without its escape sequences (tmux redraws lines with them).
+fn strip_escapes(text: &str) -> String {
+    let mut out = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\u{1b}' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('[') => {
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+            Some('(' | ')') => {
+                chars.next();
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The number after `before` up to `after` in the terminal's output, once it has appeared.
+async fn read_port(ws: &mut Ws, before: &str, after: &str) -> u16 {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut text = String::new();
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no port in {text:?}"
+        );
+        let Some(frame) = next_json(ws).await else {
+            panic!("terminal closed: {text:?}")
+        };
+        if frame["type"] == "output" {
+            text.push_str(frame["data"].as_str().expect("data"));
+        }
+        let plain = strip_escapes(&text);
+        if let Some(port) = plain.split(before).nth(1).and_then(|rest| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            rest[digits.len()..]
+                .starts_with(after)
+                .then(|| digits.parse().ok())
+                .flatten()
+        }) {
+            return port;
+        }
+    }
+}
+
+/// Start `python3 -m http.server` on a free port in the environment's terminal.
+async fn start_http_server(ws: &mut Ws) -> u16 {
+    input(ws, "cd ~ && python3 -m http.server 0 --bind 127.0.0.1\r").await;
+    read_port(ws, "Serving HTTP on 127.0.0.1 port ", " ").await
+}
+
+/// Write [`APP`] into the environment and start it.
+async fn start_app(ws: &mut Ws) -> u16 {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(APP);
+    input(
+        ws,
+        &format!("cd ~ && echo {b64} | base64 -d > app.py && python3 app.py\r"),
+    )
+    .await;
+    read_port(ws, "LISTENING-ON-", "-").await
+}
+
+fn preview_host(s: &TestServer, env: &str, port: u16) -> String {
+    format!("{port}--{env}.localhost:{}", s.running().addr.port())
+}
+
+/// A request to a preview: the server's address, the preview's `Host`, no redirects followed.
+fn preview(s: &TestServer, env: &str, port: u16, path: &str) -> reqwest::RequestBuilder {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+        .get(s.url(path))
+        .header("host", preview_host(s, env, port))
+}
+
+/// `POST …/ports/{port}/open` → the one-time URL's path and query.
+async fn open(s: &TestServer, me: &Session, env: &str, port: u16) -> (StatusCode, String) {
+    let (status, body) = s
+        .post(
+            &format!("/api/v1/environments/{env}/ports/{port}/open"),
+            me.token(),
+            json!({}),
+        )
+        .await;
+    if status != StatusCode::OK {
+        return (status, String::new());
+    }
+    let url = body["url"].as_str().expect("url");
+    let host = preview_host(s, env, port);
+    let rest = url
+        .strip_prefix(&format!("http://{host}"))
+        .unwrap_or_else(|| panic!("{url} is not at {host}"));
+    assert_eq!(body["expires_in"], 120, "{body}");
+    (status, rest.to_string())
+}
+
+/// Visit the one-time URL: 303 to the clean URL with the preview cookie; returns `name=value`.
+async fn visit_code(s: &TestServer, env: &str, port: u16, path: &str) -> String {
+    let resp = preview(s, env, port, path).send().await.expect("sent");
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(resp.headers()["location"], "/");
+    let cookie = resp.headers()["set-cookie"].to_str().expect("ascii");
+    for attribute in ["HttpOnly", "SameSite=Lax", "Path=/", "Max-Age=36000"] {
+        assert!(cookie.contains(attribute), "{cookie}");
+    }
+    assert!(!cookie.contains("Domain="), "host-only: {cookie}");
+    assert!(!cookie.contains("Secure"), "no TLS here: {cookie}");
+    cookie.split(';').next().expect("pair").to_string()
+}
+
+async fn status_of(req: reqwest::RequestBuilder) -> StatusCode {
+    req.send().await.expect("sent").status()
+}
+
+async fn set_visibility(s: &TestServer, me: &Session, env: &str, port: u16, v: &str) -> Value {
+    let req = s
+        .request(
+            Method::PUT,
+            &format!("/api/v1/environments/{env}/ports/{port}"),
+            me.token(),
+        )
+        .json(&json!({ "visibility": v }));
+    let (status, body) = s.send(req).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["visibility"], v, "{body}");
+    body
+}
+
+async fn audit_events(s: &TestServer, event: &str) -> Vec<Value> {
+    let mut conn = s.running().app.db.get().await.expect("db");
+    let filter = devpocket::store::audit::AuditFilter {
+        event: Some(event.into()),
+        limit: 100,
+        ..Default::default()
+    };
+    let (events, _) = devpocket::store::audit::query(&mut conn, &filter)
+        .await
+        .expect("audit");
+    events
+        .iter()
+        .map(|e| serde_json::from_str(e.detail.as_deref().unwrap_or("null")).expect("json"))
+        .collect()
+}
+
+async fn a_private_preview_opens_with_its_code_and_only_for_its_owner(backend: Backend) {
+    if !root() {
+        return;
+    }
+    let s = TestServer::start(backend).await;
+    let alice = s.register("alice").await;
+    let bob = s.register("bob").await;
+    let env = running_env(&s, &alice, "web").await;
+    let (mut ws, _) = open_terminal(&s, &alice, &env, "").await;
+    let port = start_http_server(&mut ws).await;
+    let api_port = s.running().addr.port();
+
+    // The ports API: this port, private, with its host-based URL; never the API's own port.
+    let (status, ports) = s
+        .get(&format!("/api/v1/environments/{env}/ports"), alice.token())
+        .await;
+    assert_eq!(status, StatusCode::OK, "{ports}");
+    let list = ports.as_array().expect("array");
+    let ours = list
+        .iter()
+        .find(|p| p["port"] == port)
+        .unwrap_or_else(|| panic!("{port} not in {ports}"));
+    assert_eq!(ours["visibility"], "private");
+    assert_eq!(
+        ours["url"],
+        format!("http://{}/", preview_host(&s, &env, port))
+    );
+    assert!(list.iter().all(|p| p["port"] != api_port), "{ports}");
+
+    // Private: no cookie, no preview; a bad or missing code neither.
+    assert_eq!(
+        status_of(preview(&s, &env, port, "/")).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        status_of(preview(&s, &env, port, "/?devpocket_preview_code=nope")).await,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // The one-time code sets the cookie; the cookie opens the preview, with the app's headers.
+    let (status, link) = open(&s, &alice, &env, port).await;
+    assert_eq!(status, StatusCode::OK);
+    let cookie = visit_code(&s, &env, port, &link).await;
+    assert_eq!(
+        status_of(preview(&s, &env, port, &link)).await,
+        StatusCode::UNAUTHORIZED,
+        "a code works once"
+    );
+    let resp = preview(&s, &env, port, "/")
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers().get("x-frame-options").is_none());
+    assert!(resp.headers().get("content-security-policy").is_none());
+    assert!(
+        resp.headers()["server"]
+            .to_str()
+            .is_ok_and(|v| v.contains("SimpleHTTP")),
+        "{:?}",
+        resp.headers()
+    );
+    let page = resp.text().await.expect("body");
+    assert!(page.contains("Directory listing"), "{page}");
+    // The cookie is for this port only.
+    assert_eq!(
+        status_of(preview(&s, &env, port + 1, "/").header("cookie", &cookie)).await,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // Another user: the environment does not exist for them, and their cookie opens nothing here.
+    let (status, _) = open(&s, &bob, &env, port).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = s
+        .get(&format!("/api/v1/environments/{env}/ports"), bob.token())
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let req = s
+        .request(
+            Method::PUT,
+            &format!("/api/v1/environments/{env}/ports/{port}"),
+            bob.token(),
+        )
+        .json(&json!({ "visibility": "public" }));
+    assert_eq!(s.send(req).await.0, StatusCode::NOT_FOUND);
+
+    // Public: anyone with the URL, until it is private again.
+    set_visibility(&s, &alice, &env, port, "public").await;
+    assert_eq!(
+        status_of(preview(&s, &env, port, "/")).await,
+        StatusCode::OK
+    );
+    set_visibility(&s, &alice, &env, port, "private").await;
+    assert_eq!(
+        status_of(preview(&s, &env, port, "/")).await,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // The API's own port (the same uid without root, another one with it) is never forwarded.
+    let (_, link) = open(&s, &alice, &env, api_port).await;
+    let api_cookie = visit_code(&s, &env, api_port, &link).await;
+    let resp = preview(&s, &env, api_port, "/health")
+        .header("cookie", &api_cookie)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let page = resp.text().await.expect("page");
+    assert!(
+        page.contains("Nothing in this environment is listening"),
+        "{page}"
+    );
+
+    // Bad input.
+    let (status, body) = s
+        .post(
+            &format!("/api/v1/environments/{env}/ports/70000/open"),
+            alice.token(),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let req = s
+        .request(
+            Method::PUT,
+            &format!("/api/v1/environments/{env}/ports/{port}"),
+            alice.token(),
+        )
+        .json(&json!({ "visibility": "everyone" }));
+    let (status, body) = s.send(req).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["code"], "validation_error");
+
+    // Audited: the previews opened and the visibility changes.
+    let opened = audit_events(&s, "preview_opened").await;
+    assert!(
+        opened
+            .iter()
+            .any(|d| d["port"] == port && d["environment_id"] == env.as_str())
+    );
+    let changes = audit_events(&s, "preview_visibility_changed").await;
+    assert_eq!(changes.len(), 2, "{changes:?}");
+    assert!(
+        changes
+            .iter()
+            .any(|d| d["from"] == "private" && d["to"] == "public")
+    );
+
+    // Logout ends the preview cookie with the session.
+    let (status, _) = s
+        .post("/api/v1/auth/logout", alice.token(), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        status_of(preview(&s, &env, port, "/").header("cookie", &cookie)).await,
+        StatusCode::UNAUTHORIZED
+    );
+    drop(ws);
+    s.stop().await;
+}
+
+async fn streaming(backend: Backend) {
+    if !root() {
+        return;
+    }
+    let s = TestServer::start(backend).await;
+    let alice = s.register("alice").await;
+    let env = running_env(&s, &alice, "streams").await;
+    let (mut ws, _) = open_terminal(&s, &alice, &env, "").await;
+    let port = start_app(&mut ws).await;
+    let (_, link) = open(&s, &alice, &env, port).await;
+    let cookie = visit_code(&s, &env, port, &link).await;
+
+    // Host and X-Forwarded-Host as the browser sent them; our cookie is not passed on.
+    let resp = preview(&s, &env, port, "/")
+        .header("cookie", format!("theirs=1; {cookie}"))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-app"], "mine");
+    let host = preview_host(&s, &env, port);
+    assert_eq!(
+        resp.text().await.expect("body"),
+        format!("hello host={host} xfh={host} cookie=theirs=1")
+    );
+
+    // Server-sent events arrive one by one: the second is only written after the first arrived.
+    let mut events = preview(&s, &env, port, "/events")
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(events.status(), StatusCode::OK);
+    assert_eq!(events.headers()["content-type"], "text/event-stream");
+    let mut seen = String::new();
+    while !seen.contains("data: first\n\n") {
+        let chunk = tokio::time::timeout(WAIT, events.chunk())
+            .await
+            .expect("first event in time")
+            .expect("body")
+            .expect("not ended");
+        seen.push_str(std::str::from_utf8(&chunk).expect("utf-8"));
+    }
+    assert!(!seen.contains("second"), "{seen}");
+    assert_eq!(
+        status_of(preview(&s, &env, port, "/next").header("cookie", &cookie)).await,
+        StatusCode::OK
+    );
+    while !seen.contains("data: second\n\n") {
+        let chunk = tokio::time::timeout(WAIT, events.chunk())
+            .await
+            .expect("second event in time")
+            .expect("body")
+            .expect("not ended");
+        seen.push_str(std::str::from_utf8(&chunk).expect("utf-8"));
+    }
+
+    // A WebSocket through the preview (public now: no cookie needed), echoed both ways.
+    set_visibility(&s, &alice, &env, port, "public").await;
+    let url = format!("ws://{}/ws", s.running().addr);
+    let mut request = url.into_client_request().expect("request");
+    request
+        .headers_mut()
+        .insert("host", host.parse().expect("host"));
+    let (mut sock, resp) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+        .await
+        .expect("upgrade in time")
+        .expect("upgraded");
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    for text in ["hello", "second message", &"x".repeat(1000)] {
+        sock.send(Message::text(text)).await.expect("send");
+        let echoed = tokio::time::timeout(WAIT, sock.next())
+            .await
+            .expect("echo in time")
+            .expect("open")
+            .expect("frame");
+        assert_eq!(echoed.to_text().expect("text"), text);
+    }
+    sock.close(None).await.expect("close");
+
+    // Nothing on a port: a readable 502.
+    set_visibility(&s, &alice, &env, 1, "public").await;
+    let resp = preview(&s, &env, 1, "/").send().await.expect("sent");
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .is_ok_and(|v| v.starts_with("text/html"))
+    );
+    drop(ws);
+    s.stop().await;
+}
