@@ -417,7 +417,8 @@ async fn streaming(backend: Backend) {
     if !root() {
         return;
     }
-    let s = TestServer::start(backend).await;
+    // Path-based previews on too: host-based ones work the same beside them.
+    let s = TestServer::start_with(backend, |c| c.server.preview_path_based = true).await;
     let alice = s.register("alice").await;
     let env = running_env(&s, &alice, "streams").await;
     let (mut ws, _) = open_terminal(&s, &alice, &env, "").await;
@@ -469,6 +470,66 @@ async fn streaming(backend: Backend) {
             .expect("not ended");
         seen.push_str(std::str::from_utf8(&chunk).expect("utf-8"));
     }
+
+    // Path-based: its own one-time URL, a cookie scoped to its path, the prefix stripped.
+    let prefix = format!("/preview/{env}/{port}");
+    let (status, body) = s
+        .post(
+            &format!("/api/v1/environments/{env}/ports/{port}/open?path_based=true"),
+            alice.token(),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let url = body["url"].as_str().expect("url");
+    let link = url
+        .strip_prefix(&s.url(""))
+        .unwrap_or_else(|| panic!("{url} is not on the API's origin"));
+    assert!(link.starts_with(&format!("{prefix}/?")), "{link}");
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let resp = no_redirects.get(s.url(link)).send().await.expect("sent");
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(resp.headers()["location"], format!("{prefix}/").as_str());
+    let set = resp.headers()["set-cookie"].to_str().expect("ascii");
+    assert!(set.contains(&format!("Path={prefix}/;")), "{set}");
+    let path_cookie = set.split(';').next().expect("pair").to_string();
+    let resp = no_redirects.get(s.url(&prefix)).send().await.expect("sent");
+    assert_eq!(resp.status(), StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(
+        no_redirects
+            .get(s.url(&format!("{prefix}/")))
+            .send()
+            .await
+            .expect("sent")
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let resp = no_redirects
+        .get(s.url(&format!("{prefix}/")))
+        .header("cookie", &path_cookie)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let api_host = s.running().addr.to_string();
+    assert_eq!(
+        resp.text().await.expect("body"),
+        format!("hello host={api_host} xfh={api_host} cookie=None")
+    );
+    let (_, ports) = s
+        .get(&format!("/api/v1/environments/{env}/ports"), alice.token())
+        .await;
+    let listed = ports
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|p| p["port"] == port)
+        .cloned()
+        .unwrap_or_else(|| panic!("{port} not in {ports}"));
+    assert_eq!(listed["path_url"], s.url(&format!("{prefix}/")));
 
     // A WebSocket through the preview (public now: no cookie needed), echoed both ways.
     set_visibility(&s, &alice, &env, port, "public").await;

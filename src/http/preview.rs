@@ -67,6 +67,8 @@ pub const CODE_TTL: chrono::Duration = chrono::Duration::minutes(2);
 const MAX_CLIENTS: usize = 256;
 /// Largest response head read from an app (hyper's read buffer); bigger heads are a 502.
 pub const MAX_HEAD_BYTES: usize = 256 * 1024;
+/// Preview cookies of one request checked at most (each is a store lookup).
+const MAX_COOKIES: usize = 4;
 /// Copy buffer per direction of an upgraded (WebSocket) connection.
 const BRIDGE_BUFFER: usize = 16 * 1024;
 /// Headers of one hop, never passed on (RFC 9110 §7.6.1), except `Connection`/`Upgrade` of an
@@ -392,6 +394,20 @@ async fn proxy(
         page.retry_after = Some(wait);
         return Err(page);
     }
+    if let Some(prefix) = &target.prefix {
+        if req.uri().path() == prefix {
+            // The cookie's path ends with a slash: send the browser where it applies.
+            let query = req
+                .uri()
+                .query()
+                .map(|q| format!("?{q}"))
+                .unwrap_or_default();
+            return Ok(redirect(
+                StatusCode::PERMANENT_REDIRECT,
+                &format!("{prefix}/{query}"),
+            ));
+        }
+    }
     let now = db_now(app.clock.as_ref());
     let mut conn = app.db.get().await.map_err(unavailable)?;
     let env = crate::store::environments::get(&mut conn, &target.environment_id)
@@ -417,15 +433,18 @@ async fn proxy(
         .await
         .map_err(unavailable)?;
     if !public {
-        let granted = match cookie_value(req.headers()) {
-            Some(token) => previews::live_grant(&mut conn, &hash(&token), KIND_COOKIE, now)
+        let mut granted = false;
+        for token in cookie_values(req.headers()) {
+            granted = previews::live_grant(&mut conn, &hash(&token), KIND_COOKIE, now)
                 .await
                 .map_err(unavailable)?
                 .is_some_and(|g| {
                     g.environment_id == env.id && g.port == port && g.user_id == env.user_id
-                }),
-            None => false,
-        };
+                });
+            if granted {
+                break;
+            }
+        }
         if !granted {
             return Err(Page::new(
                 StatusCode::UNAUTHORIZED,
@@ -483,22 +502,27 @@ async fn exchange_code(
         "{COOKIE}={token}; Path={path}; Max-Age={}; HttpOnly; SameSite=Lax{secure}",
         u64::from(hours) * 3600
     );
-    let location = without_param(req.uri(), CODE_PARAM);
-    let mut resp = Response::new(Full::new(Bytes::new()));
-    *resp.status_mut() = StatusCode::SEE_OTHER;
-    let h = resp.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&location) {
-        h.insert(header::LOCATION, v);
-    }
+    let mut resp = redirect(StatusCode::SEE_OTHER, &without_param(req.uri(), CODE_PARAM));
     if let Ok(v) = HeaderValue::from_str(&cookie) {
-        h.insert(header::SET_COOKIE, v);
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    Ok(resp)
+}
+
+/// A redirect to `location` (a path and query on this host) that leaks no referrer.
+fn redirect(status: StatusCode, location: &str) -> Response<ProxyBody> {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(location) {
+        h.insert(header::LOCATION, v);
     }
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
     );
-    Ok(boxed(resp))
+    boxed(resp)
 }
 
 fn hash(token: &str) -> String {
@@ -531,16 +555,19 @@ fn without_param(uri: &Uri, name: &str) -> String {
     }
 }
 
-/// The preview cookie's value, if the request carries one.
-fn cookie_value(headers: &HeaderMap) -> Option<String> {
+/// The values of the preview cookies a request carries, at most [`MAX_COOKIES`]: a page on a
+/// sibling host may have set one of our name for a parent domain, and must not shadow ours.
+fn cookie_values(headers: &HeaderMap) -> Vec<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE)
+        .filter(|(name, _)| *name == COOKIE)
         .map(|(_, value)| value.to_string())
+        .take(MAX_COOKIES)
+        .collect()
 }
 
 /// The `Cookie` header without ours (the app never sees the preview credential).
@@ -918,7 +945,7 @@ mod tests {
             header::COOKIE,
             HeaderValue::from_static("a=1; devpocket_preview=tok; b=2"),
         );
-        assert_eq!(cookie_value(&h).as_deref(), Some("tok"));
+        assert_eq!(cookie_values(&h), vec!["tok".to_string()]);
         strip_cookie(&mut h);
         assert_eq!(h.get(header::COOKIE).expect("kept"), "a=1; b=2");
         let mut only = HeaderMap::new();
