@@ -173,10 +173,8 @@ pub struct Target {
 /// The preview a request names, if any: by its host (`{port}--{id}.<preview_domain>`), or by
 /// its path when path-based previews are on.
 pub fn target<B>(server: &ServerConfig, req: &Request<B>) -> Option<Target> {
-    if let Some(host) = request_host(req) {
-        if let Some(t) = target_of_host(&server.preview_domain, &host) {
-            return Some(t);
-        }
+    if let Some(t) = request_host(req).and_then(|h| target_of_host(&server.preview_domain, &h)) {
+        return Some(t);
     }
     if server.preview_path_based {
         return target_of_path(req.uri().path());
@@ -200,7 +198,7 @@ fn target_of_host(domain: &str, host: &str) -> Option<Target> {
     let port = parse_port(port)?;
     // Only the canonical spelling (lower-case, hyphenated): one preview, one origin.
     let canonical = uuid::Uuid::parse_str(id).ok()?.to_string();
-    (canonical == id).then(|| Target {
+    (canonical == id).then_some(Target {
         environment_id: canonical,
         port,
         prefix: None,
@@ -394,19 +392,19 @@ async fn proxy(
         page.retry_after = Some(wait);
         return Err(page);
     }
-    if let Some(prefix) = &target.prefix {
-        if req.uri().path() == prefix {
-            // The cookie's path ends with a slash: send the browser where it applies.
-            let query = req
-                .uri()
-                .query()
-                .map(|q| format!("?{q}"))
-                .unwrap_or_default();
-            return Ok(redirect(
-                StatusCode::PERMANENT_REDIRECT,
-                &format!("{prefix}/{query}"),
-            ));
-        }
+    if let Some(prefix) = &target.prefix
+        && req.uri().path() == prefix
+    {
+        // The cookie's path ends with a slash: send the browser where it applies.
+        let query = req
+            .uri()
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
+        return Ok(redirect(
+            StatusCode::PERMANENT_REDIRECT,
+            &format!("{prefix}/{query}"),
+        ));
     }
     let now = db_now(app.clock.as_ref());
     let mut conn = app.db.get().await.map_err(unavailable)?;
@@ -582,10 +580,8 @@ fn strip_cookie(headers: &mut HeaderMap) {
         .map(str::to_string)
         .collect();
     headers.remove(header::COOKIE);
-    if !rest.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&rest.join("; ")) {
-            headers.insert(header::COOKIE, v);
-        }
+    if let (false, Ok(v)) = (rest.is_empty(), HeaderValue::from_str(&rest.join("; "))) {
+        headers.insert(header::COOKIE, v);
     }
 }
 
