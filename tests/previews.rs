@@ -338,6 +338,40 @@ async fn a_private_preview_opens_with_its_code_and_only_for_its_owner(backend: B
         .json(&json!({ "visibility": "public" }));
     assert_eq!(s.send(req).await.0, StatusCode::NOT_FOUND);
 
+    // Another tenant's server on the same loopback: never reachable from alice's environment, and
+    // bob's cookie for his own preview opens nothing of alice's.
+    let bobs = running_env(&s, &bob, "bobs").await;
+    let (mut bob_ws, _) = open_terminal(&s, &bob, &bobs, "").await;
+    let bob_port = start_http_server(&mut bob_ws).await;
+    let (_, link) = open(&s, &bob, &bobs, bob_port).await;
+    let bob_cookie = visit_code(&s, &bobs, bob_port, &link).await;
+    assert_eq!(
+        status_of(preview(&s, &bobs, bob_port, "/").header("cookie", &bob_cookie)).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        status_of(preview(&s, &env, port, "/").header("cookie", &bob_cookie)).await,
+        StatusCode::UNAUTHORIZED
+    );
+    let (_, link) = open(&s, &alice, &env, bob_port).await;
+    let tenant_cookie = visit_code(&s, &env, bob_port, &link).await;
+    assert_eq!(
+        status_of(preview(&s, &env, bob_port, "/").header("cookie", &tenant_cookie)).await,
+        StatusCode::BAD_GATEWAY
+    );
+    let (_, ports) = s
+        .get(&format!("/api/v1/environments/{env}/ports"), alice.token())
+        .await;
+    assert!(
+        ports
+            .as_array()
+            .expect("array")
+            .iter()
+            .all(|p| p["port"] != bob_port),
+        "{ports}"
+    );
+    drop(bob_ws);
+
     // Public: anyone with the URL, until it is private again.
     set_visibility(&s, &alice, &env, port, "public").await;
     assert_eq!(
@@ -363,6 +397,13 @@ async fn a_private_preview_opens_with_its_code_and_only_for_its_owner(backend: B
     assert!(
         page.contains("Nothing in this environment is listening"),
         "{page}"
+    );
+    // Nor PostgreSQL's (whether or not one listens on this host).
+    let (_, link) = open(&s, &alice, &env, 5432).await;
+    let pg_cookie = visit_code(&s, &env, 5432, &link).await;
+    assert_eq!(
+        status_of(preview(&s, &env, 5432, "/").header("cookie", &pg_cookie)).await,
+        StatusCode::BAD_GATEWAY
     );
 
     // Bad input.
