@@ -49,7 +49,7 @@ class H(http.server.BaseHTTPRequestHandler):
         elif self.path == "/ws":
             self.websocket()
         else:
-            self.reply(("hello host=%s xfh=%s cookie=%s" % (self.headers.get("Host"), self.headers.get("X-Forwarded-Host"), self.headers.get("Cookie"))).encode())
+            self.reply(("hello host=%s xfh=%s proto=%s cookie=%s" % (self.headers.get("Host"), self.headers.get("X-Forwarded-Host"), self.headers.get("X-Forwarded-Proto"), self.headers.get("Cookie"))).encode())
     def reply(self, body):
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
@@ -459,7 +459,12 @@ async fn streaming(backend: Backend) {
         return;
     }
     // Path-based previews on too: host-based ones work the same beside them.
-    let s = TestServer::start_with(backend, |c| c.server.preview_path_based = true).await;
+    // The test client is a trusted proxy here, so its X-Forwarded-Proto counts.
+    let s = TestServer::start_with(backend, |c| {
+        c.server.preview_path_based = true;
+        c.server.trusted_proxies = vec!["127.0.0.1".into()];
+    })
+    .await;
     let alice = s.register("alice").await;
     let env = running_env(&s, &alice, "streams").await;
     let (mut ws, _) = open_terminal(&s, &alice, &env, "").await;
@@ -478,7 +483,28 @@ async fn streaming(backend: Backend) {
     let host = preview_host(&s, &env, port);
     assert_eq!(
         resp.text().await.expect("body"),
-        format!("hello host={host} xfh={host} cookie=theirs=1")
+        format!("hello host={host} xfh={host} proto=http cookie=theirs=1")
+    );
+
+    // Behind TLS (a trusted proxy says so): the cookie is Secure, the app hears https.
+    let (_, link) = open(&s, &alice, &env, port).await;
+    let resp = preview(&s, &env, port, &link)
+        .header("x-forwarded-proto", "https")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let set = resp.headers()["set-cookie"].to_str().expect("ascii");
+    assert!(set.ends_with("; Secure"), "{set}");
+    let resp = preview(&s, &env, port, "/")
+        .header("cookie", &cookie)
+        .header("x-forwarded-proto", "https")
+        .send()
+        .await
+        .expect("sent");
+    assert!(
+        resp.text().await.expect("body").contains(" proto=https "),
+        "the app is told the browser's scheme"
     );
 
     // Server-sent events arrive one by one: the second is only written after the first arrived.
@@ -558,7 +584,7 @@ async fn streaming(backend: Backend) {
     let api_host = s.running().addr.to_string();
     assert_eq!(
         resp.text().await.expect("body"),
-        format!("hello host={api_host} xfh={api_host} cookie=None")
+        format!("hello host={api_host} xfh={api_host} proto=http cookie=None")
     );
     let (_, ports) = s
         .get(&format!("/api/v1/environments/{env}/ports"), alice.token())

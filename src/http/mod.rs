@@ -1,7 +1,8 @@
 //! The thin hyper front end: accept (connection caps, head deadline) → request id → CORS
 //! preflight → route → rate limit → authenticate → bounded, deadlined body → handler → error
 //! shape, security headers, metrics, access log. Handlers read the store for queries and send
-//! messages into the actor tree for commands.
+//! messages into the actor tree for commands. A request for a port preview (by its host, see
+//! [`preview`]) is proxied to the environment instead of routed.
 
 pub mod authn;
 pub mod conn;
@@ -331,7 +332,8 @@ async fn serve_connection(
                 // A preview (by host, or by path when enabled) is proxied, not routed.
                 if let Some(target) = preview::target(&app.config.server, &req) {
                     let ip = conn::client_ip(&front.trusted, peer.ip(), req.headers());
-                    return Ok(preview::serve(app, deadline, ip, req, target).await);
+                    let trusted = front.trusted.contains(peer.ip().to_canonical());
+                    return Ok(preview::serve(app, deadline, ip, trusted, req, target).await);
                 }
                 handle(app, front, deadline, peer, req)
                     .await
@@ -418,7 +420,7 @@ async fn handle(
     Ok(resp)
 }
 
-fn metric_method(method: &Method) -> &'static str {
+pub(crate) fn metric_method(method: &Method) -> &'static str {
     match *method {
         Method::GET => "GET",
         Method::POST => "POST",

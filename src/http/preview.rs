@@ -273,17 +273,29 @@ pub async fn serve(
     app: AppState,
     deadline: HeadDeadline,
     ip: IpAddr,
+    peer_trusted: bool,
     req: Request<Incoming>,
     target: Target,
 ) -> Response<ProxyBody> {
+    // Only a trusted proxy says whether the browser used TLS.
+    let https = app.config.server.hsts
+        || (peer_trusted && scheme(&app.config.server, req.headers()) == "https");
+    let visitor = Visitor { ip, https };
     let in_flight = deadline.request_started();
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let resp = match proxy(&app, &deadline, ip, req, &target).await {
+    let resp = match proxy(&app, &deadline, visitor, req, &target).await {
         Ok(resp) => resp,
         Err(page) => page.response(),
     };
+    let elapsed = started.elapsed();
+    app.metrics.observe(
+        super::metric_method(&method),
+        "preview",
+        resp.status().as_u16(),
+        elapsed,
+    );
     tracing::info!(
         %ip,
         method = %method,
@@ -291,7 +303,7 @@ pub async fn serve(
         port = target.port,
         path = %path,
         status = resp.status().as_u16(),
-        latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+        latency_ms = elapsed.as_secs_f64() * 1000.0,
         "preview request"
     );
     let idle = Duration::from_secs(app.config.server.preview_idle_timeout_seconds);
@@ -375,15 +387,22 @@ fn unavailable(e: impl std::fmt::Display) -> Page {
     )
 }
 
+/// Who is asking: the client's address and whether it reached us over TLS.
+#[derive(Debug, Clone, Copy)]
+struct Visitor {
+    ip: IpAddr,
+    https: bool,
+}
+
 /// Authorize, then pass the request on.
 async fn proxy(
     app: &App,
     deadline: &HeadDeadline,
-    ip: IpAddr,
+    visitor: Visitor,
     req: Request<Incoming>,
     target: &Target,
 ) -> Result<Response<ProxyBody>, Page> {
-    if let Err(wait) = app.previews.check_rate(ip) {
+    if let Err(wait) = app.previews.check_rate(visitor.ip) {
         let mut page = Page::new(
             StatusCode::TOO_MANY_REQUESTS,
             "Too many requests",
@@ -425,7 +444,7 @@ async fn proxy(
                     "This preview link has expired or was already used. Open the preview again from DevPocket.",
                 )
             })?;
-        return exchange_code(app, &mut conn, &req, target, grant, now).await;
+        return exchange_code(app, &mut conn, &req, visitor, target, grant, now).await;
     }
     let public = previews::is_public(&mut conn, &env.id, port)
         .await
@@ -462,7 +481,7 @@ async fn proxy(
             ),
         ));
     }
-    forward(app, deadline, ip, req, target).await
+    forward(app, deadline, visitor, req, target).await
 }
 
 /// Spend the code: store a cookie grant tied to the same session, set it, and redirect to the
@@ -471,6 +490,7 @@ async fn exchange_code(
     app: &App,
     conn: &mut crate::store::DbConn,
     req: &Request<Incoming>,
+    visitor: Visitor,
     target: &Target,
     code: Grant,
     now: NaiveDateTime,
@@ -491,11 +511,7 @@ async fn exchange_code(
         .prefix
         .as_deref()
         .map_or("/".to_string(), |p| format!("{p}/"));
-    let secure = if scheme(&app.config.server, req.headers()) == "https" {
-        "; Secure"
-    } else {
-        ""
-    };
+    let secure = if visitor.https { "; Secure" } else { "" };
     let cookie = format!(
         "{COOKIE}={token}; Path={path}; Max-Age={}; HttpOnly; SameSite=Lax{secure}",
         u64::from(hours) * 3600
@@ -620,7 +636,7 @@ fn bad_gateway(message: impl Into<String>) -> Page {
 /// hop-by-hop ones and our cookie, `Host` and `X-Forwarded-*`.
 fn outgoing_request(
     app: &App,
-    ip: IpAddr,
+    visitor: Visitor,
     req: Request<Incoming>,
     target: &Target,
     upgrade: bool,
@@ -658,7 +674,7 @@ fn outgoing_request(
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, protocol);
     }
-    let scheme = scheme(&app.config.server, &headers);
+    let scheme = if visitor.https { "https" } else { "http" };
     let set = |headers: &mut HeaderMap, name: &'static str, value: &str| {
         if let Ok(v) = HeaderValue::from_str(value) {
             headers.insert(name, v);
@@ -667,7 +683,7 @@ fn outgoing_request(
     set(&mut headers, "host", &host);
     set(&mut headers, "x-forwarded-host", &host);
     set(&mut headers, "x-forwarded-proto", scheme);
-    set(&mut headers, "x-forwarded-for", &ip.to_string());
+    set(&mut headers, "x-forwarded-for", &visitor.ip.to_string());
     if let Some(prefix) = &target.prefix {
         set(&mut headers, "x-forwarded-prefix", prefix);
     }
@@ -684,14 +700,14 @@ fn outgoing_request(
 async fn forward(
     app: &App,
     deadline: &HeadDeadline,
-    ip: IpAddr,
+    visitor: Visitor,
     mut req: Request<Incoming>,
     target: &Target,
 ) -> Result<Response<ProxyBody>, Page> {
     let timeout = Duration::from_secs(app.config.server.preview_response_timeout_seconds);
     let upgrade = wants_upgrade(req.headers());
     let downstream = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let out = outgoing_request(app, ip, req, target, upgrade)?;
+    let out = outgoing_request(app, visitor, req, target, upgrade)?;
     let exchange = async {
         let stream = open_channel(app, target).await?;
         let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
