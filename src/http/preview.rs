@@ -63,8 +63,12 @@ pub const CODE_PARAM: &str = "devpocket_preview_code";
 /// How long a one-time code may wait to be visited.
 pub const CODE_TTL: chrono::Duration = chrono::Duration::minutes(2);
 /// Environments whose SSH connection is kept for previews (one per environment); past this the
-/// closed ones, then an arbitrary one, are dropped (they reconnect on their next request).
-const MAX_CLIENTS: usize = 256;
+/// least recently used is dropped (it reconnects on its next request). Well below the local
+/// provider's SSH server's connection slots, which terminals need too.
+const MAX_CLIENTS: usize = 32;
+/// A kept connection unused this long is dropped by the housekeeping pass (channels still open on
+/// it keep it alive until they end).
+const CLIENT_IDLE: Duration = Duration::from_secs(300);
 /// Largest response head read from an app (hyper's read buffer); bigger heads are a 502.
 pub const MAX_HEAD_BYTES: usize = 256 * 1024;
 /// Preview cookies of one request checked at most (each is a store lookup).
@@ -91,7 +95,12 @@ pub struct Previews {
     enabled: bool,
     clock: DefaultClock,
     /// environment id → connection; the lock is never held across an `.await`.
-    clients: Mutex<HashMap<String, SshClient>>,
+    clients: Mutex<HashMap<String, Cached>>,
+}
+
+struct Cached {
+    client: SshClient,
+    used: Instant,
 }
 
 impl Previews {
@@ -116,25 +125,29 @@ impl Previews {
         })
     }
 
-    /// Forget clients whose quota is full again.
+    /// Forget clients whose quota is full again, and connections closed or unused for
+    /// [`CLIENT_IDLE`].
     pub fn housekeeping(&self) {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
+        self.clients()
+            .retain(|_, c| !c.client.is_closed() && c.used.elapsed() < CLIENT_IDLE);
     }
 
-    fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<String, SshClient>> {
+    fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<String, Cached>> {
         self.clients.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// This node's SSH connection to a running environment (made on first use, through the
     /// environment's actor, which knows its address and keys).
     pub async fn client(&self, app: &App, environment_id: &str) -> Result<SshClient, String> {
-        if let Some(client) = self
+        if let Some(cached) = self
             .clients()
-            .get(environment_id)
-            .filter(|c| !c.is_closed())
+            .get_mut(environment_id)
+            .filter(|c| !c.client.is_closed())
         {
-            return Ok(client.clone());
+            cached.used = Instant::now();
+            return Ok(cached.client.clone());
         }
         let target = match app.actors.ssh_target(environment_id).await {
             Ok(Ok(target)) => target,
@@ -146,12 +159,20 @@ impl Previews {
             .map_err(|e| e.to_string())?;
         let mut clients = self.clients();
         if clients.len() >= MAX_CLIENTS {
-            clients.retain(|_, c| !c.is_closed());
-            if let Some(any) = clients.keys().next().cloned() {
-                clients.remove(&any);
+            clients.retain(|_, c| !c.client.is_closed());
+            let oldest = clients
+                .iter()
+                .min_by_key(|(_, c)| c.used)
+                .map(|(id, _)| id.clone());
+            if let Some(oldest) = oldest {
+                clients.remove(&oldest);
             }
         }
-        clients.insert(environment_id.to_string(), client.clone());
+        let cached = Cached {
+            client: client.clone(),
+            used: Instant::now(),
+        };
+        clients.insert(environment_id.to_string(), cached);
         Ok(client)
     }
 
@@ -779,11 +800,43 @@ async fn forward(
     Ok(resp.map(|body| body.map_err(BoxError::from).boxed_unsync()))
 }
 
+/// A `direct-tcpip` stream that keeps its SSH connection alive while it is open (the cache may
+/// drop the connection meanwhile).
+struct Tunnel {
+    stream: russh::ChannelStream<russh::client::Msg>,
+    _client: SshClient,
+}
+
+impl AsyncRead for Tunnel {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Tunnel {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
 /// A `direct-tcpip` stream to the port, on the cached connection or (once) a fresh one.
-async fn open_channel(
-    app: &App,
-    target: &Target,
-) -> Result<russh::ChannelStream<russh::client::Msg>, Page> {
+async fn open_channel(app: &App, target: &Target) -> Result<Tunnel, Page> {
     let env = &target.environment_id;
     for attempt in 0..2 {
         let client = app
@@ -792,7 +845,12 @@ async fn open_channel(
             .await
             .map_err(|e| bad_gateway(format!("The environment cannot be reached: {e}")))?;
         match client.direct_tcpip(target.port).await {
-            Ok(stream) => return Ok(stream),
+            Ok(stream) => {
+                return Ok(Tunnel {
+                    stream,
+                    _client: client,
+                });
+            }
             Err(_) if client.is_closed() && attempt == 0 => app.previews.forget(env),
             Err(_) => break,
         }
