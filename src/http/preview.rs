@@ -695,6 +695,15 @@ fn outgoing_request(
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, protocol);
     }
+    // What the client claims about proxies before us is not passed on; we say what we saw.
+    for name in [
+        "forwarded",
+        "x-forwarded-prefix",
+        "x-forwarded-port",
+        "x-real-ip",
+    ] {
+        headers.remove(name);
+    }
     let scheme = if visitor.https { "https" } else { "http" };
     let set = |headers: &mut HeaderMap, name: &'static str, value: &str| {
         if let Ok(v) = HeaderValue::from_str(value) {

@@ -119,7 +119,7 @@ async fn sample_ports(app: &App, env: &Environment) -> ApiResult<Vec<u16>> {
     // Root on a VPS owns every server it starts; an account sees its own sockets only.
     let owner = (uid != 0).then_some(uid);
     // On this host (the local provider) this server's own sockets are never an environment's.
-    let own = if env.provider == "local" {
+    let own = if env.provider == crate::config::ProviderKind::Local.as_str() {
         listeners::own_socket_inodes()
     } else {
         Default::default()
