@@ -50,6 +50,17 @@ class H(http.server.BaseHTTPRequestHandler):
             self.websocket()
         else:
             self.reply(("hello host=%s xfh=%s proto=%s cookie=%s" % (self.headers.get("Host"), self.headers.get("X-Forwarded-Host"), self.headers.get("X-Forwarded-Proto"), self.headers.get("Cookie"))).encode())
+    def do_POST(self):
+        n = 0
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            while True:
+                size = int(self.rfile.readline().strip() or b"0", 16)
+                self.rfile.read(size + 2)
+                n += size
+                if size == 0: break
+        else:
+            n = len(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        self.reply(("got %d" % n).encode())
     def reply(self, body):
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
@@ -159,12 +170,14 @@ async fn start_http_server(ws: &mut Ws) -> u16 {
 
 /// Write [`APP`] into the environment and start it.
 async fn start_app(ws: &mut Ws) -> u16 {
+    // In lines well below a terminal's line limit (4096 bytes in canonical mode).
     let b64 = base64::engine::general_purpose::STANDARD.encode(APP);
-    input(
-        ws,
-        &format!("cd ~ && echo {b64} | base64 -d > app.py && python3 app.py\r"),
-    )
-    .await;
+    input(ws, "cd ~ && rm -f app.b64\r").await;
+    for line in b64.as_bytes().chunks(512) {
+        let line = std::str::from_utf8(line).expect("base64 is ASCII");
+        input(ws, &format!("printf %s {line} >> app.b64\r")).await;
+    }
+    input(ws, "base64 -d app.b64 > app.py && python3 app.py\r").await;
     read_port(ws, "LISTENING-ON-", "-").await
 }
 
@@ -463,6 +476,7 @@ async fn streaming(backend: Backend) {
     let s = TestServer::start_with(backend, |c| {
         c.server.preview_path_based = true;
         c.server.trusted_proxies = vec!["127.0.0.1".into()];
+        c.server.max_body_bytes = 64 * 1024;
     })
     .await;
     let alice = s.register("alice").await;
@@ -620,6 +634,44 @@ async fn streaming(backend: Backend) {
         assert_eq!(echoed.to_text().expect("text"), text);
     }
     sock.close(None).await.expect("close");
+
+    // Request bodies stream to the app up to server.max_body_bytes, declared or not.
+    let post = |body: reqwest::Body| {
+        reqwest::Client::new()
+            .post(s.url("/upload"))
+            .header("host", &host)
+            .body(body)
+    };
+    let resp = post(vec![b'x'; 1000].into()).send().await.expect("sent");
+    assert_eq!(resp.text().await.expect("body"), "got 1000");
+    let resp = post(vec![b'x'; 65 * 1024].into())
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // Undeclared (chunked) past the limit: cut, 413 (a raw client: the body has no length).
+    let mut raw = tokio::net::TcpStream::connect(s.running().addr)
+        .await
+        .expect("connect");
+    let chunk = format!("{:x}\r\n{}\r\n", 40 * 1024, "x".repeat(40 * 1024));
+    let request = format!(
+        "POST /upload HTTP/1.1\r\nhost: {host}\r\ntransfer-encoding: chunked\r\n\r\n{chunk}{chunk}0\r\n\r\n"
+    );
+    let (mut rx, mut tx) = raw.split();
+    let (_, answer) = tokio::join!(
+        async {
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut tx, request.as_bytes()).await;
+        },
+        async {
+            let mut head = vec![0u8; 64];
+            let n = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(&mut rx, &mut head))
+                .await
+                .expect("answer in time")
+                .expect("read");
+            String::from_utf8_lossy(&head[..n]).into_owned()
+        }
+    );
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
 
     // Nothing on a port: a readable 502.
     set_visibility(&s, &alice, &env, 1, "public").await;

@@ -649,6 +649,26 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+fn too_large(limit: usize) -> Page {
+    Page::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "Request too large",
+        format!("Previews take request bodies of at most {limit} bytes."),
+    )
+}
+
+/// Whether a failed exchange failed because the request body passed the limit.
+fn over_limit(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
 fn bad_gateway(message: impl Into<String>) -> Page {
     Page::new(StatusCode::BAD_GATEWAY, "Nothing to show yet", message)
 }
@@ -718,6 +738,13 @@ fn outgoing_request(
         set(&mut headers, "x-forwarded-prefix", prefix);
     }
     let limit = usize::try_from(app.config.server.max_body_bytes).unwrap_or(usize::MAX);
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > app.config.server.max_body_bytes) {
+        return Err(too_large(limit));
+    }
     let body = Limited::new(body, limit).boxed_unsync();
     let mut out = Request::new(body);
     *out.method_mut() = parts.method;
@@ -756,7 +783,11 @@ async fn forward(
                 tracing::debug!(port, error = %e, "preview connection ended");
             }
         });
+        let limit = usize::try_from(app.config.server.max_body_bytes).unwrap_or(usize::MAX);
         sender.send_request(out).await.map_err(|e| {
+            if over_limit(&e) {
+                return too_large(limit);
+            }
             bad_gateway(format!(
                 "The app on port {} closed the connection without an answer: {e}",
                 target.port
