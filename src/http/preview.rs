@@ -377,6 +377,14 @@ impl Page {
             header::X_CONTENT_TYPE_OPTIONS,
             HeaderValue::from_static("nosniff"),
         );
+        // Our own pages (not the app's) cannot be framed and run nothing.
+        h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+        h.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(
+                "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+            ),
+        );
         if let Some(seconds) = self.retry_after {
             h.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }

@@ -6,7 +6,7 @@ use chrono::NaiveDateTime;
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
-use super::schema::{preview_grants, preview_ports, sessions};
+use super::schema::{preview_grants, preview_ports, sessions, users};
 use super::{DbConn, StoreResult};
 use crate::db_run;
 
@@ -99,7 +99,8 @@ pub async fn insert_grant(conn: &mut DbConn, grant: &Grant, now: NaiveDateTime) 
     Ok(())
 }
 
-/// The live grant of `kind` with this hash: not expired, and its session not revoked or expired.
+/// The live grant of `kind` with this hash: not expired, its session not revoked or expired, its
+/// user still active.
 pub async fn live_grant(
     conn: &mut DbConn,
     token_hash: &str,
@@ -108,12 +109,13 @@ pub async fn live_grant(
 ) -> StoreResult<Option<Grant>> {
     Ok(db_run!(conn: {
         preview_grants::table
-            .inner_join(sessions::table)
+            .inner_join(sessions::table.inner_join(users::table))
             .filter(preview_grants::token_hash.eq(token_hash))
             .filter(preview_grants::kind.eq(kind))
             .filter(preview_grants::expires_at.gt(now))
             .filter(sessions::revoked_at.is_null())
             .filter(sessions::expires_at.gt(now))
+            .filter(users::is_active.eq(true))
             .select(Grant::as_select())
             .first(conn)
             .await
