@@ -22,6 +22,114 @@ async fn websockets_and_server_sent_events_stream_through_the_preview() {
     streaming(Backend::Sqlite).await
 }
 
+/// Lets one user/key pair in; its programs would run as `account`.
+struct OneKey {
+    key: russh::keys::PublicKey,
+    account: Option<(u32, u32)>,
+}
+
+impl devpocket::ssh::Authorizer for OneKey {
+    fn authorize(
+        &self,
+        _user: &str,
+        key: &russh::keys::PublicKey,
+    ) -> Option<devpocket::ssh::SessionSpec> {
+        (key.key_data() == self.key.key_data()).then(|| devpocket::ssh::SessionSpec {
+            account: self.account,
+            ..devpocket::ssh::SessionSpec::new("/".into(), Vec::new(), "/bin/sh".into())
+        })
+    }
+}
+
+/// A TCP echo server in a child process (the server's own uid, but not its sockets).
+const ECHO: &str = "import socket\ns=socket.socket()\ns.bind(('127.0.0.1',0))\ns.listen()\nprint(s.getsockname()[1],flush=True)\nc,_=s.accept()\nc.sendall(c.recv(100))\n";
+
+/// The local provider's SSH server on its own: `direct-tcpip` reaches a port of the session's
+/// account (here without root: the server's uid, in another process), never a socket of the
+/// server process itself, nothing where nothing listens, and nobody else's port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_tcpip_reaches_only_the_accounts_own_ports() {
+    use std::os::unix::fs::MetadataExt;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let own_uid = std::fs::metadata("/proc/self").expect("proc").uid();
+    let host = devpocket::ssh::keys::generate_ed25519();
+    let host_key = host.public_key().clone();
+    let user_key = std::sync::Arc::new(devpocket::ssh::keys::generate_ed25519());
+    let start = |account: Option<(u32, u32)>| {
+        let auth = OneKey {
+            key: user_key.public_key().clone(),
+            account,
+        };
+        devpocket::ssh::LocalSshServer::start(
+            "127.0.0.1:0".parse().expect("addr"),
+            host.clone(),
+            std::sync::Arc::new(auth),
+        )
+    };
+    let server = start(None).await.expect("server");
+    let target = |addr: std::net::SocketAddr| devpocket::ssh::SshTarget {
+        host: addr.ip().to_string(),
+        port: addr.port(),
+        user: "dev".into(),
+        key: user_key.clone(),
+        host_key: host_key.clone(),
+        connect_timeout: WAIT,
+    };
+    let client = devpocket::ssh::SshClient::connect(&target(server.addr))
+        .await
+        .expect("connects");
+
+    // A socket of the server's own process (like the API's listener): refused.
+    let ours = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let our_port = ours.local_addr().expect("addr").port();
+    assert!(client.direct_tcpip(our_port).await.is_err());
+
+    // Another process of the same account: forwarded, bytes both ways.
+    let mut child = tokio::process::Command::new("python3")
+        .args(["-c", ECHO])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let port: u16 = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .expect("port in time")
+        .expect("read")
+        .expect("a line")
+        .trim()
+        .parse()
+        .expect("port");
+    // Someone else's (an account the session is not): refused, before anything connects.
+    let stranger = start(Some((own_uid + 1, own_uid + 1)))
+        .await
+        .expect("server");
+    let other = devpocket::ssh::SshClient::connect(&target(stranger.addr))
+        .await
+        .expect("connects");
+    assert!(other.direct_tcpip(port).await.is_err());
+    let mut stream = client.direct_tcpip(port).await.expect("forwarded");
+    stream.write_all(b"ping").await.expect("write");
+    let mut echoed = [0u8; 4];
+    tokio::time::timeout(WAIT, stream.read_exact(&mut echoed))
+        .await
+        .expect("echo in time")
+        .expect("read");
+    assert_eq!(&echoed, b"ping");
+    drop(stream);
+    let _ = tokio::time::timeout(WAIT, child.wait()).await;
+
+    // Nothing listening: refused.
+    drop(ours);
+    assert!(client.direct_tcpip(our_port).await.is_err());
+    client.disconnect().await;
+    other.disconnect().await;
+    server.stop().await;
+    stranger.stop().await;
+}
+
 /// A stdlib-only app: `/events` sends one server-sent event, waits until `/next` is requested,
 /// sends the second; `/ws` is a WebSocket echo; anything else answers "hello". It prints the
 /// port it got (the kernel picks it, so parallel tests never collide).
