@@ -38,6 +38,8 @@ pub struct App {
     pub tokens: Tokens,
     pub passwords: PasswordHashing,
     pub lockout: Lockout,
+    /// The per-request session check's cache (see [`crate::auth::session_cache`]).
+    pub session_cache: crate::auth::session_cache::SessionCache,
     pub housekeeping: Housekeeping,
     pub google: Option<GoogleVerifier>,
     pub actors: Actors,
@@ -49,6 +51,8 @@ pub struct App {
     pub ws_connections: Arc<crate::http::ws::ConnectionCounts>,
     /// Port previews: their rate limiter and this node's SSH connections for them.
     pub previews: crate::http::preview::Previews,
+    /// Terminals this node may run at once (`terminals.max_terminals_per_node`).
+    pub terminal_slots: Arc<tokio::sync::Semaphore>,
     pub started_at: DateTime<Utc>,
 }
 
@@ -62,6 +66,13 @@ pub struct AuditContext {
 }
 
 impl App {
+    /// End these login sessions on this node now: the session check forgets them (their next
+    /// request is refused) and their actors stop, closing their terminals and streams.
+    pub fn end_sessions(&self, session_ids: Vec<String>, reason: &str) {
+        self.session_cache.forget_sessions(&session_ids);
+        self.actors.stop_sessions(session_ids, reason);
+    }
+
     /// Record an audit event. A failure to record is logged, never shown to the client.
     pub async fn audit(
         &self,
@@ -290,6 +301,10 @@ pub async fn build(config: Config, clock: SharedClock) -> anyhow::Result<AppStat
             config.auth.hash_queue as usize,
         ),
         lockout: Lockout::new(&config.auth),
+        session_cache: crate::auth::session_cache::SessionCache::new(
+            config.auth.session_cache_seconds,
+            crate::auth::session_cache::MAX_ENTRIES,
+        ),
         housekeeping: Housekeeping::new(),
         google: GoogleVerifier::from_config(&config.google, clock.clone()),
         limits: RateLimits::new(&config.rate_limit, &config.terminals),
@@ -299,6 +314,9 @@ pub async fn build(config: Config, clock: SharedClock) -> anyhow::Result<AppStat
         tokens,
         session_sealer,
         ws_connections: Arc::default(),
+        terminal_slots: Arc::new(tokio::sync::Semaphore::new(
+            config.terminals.max_terminals_per_node,
+        )),
         actors,
         db,
         clock,

@@ -23,6 +23,7 @@ on_both_backends!(
     lockout_storage_is_bounded_and_expires,
     a_session_that_ends_closes_its_logs_and_events_streams,
     a_locked_account_stays_locked_for_google,
+    sessions_ended_here_are_refused_at_once_and_elsewhere_within_the_cache_bound,
 );
 
 async fn refresh(s: &TestServer, token: &str) -> (StatusCode, Value) {
@@ -658,5 +659,70 @@ async fn a_locked_account_stays_locked_for_google(backend: Backend) {
         s.get("/api/v1/auth/me", registrant.token()).await.0,
         StatusCode::UNAUTHORIZED
     );
+    s.stop().await;
+}
+
+/// The per-request session check is cached (`auth.session_cache_seconds`, 2 s): a logout or
+/// profile change on this node applies to the very next request; a revocation written by
+/// someone else (another node, the CLI) applies once the cached rows are older than the bound.
+async fn sessions_ended_here_are_refused_at_once_and_elsewhere_within_the_cache_bound(
+    backend: Backend,
+) {
+    let s = TestServer::start(backend).await;
+    let here = s.register("cached").await;
+    let (status, _) = s.get("/api/v1/auth/me", Some(&here.access)).await;
+    assert_eq!(status, StatusCode::OK);
+    // A change on this node: seen at once.
+    let (status, body) = s
+        .send(
+            s.request(Method::PUT, "/api/v1/users/me", Some(&here.access))
+                .json(&json!({ "full_name": "Cache Aware" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, me) = s.get("/api/v1/auth/me", Some(&here.access)).await;
+    assert_eq!(me["full_name"], "Cache Aware", "{me}");
+    let (status, _) = s
+        .post("/api/v1/auth/logout", Some(&here.access), json!({}))
+        .await;
+    assert!(status.is_success(), "{status}");
+    let (status, _) = s.get("/api/v1/auth/me", Some(&here.access)).await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "logged out here: refused at once"
+    );
+
+    // A revocation written elsewhere (as another node or the CLI would).
+    let there = s.register("elsewhere").await;
+    let (status, _) = s.get("/api/v1/auth/me", Some(&there.access)).await;
+    assert_eq!(status, StatusCode::OK);
+    {
+        let app = &s.running().app;
+        let mut conn = app.db.get().await.expect("conn");
+        let now = devpocket::clock::db_now(app.clock.as_ref());
+        let revoked = devpocket::store::sessions::revoke(
+            &mut conn,
+            &session_id_of(&there.access),
+            "revoked_elsewhere",
+            now,
+        )
+        .await
+        .expect("revoke");
+        assert!(revoked);
+    }
+    // Within the bound this node still answers from what it read (no query per request)...
+    let (status, _) = s.get("/api/v1/auth/me", Some(&there.access)).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "served from the cache within the bound"
+    );
+    // ...and no longer once the rows are older than it.
+    let bound = s.running().app.config.auth.session_cache_seconds;
+    assert_eq!(bound, 2, "the documented default");
+    s.clock.advance(Duration::seconds(bound as i64));
+    let (status, _) = s.get("/api/v1/auth/me", Some(&there.access)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "refused within {bound} s");
     s.stop().await;
 }

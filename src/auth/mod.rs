@@ -4,6 +4,7 @@
 pub mod google;
 pub mod lockout;
 pub mod passwords;
+pub mod session_cache;
 pub mod tokens;
 
 use std::collections::HashSet;

@@ -44,12 +44,25 @@ pub async fn authenticate_token(app: &App, token: &str) -> ApiResult<AuthUser> {
             ApiError::unauthorized("Could not validate credentials")
         }
     })?;
-    let mut conn = app.db.get().await?;
-    let (session, user) = sessions::with_user(&mut conn, &claims.sid)
-        .await?
-        .filter(|(s, u)| s.user_id == claims.sub && u.id == claims.sub)
-        .ok_or_else(|| ApiError::unauthorized("Could not validate credentials"))?;
+    let at = app.clock.now();
     let now = db_now(app.clock.as_ref());
+    // The rows from the session cache (see `auth::session_cache` for the revocation bound), or
+    // from the store.
+    let (mut session, user) = match app.session_cache.get(&claims.sid, at) {
+        Some(rows) => rows,
+        None => {
+            let epoch = app.session_cache.epoch();
+            let mut conn = app.db.get().await?;
+            let rows = sessions::with_user(&mut conn, &claims.sid)
+                .await?
+                .ok_or_else(|| ApiError::unauthorized("Could not validate credentials"))?;
+            app.session_cache.put(epoch, &rows.0, &rows.1, at);
+            rows
+        }
+    };
+    if session.user_id != claims.sub || user.id != claims.sub {
+        return Err(ApiError::unauthorized("Could not validate credentials"));
+    }
     if !session.is_live(now) {
         return Err(ApiError::unauthorized("Session has ended"));
     }
@@ -57,7 +70,11 @@ pub async fn authenticate_token(app: &App, token: &str) -> ApiResult<AuthUser> {
         return Err(ApiError::unauthorized("Account is disabled"));
     }
     if from_db(now) - from_db(session.last_used_at) >= TOUCH_INTERVAL {
+        let mut conn = app.db.get().await?;
         sessions::touch(&mut conn, &session.id, now).await?;
+        session.last_used_at = now;
+        // Read again next time (a re-put would stretch the cached user's age past the bound).
+        app.session_cache.forget_sessions([&session.id]);
     }
     app.actors.touch_session(&session.id, &user.id);
     Ok(AuthUser { user, session })

@@ -6,6 +6,7 @@ pub mod client;
 pub mod forward;
 pub mod keys;
 pub mod listeners;
+pub mod pty;
 pub mod server;
 pub mod target;
 

@@ -371,6 +371,9 @@ impl TestServer {
         )
         .await
         .expect("set plan");
+        // Written behind the server's back, as the CLI would: without waiting out the session
+        // cache's bound.
+        app.session_cache.clear();
     }
 
     /// A registered admin with a session.

@@ -151,6 +151,7 @@ pub async fn update_profile(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>
         }
         Err(e) => return Err(e.into()),
     };
+    app.session_cache.forget_user(&auth.user.id);
     ok(&UserResponse::from(&user))
 }
 
@@ -200,6 +201,7 @@ pub async fn change_password(app: AppState, ctx: Ctx) -> ApiResult<Response<Body
         now,
     )
     .await?;
+    app.session_cache.forget_user(&auth.user.id);
     let ended = match replaced {
         PasswordReplaced::Set { ended } => ended,
         PasswordReplaced::SessionEnded => {
@@ -213,7 +215,7 @@ pub async fn change_password(app: AppState, ctx: Ctx) -> ApiResult<Response<Body
         }
     };
     let count = ended.len();
-    app.actors.stop_sessions(ended, "password changed");
+    app.end_sessions(ended, "password changed");
     app.audit(
         &ctx.audit(),
         if current.is_some() {
@@ -279,6 +281,7 @@ pub async fn link_google(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
         now,
     )
     .await;
+    app.session_cache.forget_user(&auth.user.id);
     let user = match linked {
         Ok(GoogleLink::Linked { user, verified }) => {
             app.audit(
@@ -311,7 +314,9 @@ pub async fn unlink_google(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>>
     let auth = ctx.user()?;
     let mut conn = app.db.get().await?;
     let now = db_now(app.clock.as_ref());
-    let user = match users::unlink_google(&mut conn, &auth.user.id, now).await? {
+    let unlinked = users::unlink_google(&mut conn, &auth.user.id, now).await?;
+    app.session_cache.forget_user(&auth.user.id);
+    let user = match unlinked {
         GoogleUnlink::Unlinked(user) => user,
         GoogleUnlink::NotLinked => {
             return Err(ApiError::conflict(
@@ -371,6 +376,7 @@ pub async fn delete_account(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>
     {
         let mut conn = app.db.get().await?;
         users::set_active(&mut conn, &auth.user.id, false).await?;
+        app.session_cache.forget_user(&auth.user.id);
     }
     let user_id = auth.user.id.clone();
     if let Err(e) = app
@@ -380,14 +386,16 @@ pub async fn delete_account(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>
     {
         let mut conn = app.db.get().await?;
         users::set_active(&mut conn, &auth.user.id, true).await?;
+        app.session_cache.forget_user(&auth.user.id);
         return Err(e.into());
     }
     let mut conn = app.db.get().await?;
     let now = db_now(app.clock.as_ref());
     let ended =
         sessions::revoke_all(&mut conn, &auth.user.id, None, "account_deleted", now).await?;
-    app.actors.stop_sessions(ended, "account deleted");
+    app.end_sessions(ended, "account deleted");
     users::delete(&mut conn, &auth.user.id).await?;
+    app.session_cache.forget_user(&auth.user.id);
     app.audit(
         &ctx.audit(),
         "account_deleted",
@@ -432,8 +440,7 @@ pub async fn revoke_session(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>
     if !sessions::revoke(&mut conn, &session.id, "revoked_by_user", now).await? {
         return Err(not_found());
     }
-    app.actors
-        .stop_sessions(vec![session.id.clone()], "session revoked");
+    app.end_sessions(vec![session.id.clone()], "session revoked");
     app.audit(
         &ctx.audit(),
         "session_revoked",
@@ -456,7 +463,7 @@ pub async fn revoke_all(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     let now = db_now(app.clock.as_ref());
     let ended = sessions::revoke_all(&mut conn, &auth.user.id, keep, "revoked_all", now).await?;
     let count = ended.len();
-    app.actors.stop_sessions(ended, "all sessions revoked");
+    app.end_sessions(ended, "all sessions revoked");
     app.audit(
         &ctx.audit(),
         "session_revoked",
