@@ -49,6 +49,8 @@ pub struct App {
     /// derived from the seal key, so it opens nothing the environments sealed.
     pub session_sealer: Sealer,
     pub ws_connections: Arc<crate::http::ws::ConnectionCounts>,
+    /// Port previews: their rate limiter and this node's SSH connections for them.
+    pub previews: crate::http::preview::Previews,
     /// Terminals this node may run at once (`terminals.max_terminals_per_node`).
     pub terminal_slots: Arc<tokio::sync::Semaphore>,
     pub started_at: DateTime<Utc>,
@@ -282,6 +284,11 @@ pub async fn build(config: Config, clock: SharedClock) -> anyhow::Result<AppStat
             "provider.kind = \"local\": environments are shells ON THIS HOST for every account; use it for development or single-user hosts only"
         );
     }
+    if config.server.preview_path_based {
+        tracing::warn!(
+            "server.preview_path_based = true: previews are also served at /preview/{{environment_id}}/{{port}}/ on the API's own origin, where one preview's page can read another's (and call the API with cookies of that origin); prefer host-based previews"
+        );
+    }
     if !config.registration_open() {
         tracing::warn!(
             "self-registration is closed (local provider on a non-loopback address); create accounts with `devpocket user create` or set server.registration = \"open\""
@@ -301,6 +308,7 @@ pub async fn build(config: Config, clock: SharedClock) -> anyhow::Result<AppStat
         housekeeping: Housekeeping::new(),
         google: GoogleVerifier::from_config(&config.google, clock.clone()),
         limits: RateLimits::new(&config.rate_limit, &config.terminals),
+        previews: crate::http::preview::Previews::new(&config.server, config.rate_limit.enabled),
         metrics: Metrics::new(),
         started_at: clock.now(),
         tokens,

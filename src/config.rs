@@ -93,6 +93,22 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<String>,
     pub hsts: bool,
     pub registration: Registration,
+    /// Port previews are served at `{port}--{environment_id}.<preview_domain>` (each its own
+    /// browser origin). The default `localhost` needs no DNS: browsers resolve `*.localhost`.
+    pub preview_domain: String,
+    /// Also serve previews at `/preview/{environment_id}/{port}/` on the API's own origin. Off by
+    /// default: such previews share one origin, so one preview's page can read another's.
+    pub preview_path_based: bool,
+    /// Hours a preview cookie lasts (a working day); logout or revocation of the session that
+    /// opened it ends it sooner.
+    pub preview_cookie_hours: u32,
+    /// Proxied requests per minute per client IP, apart from the API's quota (a dev server's
+    /// page loads hundreds of modules).
+    pub preview_per_minute: u32,
+    /// Seconds to reach the port and get the response head from the app; then 502/504.
+    pub preview_response_timeout_seconds: u64,
+    /// Seconds a proxied body or upgraded connection may stay silent both ways before it is cut.
+    pub preview_idle_timeout_seconds: u64,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -460,6 +476,21 @@ impl Config {
                 "files.idle_timeout_seconds and files.request_timeout_seconds: must be above 0"
                     .into(),
             );
+        }
+        let domain = &self.server.preview_domain;
+        if domain.is_empty()
+            || domain.starts_with('.')
+            || domain.ends_with('.')
+            || !domain
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
+            p.push(format!(
+                "server.preview_domain: '{domain}' must be a DNS name such as localhost or preview.example.com"
+            ));
+        }
+        if self.server.preview_cookie_hours == 0 {
+            p.push("server.preview_cookie_hours: must be above 0".into());
         }
         if self.server.max_body_bytes == 0 {
             p.push("server.max_body_bytes: must be above 0".into());

@@ -6,7 +6,7 @@
 //!   as a whole.
 //! - [`app`] — the application state handlers share, and the running server (`start`, `stop`).
 //! - [`http`] — the front end: connection caps and deadlines, routing, limits, errors, security
-//!   headers, metrics, handlers.
+//!   headers, metrics, handlers, and the port-preview reverse proxy.
 //! - [`actors`] — the supervision tree: root, sessions and environments supervisors, the
 //!   UserSession, environment and terminal actors, restart policy and the ops directory.
 //! - [`provider`] — where environments run: the trait, Contabo (real API client) and local.

@@ -1,7 +1,8 @@
 //! The thin hyper front end: accept (connection caps, head deadline) → request id → CORS
 //! preflight → route → rate limit → authenticate → bounded, deadlined body → handler → error
 //! shape, security headers, metrics, access log. Handlers read the store for queries and send
-//! messages into the actor tree for commands.
+//! messages into the actor tree for commands. A request for a port preview (by its host, see
+//! [`preview`]) is proxied to the environment instead of routed.
 
 pub mod authn;
 pub mod conn;
@@ -9,6 +10,7 @@ pub mod handlers;
 pub mod limits;
 pub mod metrics;
 pub mod openapi;
+pub mod preview;
 pub mod router;
 pub mod ws;
 
@@ -245,7 +247,10 @@ pub async fn serve(
         tokio::select! {
             _ = &mut shutdown => break,
             Some(_) = connections.join_next() => {}
-            _ = housekeeping.tick() => app.limits.housekeeping(),
+            _ = housekeeping.tick() => {
+                app.limits.housekeeping();
+                app.previews.housekeeping();
+            }
             permit = permits.clone().acquire_owned() => {
                 let Ok(permit) = permit else { break };
                 let accepted = tokio::select! {
@@ -336,7 +341,16 @@ async fn serve_connection(
         let app = app.clone();
         let deadline = deadline.clone();
         hyper::service::service_fn(move |req| {
-            handle(app.clone(), front.clone(), deadline.clone(), peer, req)
+            let (app, front, deadline) = (app.clone(), front.clone(), deadline.clone());
+            async move {
+                // A preview (by host, or by path when enabled) is proxied, not routed.
+                if let Some(target) = preview::target(&app.config.server, &req) {
+                    let ip = conn::client_ip(&front.trusted, peer.ip(), req.headers());
+                    let trusted = front.trusted.contains(peer.ip().to_canonical());
+                    return Ok(preview::serve(app, deadline, ip, trusted, req, target).await);
+                }
+                handle(app, front, deadline, peer, req).await
+            }
         })
     };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
@@ -430,7 +444,7 @@ async fn handle(
     Ok(resp)
 }
 
-fn metric_method(method: &Method) -> &'static str {
+pub(crate) fn metric_method(method: &Method) -> &'static str {
     match *method {
         Method::GET => "GET",
         Method::POST => "POST",

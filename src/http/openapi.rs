@@ -163,6 +163,17 @@ fn schemas() -> Value {
             "logs": { "type": "array", "items": object(&["timestamp", "level", "message", "source"], json!({
                 "timestamp": string(), "level": string(), "message": string(), "source": string() })) },
             "total_lines": { "type": "integer" }, "has_more": { "type": "boolean" } })),
+        "Port": object(&["port", "url", "visibility"], json!({
+            "port": { "type": "integer", "minimum": 1, "maximum": 65535 },
+            "url": { "type": "string", "description": "host-based preview URL, {port}--{environment_id}.<server.preview_domain>" },
+            "path_url": { "type": "string", "description": "/preview/{environment_id}/{port}/ on the API's origin (only when server.preview_path_based is on)" },
+            "visibility": { "type": "string", "enum": ["private", "public"] } })),
+        "PortList": { "type": "array", "items": { "$ref": "#/components/schemas/Port" } },
+        "PortVisibility": object(&["visibility"], json!({ "visibility": { "type": "string", "enum": ["private", "public"] } })),
+        "PreviewOpen": object(&["url", "port", "visibility", "expires_in"], json!({
+            "url": { "type": "string", "description": "the preview URL with ?devpocket_preview_code=<one-time code>; visiting it sets the preview cookie and redirects (303) to the URL without the code" },
+            "port": { "type": "integer" }, "visibility": { "type": "string", "enum": ["private", "public"] },
+            "expires_in": { "type": "integer", "description": "seconds the code may wait to be visited" } })),
         // What the API answers: `api_view` (never the user-data), plus `builtin` and
         // `customized` on GET.
         "Template": object(&["id", "name", "display_name", "description", "category", "tags",
@@ -448,7 +459,7 @@ fn build() -> Value {
         "info": {
             "title": SERVICE,
             "version": VERSION,
-            "description": "DevPocket Server: accounts, development environments and terminals for the mobile app. Paths also match with a trailing slash.",
+            "description": "DevPocket Server: accounts, development environments and terminals for the mobile app. Paths also match with a trailing slash.\n\nPort previews are not API routes: a request whose Host is {port}--{environment_id}.<server.preview_domain> (or, only when server.preview_path_based is on, whose path starts /preview/{environment_id}/{port}/) is proxied to that port inside the environment over SSH — HTTP with streaming bodies (server-sent events included) and WebSocket upgrades, the app's own response headers, Host and X-Forwarded-For/-Host/-Proto (and -Prefix) set. A private port needs the devpocket_preview cookie (from the one-time URL of POST .../ports/{port}/open; ended by logout); a public one answers anyone. The proxy's own answers are small HTML pages: 401 private or expired link, 404 no such preview, 429 over server.preview_per_minute, 502 nothing listening (or not the environment's port), 503 environment not running, 504 no response head in time.",
         },
         "paths": paths,
         "components": {

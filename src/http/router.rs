@@ -7,7 +7,9 @@ use std::sync::LazyLock;
 use futures_util::future::BoxFuture;
 use http::{Method, Response};
 
-use super::handlers::{admin, auth, environments as env, files, health, templates, users};
+use super::handlers::{
+    admin, auth, environments as env, files, health, ports, templates, users,
+};
 use super::limits::RateClass;
 use super::{Body, Ctx};
 use crate::app::AppState;
@@ -597,6 +599,61 @@ fn routes() -> Vec<Route> {
                 "Status changes and installation output",
                 None,
                 (200, "Logs"),
+            )
+        },
+        Route {
+            errors: &[
+                (409, "`invalid_state`: the environment is not running"),
+                (
+                    502,
+                    "`environment_unreachable`: the ports could not be sampled over SSH",
+                ),
+            ],
+            ..route(
+                get.clone(),
+                "/api/v1/environments/{environment_id}/ports",
+                handler!(ports::list),
+                User,
+                Api,
+                "previews",
+                "TCP ports listening inside the environment (its own account's sockets, sampled over SSH), each with its preview URL and visibility",
+                None,
+                (200, "PortList"),
+            )
+        },
+        Route {
+            query: &[(
+                "path_based",
+                "true: a path-based URL on the API's origin (only when server.preview_path_based is on)",
+            )],
+            errors: &[(422, "`validation_error`: port is not 1-65535")],
+            ..route(
+                post.clone(),
+                "/api/v1/environments/{environment_id}/ports/{port}/open",
+                handler!(ports::open),
+                User,
+                Api,
+                "previews",
+                "A preview URL with a one-time code (2 minutes): visiting it sets a cookie for that preview's host (HttpOnly, SameSite=Lax) valid server.preview_cookie_hours or until this session ends",
+                None,
+                (200, "PreviewOpen"),
+            )
+        },
+        Route {
+            errors: &[(
+                422,
+                "`validation_error`: port is not 1-65535 or visibility is not public/private",
+            )],
+            ..route(
+                put.clone(),
+                "/api/v1/environments/{environment_id}/ports/{port}",
+                handler!(ports::set_visibility),
+                User,
+                Api,
+                "previews",
+                "Make a port public (anyone with its URL) or private (the owner's browser only)",
+                Some("PortVisibility"),
+                (200, "Port"),
             )
         },
         Route {

@@ -334,6 +334,20 @@ impl SshClient {
         }
     }
 
+    /// Open a `direct-tcpip` channel to `port` on the environment's own loopback (a port
+    /// preview): a byte stream to whatever listens there. Refused by the server when the port is
+    /// not the environment's ([`SshError::Channel`]). Reading is bounded by [`CHANNEL_BUFFER`].
+    pub async fn direct_tcpip(
+        &self,
+        port: u16,
+    ) -> Result<russh::ChannelStream<client::Msg>, SshError> {
+        let channel = self
+            .handle
+            .channel_open_direct_tcpip("127.0.0.1", u32::from(port), "127.0.0.1", 0)
+            .await?;
+        Ok(channel.into_stream())
+    }
+
     /// Whether the connection is gone (then every call fails with [`SshError::Closed`]).
     pub fn is_closed(&self) -> bool {
         self.handle.is_closed()

@@ -1,9 +1,12 @@
 //! SSH: key helpers ([`keys`]), the client the server uses to reach environments with pinned host
-//! keys ([`client`]), the local provider's loopback server ([`server`]), and SFTP to an
-//! environment as its own account for the file API ([`sftp`]).
+//! keys ([`client`]), the local provider's loopback server ([`server`]) with its port
+//! forwarding for previews ([`forward`], [`listeners`]), and SFTP to an environment as its own
+//! account for the file API ([`sftp`]).
 
 pub mod client;
+pub mod forward;
 pub mod keys;
+pub mod listeners;
 pub mod pty;
 pub mod server;
 pub mod sftp;

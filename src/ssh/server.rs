@@ -416,6 +416,50 @@ impl server::Handler for ConnectionHandler {
         Ok(())
     }
 
+    /// A port preview's channel: only to a loopback port owned by the session's own account
+    /// (see [`super::forward`]); counted with the session channels.
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // Dropping `reply` refuses the channel.
+        let Some((user, key)) = &self.identity else {
+            return Ok(());
+        };
+        let Some(uid) = self
+            .authorizer
+            .authorize(user, key)
+            .and_then(|spec| super::forward::session_uid(spec.account))
+        else {
+            return Ok(());
+        };
+        self.channels
+            .retain(|_, entry| Arc::strong_count(&entry.alive) > 1);
+        if self.channels.len() >= MAX_CHANNELS_PER_CONNECTION {
+            tracing::warn!("local SSH: too many channels on one connection");
+            return Ok(());
+        }
+        let alive = Arc::new(());
+        let entry = ChannelEntry {
+            pty: false,
+            started: true,
+            alive: alive.clone(),
+        };
+        self.channels.insert(channel.id(), entry);
+        let (host, done) = (host_to_connect.to_string(), self.done.clone());
+        tokio::spawn(async move {
+            super::forward::direct_tcpip(channel, reply, host, port_to_connect, uid).await;
+            drop((alive, done));
+        });
+        Ok(())
+    }
+
     async fn channel_close(
         &mut self,
         channel: ChannelId,

@@ -143,7 +143,30 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    preview_ports (environment_id, port) {
+        environment_id -> Text,
+        port -> Integer,
+        visibility -> Text,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    preview_grants (token_hash) {
+        token_hash -> Text,
+        kind -> Text,
+        session_id -> Text,
+        user_id -> Text,
+        environment_id -> Text,
+        port -> Integer,
+        expires_at -> Timestamp,
+        created_at -> Timestamp,
+    }
+}
+
 diesel::joinable!(sessions -> users (user_id));
+diesel::joinable!(preview_grants -> sessions (session_id));
 diesel::joinable!(environments -> users (user_id));
 diesel::joinable!(environment_events -> environments (environment_id));
 diesel::joinable!(environment_metrics -> environments (environment_id));
@@ -158,4 +181,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     environment_events,
     environment_metrics,
     templates,
+    preview_ports,
+    preview_grants,
 );

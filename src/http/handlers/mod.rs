@@ -5,6 +5,7 @@ pub mod auth;
 pub mod environments;
 pub mod files;
 pub mod health;
+pub mod ports;
 pub mod templates;
 pub mod users;
 

@@ -1,0 +1,2 @@
+DROP TABLE preview_grants;
+DROP TABLE preview_ports;
