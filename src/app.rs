@@ -24,7 +24,7 @@ use crate::config::{Config, ProviderKind};
 use crate::http::limits::RateLimits;
 use crate::http::metrics::Metrics;
 use crate::provider::Provider;
-use crate::secrets::{self, Sealer};
+use crate::secrets::{self, KeySet, Sealer};
 use crate::store::audit::{self, NewAuditEvent};
 use crate::store::{Db, DbConn, DbUrl, login_attempts, sessions};
 
@@ -197,6 +197,46 @@ async fn load_templates(db: &Db, clock: &dyn crate::clock::Clock) -> anyhow::Res
     Ok(())
 }
 
+/// This node's keys: access-token keys and sealing keys, each a current key and previous ones.
+#[derive(Debug, Clone)]
+pub struct NodeKeys {
+    pub jwt: KeySet,
+    pub seal: KeySet,
+}
+
+/// The keys from configuration, or (when a current key is not configured) from the key files in
+/// the data directory, generated on first start: the single-node default.
+pub fn load_keys(config: &Config) -> anyhow::Result<NodeKeys> {
+    let data_dir = &config.server.data_dir;
+    let jwt_current = if config.auth.secret_key.is_empty() {
+        secrets::load_or_create_key(data_dir, secrets::JWT_KEY_FILE)?
+    } else {
+        config.auth.secret_key.expose().as_bytes().to_vec()
+    };
+    let jwt_previous = config
+        .auth
+        .previous_secret_keys
+        .iter()
+        .map(|k| k.expose().as_bytes().to_vec())
+        .collect();
+    let seal_current = if config.secrets.seal_key.is_empty() {
+        secrets::load_or_create_key(data_dir, secrets::SEAL_KEY_FILE)?
+    } else {
+        secrets::decode_seal_key(config.secrets.seal_key.expose()).context("secrets.seal_key")?
+    };
+    let seal_previous = config
+        .secrets
+        .previous_seal_keys
+        .iter()
+        .map(|k| secrets::decode_seal_key(k.expose()))
+        .collect::<anyhow::Result<Vec<_>>>()
+        .context("secrets.previous_seal_keys")?;
+    Ok(NodeKeys {
+        jwt: KeySet::new("jwt", jwt_current, jwt_previous)?,
+        seal: KeySet::new("seal", seal_current, seal_previous)?,
+    })
+}
+
 /// Open the store named by the configuration and bring its schema up to date.
 pub async fn open_store(config: &Config) -> anyhow::Result<Db> {
     let url = DbUrl::from_config(config.database.url.expose(), &config.server.data_dir)
@@ -225,16 +265,11 @@ pub async fn build(config: Config, clock: SharedClock) -> anyhow::Result<AppStat
     create_private_dir(data_dir)?;
     let db = open_store(&config).await?;
 
-    let jwt_key = if config.auth.secret_key.is_empty() {
-        secrets::load_or_create_key(data_dir, secrets::JWT_KEY_FILE)?
-    } else {
-        config.auth.secret_key.expose().as_bytes().to_vec()
-    };
-    let seal_key = secrets::load_or_create_key(data_dir, secrets::SEAL_KEY_FILE)?;
-    let sealer = Sealer::new(&seal_key)?;
-    let session_sealer = Sealer::for_purpose(&seal_key, "sessions")?;
+    let keys = load_keys(&config)?;
+    let sealer = Sealer::from_keys(&keys.seal);
+    let session_sealer = Sealer::for_purpose(&keys.seal, "sessions")?;
     let tokens = Tokens::new(
-        &jwt_key,
+        &keys.jwt,
         &config.auth.issuer,
         &config.auth.audience,
         Duration::minutes(config.auth.access_token_minutes.into()),
