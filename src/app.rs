@@ -48,6 +48,8 @@ pub struct App {
     pub session_sealer: Sealer,
     pub ws_connections: Arc<crate::http::ws::ConnectionCounts>,
     pub started_at: DateTime<Utc>,
+    /// This process in the nodes table (heartbeat, the node list for ops).
+    pub node: Arc<crate::cluster::Node>,
 }
 
 pub type AppState = Arc<App>;
@@ -259,13 +261,33 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Db> {
     Ok(db)
 }
 
-/// Build the application: store, secrets, tokens, the supervision tree.
-pub async fn build(config: Config, clock: SharedClock) -> anyhow::Result<AppState> {
-    let data_dir = &config.server.data_dir;
-    create_private_dir(data_dir)?;
+/// Build the application: store, secrets, this node's registration, tokens, the supervision
+/// tree. `address` names the node for humans (see [`crate::cluster::default_address`]).
+pub async fn build(
+    config: Config,
+    address: String,
+    clock: SharedClock,
+) -> anyhow::Result<AppState> {
+    create_private_dir(&config.server.data_dir)?;
     let db = open_store(&config).await?;
-
     let keys = load_keys(&config)?;
+    let node = crate::cluster::Node::join(&config, address, &db, &keys, clock.clone()).await?;
+    match build_on(config, clock, db, keys, node.clone()).await {
+        Ok(app) => Ok(app),
+        Err(e) => {
+            node.leave().await;
+            Err(e)
+        }
+    }
+}
+
+async fn build_on(
+    config: Config,
+    clock: SharedClock,
+    db: Db,
+    keys: NodeKeys,
+    node: Arc<crate::cluster::Node>,
+) -> anyhow::Result<AppState> {
     let sealer = Sealer::from_keys(&keys.seal);
     let session_sealer = Sealer::for_purpose(&keys.seal, "sessions")?;
     let tokens = Tokens::new(
@@ -326,6 +348,7 @@ pub async fn build(config: Config, clock: SharedClock) -> anyhow::Result<AppStat
         tokens,
         session_sealer,
         ws_connections: Arc::default(),
+        node,
         actors,
         db,
         clock,
@@ -353,6 +376,7 @@ impl RunningServer {
     }
 
     async fn stop_inner(&mut self) {
+        self.app.node.drain().await;
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -361,6 +385,7 @@ impl RunningServer {
         }
         self.app.actors.shutdown().await;
         self.app.actors.shutdown_provider().await;
+        self.app.node.leave().await;
         self.app.db.close();
     }
 
@@ -387,7 +412,8 @@ pub async fn start_on(
     clock: SharedClock,
 ) -> anyhow::Result<RunningServer> {
     let addr = listener.local_addr()?;
-    let app = build(config, clock).await?;
+    let address = crate::cluster::default_address(&config, addr);
+    let app = build(config, address, clock).await?;
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(crate::http::serve(listener, app.clone(), async move {
         let _ = rx.await;

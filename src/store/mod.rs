@@ -7,6 +7,7 @@
 pub mod audit;
 pub mod environments;
 pub mod login_attempts;
+pub mod nodes;
 pub mod schema;
 pub mod sessions;
 pub mod templates;

@@ -143,6 +143,20 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    nodes (id) {
+        id -> Text,
+        address -> Text,
+        provider -> Text,
+        version -> Text,
+        started_at -> Timestamp,
+        heartbeat_at -> Timestamp,
+        draining -> Bool,
+        jwt_keys -> Text,
+        seal_keys -> Text,
+    }
+}
+
 diesel::joinable!(sessions -> users (user_id));
 diesel::joinable!(environments -> users (user_id));
 diesel::joinable!(environment_events -> environments (environment_id));
@@ -158,4 +172,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     environment_events,
     environment_metrics,
     templates,
+    nodes,
 );

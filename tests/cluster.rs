@@ -1,0 +1,298 @@
+//! Several nodes on one database: the nodes table (registration, heartbeat on the server's clock,
+//! deregistration), shared keys with rotation across nodes, and the nodes that must refuse to
+//! join (keys sharing nothing with the cluster's, the single-node local provider).
+
+mod support;
+
+use std::time::Duration;
+
+use base64::Engine;
+use devpocket::app::{RunningServer, start_on};
+use devpocket::clock::{Clock, ManualClock};
+use devpocket::config::{Config, ProviderKind, Secret};
+use reqwest::StatusCode;
+use serde_json::Value;
+use support::{Backend, Scratch, TestDb, TestServer, test_config};
+use tokio::net::TcpListener;
+
+on_both_backends!(
+    nodes_register_heartbeat_and_leave,
+    readiness_fails_without_the_database
+);
+
+/// The nodes of the ops view, polled until `check` holds (bounded by the dead-after deadline
+/// plus a few heartbeats).
+async fn wait_nodes(
+    s: &TestServer,
+    admin: &support::Session,
+    what: &str,
+    check: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs(s.config.cluster.dead_after_seconds + 10);
+    loop {
+        let (status, body) = s.get("/api/v1/admin/actors", admin.token()).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let nodes = body["nodes"].as_array().cloned().unwrap_or_default();
+        if check(&nodes) {
+            return nodes;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn nodes_register_heartbeat_and_leave(backend: Backend) {
+    let s = TestServer::start_with(backend, |c| {
+        c.cluster.heartbeat_seconds = 1;
+        c.cluster.dead_after_seconds = 2;
+        c.cluster.address = "node-a".into();
+    })
+    .await;
+    let admin = s.admin("ada").await;
+    let (status, body) = s.get("/api/v1/admin/actors", admin.token()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let me = body["node"].as_str().expect("node id").to_string();
+    let nodes = body["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 1, "{body}");
+    let node = &nodes[0];
+    assert_eq!(node["id"], me.as_str());
+    assert_eq!(
+        (node["address"].as_str(), node["alive"].as_bool()),
+        (Some("node-a"), Some(true))
+    );
+    assert_eq!(node["this_node"], true);
+    assert_eq!(node["provider"], "local");
+    // The id is the data dir's: a restart is the same node.
+    let on_disk = std::fs::read_to_string(s.data_dir().join("node.id")).expect("node.id");
+    assert_eq!(on_disk.trim(), me);
+
+    // Time passes beyond the deadline: the node is silent by the clock until its next heartbeat,
+    // which is stored at the new time.
+    s.clock.advance(chrono::Duration::seconds(60));
+    let moved = s.clock.now();
+    let nodes = wait_nodes(&s, &admin, "a heartbeat at the new time", |nodes| {
+        nodes.iter().any(|n| {
+            n["id"] == me.as_str()
+                && n["alive"] == true
+                && n["heartbeat_at"]
+                    .as_str()
+                    .and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok())
+                    .is_some_and(|t| t >= moved - chrono::Duration::seconds(1))
+        })
+    })
+    .await;
+    assert_eq!(nodes.len(), 1);
+    let (status, ready) = s.get("/health/ready", None).await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+    assert_eq!(ready["checks"]["node"], "healthy");
+
+    let data = s.data_dir();
+    let mut s = s.restart().await;
+    let (_, body) = s.get("/api/v1/admin/actors", admin.token()).await;
+    let nodes = body["nodes"].as_array().expect("nodes");
+    assert_eq!(
+        nodes.len(),
+        1,
+        "the restarted node is the same node: {body}"
+    );
+    assert_eq!(nodes[0]["id"], me.as_str());
+    s.server.take().expect("running").stop().await;
+    // Graceful shutdown removes the row and releases the data dir.
+    let db = open(&s.db.url).await;
+    let mut conn = db.get().await.expect("conn");
+    let rows = devpocket::store::nodes::list(&mut conn)
+        .await
+        .expect("list");
+    assert!(rows.is_empty(), "{rows:?}");
+    assert!(data.join("node.id").exists());
+}
+
+async fn readiness_fails_without_the_database(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let (status, body) = s.get("/health/ready", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    s.running().app.db.close();
+    let (status, body) = s.get("/health/ready", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["code"], "not_ready");
+    assert_eq!(body["checks"]["database"], "unhealthy", "{body}");
+    s.stop().await;
+}
+
+async fn open(url: &str) -> devpocket::store::Db {
+    let url = devpocket::store::DbUrl::parse(url).expect("url");
+    devpocket::store::Db::connect(&url, 2, Duration::from_secs(5))
+        .await
+        .expect("connect")
+}
+
+fn b64(byte: u8) -> String {
+    base64::engine::general_purpose::STANDARD.encode([byte; 32])
+}
+
+/// A node configuration for a cluster test: Contabo provider (never called here), its own data
+/// dir, the given keys.
+fn node_config(scratch: &Scratch, name: &str, db: &TestDb, jwt: &[&str], seal: &[&str]) -> Config {
+    let mut c = test_config(&scratch.path().join(name).join("data"), &db.url);
+    c.cluster.address = name.into();
+    c.provider.kind = ProviderKind::Contabo;
+    c.contabo.api_url = "http://127.0.0.1:9".into();
+    c.contabo.auth_url = "http://127.0.0.1:9/token".into();
+    c.contabo.client_id = "id".into();
+    c.contabo.client_secret = Secret::new("secret");
+    c.contabo.username = "user@example.com".into();
+    c.contabo.password = Secret::new("password");
+    c.auth.secret_key = Secret::new(jwt[0]);
+    c.auth.previous_secret_keys = jwt[1..].iter().map(|k| Secret::new(*k)).collect();
+    c.secrets.seal_key = Secret::new(seal[0]);
+    c.secrets.previous_seal_keys = seal[1..].iter().map(|k| Secret::new(*k)).collect();
+    c
+}
+
+async fn start(
+    config: Config,
+    clock: &std::sync::Arc<ManualClock>,
+) -> anyhow::Result<RunningServer> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    start_on(listener, config, clock.clone()).await
+}
+
+async fn me(http: &reqwest::Client, server: &RunningServer, token: &str) -> StatusCode {
+    http.get(format!("{}/api/v1/auth/me", server.url()))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("request")
+        .status()
+}
+
+async fn register(http: &reqwest::Client, server: &RunningServer, name: &str) -> String {
+    let resp = http
+        .post(format!("{}/api/v1/auth/register", server.url()))
+        .json(&serde_json::json!({ "username": name, "email": format!("{name}@example.com"), "password": support::PASSWORD }))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let body: Value = resp.json().await.expect("json");
+    body["access_token"].as_str().expect("token").to_string()
+}
+
+fn kid(token: &str) -> String {
+    let header = token.split('.').next().expect("header");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .expect("base64");
+    let header: Value = serde_json::from_slice(&bytes).expect("json");
+    header["kid"].as_str().expect("kid").to_string()
+}
+
+/// A rolling rotation across nodes on one PostgreSQL database: a node with the new key current
+/// and the old one previous joins and accepts the old tokens, and signs with the new key id; a
+/// node whose keys share nothing with the live nodes', or that runs the local provider, refuses
+/// to start and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_rotate_across_nodes_and_strangers_are_refused() {
+    if !support::postgres_configured() {
+        eprintln!("skipped: set {} to run on PostgreSQL", support::PG_ENV);
+        return;
+    }
+    let scratch = Scratch::new();
+    let db = TestDb::create(Backend::Postgres, scratch.path()).await;
+    let clock = ManualClock::starting_now();
+    let http = reqwest::Client::new();
+    let (j1, j2, j3) = ("1".repeat(40), "2".repeat(40), "3".repeat(40));
+    let (s1, s2) = (b64(1), b64(2));
+
+    let a = start(node_config(&scratch, "a", &db, &[&j1], &[&s1]), &clock)
+        .await
+        .expect("node a starts");
+    let old_token = register(&http, &a, "olga").await;
+
+    // Rolling rotation, step one: node b signs with j2 and still accepts j1.
+    let b = start(
+        node_config(&scratch, "b", &db, &[&j2, &j1], &[&s2, &s1]),
+        &clock,
+    )
+    .await
+    .expect("node b joins");
+    assert_eq!(me(&http, &b, &old_token).await, StatusCode::OK);
+    let new_token = register(&http, &b, "nina").await;
+    assert_ne!(kid(&new_token), kid(&old_token));
+    assert_eq!(me(&http, &b, &new_token).await, StatusCode::OK);
+    let nodes = b.app.node.list().await.expect("nodes");
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+    assert!(nodes.iter().all(|n| n.alive));
+
+    // Keys that share nothing with a live node's: refused, naming the setting.
+    let err = start(node_config(&scratch, "c", &db, &[&j3], &[&s1]), &clock)
+        .await
+        .err()
+        .expect("node c is refused");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("share no key") && text.contains("auth.secret_key"),
+        "{text}"
+    );
+    let err = start(node_config(&scratch, "c", &db, &[&j1], &[&b64(9)]), &clock)
+        .await
+        .err()
+        .expect("node c is refused");
+    assert!(format!("{err:#}").contains("secrets.seal_key"), "{err:#}");
+
+    // The local provider never joins a cluster.
+    let mut local = node_config(&scratch, "d", &db, &[&j1], &[&s1]);
+    local.provider.kind = ProviderKind::Local;
+    let err = start(local, &clock)
+        .await
+        .err()
+        .expect("local node is refused");
+    assert!(format!("{err:#}").contains("single-node"), "{err:#}");
+
+    // A node that died without leaving keeps its row; silent past the deadline, it no longer
+    // counts: a node sharing no key with it starts.
+    a.stop().await;
+    b.stop().await;
+    let store = open(&db.url).await;
+    let mut conn = store.get().await.expect("conn");
+    let dead_after = test_config(scratch.path(), "").cluster.dead_after_seconds as i64;
+    let silent = devpocket::clock::to_db(clock.now() - chrono::Duration::seconds(dead_after + 1));
+    let ghost = devpocket::store::nodes::NodeRow {
+        id: uuid::Uuid::new_v4().to_string(),
+        address: "ghost".into(),
+        provider: "contabo".into(),
+        version: "0".into(),
+        started_at: silent,
+        heartbeat_at: silent,
+        draining: false,
+        jwt_keys: devpocket::secrets::fingerprint("jwt", b"a key nobody configured, 40 bytes"),
+        seal_keys: devpocket::secrets::fingerprint("seal", &[9; 32]),
+    };
+    devpocket::store::nodes::reinsert(&mut conn, &ghost)
+        .await
+        .expect("ghost row");
+    let c = start(node_config(&scratch, "c", &db, &[&j3], &[&s1]), &clock)
+        .await
+        .expect("node c starts: the ghost is dead");
+    let nodes = c.app.node.list().await.expect("nodes");
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+    assert!(nodes.iter().any(|n| n.address == "ghost" && !n.alive));
+    c.stop().await;
+    // The same ghost, alive: refused.
+    let alive = devpocket::store::nodes::NodeRow {
+        heartbeat_at: devpocket::clock::to_db(clock.now()),
+        ..ghost
+    };
+    devpocket::store::nodes::reinsert(&mut conn, &alive)
+        .await
+        .expect("ghost row");
+    let err = start(node_config(&scratch, "c", &db, &[&j3], &[&s1]), &clock)
+        .await
+        .err()
+        .expect("refused");
+    assert!(format!("{err:#}").contains("ghost"), "{err:#}");
+}
