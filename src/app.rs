@@ -269,9 +269,11 @@ pub async fn build(
     clock: SharedClock,
 ) -> anyhow::Result<AppState> {
     create_private_dir(&config.server.data_dir)?;
+    let claim = crate::cluster::claim(&config)?;
     let db = open_store(&config).await?;
     let keys = load_keys(&config)?;
-    let node = crate::cluster::Node::join(&config, address, &db, &keys, clock.clone()).await?;
+    let node =
+        crate::cluster::Node::join(&config, claim, address, &db, &keys, clock.clone()).await?;
     match build_on(config, clock, db, keys, node.clone()).await {
         Ok(app) => Ok(app),
         Err(e) => {

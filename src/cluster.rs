@@ -50,8 +50,8 @@ pub struct Node {
     last_heartbeat: Arc<AtomicI64>,
     stop: Mutex<Option<oneshot::Sender<()>>>,
     task: Mutex<Option<JoinHandle<()>>>,
-    /// The locked `node.id`; released by [`Node::leave`] (or when the node is dropped).
-    id_lock: Mutex<Option<File>>,
+    /// The locked files; released by [`Node::leave`] (or when the node is dropped).
+    claim: Mutex<Option<Claim>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -90,6 +90,62 @@ pub fn default_address(config: &Config, addr: std::net::SocketAddr) -> String {
         addr.to_string()
     } else {
         format!("{host}/{addr}")
+    }
+}
+
+/// The files this process holds locked while it serves: its data directory's `node.id`, and for
+/// a SQLite store the lock file next to the database. Released when dropped.
+#[derive(Debug)]
+pub struct Claim {
+    pub id: String,
+    _id_file: File,
+    _store_lock: Option<File>,
+}
+
+/// Take this process's claims before the store is opened (or migrated): the SQLite file (a
+/// second process on it refuses to start: SQLite is single-node) and the data directory.
+pub fn claim(config: &Config) -> anyhow::Result<Claim> {
+    let store_lock = match crate::store::DbUrl::from_config(
+        config.database.url.expose(),
+        &config.server.data_dir,
+    ) {
+        Some(crate::store::DbUrl::Sqlite(path)) => Some(lock_sqlite(&path)?),
+        _ => None,
+    };
+    let (id, id_file) = claim_id(&config.server.data_dir)?;
+    Ok(Claim {
+        id,
+        _id_file: id_file,
+        _store_lock: store_lock,
+    })
+}
+
+/// Lock `<database>.lock` next to a SQLite database, or say which process to stop.
+fn lock_sqlite(db: &Path) -> anyhow::Result<File> {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".lock");
+    let path = std::path::PathBuf::from(name);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "another devpocket process is serving from the SQLite database {} (it holds {}); SQLite is single-node: stop the other process, or move to PostgreSQL (devpocket migrate-store) to run several nodes",
+            db.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
     }
 }
 
@@ -209,16 +265,17 @@ fn rotation_warnings(me: &Joining<'_>, live: &[NodeRow]) {
 }
 
 impl Node {
-    /// Claim this node's id, check that it may join the live nodes, register it and start its
+    /// Check that this node (its [`claim`]) may join the live nodes, register it and start its
     /// heartbeat. `address` is the node's name for humans.
     pub async fn join(
         config: &Config,
+        claim: Claim,
         address: String,
         db: &Db,
         keys: &NodeKeys,
         clock: SharedClock,
     ) -> anyhow::Result<Arc<Self>> {
-        let (id, id_lock) = claim_id(&config.server.data_dir)?;
+        let id = claim.id.clone();
         let now = to_db(clock.now());
         let dead_after = Duration::seconds(config.cluster.dead_after_seconds as i64);
         let jwt_keys = keys.jwt.fingerprints();
@@ -261,7 +318,7 @@ impl Node {
             dead_after,
             stop: Mutex::new(None),
             task: Mutex::new(None),
-            id_lock: Mutex::new(Some(id_lock)),
+            claim: Mutex::new(Some(claim)),
         });
         let (tx, rx) = oneshot::channel();
         let every = StdDuration::from_secs(config.cluster.heartbeat_seconds);
@@ -309,7 +366,7 @@ impl Node {
                 }
             }
         }
-        lock(&self.id_lock).take();
+        lock(&self.claim).take();
     }
 
     /// Every node on this database, as ops see them.
@@ -439,6 +496,17 @@ mod tests {
             err.contains("single-node") && err.contains("node a"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_sqlite_file_is_served_by_one_process() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("sub").join("x.db");
+        let held = lock_sqlite(&db).expect("first");
+        let err = lock_sqlite(&db).expect_err("second");
+        assert!(err.to_string().contains("SQLite is single-node"), "{err}");
+        drop(held);
+        lock_sqlite(&db).expect("free again");
     }
 
     #[test]

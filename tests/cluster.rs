@@ -296,3 +296,167 @@ async fn keys_rotate_across_nodes_and_strangers_are_refused() {
         .expect("refused");
     assert!(format!("{err:#}").contains("ghost"), "{err:#}");
 }
+
+/// What became of a `devpocket serve` child: listening (and killed when dropped), or exited with
+/// its log.
+enum Child {
+    Serving(Served),
+    Exited(std::process::ExitStatus, String),
+}
+
+struct Served {
+    child: std::process::Child,
+    base: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Served {
+    /// SIGTERM, then whether it exited with success (bounded wait).
+    fn stop(mut self) -> bool {
+        let pid = self.child.id().to_string();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+        for _ in 0..300 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+}
+
+/// Start the built binary in `dir` with only PATH and `vars`; wait (60 s at most) until it says
+/// where it listens, or exits.
+fn serve(dir: &std::path::Path, vars: &[(&str, &str)]) -> Child {
+    use std::io::BufRead;
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_devpocket"))
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DEVPOCKET_SERVER__BIND", "127.0.0.1:0")
+        .env("DEVPOCKET_LOCAL__WORKSPACES_DIR", dir.join("workspaces"))
+        .env("DEVPOCKET_LOG__FORMAT", "json")
+        .envs(vars.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("devpocket starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel::<Result<String, String>>();
+    // Keeps draining the log so the server never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        let mut log = String::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(entry) = serde_json::from_str::<Value>(&line)
+                && entry["message"] == "DevPocket server listening"
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(Ok(entry["addr"].as_str().unwrap_or("").to_string()));
+            }
+            log.push_str(&line);
+            log.push('\n');
+        }
+        if let Some(tx) = tx.take() {
+            let _ = tx.send(Err(log));
+        }
+    });
+    match rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the server listens or exits")
+    {
+        Ok(addr) => Child::Serving(Served {
+            child,
+            base: format!("http://{addr}"),
+        }),
+        Err(log) => {
+            let status = child.wait().expect("exit status");
+            Child::Exited(status, log)
+        }
+    }
+}
+
+fn serving(child: Child) -> Served {
+    match child {
+        Child::Serving(s) => s,
+        Child::Exited(status, log) => panic!("exited with {status}: {log}"),
+    }
+}
+
+/// The refusal a child exited with (fails if it serves instead).
+fn refusal(child: Child) -> String {
+    match child {
+        Child::Serving(s) => panic!("{} serves, but should have refused to start", s.base),
+        Child::Exited(status, log) => {
+            assert!(!status.success(), "{log}");
+            log
+        }
+    }
+}
+
+/// Two processes on one SQLite file: the second refuses to start and says why, whether it shares
+/// the first one's data dir or only names its database file; once the first stops, it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_on_one_sqlite_file_refuses_to_start() {
+    let scratch = Scratch::new();
+    let first_dir = scratch.path().join("first");
+    let first = serving(serve(&first_dir, &[]));
+    let resp = reqwest::get(format!("{}/health/ready", first.base))
+        .await
+        .expect("ready");
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    let log = refusal(serve(&first_dir, &[]));
+    assert!(log.contains("SQLite is single-node"), "{log}");
+    let db = format!(
+        "sqlite://{}",
+        first_dir.join("data").join("devpocket.db").display()
+    );
+    let second_dir = scratch.path().join("second");
+    let log = refusal(serve(&second_dir, &[("DEVPOCKET_DATABASE__URL", &db)]));
+    assert!(
+        log.contains("another devpocket process is serving from the SQLite database"),
+        "{log}"
+    );
+    // Another data dir with its own database is another single node: fine.
+    let other = serving(serve(&second_dir, &[]));
+    assert!(other.stop());
+
+    assert!(first.stop(), "SIGTERM ends it cleanly");
+    let again = serving(serve(&second_dir, &[("DEVPOCKET_DATABASE__URL", &db)]));
+    assert!(again.stop());
+}
+
+/// The local provider is single-node: a second local-provider process on the same PostgreSQL
+/// database refuses to start while the first is alive, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_provider_node_refuses_to_join_a_cluster() {
+    if !support::postgres_configured() {
+        eprintln!("skipped: set {} to run on PostgreSQL", support::PG_ENV);
+        return;
+    }
+    let scratch = Scratch::new();
+    let db = TestDb::create(Backend::Postgres, scratch.path()).await;
+    let vars = [("DEVPOCKET_DATABASE__URL", db.url.as_str())];
+    let first = serving(serve(&scratch.path().join("a"), &vars));
+    let log = refusal(serve(&scratch.path().join("b"), &vars));
+    assert!(log.contains("is single-node"), "{log}");
+    assert!(log.contains("cannot join"), "{log}");
+    assert!(first.stop());
+    // Alone again (the first left on SIGTERM), the second starts.
+    let second = serving(serve(&scratch.path().join("b"), &vars));
+    assert!(second.stop());
+}
