@@ -121,7 +121,7 @@ pub fn claim(config: &Config) -> anyhow::Result<Claim> {
 }
 
 /// Lock `<database>.lock` next to a SQLite database, or say which process to stop.
-fn lock_sqlite(db: &Path) -> anyhow::Result<File> {
+pub fn lock_sqlite(db: &Path) -> anyhow::Result<File> {
     let mut name = db.as_os_str().to_owned();
     name.push(".lock");
     let path = std::path::PathBuf::from(name);

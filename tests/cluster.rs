@@ -460,3 +460,99 @@ async fn a_local_provider_node_refuses_to_join_a_cluster() {
     let second = serving(serve(&scratch.path().join("b"), &vars));
     assert!(second.stop());
 }
+
+/// `devpocket migrate-store`: a SQLite store filled through the real server (accounts, running
+/// local environments with their sealed keys) is copied into an empty PostgreSQL database; the
+/// server started on PostgreSQL (same data dir, so the same keys) logs every account in, shows
+/// every environment running and opens a terminal with a sealed key that came across. A second
+/// copy into the now filled database is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_store_moves_every_account_and_environment() {
+    if !support::postgres_configured() {
+        eprintln!("skipped: set {} to run on PostgreSQL", support::PG_ENV);
+        return;
+    }
+    let mut s = TestServer::start_with(Backend::Sqlite, |c| c.local.shared_account = true).await;
+    let mut owned: Vec<(String, Vec<String>)> = Vec::new();
+    for (name, envs) in [("ann", 2), ("ben", 1), ("cal", 0)] {
+        let me = s.register(name).await;
+        if envs > 1 {
+            s.make_plan(name, devpocket::store::users::Plan::Pro).await;
+        }
+        let mut ids = Vec::new();
+        for i in 0..envs {
+            ids.push(support::terminal::running_env(&s, &me, &format!("{name}-{i}")).await);
+        }
+        owned.push((name.to_string(), ids));
+    }
+    let sqlite_url = s.db.url.clone();
+    s.server.take().expect("running").stop().await;
+
+    let pg = TestDb::create(Backend::Postgres, s.data_dir().as_path()).await;
+    let copy = |to: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_devpocket"))
+            .args(["migrate-store", "--from", &sqlite_url])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DEVPOCKET_MIGRATE_TO", to)
+            .output()
+            .expect("migrate-store runs")
+    };
+    let out = copy(&pg.url);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("users: 3 rows") && text.contains("environments: 3 rows"),
+        "{text}"
+    );
+    let out = copy(&pg.url);
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "a filled database is refused");
+    assert!(text.contains("not empty"), "{text}");
+
+    // The same node, moved to PostgreSQL.
+    let mut config = s.config.clone();
+    config.database.url = Secret::new(pg.url.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    s.server = Some(
+        start_on(listener, config.clone(), s.clock.clone())
+            .await
+            .expect("starts on PostgreSQL"),
+    );
+    s.config = config;
+    s.db = std::sync::Arc::new(pg);
+    let mut terminal_checked = false;
+    for (name, ids) in &owned {
+        let (status, body) = s.login(name, support::PASSWORD).await;
+        assert_eq!(status, StatusCode::OK, "{name}: {body}");
+        let me = support::Session::from_auth(&body);
+        let (status, list) = s.get("/api/v1/environments", me.token()).await;
+        assert_eq!(status, StatusCode::OK, "{list}");
+        let listed: Vec<&str> = list
+            .as_array()
+            .or_else(|| list["environments"].as_array())
+            .expect("a list")
+            .iter()
+            .filter_map(|e| e["id"].as_str())
+            .collect();
+        for id in ids {
+            assert!(listed.contains(&id.as_str()), "{name} misses {id}: {list}");
+            s.wait_status(&me, id, "running").await;
+            if !terminal_checked {
+                let (mut ws, _) = support::terminal::open_terminal(&s, &me, id, "").await;
+                support::terminal::input(&mut ws, "echo moved-$((40+2))\r").await;
+                support::terminal::read_until(&mut ws, "moved-42").await;
+                terminal_checked = true;
+            }
+        }
+        assert_eq!(listed.len(), ids.len(), "{list}");
+    }
+    // New rows get fresh ids after the copied ones (sequences moved past them).
+    let newcomer = s.register("dan").await;
+    support::terminal::running_env(&s, &newcomer, "dan-0").await;
+    s.stop().await;
+}
