@@ -17,7 +17,8 @@ use tokio::net::TcpListener;
 
 on_both_backends!(
     nodes_register_heartbeat_and_leave,
-    readiness_fails_without_the_database
+    readiness_fails_without_the_database,
+    sealed_values_and_tokens_survive_a_key_rotation,
 );
 
 /// The nodes of the ops view, polled until `check` holds (bounded by the dead-after deadline
@@ -120,6 +121,68 @@ async fn readiness_fails_without_the_database(backend: Backend) {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(body["code"], "not_ready");
     assert_eq!(body["checks"]["database"], "unhealthy", "{body}");
+    s.stop().await;
+}
+
+/// The sealed SSH key of an environment, as stored.
+async fn sealed_key_of(s: &TestServer, id: &str) -> String {
+    let mut conn = s.running().app.db.get().await.expect("conn");
+    devpocket::store::environments::get(&mut conn, id)
+        .await
+        .expect("query")
+        .expect("environment")
+        .ssh_private_key
+}
+
+/// Configured keys rotate on a restart: the environment sealed under the old key still opens a
+/// terminal and the old access token still works; what is made afterwards names the new keys.
+async fn sealed_values_and_tokens_survive_a_key_rotation(backend: Backend) {
+    let (j1, j2) = ("a".repeat(40), "b".repeat(40));
+    let (s1, s2) = (b64(1), b64(2));
+    let mut s = TestServer::start_with(backend, |c| {
+        c.auth.secret_key = Secret::new(j1.clone());
+        c.secrets.seal_key = Secret::new(s1.clone());
+    })
+    .await;
+    let me = s.register("rita").await;
+    s.make_plan("rita", devpocket::store::users::Plan::Pro)
+        .await;
+    let old_env = support::terminal::running_env(&s, &me, "before").await;
+    let old_kid = devpocket::secrets::key_id("seal", &[1; 32]);
+    let sealed = sealed_key_of(&s, &old_env).await;
+    assert!(
+        sealed.starts_with(&format!("sealed:v2:{old_kid}:")),
+        "{sealed}"
+    );
+
+    s.config.auth.secret_key = Secret::new(j2.clone());
+    s.config.auth.previous_secret_keys = vec![Secret::new(j1.clone())];
+    s.config.secrets.seal_key = Secret::new(s2.clone());
+    s.config.secrets.previous_seal_keys = vec![Secret::new(s1.clone())];
+    let s = s.restart().await;
+    let (status, body) = s.get("/api/v1/auth/me", me.token()).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the old token still verifies: {body}"
+    );
+    s.wait_status(&me, &old_env, "running").await;
+    let (mut ws, _) = support::terminal::open_terminal(&s, &me, &old_env, "").await;
+    support::terminal::input(&mut ws, "echo still-$((6*7))\r").await;
+    support::terminal::read_until(&mut ws, "still-42").await;
+    drop(ws);
+
+    let new_env = support::terminal::running_env(&s, &me, "after").await;
+    let new_kid = devpocket::secrets::key_id("seal", &[2; 32]);
+    let sealed = sealed_key_of(&s, &new_env).await;
+    assert!(
+        sealed.starts_with(&format!("sealed:v2:{new_kid}:")),
+        "{sealed}"
+    );
+    let (status, body) = s.login("rita", support::PASSWORD).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let token = body["access_token"].as_str().expect("token");
+    assert_eq!(kid(token), devpocket::secrets::key_id("jwt", j2.as_bytes()));
     s.stop().await;
 }
 
