@@ -124,6 +124,18 @@ async fn readiness_fails_without_the_database(backend: Backend) {
     s.stop().await;
 }
 
+/// Wait until the environment's actor has resumed it after a restart (running in the ops tree).
+async fn resumed(s: &TestServer, env: &str) {
+    let ops = match s.login("ops", support::PASSWORD).await {
+        (StatusCode::OK, body) => support::Session::from_auth(&body),
+        _ => s.admin("ops").await,
+    };
+    s.wait_actor(&ops, &format!("environment:{env}"), |n| {
+        n["status"] == "running"
+    })
+    .await;
+}
+
 /// The sealed SSH key of an environment, as stored.
 async fn sealed_key_of(s: &TestServer, id: &str) -> String {
     let mut conn = s.running().app.db.get().await.expect("conn");
@@ -166,7 +178,7 @@ async fn sealed_values_and_tokens_survive_a_key_rotation(backend: Backend) {
         StatusCode::OK,
         "the old token still verifies: {body}"
     );
-    s.wait_status(&me, &old_env, "running").await;
+    resumed(&s, &old_env).await;
     let (mut ws, _) = support::terminal::open_terminal(&s, &me, &old_env, "").await;
     support::terminal::input(&mut ws, "echo still-$((6*7))\r").await;
     support::terminal::read_until(&mut ws, "still-42").await;
@@ -604,7 +616,7 @@ async fn migrate_store_moves_every_account_and_environment() {
             .collect();
         for id in ids {
             assert!(listed.contains(&id.as_str()), "{name} misses {id}: {list}");
-            s.wait_status(&me, id, "running").await;
+            resumed(&s, id).await;
             if !terminal_checked {
                 let (mut ws, _) = support::terminal::open_terminal(&s, &me, id, "").await;
                 support::terminal::input(&mut ws, "echo moved-$((40+2))\r").await;
