@@ -47,6 +47,8 @@ pub struct App {
     /// derived from the seal key, so it opens nothing the environments sealed.
     pub session_sealer: Sealer,
     pub ws_connections: Arc<crate::http::ws::ConnectionCounts>,
+    /// Terminals this node may run at once (`terminals.max_terminals_per_node`).
+    pub terminal_slots: Arc<tokio::sync::Semaphore>,
     pub started_at: DateTime<Utc>,
     /// This process in the nodes table (heartbeat, the node list for ops).
     pub node: Arc<crate::cluster::Node>,
@@ -351,6 +353,9 @@ async fn build_on(
         session_sealer,
         ws_connections: Arc::default(),
         node,
+        terminal_slots: Arc::new(tokio::sync::Semaphore::new(
+            config.terminals.max_terminals_per_node,
+        )),
         actors,
         db,
         clock,

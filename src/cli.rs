@@ -263,11 +263,37 @@ fn render_template(name: &str, dir: Option<&Path>) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    raise_open_file_limit();
     let server = app::start(config, Arc::new(SystemClock)).await?;
     shutdown_signal().await;
     tracing::info!("shutting down: draining requests");
     server.stop().await;
     Ok(())
+}
+
+/// Every terminal costs the server a few descriptors (its WebSocket, its SSH connection, on the
+/// local provider the PTY and the SSH server's end), so the default soft limit of 1024 caps a
+/// node near 250 terminals. Raise the soft `RLIMIT_NOFILE` to the hard limit, as servers
+/// such as nginx (`worker_rlimit_nofile`) and OpenSSH's sshd do, and say so.
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current >= limit.maximum {
+        return;
+    }
+    let raised = rustix::process::Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    let shown = |v: Option<u64>| v.map_or_else(|| "unlimited".to_owned(), |v| v.to_string());
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => tracing::info!(
+            from = %shown(limit.current),
+            to = %shown(limit.maximum),
+            "raised the open-file limit (RLIMIT_NOFILE) to its hard limit"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit (RLIMIT_NOFILE)"),
+    }
 }
 
 async fn shutdown_signal() {

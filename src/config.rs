@@ -231,12 +231,26 @@ pub struct TerminalsConfig {
     /// window to open) before the pending input is dropped and the client told; bounds what a
     /// remote that stops reading can hold up.
     pub write_timeout_seconds: u64,
+    /// Largest screen (columns × rows) a terminal keeps a server-side model of (see
+    /// `terminal::screen`): 32 bytes per cell, twice with a full-screen program, so the default
+    /// 40,000 cells bound it at 2.5 MiB per terminal (an 80×24 phone uses 60 KiB). Above it a
+    /// terminal keeps no model and repaints fall back to tmux; 0 turns the model off.
+    pub screen_max_cells: usize,
+    /// Terminals this node runs at once, over all users. Each holds a few descriptors (the
+    /// WebSocket, its SSH connection, on the local provider a PTY and the SSH server's end) and
+    /// its ring and screen; past this a new terminal is refused at once with close code 1013
+    /// `Server busy, try again` (re-attaching to a live one is never refused).
+    pub max_terminals_per_node: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalConfig {
     pub ssh_port: u16,
+    /// Connections the local SSH server serves at once (a terminal or an environment's metrics
+    /// sampler holds one each); past it new ones are closed at once rather than queued, so a
+    /// terminal at capacity fails fast instead of timing out.
+    pub max_ssh_connections: usize,
     pub shell: PathBuf,
     /// Root of the environments' workspaces (each one an account's home), outside the data dir.
     /// Empty: `/var/lib/devpocket-workspaces` when the server runs as root, `./workspaces`
@@ -581,6 +595,12 @@ impl Config {
             || self.provider.poll_max_ms < self.provider.poll_initial_ms
         {
             p.push("provider.poll_initial_ms / poll_max_ms: need 0 < initial <= max".into());
+        }
+        if self.terminals.max_terminals_per_node == 0 || self.local.max_ssh_connections == 0 {
+            p.push(
+                "terminals.max_terminals_per_node and local.max_ssh_connections: must be at least 1"
+                    .into(),
+            );
         }
         if self.terminals.ring_bytes < 1024 || self.terminals.max_connections_per_user == 0 {
             p.push(

@@ -334,6 +334,75 @@ async fn without_root_the_local_provider_serves_one_account_unless_shared() {
     assert!(server.stop());
 }
 
+/// Started with a low open-file soft limit (as many shells and service managers leave it),
+/// `serve` raises it to the hard limit and says so in its log.
+#[test]
+fn serve_raises_its_open_file_limit_and_says_so() {
+    use std::io::BufRead;
+    let hard = String::from_utf8(
+        Command::new("sh")
+            .args(["-c", "ulimit -Hn"])
+            .output()
+            .expect("ulimit")
+            .stdout,
+    )
+    .expect("utf-8");
+    let hard = hard.trim().to_owned();
+    if hard == "unlimited" || hard.parse::<u64>().is_ok_and(|h| h <= 256) {
+        return; // nothing to raise to on this host
+    }
+    let dir = support::Scratch::new();
+    let mut child = Command::new("prlimit")
+        .arg(format!("--nofile=256:{hard}"))
+        .arg(env!("CARGO_BIN_EXE_devpocket"))
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DEVPOCKET_SERVER__BIND", "127.0.0.1:0")
+        .env(
+            "DEVPOCKET_LOCAL__WORKSPACES_DIR",
+            dir.path().join("workspaces"),
+        )
+        .env("DEVPOCKET_LOG__FORMAT", "json")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("prlimit devpocket starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            if line.contains("raised the open-file limit")
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let said = rx.recv_timeout(std::time::Duration::from_secs(60));
+    // prlimit execs the server: the pid is the server's.
+    let limits =
+        std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap_or_default();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let line = said.expect("the log says the limit was raised");
+    let entry: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+    assert_eq!(entry["from"], "256", "{line}");
+    assert_eq!(entry["to"], hard.as_str(), "{line}");
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("limits line");
+    let fields: Vec<&str> = open_files.split_whitespace().collect();
+    assert_eq!(fields[3], hard, "soft limit raised: {open_files}");
+    assert_eq!(fields[4], hard, "{open_files}");
+}
+
 async fn newcomer(http: &reqwest::Client, base: &str, name: &str) -> String {
     let (status, body) = send(
         http.post(format!("{base}/api/v1/auth/register"))

@@ -4,6 +4,8 @@
 
 mod support;
 
+use std::num::NonZeroU16;
+
 use futures_util::SinkExt;
 use serde_json::Value;
 use support::terminal::{
@@ -18,6 +20,9 @@ on_both_backends!(
     a_resume_from_another_address_works,
     invalid_messages_are_refused_and_split_emoji_arrive_whole,
     a_malformed_query_parameter_is_named_not_blamed_on_the_token,
+    lost_output_is_repainted_exactly_from_the_server_screen,
+    a_reattach_without_offset_is_painted_by_the_server_and_terminals_are_listed,
+    a_node_at_capacity_refuses_new_terminals_at_once_and_plainly,
 );
 
 /// The terminals a session holds, as ops see them.
@@ -237,5 +242,253 @@ async fn a_malformed_query_parameter_is_named_not_blamed_on_the_token(backend: B
     )
     .await;
     assert_eq!(close_of(&mut history).await.0, 1000);
+    s.stop().await;
+}
+
+/// A client-side terminal emulator (the app's xterm.js, here `vt100`).
+fn emulator(cols: u16, rows: u16) -> vt100::Parser {
+    vt100::Parser::new(
+        NonZeroU16::new(rows).expect("rows"),
+        NonZeroU16::new(cols).expect("cols"),
+        0,
+    )
+}
+
+/// Feed output frames into `screen` until the stream reaches `offset`; returns where it is.
+async fn feed_until(ws: &mut Ws, screen: &mut vt100::Parser, mut at: u64, offset: u64) -> u64 {
+    while at < offset {
+        let frame = next_json(ws).await.expect("output before close");
+        if frame["type"] == "output" {
+            screen.process(frame["data"].as_str().expect("data").as_bytes());
+            at = frame["offset"].as_u64().expect("offset");
+        }
+    }
+    at
+}
+
+/// The environment's terminals as `GET /environments/{id}/terminals` lists them.
+async fn listed(s: &TestServer, me: &Session, env: &str) -> Vec<Value> {
+    let (status, body) = s
+        .get(
+            &format!("/api/v1/environments/{env}/terminals"),
+            Some(&me.access),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body.as_array().expect("an array of terminals").clone()
+}
+
+/// Read `ws` into `screen` until the terminal is quiet: the stream has reached the offset the
+/// server lists for it, twice in a row. Returns that offset.
+async fn settle(
+    s: &TestServer,
+    me: &Session,
+    env: &str,
+    ws: &mut Ws,
+    screen: &mut vt100::Parser,
+    mut at: u64,
+) -> u64 {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "never quiet");
+        let server = listed(s, me, env).await[0]["offset"]
+            .as_u64()
+            .expect("offset");
+        at = feed_until(ws, screen, at, server).await;
+        if at == server && listed(s, me, env).await[0]["offset"] == server {
+            return at;
+        }
+    }
+}
+
+fn same_screen(seen: &vt100::Screen, painted: &vt100::Screen) {
+    assert_eq!(seen.contents(), painted.contents());
+    assert_eq!(seen.cursor_position(), painted.cursor_position());
+    assert_eq!(seen.alternate_screen(), painted.alternate_screen());
+    assert_eq!(seen.hide_cursor(), painted.hide_cursor());
+    let (rows, cols) = seen.size();
+    for r in 0..rows.get() {
+        for c in 0..cols.get() {
+            assert_eq!(seen.cell(r, c), painted.cell(r, c), "cell {r},{c}");
+        }
+    }
+}
+
+/// A resume whose bytes have left the ring gets the screen painted by the server: cell for cell
+/// (text, colours, cursor) what a client that saw every byte shows.
+async fn lost_output_is_repainted_exactly_from_the_server_screen(backend: Backend) {
+    let s = TestServer::start_with(backend, |c| c.terminals.ring_bytes = 4096).await;
+    let me = s.register("painter").await;
+    let env = running_env(&s, &me, "canvas").await;
+    let (cols, rows) = (70u16, 18u16);
+    let (mut ws, welcome) =
+        open_terminal(&s, &me, &env, &format!("&cols={cols}&rows={rows}")).await;
+    let tid = welcome["terminal_id"].as_str().expect("id").to_string();
+    // A client that sees every byte (a new terminal streams from its first byte).
+    let mut seen = emulator(cols, rows);
+    // No status line: tmux would redraw its clock at any time.
+    input(&mut ws, "tmux set -g status off; clear\r").await;
+    input(
+        &mut ws,
+        "seq 1 2500 | tr '\\n' ' '; printf '\\n\\033[1;31mred\\033[0m \\033[4mdone-%s\\033[0m\\n' $((6*7))\r",
+    )
+    .await;
+    let mut at = 0;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !seen.screen().contents().contains("done-42") {
+        assert!(tokio::time::Instant::now() < deadline, "never saw done-42");
+        at = feed_until(&mut ws, &mut seen, at, at + 1).await;
+    }
+    let at = settle(&s, &me, &env, &mut ws, &mut seen, at).await;
+    assert!(at > 4096, "the ring (4 KiB) has lost the start: {at}");
+    drop(ws);
+
+    let (mut ws, welcome) = open_terminal(
+        &s,
+        &me,
+        &env,
+        &format!("&terminal_id={tid}&offset=1&cols={cols}&rows={rows}"),
+    )
+    .await;
+    assert_eq!(welcome["terminal_id"], tid.as_str());
+    let notice = next_json(&mut ws).await.expect("notice");
+    assert_eq!(notice["type"], "info", "{notice}");
+    let repaint = next_json(&mut ws).await.expect("repaint");
+    assert_eq!(repaint["type"], "output", "{repaint}");
+    assert_eq!(repaint["offset"], at, "painted as of the end of the stream");
+    let mut painted = emulator(cols, rows);
+    painted.process(repaint["data"].as_str().expect("data").as_bytes());
+    same_screen(seen.screen(), painted.screen());
+    assert!(painted.screen().contents().contains("done-42"));
+    let red = painted
+        .screen()
+        .rows(0, cols)
+        .position(|r| r.starts_with("red done-42"))
+        .expect("the red line") as u16;
+    assert_eq!(
+        painted.screen().cell(red, 0).expect("cell").fgcolor(),
+        vt100::Color::Idx(1)
+    );
+    assert!(painted.screen().cell(red, 0).expect("cell").bold());
+    assert!(painted.screen().cell(red, 4).expect("cell").underline());
+    s.stop().await;
+}
+
+/// The app's reconnect (no terminal id, nothing on its screen) gets the screen from the server
+/// right after the welcome; `GET /environments/{id}/terminals` shows it as text, to its owner
+/// only.
+async fn a_reattach_without_offset_is_painted_by_the_server_and_terminals_are_listed(
+    backend: Backend,
+) {
+    let s = TestServer::start(backend).await;
+    let me = s.register("glancer").await;
+    let other = s.register("neighbour").await;
+    let env = running_env(&s, &me, "glance").await;
+    assert!(listed(&s, &me, &env).await.is_empty(), "none yet");
+    let (mut ws, welcome) = open_terminal(&s, &me, &env, "&cols=64&rows=20").await;
+    let tid = welcome["terminal_id"].as_str().expect("id").to_string();
+    input(&mut ws, "echo shown-$((40+2))\r").await;
+    read_until(&mut ws, "shown-42").await;
+
+    let list = listed(&s, &me, &env).await;
+    assert_eq!(list.len(), 1, "{list:?}");
+    let t = &list[0];
+    assert_eq!(t["terminal_id"], tid.as_str());
+    assert_eq!(t["attached"], true);
+    assert_eq!(
+        (t["cols"].as_u64(), t["rows"].as_u64()),
+        (Some(64), Some(20))
+    );
+    let text = t["screen"].as_str().expect("screen text");
+    assert!(text.contains("shown-42"), "{text:?}");
+    assert!(!text.contains('\x1b'), "plain text: {text:?}");
+    let (status, body) = s
+        .get(
+            &format!("/api/v1/environments/{env}/terminals"),
+            Some(&other.access),
+        )
+        .await;
+    assert_eq!(status, 404, "another user's environment: {body}");
+
+    drop(ws);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while listed(&s, &me, &env).await[0]["attached"] != false {
+        assert!(tokio::time::Instant::now() < deadline, "never detached");
+        tokio::task::yield_now().await;
+    }
+    let (mut ws, welcome) = open_terminal(&s, &me, &env, "&cols=64&rows=20").await;
+    assert_eq!(welcome["terminal_id"], tid.as_str(), "re-attached");
+    let repaint = next_json(&mut ws).await.expect("repaint");
+    assert_eq!(repaint["type"], "output", "{repaint}");
+    let data = repaint["data"].as_str().expect("data");
+    assert!(
+        data.starts_with("\u{1b}[?1049"),
+        "painted by the server, not redrawn by tmux: {data:?}"
+    );
+    let mut painted = emulator(64, 20);
+    painted.process(data.as_bytes());
+    assert!(painted.screen().contents().contains("shown-42"));
+    s.stop().await;
+}
+
+/// At `terminals.max_terminals_per_node` a new terminal is refused at once with 1013 and a plain
+/// reason (another user's, so no per-user or per-session cap is involved); re-attaching to the
+/// live one still works, and its end frees the slot.
+async fn a_node_at_capacity_refuses_new_terminals_at_once_and_plainly(backend: Backend) {
+    let s = TestServer::start_with(backend, |c| c.terminals.max_terminals_per_node = 1).await;
+    let me = s.register("first").await;
+    let late = s.register("second").await;
+    let env = running_env(&s, &me, "only").await;
+    let other_env = running_env(&s, &late, "wanted").await;
+    let (mut ws, welcome) = open_terminal(&s, &me, &env, "").await;
+    let tid = welcome["terminal_id"].as_str().expect("id").to_string();
+    input(&mut ws, "echo held-$((3*3))\r").await;
+    let (_, offset) = read_until(&mut ws, "held-9").await;
+
+    let mut refused = support::terminal::connect(
+        &s,
+        &format!("/api/v1/ws/terminal/{other_env}?token={}", late.access),
+    )
+    .await;
+    let (code, reason) = close_of(&mut refused).await;
+    assert_eq!((code, reason.as_str()), (1013, "Server busy, try again"));
+
+    drop(ws);
+    let (mut ws, welcome) = open_terminal(
+        &s,
+        &me,
+        &env,
+        &format!("&terminal_id={tid}&offset={offset}"),
+    )
+    .await;
+    assert_eq!(
+        welcome["terminal_id"],
+        tid.as_str(),
+        "re-attaching is never refused"
+    );
+    // The shell exits: the terminal ends and its slot is free again.
+    input(&mut ws, "exit\r").await;
+    assert_eq!(close_of(&mut ws).await.0, 1000);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let mut ws = support::terminal::connect(
+            &s,
+            &format!("/api/v1/ws/terminal/{other_env}?token={}", late.access),
+        )
+        .await;
+        let first = next_json(&mut ws).await;
+        if first.as_ref().is_some_and(|f| f["type"] == "info") {
+            assert_eq!(
+                next_json(&mut ws).await.expect("welcome")["type"],
+                "welcome"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot never came back"
+        );
+        tokio::task::yield_now().await;
+    }
     s.stop().await;
 }

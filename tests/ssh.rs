@@ -45,6 +45,10 @@ struct Fixture {
 
 impl Fixture {
     async fn start() -> Self {
+        Self::start_limited(devpocket::ssh::server::MAX_CONNECTIONS).await
+    }
+
+    async fn start_limited(max_connections: usize) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let workdir = dir.path().canonicalize().expect("canonical tempdir");
         let host = generate_ed25519();
@@ -60,7 +64,7 @@ impl Fixture {
             ),
         };
         let bind: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-        let server = LocalSshServer::start(bind, host, Arc::new(auth))
+        let server = LocalSshServer::start_with_limit(bind, host, Arc::new(auth), max_connections)
             .await
             .expect("server starts");
         Self {
@@ -548,6 +552,38 @@ async fn read_after_marker(seen: &str, pty: &mut PtySession) -> String {
             other => panic!("{other:?} while reading pids; output: {text:?}"),
         }
     }
+}
+
+/// At its connection limit the local SSH server closes a new connection at once: the client
+/// fails fast with a plain error, never waits out its connect timeout; a freed slot serves again.
+#[tokio::test]
+async fn a_server_at_capacity_refuses_at_once() {
+    let f = Fixture::start_limited(1).await;
+    let first = f.client().await;
+    let mut patient = f.target();
+    patient.connect_timeout = Duration::from_secs(120);
+    let refused = tokio::time::timeout(WAIT, SshClient::connect(&patient))
+        .await
+        .expect("refused well before the connect timeout");
+    assert!(
+        matches!(refused, Err(SshError::Connect(_) | SshError::Closed)),
+        "{refused:?}"
+    );
+    first.disconnect().await;
+    drop(first);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match SshClient::connect(&f.target()).await {
+            Ok(again) => {
+                let out = within(again.exec("echo again", 64)).await.expect("exec");
+                assert_eq!(out.stdout, b"again\n");
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "never served again: {e}"),
+        }
+        tokio::task::yield_now().await;
+    }
+    f.server.stop().await;
 }
 
 #[tokio::test]

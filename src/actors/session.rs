@@ -47,6 +47,9 @@ pub struct TerminalRequest {
     /// Terminals (attached or in their grace period) this session may hold at once; each holds
     /// an SSH connection and an output ring.
     pub max_terminals: usize,
+    /// This node's terminal slots (`terminals.max_terminals_per_node`): a new terminal takes one
+    /// for its lifetime; none left is an immediate [`OpenError::Busy`].
+    pub node_slots: Arc<tokio::sync::Semaphore>,
     /// The size the client asked for (`cols` and `rows` both given): applied on resume too.
     pub size: Option<(u32, u32)>,
 }
@@ -171,9 +174,15 @@ impl SessionState {
             let _ = reply.send(Err(OpenError::TooMany(held)));
             return;
         }
+        let Ok(slot) = request.node_slots.clone().try_acquire_owned() else {
+            tracing::warn!("terminal refused: this node is at terminals.max_terminals_per_node");
+            let _ = reply.send(Err(OpenError::Busy));
+            return;
+        };
         self.opening += 1;
         let expired = request.terminal_id.is_some();
-        let args = request.args;
+        let mut args = request.args;
+        args.slot = Some(slot);
         let stats = args.stats.clone();
         let terminal_id = args.terminal_id.clone();
         let directory = args.directory.clone();
@@ -203,7 +212,13 @@ impl SessionState {
                         actor: None,
                         stats,
                     });
-                    let _ = reply.send(Err(OpenError::Failed(anyhow::anyhow!("{e}"))));
+                    // The terminal's own reason, not ractor's wrapper ("Actor panicked during
+                    // startup"): the client sees it.
+                    let reason = match e {
+                        ractor::SpawnErr::StartupFailed(inner) => inner.to_string(),
+                        other => other.to_string(),
+                    };
+                    let _ = reply.send(Err(OpenError::Failed(anyhow::anyhow!("{reason}"))));
                     return;
                 }
             };

@@ -38,6 +38,7 @@ use crate::protocol::{EnvironmentInfo, EnvironmentStatus, ServerFrame, StreamFra
 use crate::ssh::client::{PtyReader, PtySession, PtyWriter, SshClient, SshTarget};
 use crate::terminal::coalesce::{Batch, Coalescer};
 use crate::terminal::output::{Replay, Ring, incomplete_tail};
+use crate::terminal::screen::{ScreenModel, ScreenSnapshot};
 
 /// Frames queued for one WebSocket before the channel task waits (the backpressure bound).
 pub const CLIENT_QUEUE: usize = 64;
@@ -131,6 +132,8 @@ pub enum TerminalMsg {
     },
     /// The environment changed status.
     EnvironmentStatus(EnvironmentStatus),
+    /// What the terminal shows now (for `GET /environments/{id}/terminals`).
+    Snapshot(RpcReplyPort<TerminalSnapshot>),
     Close {
         code: u16,
         reason: String,
@@ -149,12 +152,64 @@ pub struct TerminalArgs {
     pub reconnect_attempts: u32,
     /// How long one piece of input may wait for the remote to read it (see the module doc).
     pub write_timeout: Duration,
+    /// The bound of the server-side screen model, in cells (see [`ScreenModel`]).
+    pub screen_max_cells: usize,
     pub feed: Option<broadcast::Receiver<EnvUpdate>>,
     pub stats: Arc<Stats>,
     pub directory: crate::actors::directory::Directory,
     pub directory_id: String,
+    /// This terminal's slot of the node's capacity, held for its lifetime.
+    pub slot: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Called once when the terminal ends, with the bytes in and out (for the audit trail).
     pub on_close: Option<Box<dyn FnOnce(u64, u64) + Send + Sync>>,
+}
+
+/// One live terminal as `GET /api/v1/environments/{id}/terminals` lists it (API.md:
+/// `{terminal_id, cols, rows, attached, created_at, screen}` plus `offset`, `cursor` and
+/// `alternate_screen`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TerminalSnapshot {
+    pub terminal_id: String,
+    pub cols: u16,
+    pub rows: u16,
+    /// Whether a WebSocket holds it now (otherwise it is within its grace period).
+    pub attached: bool,
+    /// When it started (RFC 3339 UTC).
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// The visible screen as plain text (see [`ScreenSnapshot::text`]); null while the screen
+    /// is above `terminals.screen_max_cells`.
+    pub screen: Option<String>,
+    /// Zero-based `[row, col]` of the cursor.
+    pub cursor: [u16; 2],
+    /// Whether a full-screen program has the alternate screen.
+    pub alternate_screen: bool,
+    /// Output bytes since it started (the offset a client resumes from).
+    pub offset: u64,
+}
+
+/// The process group (ractor `pg`, scope [`TERMINALS_SCOPE`], group = environment id) every
+/// terminal of an environment joins, so its terminals can be listed whatever session holds them.
+pub const TERMINALS_SCOPE: &str = "terminals";
+
+/// Snapshots of the live terminals of `environment_id` on this node, each asked within `wait`
+/// (a terminal that does not answer in time is left out).
+pub async fn snapshots(environment_id: &str, wait: Duration) -> Vec<TerminalSnapshot> {
+    let members =
+        ractor::pg::get_scoped_members(&TERMINALS_SCOPE.to_owned(), &environment_id.to_owned());
+    let asks = members.into_iter().map(|cell| async move {
+        let actor: ActorRef<TerminalMsg> = cell.into();
+        match actor.call(TerminalMsg::Snapshot, Some(wait)).await {
+            Ok(ractor::rpc::CallResult::Success(snapshot)) => Some(snapshot),
+            _ => None,
+        }
+    });
+    let mut list: Vec<TerminalSnapshot> = futures_util::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    list.sort_by(|a, b| a.terminal_id.cmp(&b.terminal_id));
+    list
 }
 
 /// A connected SSH client with the terminal's PTY open on it.
@@ -322,6 +377,8 @@ enum Control {
     },
     /// That connection's WebSocket is gone: stop sending to it.
     Detach { connection: u64 },
+    /// Answer with what the terminal shows now.
+    Snapshot(RpcReplyPort<TerminalSnapshot>),
     /// The PTY of a new SSH connection; the old one, if any, is dropped (closing its channel).
     Pty {
         generation: u64,
@@ -349,7 +406,14 @@ type Op = Pin<Box<dyn Future<Output = Result<(), WriteError>> + Send>>;
 
 /// Everything the channel task owns besides the PTY halves and the in-flight operation.
 struct Channel {
+    terminal_id: String,
+    created_at: chrono::DateTime<chrono::Utc>,
     ring: Ring,
+    /// The screen as the output drew it (exact repaints and snapshots).
+    screen: ScreenModel,
+    /// The screen model restarted empty: the program was asked to redraw, and the model is exact
+    /// from the first output after that request.
+    awaiting_redraw: bool,
     /// Bytes read that end inside a UTF-8 character; they go out with the next frame.
     carry: Vec<u8>,
     sink: Option<Sink>,
@@ -374,6 +438,7 @@ impl Channel {
             return;
         }
         self.ring.push(&bytes);
+        self.screen.process(&bytes);
         self.stats
             .bytes_out
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
@@ -394,17 +459,27 @@ impl Channel {
 
     /// Swap the sink and answer the attach. Output frames still pending were recorded in the
     /// ring, so they are dropped: the new client's replay (or its fresh start at the end) covers
-    /// them exactly. Returns whether the screen must be redrawn.
+    /// them exactly. A client that asks for a repaint, or whose bytes have left the ring, gets
+    /// the screen painted from the server's model. Returns whether the program must be asked to
+    /// redraw instead (the model is off or not exact).
     fn attach(
         &mut self,
         connection: u64,
         frames: mpsc::Sender<Out>,
         offset: Option<u64>,
+        repaint: bool,
         mut attachment: Box<Attachment>,
         reply: RpcReplyPort<Attachment>,
     ) -> bool {
         let ring = &self.ring;
+        let painted = |screen: &ScreenModel| {
+            screen.repaint().map(|data| ServerFrame::Output {
+                data,
+                offset: ring.end(),
+            })
+        };
         let (start, replay, notice) = match offset {
+            None if repaint => (ring.end(), painted(&self.screen), None),
             None => (ring.end(), None, None),
             Some(offset) => match ring.since(offset) {
                 Replay::Bytes(bytes) if bytes.is_empty() => (offset.min(ring.end()), None, None),
@@ -418,7 +493,7 @@ impl Channel {
                 ),
                 Replay::Lost { from } => (
                     from,
-                    None,
+                    painted(&self.screen),
                     Some(ServerFrame::info(
                         "Some output was lost while you were away; redrawing the screen",
                     )),
@@ -428,7 +503,8 @@ impl Channel {
         self.sink = Some(Sink { connection, frames });
         self.pending
             .retain(|o| !matches!(o, Out::Frame(ServerFrame::Output { .. })));
-        let redraw = notice.is_some();
+        let wanted = repaint || notice.is_some();
+        let redraw = wanted && replay.is_none();
         attachment.offset = start;
         attachment.replay = replay;
         attachment.notice = notice;
@@ -437,6 +513,43 @@ impl Channel {
             let _ = self.actor.cast(TerminalMsg::Detached { connection });
         }
         redraw
+    }
+
+    fn snapshot(&self) -> TerminalSnapshot {
+        let ScreenSnapshot {
+            cols,
+            rows,
+            text,
+            alternate_screen,
+            cursor,
+        } = self.screen.snapshot();
+        TerminalSnapshot {
+            terminal_id: self.terminal_id.clone(),
+            cols,
+            rows,
+            attached: self.sink.is_some(),
+            created_at: self.created_at,
+            screen: text,
+            cursor,
+            alternate_screen,
+            offset: self.ring.end(),
+        }
+    }
+
+    /// The PTY's size is now `cols`×`rows` (the model follows; see `awaiting_redraw`).
+    fn set_size(&mut self, cols: u32, rows: u32, local: &mut VecDeque<In>) {
+        self.size = (cols.max(1), rows.max(1));
+        if self.screen.resize(self.size.0, self.size.1) {
+            self.awaiting_redraw = true;
+            local.push_back(In::Resize {
+                cols: self.size.0,
+                rows: self.size.1.saturating_sub(1).max(1),
+            });
+            local.push_back(In::Resize {
+                cols: self.size.0,
+                rows: self.size.1,
+            });
+        }
     }
 
     fn detach(&mut self, connection: u64) {
@@ -469,16 +582,13 @@ impl Channel {
                     Ok(())
                 })
             }
-            In::Resize { cols, rows } => {
-                self.size = (cols.max(1), rows.max(1));
-                Box::pin(async move {
-                    match tokio::time::timeout(timeout, w.resize(cols, rows)).await {
-                        Ok(Ok(())) => Ok(()),
-                        Ok(Err(_)) => Err(WriteError::Failed),
-                        Err(_) => Err(WriteError::TimedOut),
-                    }
-                })
-            }
+            In::Resize { cols, rows } => Box::pin(async move {
+                match tokio::time::timeout(timeout, w.resize(cols, rows)).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(_)) => Err(WriteError::Failed),
+                    Err(_) => Err(WriteError::TimedOut),
+                }
+            }),
         }
     }
 }
@@ -551,12 +661,13 @@ async fn channel_task(
             biased;
             msg = control.recv() => match msg {
                 Some(Control::Attach { connection, frames, offset, size, repaint, attachment, reply }) => {
-                    let redraw = ch.attach(connection, frames, offset, attachment, reply) || repaint;
-                    // The client's size wins on attach (a phone rotated while away).
+                    // The client's size wins on attach (a phone rotated while away); the model
+                    // takes it first, so a repaint fits the client's screen.
                     let resized = size.filter(|s| *s != ch.size);
-                    if let Some(size) = resized {
-                        ch.size = size;
+                    if let Some((cols, rows)) = resized {
+                        ch.set_size(cols, rows, &mut local);
                     }
+                    let redraw = ch.attach(connection, frames, offset, repaint, attachment, reply);
                     if writer.is_some() && (redraw || resized.is_some()) {
                         let (cols, rows) = ch.size;
                         if resized.is_none() {
@@ -567,6 +678,9 @@ async fn channel_task(
                     }
                 }
                 Some(Control::Detach { connection }) => ch.detach(connection),
+                Some(Control::Snapshot(reply)) => {
+                    let _ = reply.send(ch.snapshot());
+                }
                 Some(Control::Pty { generation: g, reader: r, writer: w }) => {
                     generation = g;
                     reader = Some(r);
@@ -623,15 +737,15 @@ async fn channel_task(
                 }
             },
             msg = next_input(&mut local, &mut input), if !writing => match msg {
-                Some(msg) => match &writer {
-                    Some(w) => op = Some(ch.start(w, msg)),
-                    // No PTY (reconnecting): input has nowhere to go, as on a dead line.
-                    None => {
-                        if let In::Resize { cols, rows } = msg {
-                            ch.size = (cols.max(1), rows.max(1));
-                        }
+                Some(msg) => {
+                    if let In::Resize { cols, rows } = msg {
+                        ch.set_size(cols, rows, &mut local);
                     }
-                },
+                    // No PTY (reconnecting): input has nowhere to go, as on a dead line.
+                    if let Some(w) = &writer {
+                        op = Some(ch.start(w, msg));
+                    }
+                }
                 None => return,
             },
             batch = next_output(&mut coalescer, &mut reader), if reading => {
@@ -639,6 +753,11 @@ async fn channel_task(
                     exit = batch.exit;
                 }
                 if !batch.data.is_empty() {
+                    if ch.awaiting_redraw && local.is_empty() && op.is_none() {
+                        // The redraw asked for when the model restarted is this output.
+                        ch.awaiting_redraw = false;
+                        ch.screen.redrawn();
+                    }
                     ch.record(&batch.data);
                 }
                 if batch.closed {
@@ -677,7 +796,11 @@ impl Actor for TerminalActor {
         let (input, input_rx) = mpsc::channel(INPUT_QUEUE);
         let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let channel = Channel {
+            terminal_id: args.terminal_id.clone(),
+            created_at: chrono::Utc::now(),
             ring: Ring::new(args.ring_bytes),
+            screen: ScreenModel::new(args.cols, args.rows, args.screen_max_cells),
+            awaiting_redraw: false,
             carry: Vec::new(),
             sink: None,
             pending: VecDeque::new(),
@@ -687,6 +810,12 @@ impl Actor for TerminalActor {
             actor: myself.clone(),
         };
         let mut tasks = vec![tokio::spawn(channel_task(channel, control_rx, input_rx))];
+        // Listed with its environment's terminals; ractor removes it from the group when it stops.
+        ractor::pg::join_scoped(
+            TERMINALS_SCOPE.to_owned(),
+            args.environment.id.clone(),
+            vec![myself.get_cell()],
+        );
         if let Some(mut feed) = args.feed.take() {
             let me = myself.clone();
             tasks.push(tokio::spawn(async move {
@@ -864,6 +993,10 @@ impl Actor for TerminalActor {
                     state.close_sink(1001, &format!("Environment {status}"));
                     myself.stop(Some(format!("environment {status}")));
                 }
+            }
+            TerminalMsg::Snapshot(reply) => {
+                // Answered by the channel task; if it cannot take it, the caller's wait ends.
+                let _ = state.control.try_send(Control::Snapshot(reply));
             }
             TerminalMsg::Close { code, reason } => {
                 state.close_sink(code, &reason);

@@ -152,6 +152,15 @@ fn schemas() -> Value {
         "Metrics": object(&["environment_id", "samples"], json!({ "environment_id": string(),
             "current": { "oneOf": [ { "$ref": "#/components/schemas/MetricsSample" }, { "type": "null" } ] },
             "samples": { "type": "array", "items": { "$ref": "#/components/schemas/MetricsSample" } } })),
+        "Terminals": { "type": "array", "items": object(&["terminal_id", "cols", "rows", "attached", "created_at", "screen", "cursor", "alternate_screen", "offset"], json!({
+            "terminal_id": string(),
+            "cols": { "type": "integer" }, "rows": { "type": "integer" },
+            "attached": { "type": "boolean", "description": "a WebSocket holds it (otherwise within its grace period)" },
+            "created_at": string(),
+            "screen": { "type": ["string", "null"], "description": "visible rows as plain text, trailing blanks trimmed; null when the screen is above terminals.screen_max_cells" },
+            "cursor": { "type": "array", "items": { "type": "integer" }, "description": "zero-based [row, col]" },
+            "alternate_screen": { "type": "boolean", "description": "a full-screen program (editor, pager) is showing" },
+            "offset": { "type": "integer", "description": "output bytes since it started: where a resume continues" } })) },
         "MetricsSample": object(&["cpu_usage", "memory_usage", "disk_usage", "network_in", "network_out", "uptime", "timestamp"], json!({
             "cpu_usage": { "type": "number" }, "memory_usage": { "type": "number" }, "disk_usage": { "type": "number" },
             "network_in": { "type": "integer" }, "network_out": { "type": "integer" }, "uptime": { "type": "integer" },

@@ -553,6 +553,17 @@ fn routes() -> Vec<Route> {
             Some("ResizeRequest"),
             (202, "CommandAccepted"),
         ),
+        route(
+            get.clone(),
+            "/api/v1/environments/{environment_id}/terminals",
+            handler!(env::terminals),
+            User,
+            Api,
+            "environments",
+            "Live terminals with their size and a plain-text snapshot of each screen",
+            None,
+            (200, "Terminals"),
+        ),
         Route {
             query: &[("hours", "1-168 (default 1)")],
             ..route(

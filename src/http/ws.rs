@@ -369,13 +369,16 @@ async fn terminal(
             grace: Duration::from_secs(cfg.grace_seconds),
             reconnect_attempts: cfg.reconnect_attempts,
             write_timeout: Duration::from_secs(cfg.write_timeout_seconds),
+            screen_max_cells: cfg.screen_max_cells,
             feed: app.actors.subscribe(&env.id).await.ok(),
             stats: stats.clone(),
             directory: app.actors.directory().clone(),
             directory_id: crate::terminal::directory_id(&terminal_id),
             on_close: Some(on_close),
+            slot: None,
         },
         max_terminals: cfg.max_terminals_per_session,
+        node_slots: app.terminal_slots.clone(),
         size: query.cols.zip(query.rows).map(|(cols, rows)| {
             (
                 cols.clamp(1, protocol::MAX_COLS),

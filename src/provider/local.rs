@@ -259,7 +259,13 @@ impl LocalProvider {
             wrapper: wrapper(config, mode)?,
         });
         let bind = SocketAddr::from(([127, 0, 0, 1], config.ssh_port));
-        let server = LocalSshServer::start(bind, host_key, authorizer).await?;
+        let server = LocalSshServer::start_with_limit(
+            bind,
+            host_key,
+            authorizer,
+            config.max_ssh_connections,
+        )
+        .await?;
         tracing::warn!(addr = %server.addr, "local provider: SSH server for local environments (shells on THIS host) listening on loopback");
         Ok(Self {
             root,

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod keys;
+pub mod pty;
 pub mod server;
 pub mod target;
 

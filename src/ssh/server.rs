@@ -37,8 +37,9 @@ use tokio::process::{Child, ChildStdin};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-/// Concurrent connections: the local provider serves one host's terminals and commands; past
-/// this, new connections wait in the listen backlog.
+/// Concurrent connections by default ([`LocalSshServer::start`]; the local provider passes
+/// `local.max_ssh_connections`). Past the limit a new connection is closed at once: a client
+/// left waiting in the listen backlog would only time out, slowly and with a vague error.
 pub const MAX_CONNECTIONS: usize = 64;
 /// Session channels open at once on one connection (a terminal plus a few commands).
 pub const MAX_CHANNELS_PER_CONNECTION: usize = 16;
@@ -142,11 +143,22 @@ impl std::fmt::Debug for LocalSshServer {
 }
 
 impl LocalSshServer {
-    /// Bind (e.g. `127.0.0.1:0`) and start accepting.
+    /// Bind (e.g. `127.0.0.1:0`) and start accepting, at most [`MAX_CONNECTIONS`] at once.
     pub async fn start(
         bind: SocketAddr,
         host_key: PrivateKey,
         authorizer: Arc<dyn Authorizer>,
+    ) -> anyhow::Result<Self> {
+        Self::start_with_limit(bind, host_key, authorizer, MAX_CONNECTIONS).await
+    }
+
+    /// [`LocalSshServer::start`] serving at most `max_connections` at once; one more is closed
+    /// as soon as it is accepted.
+    pub async fn start_with_limit(
+        bind: SocketAddr,
+        host_key: PrivateKey,
+        authorizer: Arc<dyn Authorizer>,
+        max_connections: usize,
     ) -> anyhow::Result<Self> {
         if !bind.ip().is_loopback() {
             tracing::warn!(%bind, "the local SSH server gives shells on this host; it should listen on loopback only");
@@ -160,6 +172,7 @@ impl LocalSshServer {
         let (done_tx, all_done) = mpsc::channel(1);
         let accept = tokio::spawn(accept_loop(
             listener,
+            max_connections.max(1),
             config,
             authorizer,
             shutdown_rx,
@@ -206,23 +219,26 @@ fn server_config(host_key: PrivateKey) -> server::Config {
 
 async fn accept_loop(
     listener: TcpListener,
+    max_connections: usize,
     config: Arc<server::Config>,
     authorizer: Arc<dyn Authorizer>,
     mut shutdown: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(Semaphore::new(max_connections));
     loop {
-        let next = async {
-            let permit = slots.clone().acquire_owned().await.ok()?;
-            Some((listener.accept().await, permit))
-        };
-        let (accepted, permit) = tokio::select! {
+        let accepted = tokio::select! {
             () = until_set(&mut shutdown) => return,
-            next = next => match next {
-                Some(next) => next,
-                None => return,
-            },
+            accepted = listener.accept() => accepted,
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            // At capacity: closed now (the client fails fast), never queued.
+            tracing::warn!(
+                max_connections,
+                "local SSH server at capacity: connection refused"
+            );
+            drop(accepted);
+            continue;
         };
         let (socket, peer) = match accepted {
             Ok(accepted) => accepted,
@@ -643,7 +659,7 @@ async fn run_in_pty(
     params: PtyParams,
     program: &Program,
 ) -> anyhow::Result<Outcome> {
-    let (pty, pts) = pty_process::open().context("opening a PTY")?;
+    let (pty, pts) = super::pty::open().context("opening a PTY")?;
     pty.resize(params.size).context("sizing the PTY")?;
     let (file, args) = spec.argv(program);
     let mut command = pty_process::Command::new(file);

@@ -13,6 +13,7 @@ mod report;
 use std::time::{Duration, Instant};
 
 use devpocket::terminal::output::{Replay, Ring};
+use devpocket::terminal::screen::ScreenModel;
 use support::terminal::*;
 use support::{Backend, TestServer, rss_kib};
 
@@ -24,6 +25,7 @@ fn main() {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     ring();
+    screen();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -66,6 +68,66 @@ fn ring() {
             ms(t.elapsed()) / f64::from(rounds as u32)
         ),
     );
+}
+
+/// The server-side screen model every terminal feeds its output through: its cost per MiB next
+/// to the ring's (the floor: a copy), a repaint, and its memory at common sizes.
+fn screen() {
+    // Shell-like output: coloured prompts, text, line ends (what a build log or `ls` prints).
+    let mut chunk = Vec::new();
+    while chunk.len() < 4096 {
+        chunk.extend_from_slice(b"\x1b[1;32muser@dev\x1b[0m:\x1b[34m~/src\x1b[0m$ cargo build --release 2>&1 | tail\r\n");
+        chunk.extend_from_slice("   Compiling tokio v1.54.1 — ünïcödé ✓\r\n".as_bytes());
+    }
+    let total: usize = 128 << 20;
+    let mut ring = Ring::new(1 << 20);
+    let t = Instant::now();
+    for _ in 0..total / chunk.len() {
+        ring.push(&chunk);
+    }
+    let floor = t.elapsed();
+    let mut model = ScreenModel::new(80, 24, 40_000);
+    let t = Instant::now();
+    for _ in 0..total / chunk.len() {
+        model.process(&chunk);
+    }
+    let parse = t.elapsed();
+    let per_mib = |d: Duration| ms(d) / (total >> 20) as f64;
+    line(
+        "screen model parse (80×24, shell output)",
+        format!(
+            "{:>9.3} ms/MiB  ({:.1}× the ring's {:.3} ms/MiB)",
+            per_mib(parse),
+            parse.as_secs_f64() / floor.as_secs_f64(),
+            per_mib(floor)
+        ),
+    );
+    let rounds = 2000u32;
+    let t = Instant::now();
+    let mut bytes = 0;
+    for _ in 0..rounds {
+        bytes += model.repaint().map_or(0, |r| r.len());
+    }
+    line(
+        "screen repaint (80×24)",
+        format!(
+            "{:>9.3} ms each, {} bytes",
+            ms(t.elapsed()) / f64::from(rounds),
+            bytes / rounds as usize
+        ),
+    );
+    for (cols, rows) in [(80, 24), (120, 40), (200, 60)] {
+        let mut model = ScreenModel::new(cols, rows, 40_000);
+        model.process(b"\x1b[?1049h");
+        line(
+            &format!("screen model memory {cols}×{rows}"),
+            format!(
+                "{:>9} KiB (main grid), {} KiB with the alternate screen",
+                model.memory_bytes() / 2 / 1024,
+                model.memory_bytes() / 1024
+            ),
+        );
+    }
 }
 
 async fn end_to_end(keystrokes: usize, flood_mb: usize) {

@@ -822,7 +822,7 @@ async fn pty_shell(
             cols.clamp(1, u16::MAX as u32) as u16,
         )
     };
-    let spawned = pty_process::open().and_then(|(pty, pts)| {
+    let spawned = devpocket::ssh::pty::open().and_then(|(pty, pts)| {
         pty.resize(size(cols, rows))?;
         let child = pty_process::Command::new("/bin/bash")
             .env("TERM", &term)

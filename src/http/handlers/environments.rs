@@ -472,6 +472,20 @@ pub async fn metrics(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     ok(&json!({ "environment_id": env.id, "current": current, "samples": samples }))
 }
 
+/// How long one terminal may take to report its screen for the list (a busy terminal answers
+/// between two output batches; one that does not is left out rather than hold the request).
+const TERMINAL_SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `GET /environments/{id}/terminals`: a JSON array of the environment's live terminals on this
+/// node (attached or within their grace period, from any of the owner's sessions), each with its
+/// size and a plain-text snapshot of its screen from the server-side model (`screen` is null
+/// while the screen is larger than `terminals.screen_max_cells`); shape in
+/// [`crate::actors::terminal::TerminalSnapshot`].
+pub async fn terminals(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
+    let env = owned(&app, &ctx).await?;
+    ok(&crate::actors::terminal::snapshots(&env.id, TERMINAL_SNAPSHOT_WAIT).await)
+}
+
 pub async fn logs(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     let env = owned(&app, &ctx).await?;
     let q: LogsQuery = ctx.query()?;

@@ -1,0 +1,268 @@
+//! The server-side screen of a terminal: every output byte also goes through a VT parser
+//! (`vt100`, the parser half of a terminal emulator), so the server knows the exact screen —
+//! text, attributes, cursor, input modes, alternate screen — and can paint it for a client that
+//! has nothing (a re-attach without an offset) or that missed bytes the ring no longer holds,
+//! without asking tmux to redraw. VS Code's remote terminals do the same; ttyd, sshx and Coder's
+//! reconnecting PTY replay bytes only.
+//!
+//! Memory: `vt100` keeps 32 bytes per cell for the main grid and, once a program switches to it,
+//! as much again for the alternate grid; there is no scrollback (the ring holds history). So a
+//! model costs at most `2 × 32 × cols × rows` bytes plus a few hundred bytes of state; an 80×24
+//! phone screen costs 60 KiB (120 KiB with a full-screen program). A PTY larger than
+//! [`ScreenModel::new`]'s `max_cells` keeps no model (repaints then fall back to tmux's own
+//! redraw) — the bound on what a client's resize can make the server hold.
+
+use std::num::NonZeroU16;
+
+/// Bytes per cell of `vt100` 0.18 (it asserts this size itself).
+pub const CELL_BYTES: usize = 32;
+
+/// The parsed screen of one terminal, or nothing while the PTY is larger than the bound.
+pub struct ScreenModel {
+    parser: Option<vt100::Parser>,
+    size: (u16, u16),
+    max_cells: usize,
+    /// The model was (re)started mid-stream: it is exact only after the next full redraw.
+    stale: bool,
+}
+
+/// What [`ScreenModel::snapshot`] reports: the screen as plain text and its geometry.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ScreenSnapshot {
+    pub cols: u16,
+    pub rows: u16,
+    /// The visible rows as text, one line per row, trailing blanks and blank lines trimmed;
+    /// `None` when the model is off (PTY above the cell bound) or not yet exact.
+    pub text: Option<String>,
+    /// Whether a full-screen program (an editor, a pager) has the alternate screen.
+    pub alternate_screen: bool,
+    /// Cursor position, zero-based `[row, col]`.
+    pub cursor: [u16; 2],
+}
+
+fn dims(cols: u32, rows: u32) -> (u16, u16) {
+    (
+        cols.clamp(1, u32::from(u16::MAX)) as u16,
+        rows.clamp(1, u32::from(u16::MAX)) as u16,
+    )
+}
+
+impl ScreenModel {
+    /// A model of a `cols`×`rows` screen; none is kept while `cols × rows > max_cells`.
+    pub fn new(cols: u32, rows: u32, max_cells: usize) -> Self {
+        let mut model = Self {
+            parser: None,
+            size: dims(cols, rows),
+            max_cells,
+            stale: false,
+        };
+        model.parser = model.fresh_parser();
+        model
+    }
+
+    fn fresh_parser(&self) -> Option<vt100::Parser> {
+        let (cols, rows) = self.size;
+        if usize::from(cols) * usize::from(rows) > self.max_cells {
+            return None;
+        }
+        Some(vt100::Parser::new(
+            NonZeroU16::new(rows)?,
+            NonZeroU16::new(cols)?,
+            0,
+        ))
+    }
+
+    /// Feed output bytes (any split; the parser keeps partial sequences).
+    pub fn process(&mut self, bytes: &[u8]) {
+        if let Some(parser) = &mut self.parser {
+            parser.process(bytes);
+        }
+    }
+
+    /// The PTY's size changed. Returns `true` when the model restarted empty (it was off and
+    /// fits again): the caller should make the program redraw so it becomes exact.
+    pub fn resize(&mut self, cols: u32, rows: u32) -> bool {
+        self.size = dims(cols, rows);
+        let (cols, rows) = self.size;
+        let fits = usize::from(cols) * usize::from(rows) <= self.max_cells;
+        match (&mut self.parser, fits) {
+            (Some(parser), true) => {
+                if let (Some(r), Some(c)) = (NonZeroU16::new(rows), NonZeroU16::new(cols)) {
+                    parser.screen_mut().set_size(r, c);
+                }
+                false
+            }
+            (Some(_), false) => {
+                self.parser = None;
+                false
+            }
+            (None, true) => {
+                self.parser = self.fresh_parser();
+                self.stale = true;
+                true
+            }
+            (None, false) => false,
+        }
+    }
+
+    /// A full redraw went through the model (the program repainted after a resize): exact again.
+    pub fn redrawn(&mut self) {
+        self.stale = false;
+    }
+
+    /// Whether the model can paint the screen exactly.
+    pub fn is_exact(&self) -> bool {
+        self.parser.is_some() && !self.stale
+    }
+
+    /// Escape sequences that turn any terminal of this size into this screen: the right screen
+    /// buffer (alternate or main), every cell with its attributes, the cursor (position and
+    /// visibility) and the input modes (keypad, cursor keys, bracketed paste, mouse). `None`
+    /// when the model is not exact.
+    pub fn repaint(&self) -> Option<String> {
+        let screen = self.parser.as_ref().filter(|_| !self.stale)?.screen();
+        // Switch buffers first: 1049h clears the alternate buffer, 1049l returns to the main one.
+        let mut out = String::from(if screen.alternate_screen() {
+            "\x1b[?1049h"
+        } else {
+            "\x1b[?1049l"
+        });
+        // Reset the scroll region and attributes, then cells, attributes in force and cursor.
+        out.push_str("\x1b[r\x1b[m");
+        out.push_str(&screen.state_formatted());
+        out.push_str(&screen.cursor_state_formatted());
+        Some(out)
+    }
+
+    /// The screen as plain text and its geometry (see [`ScreenSnapshot`]).
+    pub fn snapshot(&self) -> ScreenSnapshot {
+        let (cols, rows) = self.size;
+        let screen = self.parser.as_ref().map(|p| p.screen());
+        let text = screen.filter(|_| !self.stale).map(|s| {
+            let mut lines: Vec<String> = s
+                .rows(0, cols)
+                .map(|row| row.trim_end().to_owned())
+                .collect();
+            while lines.last().is_some_and(|l| l.is_empty()) {
+                lines.pop();
+            }
+            lines.join("\n")
+        });
+        let (row, col) = screen.map_or((0, 0), |s| s.cursor_position());
+        ScreenSnapshot {
+            cols,
+            rows,
+            text,
+            alternate_screen: screen.is_some_and(|s| s.alternate_screen()),
+            cursor: [row, col],
+        }
+    }
+
+    /// Bytes the model holds now (cells of the grids in use; see the module doc).
+    pub fn memory_bytes(&self) -> usize {
+        let Some(parser) = &self.parser else { return 0 };
+        let (cols, rows) = self.size;
+        let grids = if parser.screen().alternate_screen() {
+            2
+        } else {
+            1
+        };
+        grids * CELL_BYTES * usize::from(cols) * usize::from(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Paint `model` into a fresh parser (a client with an empty screen) and compare screens.
+    fn painted(model: &ScreenModel) -> vt100::Parser {
+        let (cols, rows) = model.size;
+        let mut client = vt100::Parser::new(
+            NonZeroU16::new(rows).expect("rows"),
+            NonZeroU16::new(cols).expect("cols"),
+            0,
+        );
+        client.process(model.repaint().expect("exact").as_bytes());
+        client
+    }
+
+    fn same_screen(a: &vt100::Screen, b: &vt100::Screen) {
+        assert_eq!(a.contents(), b.contents());
+        assert_eq!(a.cursor_position(), b.cursor_position());
+        assert_eq!(a.alternate_screen(), b.alternate_screen());
+        assert_eq!(a.hide_cursor(), b.hide_cursor());
+        assert_eq!(a.application_cursor(), b.application_cursor());
+        assert_eq!(a.bracketed_paste(), b.bracketed_paste());
+        let (rows, cols) = a.size();
+        for r in 0..rows.get() {
+            for c in 0..cols.get() {
+                assert_eq!(a.cell(r, c), b.cell(r, c), "cell {r},{c}");
+            }
+        }
+    }
+
+    #[test]
+    fn repaint_reproduces_text_attributes_cursor_and_modes() {
+        let mut model = ScreenModel::new(40, 10, 10_000);
+        model.process(b"plain \x1b[1;31mbold red\x1b[0m \x1b[4munder\x1b[m\r\n");
+        model.process("€ and 😀 wide\r\n".as_bytes());
+        model.process(b"\x1b[?2004h\x1b[?1h\x1b[5;7Hhere");
+        let client = painted(&model);
+        same_screen(
+            model.parser.as_ref().expect("model").screen(),
+            client.screen(),
+        );
+        let snap = model.snapshot();
+        assert_eq!(snap.cursor, [4, 10]);
+        let text = snap.text.expect("text");
+        assert!(
+            text.starts_with("plain bold red under\n€ and 😀 wide"),
+            "{text:?}"
+        );
+        assert!(!snap.alternate_screen);
+    }
+
+    #[test]
+    fn repaint_reproduces_the_alternate_screen_of_a_full_screen_program() {
+        let mut model = ScreenModel::new(30, 8, 10_000);
+        model.process(b"$ vim notes\r\n");
+        model.process(b"\x1b[?1049h\x1b[H\x1b[2J\x1b[7m-- INSERT --\x1b[m\x1b[3;4Htyped");
+        let client = painted(&model);
+        same_screen(
+            model.parser.as_ref().expect("model").screen(),
+            client.screen(),
+        );
+        assert!(model.snapshot().alternate_screen);
+        assert_eq!(model.memory_bytes(), 2 * CELL_BYTES * 30 * 8);
+        // Leaving the editor shows the shell again, on the client too.
+        model.process(b"\x1b[?1049l");
+        let client = painted(&model);
+        same_screen(
+            model.parser.as_ref().expect("model").screen(),
+            client.screen(),
+        );
+        assert!(
+            model
+                .snapshot()
+                .text
+                .expect("text")
+                .starts_with("$ vim notes")
+        );
+    }
+
+    #[test]
+    fn a_screen_above_the_bound_keeps_no_model_until_it_fits_and_redraws() {
+        let mut model = ScreenModel::new(80, 24, 80 * 24);
+        assert!(model.is_exact());
+        assert!(!model.resize(81, 24), "over the bound: dropped");
+        assert_eq!(model.memory_bytes(), 0);
+        assert!(model.repaint().is_none());
+        assert!(model.snapshot().text.is_none());
+        assert!(model.resize(80, 24), "fits again: restarted, redraw wanted");
+        assert!(!model.is_exact(), "stale until the program redraws");
+        model.process(b"\x1b[H\x1b[2Jredrawn");
+        model.redrawn();
+        assert_eq!(model.snapshot().text.as_deref(), Some("redrawn"));
+    }
+}
