@@ -263,9 +263,10 @@ fn render_template(name: &str, dir: Option<&Path>) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    let signals = ShutdownSignals::install();
     raise_open_file_limit();
     let server = app::start(config, Arc::new(SystemClock)).await?;
-    shutdown_signal().await;
+    signals.wait().await;
     tracing::info!("shutting down: draining requests");
     server.stop().await;
     Ok(())
@@ -296,20 +297,36 @@ fn raise_open_file_limit() {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    let sigterm = async {
-        match term.as_mut() {
-            Some(s) => {
-                s.recv().await;
-            }
-            None => std::future::pending().await,
+/// SIGTERM and Ctrl-C, listened for from before the server starts: a signal that arrives while
+/// it starts (or just after it says it listens) still ends it gracefully, deregistering its node,
+/// instead of killing it by the default disposition.
+struct ShutdownSignals {
+    term: Option<tokio::signal::unix::Signal>,
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignals {
+    fn install() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        Self {
+            term: signal(SignalKind::terminate()).ok(),
+            interrupt: signal(SignalKind::interrupt()).ok(),
         }
-    };
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = sigterm => {}
+    }
+
+    async fn wait(mut self) {
+        async fn recv(signal: Option<&mut tokio::signal::unix::Signal>) {
+            match signal {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            _ = recv(self.term.as_mut()) => {}
+            _ = recv(self.interrupt.as_mut()) => {}
+        }
     }
 }
 
