@@ -24,7 +24,7 @@ use crate::config::{Config, ProviderKind};
 use crate::http::limits::RateLimits;
 use crate::http::metrics::Metrics;
 use crate::provider::Provider;
-use crate::secrets::{self, Sealer};
+use crate::secrets::{self, KeySet, Sealer};
 use crate::store::audit::{self, NewAuditEvent};
 use crate::store::{Db, DbConn, DbUrl, login_attempts, sessions};
 
@@ -54,6 +54,8 @@ pub struct App {
     /// Terminals this node may run at once (`terminals.max_terminals_per_node`).
     pub terminal_slots: Arc<tokio::sync::Semaphore>,
     pub started_at: DateTime<Utc>,
+    /// This process in the nodes table (heartbeat, the node list for ops).
+    pub node: Arc<crate::cluster::Node>,
 }
 
 pub type AppState = Arc<App>;
@@ -210,6 +212,46 @@ async fn load_templates(db: &Db, clock: &dyn crate::clock::Clock) -> anyhow::Res
     Ok(())
 }
 
+/// This node's keys: access-token keys and sealing keys, each a current key and previous ones.
+#[derive(Debug, Clone)]
+pub struct NodeKeys {
+    pub jwt: KeySet,
+    pub seal: KeySet,
+}
+
+/// The keys from configuration, or (when a current key is not configured) from the key files in
+/// the data directory, generated on first start: the single-node default.
+pub fn load_keys(config: &Config) -> anyhow::Result<NodeKeys> {
+    let data_dir = &config.server.data_dir;
+    let jwt_current = if config.auth.secret_key.is_empty() {
+        secrets::load_or_create_key(data_dir, secrets::JWT_KEY_FILE)?
+    } else {
+        config.auth.secret_key.expose().as_bytes().to_vec()
+    };
+    let jwt_previous = config
+        .auth
+        .previous_secret_keys
+        .iter()
+        .map(|k| k.expose().as_bytes().to_vec())
+        .collect();
+    let seal_current = if config.secrets.seal_key.is_empty() {
+        secrets::load_or_create_key(data_dir, secrets::SEAL_KEY_FILE)?
+    } else {
+        secrets::decode_seal_key(config.secrets.seal_key.expose()).context("secrets.seal_key")?
+    };
+    let seal_previous = config
+        .secrets
+        .previous_seal_keys
+        .iter()
+        .map(|k| secrets::decode_seal_key(k.expose()))
+        .collect::<anyhow::Result<Vec<_>>>()
+        .context("secrets.previous_seal_keys")?;
+    Ok(NodeKeys {
+        jwt: KeySet::new("jwt", jwt_current, jwt_previous)?,
+        seal: KeySet::new("seal", seal_current, seal_previous)?,
+    })
+}
+
 /// Open the store named by the configuration and bring its schema up to date.
 pub async fn open_store(config: &Config) -> anyhow::Result<Db> {
     let url = DbUrl::from_config(config.database.url.expose(), &config.server.data_dir)
@@ -232,22 +274,39 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Db> {
     Ok(db)
 }
 
-/// Build the application: store, secrets, tokens, the supervision tree.
-pub async fn build(config: Config, clock: SharedClock) -> anyhow::Result<AppState> {
-    let data_dir = &config.server.data_dir;
-    create_private_dir(data_dir)?;
+/// Build the application: store, secrets, this node's registration, tokens, the supervision
+/// tree. `address` names the node for humans (see [`crate::cluster::default_address`]).
+pub async fn build(
+    config: Config,
+    address: String,
+    clock: SharedClock,
+) -> anyhow::Result<AppState> {
+    create_private_dir(&config.server.data_dir)?;
+    let claim = crate::cluster::claim(&config)?;
     let db = open_store(&config).await?;
+    let keys = load_keys(&config)?;
+    let node =
+        crate::cluster::Node::join(&config, claim, address, &db, &keys, clock.clone()).await?;
+    match build_on(config, clock, db, keys, node.clone()).await {
+        Ok(app) => Ok(app),
+        Err(e) => {
+            node.leave().await;
+            Err(e)
+        }
+    }
+}
 
-    let jwt_key = if config.auth.secret_key.is_empty() {
-        secrets::load_or_create_key(data_dir, secrets::JWT_KEY_FILE)?
-    } else {
-        config.auth.secret_key.expose().as_bytes().to_vec()
-    };
-    let seal_key = secrets::load_or_create_key(data_dir, secrets::SEAL_KEY_FILE)?;
-    let sealer = Sealer::new(&seal_key)?;
-    let session_sealer = Sealer::for_purpose(&seal_key, "sessions")?;
+async fn build_on(
+    config: Config,
+    clock: SharedClock,
+    db: Db,
+    keys: NodeKeys,
+    node: Arc<crate::cluster::Node>,
+) -> anyhow::Result<AppState> {
+    let sealer = Sealer::from_keys(&keys.seal);
+    let session_sealer = Sealer::for_purpose(&keys.seal, "sessions")?;
     let tokens = Tokens::new(
-        &jwt_key,
+        &keys.jwt,
         &config.auth.issuer,
         &config.auth.audience,
         Duration::minutes(config.auth.access_token_minutes.into()),
@@ -314,6 +373,7 @@ pub async fn build(config: Config, clock: SharedClock) -> anyhow::Result<AppStat
         tokens,
         session_sealer,
         ws_connections: Arc::default(),
+        node,
         terminal_slots: Arc::new(tokio::sync::Semaphore::new(
             config.terminals.max_terminals_per_node,
         )),
@@ -344,6 +404,7 @@ impl RunningServer {
     }
 
     async fn stop_inner(&mut self) {
+        self.app.node.drain().await;
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -352,6 +413,7 @@ impl RunningServer {
         }
         self.app.actors.shutdown().await;
         self.app.actors.shutdown_provider().await;
+        self.app.node.leave().await;
         self.app.db.close();
     }
 
@@ -378,7 +440,8 @@ pub async fn start_on(
     clock: SharedClock,
 ) -> anyhow::Result<RunningServer> {
     let addr = listener.local_addr()?;
-    let app = build(config, clock).await?;
+    let address = crate::cluster::default_address(&config, addr);
+    let app = build(config, address, clock).await?;
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(crate::http::serve(listener, app.clone(), async move {
         let _ = rx.await;

@@ -1,5 +1,5 @@
-//! The command line: `devpocket [--config FILE] [serve | migrate | user create | user set-plan |
-//! templates list | templates validate | templates render]`.
+//! The command line: `devpocket [--config FILE] [serve | migrate | migrate-store | user create |
+//! user set-plan | templates list | templates validate | templates render]`.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -36,6 +36,23 @@ enum Command {
     Serve,
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Copy a single-node SQLite store into an empty PostgreSQL database (every table, sealed
+    /// secrets as they are, in one transaction). Stop the server on the SQLite store first; then
+    /// start the nodes on PostgreSQL with the SQLite node's seal key as `secrets.seal_key`.
+    MigrateStore {
+        /// The SQLite store: sqlite://PATH.
+        #[arg(long, value_name = "URL")]
+        from: String,
+        /// The empty PostgreSQL database: postgres://USER:PASSWORD@HOST/DB (or set
+        /// DEVPOCKET_MIGRATE_TO, which keeps the password out of the process list).
+        #[arg(
+            long,
+            value_name = "URL",
+            env = "DEVPOCKET_MIGRATE_TO",
+            hide_env_values = true
+        )]
+        to: String,
+    },
     /// Manage accounts.
     #[command(subcommand)]
     User(UserCommand),
@@ -135,6 +152,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             println!("database ({}) is up to date", db.backend());
             Ok(())
         }
+        Command::MigrateStore { from, to } => migrate_store(&from, &to).await,
         Command::User(UserCommand::Create {
             username,
             email,
@@ -245,9 +263,10 @@ fn render_template(name: &str, dir: Option<&Path>) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    let signals = ShutdownSignals::install();
     raise_open_file_limit();
     let server = app::start(config, Arc::new(SystemClock)).await?;
-    shutdown_signal().await;
+    signals.wait().await;
     tracing::info!("shutting down: draining requests");
     server.stop().await;
     Ok(())
@@ -278,21 +297,65 @@ fn raise_open_file_limit() {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    let sigterm = async {
-        match term.as_mut() {
-            Some(s) => {
-                s.recv().await;
-            }
-            None => std::future::pending().await,
+/// SIGTERM and Ctrl-C, listened for from before the server starts: a signal that arrives while
+/// it starts (or just after it says it listens) still ends it gracefully, deregistering its node,
+/// instead of killing it by the default disposition.
+struct ShutdownSignals {
+    term: Option<tokio::signal::unix::Signal>,
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignals {
+    fn install() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        Self {
+            term: signal(SignalKind::terminate()).ok(),
+            interrupt: signal(SignalKind::interrupt()).ok(),
         }
-    };
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = sigterm => {}
     }
+
+    async fn wait(mut self) {
+        async fn recv(signal: Option<&mut tokio::signal::unix::Signal>) {
+            match signal {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            _ = recv(self.term.as_mut()) => {}
+            _ = recv(self.interrupt.as_mut()) => {}
+        }
+    }
+}
+
+async fn migrate_store(from: &str, to: &str) -> anyhow::Result<()> {
+    use crate::store::DbUrl;
+    let Some(DbUrl::Sqlite(path)) = DbUrl::parse(from) else {
+        bail!("--from must be a SQLite store: sqlite://PATH");
+    };
+    if !path.is_file() {
+        bail!("--from: no SQLite store at {}", path.display());
+    }
+    let Some(target @ DbUrl::Postgres(_)) = DbUrl::parse(to) else {
+        bail!(
+            "--to must be a PostgreSQL database: postgres://USER:PASSWORD@HOST/DB (value hidden)"
+        );
+    };
+    // Held while copying: no server may change the store meanwhile.
+    let _lock = crate::cluster::lock_sqlite(&path)?;
+    let report = crate::store::copy::sqlite_to_postgres(&DbUrl::Sqlite(path.clone()), &target)
+        .await
+        .context("migrate-store")?;
+    for (table, rows) in &report {
+        println!("{table}: {rows} rows");
+    }
+    println!(
+        "copied {} into PostgreSQL; start the nodes there with the same seal key (secrets.seal_key = the content of seal.key in the old data dir)",
+        path.display()
+    );
+    Ok(())
 }
 
 fn parse_plan(plan: &str) -> anyhow::Result<Plan> {

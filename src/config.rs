@@ -62,6 +62,8 @@ pub struct Config {
     pub contabo: ContaboConfig,
     pub ops: OpsConfig,
     pub files: FilesConfig,
+    pub secrets: SecretsConfig,
+    pub cluster: ClusterConfig,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -130,7 +132,12 @@ pub struct DatabaseConfig {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
+    /// HMAC key of new access tokens (at least 32 characters); empty = generated into
+    /// `<data_dir>/jwt.key`. Every node of a cluster needs the same.
     pub secret_key: Secret,
+    /// Keys still accepted for verifying access tokens (rotation), at most
+    /// [`crate::secrets::MAX_PREVIOUS_KEYS`].
+    pub previous_secret_keys: Vec<Secret>,
     pub access_token_minutes: u32,
     pub refresh_token_days: u32,
     pub lockout_threshold: u32,
@@ -349,6 +356,31 @@ pub struct FilesConfig {
     pub max_operations_per_user: usize,
 }
 
+/// Keys of secrets at rest.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretsConfig {
+    /// Sealing key of new sealed values: standard base64 of at least 32 bytes; empty = generated
+    /// into `<data_dir>/seal.key`. Every node of a cluster needs the same.
+    pub seal_key: Secret,
+    /// Sealing keys still used to open values sealed with them (rotation), at most
+    /// [`crate::secrets::MAX_PREVIOUS_KEYS`].
+    pub previous_seal_keys: Vec<Secret>,
+}
+
+/// This process as a node of a cluster (several nodes on one PostgreSQL database).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// How this node is named for humans in the nodes list; empty = `<hostname>/<bind address>`.
+    pub address: String,
+    /// Seconds between this node's heartbeats in the nodes table.
+    pub heartbeat_seconds: u64,
+    /// Seconds without a heartbeat after which a node counts as dead (at least twice the
+    /// heartbeat interval).
+    pub dead_after_seconds: u64,
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OpsConfig {
@@ -370,6 +402,14 @@ impl fmt::Display for ConfigErrors {
 }
 
 impl std::error::Error for ConfigErrors {}
+
+/// Keys whose environment variables may be comma-separated lists (besides `[a, b]`).
+const LIST_KEYS: &[&str] = &[
+    "server.allowed_origins",
+    "server.trusted_proxies",
+    "auth.previous_secret_keys",
+    "secrets.previous_seal_keys",
+];
 
 /// Plain (unprefixed) variable names of the original server and the key each sets.
 const PLAIN_NAMES: &[(&str, &str)] = &[
@@ -555,6 +595,16 @@ impl Config {
         if !secret.is_empty() && secret.len() < 32 {
             p.push("auth.secret_key: must be at least 32 characters (value hidden)".into());
         }
+        self.key_problems(&mut p);
+        if self.cluster.heartbeat_seconds == 0 {
+            p.push("cluster.heartbeat_seconds: must be above 0".into());
+        }
+        if self.cluster.dead_after_seconds < self.cluster.heartbeat_seconds.saturating_mul(2) {
+            p.push(
+                "cluster.dead_after_seconds: must be at least twice cluster.heartbeat_seconds"
+                    .into(),
+            );
+        }
         positive(
             &mut p,
             "auth.access_token_minutes",
@@ -664,6 +714,43 @@ impl Config {
         p
     }
 
+    /// Problems of the rotation keys (`auth.previous_secret_keys`, `secrets.*`); values hidden.
+    fn key_problems(&self, p: &mut Vec<String>) {
+        use crate::secrets::{MAX_PREVIOUS_KEYS, decode_seal_key};
+        let previous = &self.auth.previous_secret_keys;
+        if previous.len() > MAX_PREVIOUS_KEYS {
+            p.push(format!(
+                "auth.previous_secret_keys: at most {MAX_PREVIOUS_KEYS} keys"
+            ));
+        }
+        if previous.iter().any(|k| k.expose().len() < 32) {
+            p.push("auth.previous_secret_keys: every key must be at least 32 characters (values hidden)".into());
+        }
+        if !previous.is_empty() && self.auth.secret_key.is_empty() {
+            p.push("auth.previous_secret_keys: needs auth.secret_key (the current key)".into());
+        }
+        let seal = &self.secrets;
+        if !seal.seal_key.is_empty()
+            && let Err(e) = decode_seal_key(seal.seal_key.expose())
+        {
+            p.push(format!("secrets.seal_key: {e} (value hidden)"));
+        }
+        if seal.previous_seal_keys.len() > MAX_PREVIOUS_KEYS {
+            p.push(format!(
+                "secrets.previous_seal_keys: at most {MAX_PREVIOUS_KEYS} keys"
+            ));
+        }
+        for key in &seal.previous_seal_keys {
+            if let Err(e) = decode_seal_key(key.expose()) {
+                p.push(format!("secrets.previous_seal_keys: {e} (values hidden)"));
+                break;
+            }
+        }
+        if !seal.previous_seal_keys.is_empty() && seal.seal_key.is_empty() {
+            p.push("secrets.previous_seal_keys: needs secrets.seal_key (the current key)".into());
+        }
+    }
+
     /// The address to listen on (validated by [`Config::problems`]).
     pub fn bind_addr(&self) -> SocketAddr {
         self.server
@@ -695,7 +782,7 @@ impl Config {
 }
 
 /// Top-level sections; anything else in a file or variable is a mistake worth reporting.
-const SECTIONS: [&str; 14] = [
+const SECTIONS: [&str; 16] = [
     "server",
     "database",
     "auth",
@@ -710,6 +797,8 @@ const SECTIONS: [&str; 14] = [
     "contabo",
     "ops",
     "files",
+    "secrets",
+    "cluster",
 ];
 
 /// Extract section by section so that a mistake in one section does not hide those in others.
@@ -761,6 +850,8 @@ fn extract_sections(figment: &Figment, problems: &mut Vec<String>) -> Option<Con
     let contabo = section(figment, "contabo", problems);
     let ops = section(figment, "ops", problems);
     let files = section(figment, "files", problems);
+    let secrets = section(figment, "secrets", problems);
+    let cluster = section(figment, "cluster", problems);
     Some(Config {
         server: server?,
         database: database?,
@@ -776,6 +867,8 @@ fn extract_sections(figment: &Figment, problems: &mut Vec<String>) -> Option<Con
         contabo: contabo?,
         ops: ops?,
         files: files?,
+        secrets: secrets?,
+        cluster: cluster?,
     })
 }
 
@@ -819,7 +912,7 @@ where
                 continue;
             };
             let key = format!("{}.{}", section.to_lowercase(), key.to_lowercase());
-            let is_list = key == "server.allowed_origins" || key == "server.trusted_proxies";
+            let is_list = LIST_KEYS.contains(&key.as_str());
             if is_list && !raw.trim_start().starts_with('[') {
                 structured.push((key, comma_list(&raw)));
             } else {
@@ -1051,6 +1144,50 @@ mod tests {
             assert!(text.contains(needle), "{needle}: {text}");
         }
         assert_eq!(err.0.len(), 5, "{text}");
+    }
+
+    #[test]
+    fn rotation_keys_come_from_the_environment_and_are_checked() {
+        use base64::Engine;
+        let b64 = |b: u8| base64::engine::general_purpose::STANDARD.encode([b; 32]);
+        let c = Config::load(
+            None,
+            env(&[
+                ("DEVPOCKET_AUTH__SECRET_KEY", &"n".repeat(40)),
+                (
+                    "DEVPOCKET_AUTH__PREVIOUS_SECRET_KEYS",
+                    &format!("{},{}", "o".repeat(40), "p".repeat(32)),
+                ),
+                ("DEVPOCKET_SECRETS__SEAL_KEY", &b64(1)),
+                ("DEVPOCKET_SECRETS__PREVIOUS_SEAL_KEYS", &b64(2)),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(c.auth.previous_secret_keys.len(), 2);
+        assert_eq!(c.secrets.seal_key.expose(), b64(1));
+        assert_eq!(c.secrets.previous_seal_keys, vec![Secret::new(b64(2))]);
+        assert!(!format!("{c:?}").contains(&b64(1)));
+        let err = Config::load(
+            None,
+            env(&[
+                ("DEVPOCKET_AUTH__PREVIOUS_SECRET_KEYS", "short"),
+                ("DEVPOCKET_SECRETS__SEAL_KEY", "hunter2-not-base64!"),
+                ("DEVPOCKET_SECRETS__PREVIOUS_SEAL_KEYS", &b64(2)),
+                ("DEVPOCKET_CLUSTER__HEARTBEAT_SECONDS", "10"),
+                ("DEVPOCKET_CLUSTER__DEAD_AFTER_SECONDS", "15"),
+            ]),
+        )
+        .expect_err("invalid");
+        let text = err.to_string();
+        for needle in [
+            "auth.previous_secret_keys: every key",
+            "auth.previous_secret_keys: needs auth.secret_key",
+            "secrets.seal_key: not base64",
+            "cluster.dead_after_seconds",
+        ] {
+            assert!(text.contains(needle), "{needle}: {text}");
+        }
+        assert!(!text.contains("hunter2"), "{text}");
     }
 
     #[test]

@@ -12,7 +12,10 @@
 //! - [`provider`] — where environments run: the trait, Contabo (real API client) and local.
 //! - [`auth`] — passwords (argon2id), access/refresh tokens, Google ID tokens, input rules, lockout.
 //! - [`store`] — diesel-async over SQLite or PostgreSQL: schema, migrations, one module per table.
-//! - [`secrets`] — generated key files and AEAD sealing of secrets at rest.
+//! - [`secrets`] — keys (generated files or configuration, with rotation) and AEAD sealing of
+//!   secrets at rest.
+//! - [`cluster`] — this process as a node: registration, heartbeat, join checks (shared keys, no
+//!   local provider in a cluster), the data directory's lock.
 //! - [`clock`] — time as a dependency, so tests move it instead of sleeping.
 //! - [`error`] — the API error shape (`detail` + `code`).
 //! - [`ssh`] — SSH: key handling, the client bridge (pinned host keys), the local provider's
@@ -30,6 +33,7 @@ pub mod app;
 pub mod auth;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod http;

@@ -1,5 +1,9 @@
 //! Access tokens (short-lived HS256 JWTs, one allowed algorithm) and refresh tokens (opaque random
 //! strings, stored only as SHA-256 hashes, single use).
+//!
+//! Access tokens are signed with the current key of a [`KeySet`] and name it in their `kid`
+//! header; any key of the set verifies (rotation). A token without `kid` (issued before key ids)
+//! is checked against each key of the set.
 
 use chrono::Duration;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -7,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::clock::SharedClock;
-use crate::secrets::random_token;
+use crate::secrets::{KeySet, random_token};
 
 /// The only algorithm access tokens are signed or accepted with.
 const ALGORITHM: Algorithm = Algorithm::HS256;
@@ -41,8 +45,10 @@ pub enum TokenError {
 }
 
 pub struct Tokens {
-    encoding: EncodingKey,
-    decoding: DecodingKey,
+    /// The current key and its id (the `kid` header of every token issued).
+    encoding: (String, EncodingKey),
+    /// Every accepted key by id, the current one first.
+    decoding: Vec<(String, DecodingKey)>,
     validation: Validation,
     issuer: String,
     audience: String,
@@ -51,8 +57,9 @@ pub struct Tokens {
 }
 
 impl Tokens {
+    /// Tokens signed with the current key of `keys` and verified with any of them.
     pub fn new(
-        key: &[u8],
+        keys: &KeySet,
         issuer: &str,
         audience: &str,
         access_ttl: Duration,
@@ -67,8 +74,15 @@ impl Tokens {
         validation.validate_exp = false;
         validation.validate_nbf = false;
         Self {
-            encoding: EncodingKey::from_secret(key),
-            decoding: DecodingKey::from_secret(key),
+            encoding: (
+                keys.current().id.clone(),
+                EncodingKey::from_secret(&keys.current().bytes),
+            ),
+            decoding: keys
+                .keys()
+                .iter()
+                .map(|k| (k.id.clone(), DecodingKey::from_secret(&k.bytes)))
+                .collect(),
             validation,
             issuer: issuer.to_string(),
             audience: audience.to_string(),
@@ -94,19 +108,28 @@ impl Tokens {
             aud: self.audience.clone(),
             jti: uuid::Uuid::new_v4().to_string(),
         };
-        Ok(jsonwebtoken::encode(
-            &Header::new(ALGORITHM),
-            &claims,
-            &self.encoding,
-        )?)
+        let mut header = Header::new(ALGORITHM);
+        header.kid = Some(self.encoding.0.clone());
+        Ok(jsonwebtoken::encode(&header, &claims, &self.encoding.1)?)
     }
 
     pub fn verify_access(&self, token: &str) -> Result<AccessClaims, TokenError> {
         if token.starts_with(REFRESH_PREFIX) {
             return Err(TokenError::WrongType);
         }
-        let data = jsonwebtoken::decode::<AccessClaims>(token, &self.decoding, &self.validation)
-            .map_err(|_| TokenError::Invalid)?;
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid)?;
+        let decode = |key: &DecodingKey| {
+            jsonwebtoken::decode::<AccessClaims>(token, key, &self.validation).ok()
+        };
+        let data = match header.kid {
+            Some(kid) => self
+                .decoding
+                .iter()
+                .find(|(id, _)| *id == kid)
+                .and_then(|(_, key)| decode(key)),
+            None => self.decoding.iter().find_map(|(_, key)| decode(key)),
+        }
+        .ok_or(TokenError::Invalid)?;
         let claims = data.claims;
         if claims.typ != ACCESS_TYP {
             return Err(TokenError::WrongType);
@@ -135,8 +158,66 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
 
+    fn keys(key: u8) -> KeySet {
+        KeySet::single("jwt", &[key; 32]).expect("keys")
+    }
+
     fn tokens(clock: SharedClock) -> Tokens {
-        Tokens::new(&[7u8; 32], "devpocket", "app", Duration::minutes(30), clock)
+        Tokens::new(&keys(7), "devpocket", "app", Duration::minutes(30), clock)
+    }
+
+    #[test]
+    fn rotation_accepts_previous_keys_and_names_the_current_one() {
+        let clock: SharedClock = ManualClock::starting_now();
+        let before = tokens(clock.clone());
+        let old_jwt = before.issue_access("u1", "s1").expect("issue");
+        let rotated = KeySet::new("jwt", vec![9; 32], vec![vec![7; 32]]).expect("keys");
+        let after = Tokens::new(
+            &rotated,
+            "devpocket",
+            "app",
+            Duration::minutes(30),
+            clock.clone(),
+        );
+        assert_eq!(after.verify_access(&old_jwt).expect("old token").sub, "u1");
+        let new_jwt = after.issue_access("u2", "s2").expect("issue");
+        let kid = jsonwebtoken::decode_header(&new_jwt).expect("header").kid;
+        assert_eq!(kid.as_deref(), Some(rotated.current().id.as_str()));
+        assert_eq!(
+            jsonwebtoken::decode_header(&old_jwt).expect("header").kid,
+            Some(keys(7).current().id.clone())
+        );
+        // A node that never had the new key refuses the new token; one that dropped the old key
+        // refuses the old one.
+        assert_eq!(before.verify_access(&new_jwt), Err(TokenError::Invalid));
+        let retired = Tokens::new(
+            &keys(9),
+            "devpocket",
+            "app",
+            Duration::minutes(30),
+            clock.clone(),
+        );
+        assert_eq!(retired.verify_access(&old_jwt), Err(TokenError::Invalid));
+        assert!(retired.verify_access(&new_jwt).is_ok());
+        // A token issued before key ids (no kid) is checked against every key.
+        let now = clock.now().timestamp();
+        let claims = AccessClaims {
+            sub: "u3".into(),
+            sid: "s3".into(),
+            typ: ACCESS_TYP.into(),
+            iat: now,
+            exp: now + 60,
+            iss: "devpocket".into(),
+            aud: "app".into(),
+            jti: "j".into(),
+        };
+        let legacy = jsonwebtoken::encode(
+            &Header::new(ALGORITHM),
+            &claims,
+            &EncodingKey::from_secret(&[7u8; 32]),
+        )
+        .expect("encode");
+        assert_eq!(after.verify_access(&legacy).expect("legacy").sub, "u3");
     }
 
     #[test]
@@ -155,7 +236,7 @@ mod tests {
         let clock: SharedClock = ManualClock::starting_now();
         let t = tokens(clock.clone());
         let other = Tokens::new(
-            &[8u8; 32],
+            &keys(8),
             "devpocket",
             "app",
             Duration::minutes(30),
@@ -186,13 +267,7 @@ mod tests {
         assert_eq!(t.verify_access(&refresh), Err(TokenError::WrongType));
         assert_eq!(hash, hash_refresh_token(&refresh));
         assert_eq!(hash.len(), 64);
-        let wrong_aud = Tokens::new(
-            &[7u8; 32],
-            "devpocket",
-            "other",
-            Duration::minutes(30),
-            clock,
-        );
+        let wrong_aud = Tokens::new(&keys(7), "devpocket", "other", Duration::minutes(30), clock);
         let jwt = wrong_aud.issue_access("u1", "s1").expect("issue");
         assert_eq!(t.verify_access(&jwt), Err(TokenError::Invalid));
     }

@@ -97,9 +97,16 @@ fn schemas() -> Value {
                 "current": { "type": "boolean" } })) },
             "total": { "type": "integer" } })),
         "RevokedCount": object(&["message", "revoked"], json!({ "message": string(), "revoked": { "type": "integer" } })),
-        "ActorTree": object(&["actors"], json!({
+        "ActorTree": object(&["actors", "node", "nodes"], json!({
+            "node": string(),
+            "nodes": { "type": "array", "items": { "$ref": "#/components/schemas/Node" } },
             "actors": { "type": "array", "items": { "$ref": "#/components/schemas/Actor" } },
             "live_by_kind": { "type": "object" }, "restarts_by_kind": { "type": "object" } })),
+        "Node": object(&["id", "address", "provider", "version", "started_at", "heartbeat_at", "heartbeat_age_seconds", "alive", "draining", "this_node"], json!({
+            "id": string(), "address": string(), "provider": string(), "version": string(),
+            "started_at": string(), "heartbeat_at": string(),
+            "heartbeat_age_seconds": { "type": "integer" }, "alive": { "type": "boolean" },
+            "draining": { "type": "boolean" }, "this_node": { "type": "boolean" } })),
         "Actor": object(&["kind", "id", "status", "restarts", "restart_limit", "uptime_seconds", "children"], json!({
             "kind": string(), "id": string(), "owner": nullable_string(),
             "status": { "type": "string", "enum": ["starting", "running", "restarting", "failed"] }, "phase": nullable_string(),

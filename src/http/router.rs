@@ -7,9 +7,7 @@ use std::sync::LazyLock;
 use futures_util::future::BoxFuture;
 use http::{Method, Response};
 
-use super::handlers::{
-    admin, auth, environments as env, files, health, ports, templates, users,
-};
+use super::handlers::{admin, auth, environments as env, files, health, ports, templates, users};
 use super::limits::RateClass;
 use super::{Body, Ctx};
 use crate::app::AppState;
@@ -148,7 +146,7 @@ fn routes() -> Vec<Route> {
             Public,
             Exempt,
             "health",
-            "Readiness probe: 503 names the failing check",
+            "Readiness probe (database, this node's heartbeat, supervisors): 503 names the failing check",
             None,
             (200, "Readiness"),
         ),
@@ -770,7 +768,7 @@ fn routes() -> Vec<Route> {
             Admin,
             Api,
             "admin",
-            "The live supervision tree",
+            "The live supervision tree of this node, and every node on the database with its heartbeat",
             None,
             (200, "ActorTree"),
         ),

@@ -5,8 +5,10 @@
 //! Migrations for both dialects are embedded and run at start.
 
 pub mod audit;
+pub mod copy;
 pub mod environments;
 pub mod login_attempts;
+pub mod nodes;
 pub mod previews;
 pub mod schema;
 pub mod sessions;

@@ -165,6 +165,20 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    nodes (id) {
+        id -> Text,
+        address -> Text,
+        provider -> Text,
+        version -> Text,
+        started_at -> Timestamp,
+        heartbeat_at -> Timestamp,
+        draining -> Bool,
+        jwt_keys -> Text,
+        seal_keys -> Text,
+    }
+}
+
 diesel::joinable!(sessions -> users (user_id));
 diesel::joinable!(preview_grants -> sessions (session_id));
 diesel::joinable!(environments -> users (user_id));
@@ -183,4 +197,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     templates,
     preview_ports,
     preview_grants,
+    nodes,
 );

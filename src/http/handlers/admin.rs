@@ -17,9 +17,15 @@ use crate::store::audit::{self, AuditFilter};
 const AUDIT_DEFAULT_LIMIT: i64 = 50;
 const AUDIT_MAX_LIMIT: i64 = 500;
 
+/// The supervision tree of this node, and every node on the database (`nodes`: id, address,
+/// provider, version, started_at, heartbeat_at, heartbeat_age_seconds, alive, draining,
+/// this_node). 503 when the store cannot list the nodes.
 pub async fn actors(app: AppState, _ctx: Ctx) -> ApiResult<Response<Body>> {
     let directory = app.actors.directory();
+    let nodes = app.node.list().await?;
     ok(&json!({
+        "node": app.node.id,
+        "nodes": nodes,
         "actors": directory.tree(),
         "live_by_kind": directory.live_by_kind(),
         "restarts_by_kind": directory.restarts_by_kind(),

@@ -38,6 +38,15 @@ pub async fn ready(app: AppState, _ctx: Ctx) -> ApiResult<Response<Body>> {
             failing.push("database");
         }
     }
+    if app.node.heartbeat_healthy() {
+        checks.insert("node".into(), json!("healthy"));
+    } else {
+        checks.insert(
+            "node".into(),
+            json!("heartbeat not stored within cluster.dead_after_seconds"),
+        );
+        failing.push("node");
+    }
     let down = app.actors.unhealthy();
     if down.is_empty() {
         checks.insert("actors".into(), json!("healthy"));
