@@ -8,7 +8,10 @@
 //! Memory: `vt100` keeps 32 bytes per cell for the main grid and, once a program switches to it,
 //! as much again for the alternate grid; there is no scrollback (the ring holds history). So a
 //! model costs at most `2 × 32 × cols × rows` bytes plus a few hundred bytes of state; an 80×24
-//! phone screen costs 60 KiB (120 KiB with a full-screen program). A PTY larger than
+//! phone screen costs 60 KiB (120 KiB with a full-screen program). The parser's own buffers are
+//! fixed: `vt100` is built without its `std` feature, so an OSC string (a window title) is cut at
+//! 1 KiB instead of buffered whole — an endless `ESC ]` cannot grow the model
+//! (tests/screen_memory.rs). A PTY larger than
 //! [`ScreenModel::new`]'s `max_cells` keeps no model (repaints then fall back to tmux's own
 //! redraw) — the bound on what a client's resize can make the server hold.
 //!
