@@ -24,6 +24,7 @@ on_both_backends!(
     a_reattach_without_offset_is_painted_by_the_server_and_terminals_are_listed,
     a_node_at_capacity_refuses_new_terminals_at_once_and_plainly,
     a_repainted_client_keeps_up_with_tmux_scrolling_above_its_status_line,
+    at_node_capacity_a_session_gets_the_slot_of_its_own_evicted_terminal,
 );
 
 /// The terminals a session holds, as ops see them.
@@ -557,5 +558,38 @@ async fn a_repainted_client_keeps_up_with_tmux_scrolling_above_its_status_line(b
         server,
         "the client's screen is the server's"
     );
+    s.stop().await;
+}
+
+/// A full node does not refuse a user because of their own abandoned terminal: the terminal the
+/// session evicts to make room gives its node slot to the new one.
+async fn at_node_capacity_a_session_gets_the_slot_of_its_own_evicted_terminal(backend: Backend) {
+    let s = TestServer::start_with(backend, |c| {
+        c.terminals.max_terminals_per_node = 1;
+        c.terminals.max_terminals_per_session = 1;
+    })
+    .await;
+    let me = s.register("hopper").await;
+    let env = running_env(&s, &me, "hop").await;
+    let (mut ws, welcome) = open_terminal(&s, &me, &env, "").await;
+    let old = welcome["terminal_id"].as_str().expect("id").to_string();
+    input(&mut ws, "echo there-$((3*3))\r").await;
+    read_until(&mut ws, "there-9").await;
+    drop(ws);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while listed(&s, &me, &env).await[0]["attached"] != false {
+        assert!(tokio::time::Instant::now() < deadline, "never detached");
+        tokio::task::yield_now().await;
+    }
+    // A resume of a terminal that has expired: nothing to re-attach, so a new terminal, for
+    // which the detached one is evicted.
+    let gone = "00000000-0000-4000-8000-000000000000";
+    let (mut ws, welcome) =
+        open_terminal(&s, &me, &env, &format!("&terminal_id={gone}&offset=5")).await;
+    assert_ne!(welcome["terminal_id"], old.as_str(), "a new terminal");
+    input(&mut ws, "echo here-$((3*3))\r").await;
+    read_until(&mut ws, "here-9").await;
+    let list = listed(&s, &me, &env).await;
+    assert_eq!(list.len(), 1, "the old one was evicted: {list:?}");
     s.stop().await;
 }
