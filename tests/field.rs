@@ -23,6 +23,8 @@ on_both_backends!(
     lost_output_is_repainted_exactly_from_the_server_screen,
     a_reattach_without_offset_is_painted_by_the_server_and_terminals_are_listed,
     a_node_at_capacity_refuses_new_terminals_at_once_and_plainly,
+    a_repainted_client_keeps_up_with_tmux_scrolling_above_its_status_line,
+    at_node_capacity_a_session_gets_the_slot_of_its_own_evicted_terminal,
 );
 
 /// The terminals a session holds, as ops see them.
@@ -490,5 +492,104 @@ async fn a_node_at_capacity_refuses_new_terminals_at_once_and_plainly(backend: B
         );
         tokio::task::yield_now().await;
     }
+    s.stop().await;
+}
+
+/// The screen's rows as the list shows them: trimmed, trailing blank rows dropped.
+fn text_of(screen: &vt100::Screen, cols: u16) -> Vec<String> {
+    let mut rows: Vec<String> = screen
+        .rows(0, cols)
+        .map(|r| r.trim_end().to_owned())
+        .collect();
+    while rows.last().is_some_and(|r| r.is_empty()) {
+        rows.pop();
+    }
+    rows
+}
+
+/// tmux scrolls its pane above the status line with a scroll region it sets once and then
+/// assumes (it caches what it told the terminal). A client painted by the server must be left
+/// with that region, or tmux's next line feeds land on the status line and the screens part.
+async fn a_repainted_client_keeps_up_with_tmux_scrolling_above_its_status_line(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let me = s.register("scroller").await;
+    let env = running_env(&s, &me, "scrolling").await;
+    let (cols, rows) = (50u16, 12u16);
+    let (mut ws, welcome) =
+        open_terminal(&s, &me, &env, &format!("&cols={cols}&rows={rows}")).await;
+    let tid = welcome["terminal_id"].as_str().expect("id").to_string();
+    // The status line stays (the default); its clock must not tick during the test.
+    input(
+        &mut ws,
+        "tmux set -g status-right ''; seq 1 40; echo first-$((6*7))\r",
+    )
+    .await;
+    read_until(&mut ws, "first-42").await;
+    drop(ws);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while listed(&s, &me, &env).await[0]["attached"] != false {
+        assert!(tokio::time::Instant::now() < deadline, "never detached");
+        tokio::task::yield_now().await;
+    }
+    // The app's reconnect: painted by the server, then live output that scrolls the pane.
+    let (mut ws, welcome) =
+        open_terminal(&s, &me, &env, &format!("&cols={cols}&rows={rows}")).await;
+    assert_eq!(welcome["terminal_id"], tid.as_str(), "re-attached");
+    let at = welcome["offset"].as_u64().expect("offset");
+    let mut client = emulator(cols, rows);
+    input(&mut ws, "seq 100 130; echo second-$((6*7))\r").await;
+    let mut at = at;
+    while !client.screen().contents().contains("second-42") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never saw second-42"
+        );
+        at = feed_until(&mut ws, &mut client, at, at + 1).await;
+    }
+    settle(&s, &me, &env, &mut ws, &mut client, at).await;
+    let server: Vec<String> = listed(&s, &me, &env).await[0]["screen"]
+        .as_str()
+        .expect("screen")
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        text_of(client.screen(), cols),
+        server,
+        "the client's screen is the server's"
+    );
+    s.stop().await;
+}
+
+/// A full node does not refuse a user because of their own abandoned terminal: the terminal the
+/// session evicts to make room gives its node slot to the new one.
+async fn at_node_capacity_a_session_gets_the_slot_of_its_own_evicted_terminal(backend: Backend) {
+    let s = TestServer::start_with(backend, |c| {
+        c.terminals.max_terminals_per_node = 1;
+        c.terminals.max_terminals_per_session = 1;
+    })
+    .await;
+    let me = s.register("hopper").await;
+    let env = running_env(&s, &me, "hop").await;
+    let (mut ws, welcome) = open_terminal(&s, &me, &env, "").await;
+    let old = welcome["terminal_id"].as_str().expect("id").to_string();
+    input(&mut ws, "echo there-$((3*3))\r").await;
+    read_until(&mut ws, "there-9").await;
+    drop(ws);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while listed(&s, &me, &env).await[0]["attached"] != false {
+        assert!(tokio::time::Instant::now() < deadline, "never detached");
+        tokio::task::yield_now().await;
+    }
+    // A resume of a terminal that has expired: nothing to re-attach, so a new terminal, for
+    // which the detached one is evicted.
+    let gone = "00000000-0000-4000-8000-000000000000";
+    let (mut ws, welcome) =
+        open_terminal(&s, &me, &env, &format!("&terminal_id={gone}&offset=5")).await;
+    assert_ne!(welcome["terminal_id"], old.as_str(), "a new terminal");
+    input(&mut ws, "echo here-$((3*3))\r").await;
+    read_until(&mut ws, "here-9").await;
+    let list = listed(&s, &me, &env).await;
+    assert_eq!(list.len(), 1, "the old one was evicted: {list:?}");
     s.stop().await;
 }

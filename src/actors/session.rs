@@ -122,6 +122,10 @@ pub struct SessionState {
 /// How long a shutting-down session waits for its terminals to close their WebSockets.
 const SHUTDOWN_GRACE: StdDuration = StdDuration::from_secs(2);
 
+/// How long a new terminal waits for the node slot of the session's terminal it evicted (that
+/// terminal stops at once; its slot returns when it has). Past it: 1013, as at capacity.
+const EVICTED_SLOT_WAIT: StdDuration = StdDuration::from_secs(5);
+
 /// How long attaching to a terminal may take (connecting SSH included).
 const ATTACH_TIMEOUT: StdDuration = StdDuration::from_secs(30);
 
@@ -166,23 +170,29 @@ impl SessionState {
         }
         // At the cap: the oldest detached terminal makes room (nobody is refused because of
         // their own abandoned terminals); only attached ones count against a refusal.
-        if self.terminals.len() + self.opening >= request.max_terminals {
-            self.evict_oldest_detached();
-        }
+        let evicted = self.terminals.len() + self.opening >= request.max_terminals
+            && self.evict_oldest_detached();
         let held = self.terminals.len() + self.opening;
         if held >= request.max_terminals {
             let _ = reply.send(Err(OpenError::TooMany(held)));
             return;
         }
-        let Ok(slot) = request.node_slots.clone().try_acquire_owned() else {
-            tracing::warn!("terminal refused: this node is at terminals.max_terminals_per_node");
-            let _ = reply.send(Err(OpenError::Busy));
-            return;
+        let node_slots = request.node_slots.clone();
+        let slot = match node_slots.clone().try_acquire_owned() {
+            Ok(slot) => Some(slot),
+            // The evicted terminal's slot comes back once it has stopped: taken on the task.
+            Err(_) if evicted => None,
+            Err(_) => {
+                tracing::warn!(
+                    "terminal refused: this node is at terminals.max_terminals_per_node"
+                );
+                let _ = reply.send(Err(OpenError::Busy));
+                return;
+            }
         };
         self.opening += 1;
         let expired = request.terminal_id.is_some();
         let mut args = request.args;
-        args.slot = Some(slot);
         let stats = args.stats.clone();
         let terminal_id = args.terminal_id.clone();
         let directory = args.directory.clone();
@@ -201,7 +211,27 @@ impl SessionState {
         directory.set_phase(&directory_id, Some("connecting"));
         let session = myself.clone();
         tokio::spawn(async move {
-            let spawned = Actor::spawn_linked(None, TerminalActor, args, session.get_cell()).await;
+            let slot = match slot {
+                Some(slot) => Ok(slot),
+                None => tokio::time::timeout(EVICTED_SLOT_WAIT, node_slots.acquire_owned())
+                    .await
+                    .map_err(|_| ())
+                    .and_then(|r| r.map_err(|_| ())),
+            };
+            let spawned = match slot {
+                Ok(slot) => {
+                    args.slot = Some(slot);
+                    Actor::spawn_linked(None, TerminalActor, args, session.get_cell())
+                        .await
+                        .map_err(Some)
+                }
+                Err(()) => {
+                    tracing::warn!(
+                        "terminal refused: this node is at terminals.max_terminals_per_node"
+                    );
+                    Err(None)
+                }
+            };
             let actor = match spawned {
                 Ok((actor, _)) => actor,
                 Err(e) => {
@@ -215,8 +245,12 @@ impl SessionState {
                     // The terminal's own reason, not ractor's wrapper ("Actor panicked during
                     // startup"): the client sees it.
                     let reason = match e {
-                        ractor::SpawnErr::StartupFailed(inner) => inner.to_string(),
-                        other => other.to_string(),
+                        Some(ractor::SpawnErr::StartupFailed(inner)) => inner.to_string(),
+                        Some(other) => other.to_string(),
+                        None => {
+                            let _ = reply.send(Err(OpenError::Busy));
+                            return;
+                        }
                     };
                     let _ = reply.send(Err(OpenError::Failed(anyhow::anyhow!("{reason}"))));
                     return;
@@ -251,8 +285,9 @@ impl SessionState {
             .map(|t| t.actor.clone())
     }
 
-    /// Close the oldest terminal no WebSocket holds (its grace period cut short).
-    fn evict_oldest_detached(&mut self) {
+    /// Close the oldest terminal no WebSocket holds (its grace period cut short); `true` if
+    /// there was one.
+    fn evict_oldest_detached(&mut self) -> bool {
         let oldest = self
             .terminals
             .iter()
@@ -263,7 +298,9 @@ impl SessionState {
             tracing::debug!(session = %self.args.session_id, "evicting the oldest detached terminal");
             held.actor
                 .stop(Some("evicted: the session opened a newer terminal".into()));
+            return true;
         }
+        false
     }
 
     fn terminal_started(

@@ -427,8 +427,9 @@ struct Channel {
 
 impl Channel {
     /// Cut on a UTF-8 boundary (carrying an incomplete character to the next batch), record in
-    /// the ring, and queue the frame for the attached client.
-    fn record(&mut self, chunk: &[u8]) {
+    /// the ring and the screen model, and queue the frame for the attached client. The model
+    /// may restart (its parser failed on the bytes): then the program is asked to redraw.
+    fn record(&mut self, chunk: &[u8], local: &mut VecDeque<In>) {
         let mut bytes = std::mem::take(&mut self.carry);
         bytes.extend_from_slice(chunk);
         let keep = incomplete_tail(&bytes);
@@ -438,7 +439,9 @@ impl Channel {
             return;
         }
         self.ring.push(&bytes);
-        self.screen.process(&bytes);
+        if self.screen.process(&bytes) {
+            self.ask_redraw(local);
+        }
         self.stats
             .bytes_out
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
@@ -540,16 +543,25 @@ impl Channel {
     fn set_size(&mut self, cols: u32, rows: u32, local: &mut VecDeque<In>) {
         self.size = (cols.max(1), rows.max(1));
         if self.screen.resize(self.size.0, self.size.1) {
-            self.awaiting_redraw = true;
-            local.push_back(In::Resize {
-                cols: self.size.0,
-                rows: self.size.1.saturating_sub(1).max(1),
-            });
-            local.push_back(In::Resize {
-                cols: self.size.0,
-                rows: self.size.1,
-            });
+            self.ask_redraw(local);
         }
+    }
+
+    /// The model restarted empty: make the program redraw (a size change forces one) and take
+    /// the output after it as the whole screen. At most two resizes wait at any time.
+    fn ask_redraw(&mut self, local: &mut VecDeque<In>) {
+        if self.awaiting_redraw && !local.is_empty() {
+            return;
+        }
+        self.awaiting_redraw = true;
+        local.push_back(In::Resize {
+            cols: self.size.0,
+            rows: self.size.1.saturating_sub(1).max(1),
+        });
+        local.push_back(In::Resize {
+            cols: self.size.0,
+            rows: self.size.1,
+        });
     }
 
     fn detach(&mut self, connection: u64) {
@@ -758,7 +770,7 @@ async fn channel_task(
                         ch.awaiting_redraw = false;
                         ch.screen.redrawn();
                     }
-                    ch.record(&batch.data);
+                    ch.record(&batch.data, &mut local);
                 }
                 if batch.closed {
                     reader = None;
