@@ -137,23 +137,31 @@ pub fn ensure_account(name: &str, home: &Path, shell: &Path) -> std::io::Result<
         ));
     }
     let useradd = tool("useradd")?;
-    let uid = free_uid()?.to_string();
-    let code = run_locked(
-        &useradd,
-        &[
-            "--uid".as_ref(),
-            uid.as_ref(),
-            "--home-dir".as_ref(),
-            home.as_os_str(),
-            "--no-create-home".as_ref(),
-            "--user-group".as_ref(),
-            "--shell".as_ref(),
-            shell.as_os_str(),
-            "--comment".as_ref(),
-            "DevPocket environment".as_ref(),
-            name.as_ref(),
-        ],
-    )?;
+    let mut code = 0;
+    for _ in 0..UID_ATTEMPTS {
+        let uid = free_uid()?.to_string();
+        code = run_locked(
+            &useradd,
+            &[
+                "--uid".as_ref(),
+                uid.as_ref(),
+                "--home-dir".as_ref(),
+                home.as_os_str(),
+                "--no-create-home".as_ref(),
+                "--user-group".as_ref(),
+                "--shell".as_ref(),
+                shell.as_os_str(),
+                "--comment".as_ref(),
+                "DevPocket environment".as_ref(),
+                name.as_ref(),
+            ],
+        )?;
+        // 4: the uid was taken between our look and useradd's lock, by another process on the
+        // host (our own creations are serialised by the lock above): look again.
+        if code != USERADD_UID_IN_USE {
+            break;
+        }
+    }
     if code != 0 {
         return Err(std::io::Error::other(format!(
             "useradd {name} failed (exit {code})"
@@ -163,6 +171,12 @@ pub fn ensure_account(name: &str, home: &Path, shell: &Path) -> std::io::Result<
         .map(|(account, _)| account)
         .ok_or_else(|| std::io::Error::other(format!("useradd {name} left no account behind")))
 }
+
+/// `useradd`'s exit status when the uid asked for exists (shadow's useradd(8): "UID already in
+/// use (and no -o)").
+const USERADD_UID_IN_USE: i32 = 4;
+/// Times a uid is chosen again when another process on the host took it first.
+const UID_ATTEMPTS: usize = 8;
 
 /// First uid of environment accounts (the usual first uid of ordinary users).
 const UID_MIN: u32 = 1000;
