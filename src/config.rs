@@ -61,6 +61,7 @@ pub struct Config {
     pub local: LocalConfig,
     pub contabo: ContaboConfig,
     pub ops: OpsConfig,
+    pub files: FilesConfig,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -329,6 +330,25 @@ pub struct ContaboConfig {
     pub retry_base_ms: u64,
 }
 
+/// The file API (`/environments/{id}/files`, over SFTP as the environment's account).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesConfig {
+    /// Largest file one upload may write, in bytes (the upload route is exempt from
+    /// `server.max_body_bytes`; it streams to disk with bounded memory).
+    pub max_upload_bytes: u64,
+    /// Seconds an upload may send nothing (408), or a download's client read nothing (the
+    /// response is cut), before the transfer is abandoned and its SFTP session ended.
+    pub idle_timeout_seconds: u64,
+    /// Entries read from one directory for a listing; past it the listing says `truncated`.
+    pub max_list_entries: usize,
+    /// Seconds one SFTP request may wait for the environment's answer.
+    pub request_timeout_seconds: u64,
+    /// File operations one user may run at once (each holds an SSH connection; a download until
+    /// it is sent); more → 429 `too_many_file_operations`.
+    pub max_operations_per_user: usize,
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OpsConfig {
@@ -456,6 +476,21 @@ impl Config {
         }
         if self.server.preview_cookie_hours == 0 {
             p.push("server.preview_cookie_hours: must be above 0".into());
+        }
+        if self.files.max_upload_bytes == 0 {
+            p.push("files.max_upload_bytes: must be above 0".into());
+        }
+        if self.files.max_operations_per_user == 0 {
+            p.push("files.max_operations_per_user: must be above 0".into());
+        }
+        if !(1..=1_000_000).contains(&self.files.max_list_entries) {
+            p.push("files.max_list_entries: must be 1 to 1000000".into());
+        }
+        if self.files.idle_timeout_seconds == 0 || self.files.request_timeout_seconds == 0 {
+            p.push(
+                "files.idle_timeout_seconds and files.request_timeout_seconds: must be above 0"
+                    .into(),
+            );
         }
         if self.server.max_body_bytes == 0 {
             p.push("server.max_body_bytes: must be above 0".into());
@@ -660,7 +695,7 @@ impl Config {
 }
 
 /// Top-level sections; anything else in a file or variable is a mistake worth reporting.
-const SECTIONS: [&str; 13] = [
+const SECTIONS: [&str; 14] = [
     "server",
     "database",
     "auth",
@@ -674,6 +709,7 @@ const SECTIONS: [&str; 13] = [
     "local",
     "contabo",
     "ops",
+    "files",
 ];
 
 /// Extract section by section so that a mistake in one section does not hide those in others.
@@ -724,6 +760,7 @@ fn extract_sections(figment: &Figment, problems: &mut Vec<String>) -> Option<Con
     let local = section(figment, "local", problems);
     let contabo = section(figment, "contabo", problems);
     let ops = section(figment, "ops", problems);
+    let files = section(figment, "files", problems);
     Some(Config {
         server: server?,
         database: database?,
@@ -738,6 +775,7 @@ fn extract_sections(figment: &Figment, problems: &mut Vec<String>) -> Option<Con
         local: local?,
         contabo: contabo?,
         ops: ops?,
+        files: files?,
     })
 }
 

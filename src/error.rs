@@ -38,12 +38,22 @@ error_codes! {
     BodyTimeout => "body_timeout",
     BuiltinTemplate => "builtin_template",
     DatabaseUnavailable => "database_unavailable",
+    /// A directory to delete is not empty (409).
+    DirectoryNotEmpty => "directory_not_empty",
     EmailTaken => "email_taken",
     EnvironmentBusy => "environment_busy",
-    /// The environment did not answer over SSH (502).
+    /// The environment must be running for this (409).
+    EnvironmentNotRunning => "environment_not_running",
+    /// SSH or SFTP to a running environment failed (503).
     EnvironmentUnreachable => "environment_unreachable",
     EnvironmentsPending => "environments_pending",
     FaultInjectionDisabled => "fault_injection_disabled",
+    /// The environment's own account may not touch this path: the OS refused it (403).
+    FileAccessDenied => "file_access_denied",
+    /// Something already exists at the path (409).
+    FileExists => "file_exists",
+    /// The environment refused a file operation without a reason (SFTP's generic failure: a full disk, a move into itself...) (409).
+    FileOperationFailed => "file_operation_failed",
     /// The account is linked to a different Google identity than the one presented (409).
     GoogleAlreadyLinked => "google_already_linked",
     /// The Google identity presented is linked to another account (409).
@@ -54,22 +64,34 @@ error_codes! {
     GoogleUnavailable => "google_unavailable",
     InternalError => "internal_error",
     InvalidJson => "invalid_json",
+    /// A file path that is malformed or outside the environment's home (422).
+    InvalidPath => "invalid_path",
     InvalidSince => "invalid_since",
     InvalidState => "invalid_state",
+    /// A file operation on a directory (409).
+    IsADirectory => "is_a_directory",
     /// The change would leave the account with no way to sign in (409).
     LastSignInMethod => "last_sign_in_method",
     MethodNotAllowed => "method_not_allowed",
     NameTaken => "name_taken",
+    /// A directory operation on something else, or a path through a file (409).
+    NotADirectory => "not_a_directory",
     NotFound => "not_found",
     NotSupervised => "not_supervised",
     PayloadTooLarge => "payload_too_large",
     PlanLimit => "plan_limit",
+    /// `If-Match` / `If-None-Match` did not hold (412).
+    PreconditionFailed => "precondition_failed",
     ProviderRefused => "provider_refused",
     ProviderUnavailable => "provider_unavailable",
+    /// A `Range` outside the file (416).
+    RangeNotSatisfiable => "range_not_satisfiable",
     RateLimited => "rate_limited",
     RegistrationClosed => "registration_closed",
     TemplateExists => "template_exists",
     TooManyConnections => "too_many_connections",
+    /// A user's file operations running at once are capped (429).
+    TooManyFileOperations => "too_many_file_operations",
     Unauthorized => "unauthorized",
     UnsupportedByProvider => "unsupported_by_provider",
     UsernameTaken => "username_taken",
@@ -327,11 +349,16 @@ mod tests {
                 "body_timeout",
                 "builtin_template",
                 "database_unavailable",
+                "directory_not_empty",
                 "email_taken",
                 "environment_busy",
+                "environment_not_running",
                 "environment_unreachable",
                 "environments_pending",
                 "fault_injection_disabled",
+                "file_access_denied",
+                "file_exists",
+                "file_operation_failed",
                 "google_already_linked",
                 "google_linked_elsewhere",
                 "google_not_configured",
@@ -339,21 +366,27 @@ mod tests {
                 "google_unavailable",
                 "internal_error",
                 "invalid_json",
+                "invalid_path",
                 "invalid_since",
                 "invalid_state",
+                "is_a_directory",
                 "last_sign_in_method",
                 "method_not_allowed",
                 "name_taken",
+                "not_a_directory",
                 "not_found",
                 "not_supervised",
                 "payload_too_large",
                 "plan_limit",
+                "precondition_failed",
                 "provider_refused",
                 "provider_unavailable",
+                "range_not_satisfiable",
                 "rate_limited",
                 "registration_closed",
                 "template_exists",
                 "too_many_connections",
+                "too_many_file_operations",
                 "unauthorized",
                 "unsupported_by_provider",
                 "username_taken",

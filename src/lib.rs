@@ -15,8 +15,8 @@
 //! - [`secrets`] — generated key files and AEAD sealing of secrets at rest.
 //! - [`clock`] — time as a dependency, so tests move it instead of sleeping.
 //! - [`error`] — the API error shape (`detail` + `code`).
-//! - [`ssh`] — SSH: key handling, the client bridge (pinned host keys) and the local provider's
-//!   server.
+//! - [`ssh`] — SSH: key handling, the client bridge (pinned host keys), the local provider's
+//!   server, and SFTP as an environment's own account (the file API).
 //! - [`templates`] — environment templates: metadata and cloud-init user-data, rendering, checks.
 //! - [`protocol`] — every frame of the three WebSocket streams (terminal, logs, events), pure.
 //! - [`terminal`] — the output ring and coalescing (pure; the actor is in [`actors`]).

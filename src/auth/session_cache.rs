@@ -136,3 +136,92 @@ impl SessionCache {
         self.len() == 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(session: &str, user: &str) -> (Session, User) {
+        let t = Utc::now().naive_utc();
+        let session = Session {
+            id: session.into(),
+            user_id: user.into(),
+            user_agent: None,
+            ip_address: None,
+            created_at: t,
+            last_used_at: t,
+            expires_at: t,
+            revoked_at: None,
+            revoked_reason: None,
+        };
+        let user = User {
+            id: user.into(),
+            username: user.into(),
+            username_key: user.into(),
+            email: format!("{user}@example.com"),
+            password_hash: None,
+            full_name: None,
+            avatar_url: None,
+            google_id: None,
+            is_active: true,
+            is_verified: false,
+            subscription_plan: "free".into(),
+            preferred_region: None,
+            created_at: t,
+            updated_at: t,
+            last_login: None,
+        };
+        (session, user)
+    }
+
+    #[test]
+    fn rows_are_trusted_for_the_ttl_only() {
+        let cache = SessionCache::new(2, 10);
+        let now = Utc::now();
+        let (s, u) = rows("s1", "u1");
+        cache.put(cache.epoch(), &s, &u, now);
+        assert!(
+            cache
+                .get("s1", now + Duration::milliseconds(1999))
+                .is_some()
+        );
+        assert!(cache.get("s1", now + Duration::seconds(2)).is_none());
+        assert!(
+            cache.get("s1", now - Duration::seconds(1)).is_none(),
+            "clock went back"
+        );
+        let off = SessionCache::new(0, 10);
+        off.put(off.epoch(), &s, &u, now);
+        assert!(off.get("s1", now).is_none(), "0 = off");
+    }
+
+    #[test]
+    fn a_read_that_raced_a_forget_is_not_cached() {
+        let cache = SessionCache::new(2, 10);
+        let now = Utc::now();
+        let (s, u) = rows("s1", "u1");
+        let epoch = cache.epoch(); // a request starts reading the store...
+        cache.forget_sessions([&"s1".to_string()]); // ...a logout commits and forgets...
+        cache.put(epoch, &s, &u, now); // ...the stale read arrives
+        assert!(cache.get("s1", now).is_none());
+        cache.put(cache.epoch(), &s, &u, now);
+        assert!(cache.get("s1", now).is_some());
+        cache.forget_user("u1");
+        assert!(
+            cache.get("s1", now).is_none(),
+            "an account change forgets its sessions"
+        );
+    }
+
+    #[test]
+    fn it_never_holds_more_than_its_bound() {
+        let cache = SessionCache::new(2, 3);
+        let now = Utc::now();
+        for i in 0..10 {
+            let (s, u) = rows(&format!("s{i}"), "u");
+            cache.put(cache.epoch(), &s, &u, now);
+            assert!(cache.len() <= 3);
+        }
+        assert!(cache.get("s9", now).is_some(), "the newest is kept");
+    }
+}

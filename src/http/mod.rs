@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -37,7 +38,17 @@ use authn::AuthUser;
 use conn::{HeadDeadline, Held, PerIpConnections, TrustedProxies};
 use router::{Access, ROUTER, RouteMatch};
 
-pub type Body = Full<Bytes>;
+/// A response body: a whole one ([`full`]) or a stream (a file download).
+pub type Body = UnsyncBoxBody<Bytes, BodyError>;
+/// Why a streamed response body broke off (hyper then cuts the response).
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A response body of these bytes.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
 
 /// TCP keepalive on every accepted socket: a phone that vanished (network switch, tunnel) without
 /// a FIN is found within about `TCP_KEEPALIVE_IDLE + 3 × TCP_KEEPALIVE_INTERVAL`, and NAT
@@ -87,6 +98,9 @@ pub struct Ctx {
     pub query: String,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// On a route with a streamed body (`Route::streamed_body`) the body itself, unread (and
+    /// `body` empty): the handler reads it with bounds of its own.
+    pub stream: Option<Incoming>,
     pub ip: IpAddr,
     pub request_id: String,
     pub auth: Option<AuthUser>,
@@ -169,7 +183,7 @@ impl Ctx {
 
 pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -183,7 +197,7 @@ pub fn ok<T: Serialize>(value: &T) -> ApiResult<Response<Body>> {
 }
 
 pub fn text(content_type: &'static str, body: String) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    let mut resp = Response::new(full(body));
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp
@@ -335,9 +349,7 @@ async fn serve_connection(
                     let trusted = front.trusted.contains(peer.ip().to_canonical());
                     return Ok(preview::serve(app, deadline, ip, trusted, req, target).await);
                 }
-                handle(app, front, deadline, peer, req)
-                    .await
-                    .map(preview::boxed)
+                handle(app, front, deadline, peer, req).await
             }
         })
     };
@@ -392,6 +404,18 @@ async fn handle(
 
     let (route, result) = dispatch(&app, req, ip, &request_id).await;
     let mut resp = match result {
+        // A streamed body (a download) is still being sent when this returns: the request stays
+        // in flight until it is done, or the keep-alive deadline would cut it.
+        Ok(resp) if hyper::body::Body::size_hint(resp.body()).exact().is_none() => {
+            let in_flight = deadline.request_started();
+            resp.map(|body| {
+                body.map_frame(move |frame| {
+                    let _ = &in_flight;
+                    frame
+                })
+                .boxed_unsync()
+            })
+        }
         Ok(resp) => resp,
         Err(err) => {
             if let Some(source) = &err.source {
@@ -490,6 +514,22 @@ async fn dispatch(
             Err(err) => return (pattern, Err(err)),
         }
     };
+    if route.streamed_body {
+        // The one exception to the body limit: the handler streams it, bounded itself.
+        let ctx = Ctx {
+            method: parts.method,
+            route: pattern,
+            params,
+            query: parts.uri.query().unwrap_or("").to_string(),
+            headers: parts.headers,
+            body: Bytes::new(),
+            stream: Some(body),
+            ip,
+            request_id: request_id.to_string(),
+            auth,
+        };
+        return (pattern, (route.handler)(app.clone(), ctx).await);
+    }
     let server = &app.config.server;
     let limit = if auth.is_some() {
         server.max_body_bytes
@@ -509,6 +549,7 @@ async fn dispatch(
         query: parts.uri.query().unwrap_or("").to_string(),
         headers: parts.headers,
         body,
+        stream: None,
         ip,
         request_id: request_id.to_string(),
         auth,
@@ -593,7 +634,7 @@ fn allowed_origin<'a>(app: &AppState, origin: Option<&'a HeaderValue>) -> Option
 }
 
 fn preflight(app: &AppState, headers: &HeaderMap) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::new()));
+    let mut resp = Response::new(full(Bytes::new()));
     *resp.status_mut() = StatusCode::NO_CONTENT;
     if allowed_origin(app, headers.get(header::ORIGIN)).is_some() {
         let h = resp.headers_mut();

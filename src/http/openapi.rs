@@ -388,6 +388,10 @@ fn operation(route: &super::router::Route, schemas: &Value) -> Value {
         "parameters": parameters,
         "responses": responses,
     });
+    if route.streamed_body {
+        op["requestBody"] = json!({ "required": true, "content": { "application/octet-stream": {
+            "schema": { "type": "string", "format": "binary" } } } });
+    }
     if let Some(body) = route.body {
         op["requestBody"] = json!({ "required": true, "content": { "application/json": {
             "schema": { "$ref": format!("#/components/schemas/{body}") } } } });
@@ -402,8 +406,47 @@ fn operation(route: &super::router::Route, schemas: &Value) -> Value {
     op
 }
 
+/// The file API's shapes (`/environments/{id}/files`).
+fn file_schemas() -> Value {
+    let entry = object(
+        &["name", "path", "type", "size", "mode", "modified"],
+        json!({
+            "name": string(),
+            "path": { "type": "string", "description": "relative to the environment's home (\"\" is the home)" },
+            "type": { "type": "string", "enum": ["file", "directory", "symlink", "other"] },
+            "size": { "type": "integer", "description": "bytes" },
+            "mode": { "type": "string", "description": "permission bits in octal, e.g. 0644" },
+            "modified": { "type": ["string", "null"], "format": "date-time" },
+            "etag": { "type": "string", "description": "files only: the ETag for If-Match (size and modification time)" },
+        }),
+    );
+    json!({
+        "FileEntry": entry,
+        "DirectoryListing": object(&["path", "type", "entries", "offset", "limit", "total", "truncated"], json!({
+            "path": string(),
+            "type": { "const": "directory" },
+            "entries": { "type": "array", "items": { "$ref": "#/components/schemas/FileEntry" } },
+            "offset": { "type": "integer" },
+            "limit": { "type": "integer" },
+            "total": { "type": "integer", "description": "entries read (sorted by name, then paged)" },
+            "truncated": { "type": "boolean", "description": "the directory has more than files.max_list_entries entries; only that many were read" },
+        })),
+        "MkdirRequest": object(&["path"], json!({
+            "path": { "type": "string", "description": "relative to the environment's home" },
+            "parents": { "type": "boolean", "description": "create missing parents too; an existing directory is then 200" },
+        })),
+        "MoveRequest": object(&["from", "to"], json!({
+            "from": string(),
+            "to": { "type": "string", "description": "must not exist" },
+        })),
+    })
+}
+
 fn build() -> Value {
-    let schemas = schemas();
+    let mut schemas = schemas();
+    if let (Some(all), Value::Object(files)) = (schemas.as_object_mut(), file_schemas()) {
+        all.extend(files);
+    }
     let mut paths = Map::new();
     for route in ROUTER.routes() {
         let entry = paths

@@ -38,7 +38,6 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
-use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
@@ -52,9 +51,9 @@ use crate::config::ServerConfig;
 use crate::ssh::SshClient;
 use crate::store::previews::{self, Grant, KIND_COOKIE};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// The body of every response the front end sends: the API's buffered JSON or a proxied stream.
-pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+pub use super::BodyError as BoxError;
+/// The body of every response the front end sends (the API's, a download, a proxied stream).
+pub type ProxyBody = super::Body;
 
 /// The preview cookie's name (host-only; on a path-based preview scoped to its path).
 pub const COOKIE: &str = "devpocket_preview";

@@ -7,7 +7,7 @@ use std::sync::LazyLock;
 use futures_util::future::BoxFuture;
 use http::{Method, Response};
 
-use super::handlers::{admin, auth, environments as env, health, ports, templates, users};
+use super::handlers::{admin, auth, environments as env, files, health, ports, templates, users};
 use super::limits::RateClass;
 use super::{Body, Ctx};
 use crate::app::AppState;
@@ -46,6 +46,9 @@ pub struct Route {
     pub errors: &'static [(u16, &'static str)],
     /// A WebSocket endpoint: upgraded, authenticated by `?token=`.
     pub websocket: Option<super::ws::WsKind>,
+    /// The body is not read up to `server.max_body_bytes` but handed to the handler unread
+    /// (`Ctx::stream`), which bounds it itself (file uploads).
+    pub streamed_body: bool,
 }
 
 macro_rules! handler {
@@ -79,6 +82,7 @@ fn route(
         ok,
         errors: &[],
         websocket: None,
+        streamed_body: false,
     }
 }
 
@@ -112,7 +116,7 @@ fn routes() -> Vec<Route> {
     let post = Method::POST;
     let put = Method::PUT;
     let delete = Method::DELETE;
-    vec![
+    let mut all = vec![
         route(
             get.clone(),
             "/health",
@@ -597,9 +601,9 @@ fn routes() -> Vec<Route> {
         },
         Route {
             errors: &[
-                (409, "`invalid_state`: the environment is not running"),
+                (409, "`environment_not_running`"),
                 (
-                    502,
+                    503,
                     "`environment_unreachable`: the ports could not be sampled over SSH",
                 ),
             ],
@@ -798,6 +802,186 @@ fn routes() -> Vec<Route> {
                 "Audit events, newest first",
                 None,
                 (200, "AuditPage"),
+            )
+        },
+    ];
+    all.extend(file_routes());
+    all
+}
+
+/// `/api/v1/environments/{id}/files`: the file API (issue 13), over SFTP as the environment's
+/// own account (see `handlers::files`).
+fn file_routes() -> Vec<Route> {
+    use Access::*;
+    use RateClass::*;
+    const FILES: &str = "/api/v1/environments/{environment_id}/files";
+    const NOT_RUNNING: (u16, &str) = (
+        409,
+        "`environment_not_running`; `file_exists`, `is_a_directory`, `not_a_directory`, `directory_not_empty` or `file_operation_failed` (the environment refused: e.g. its disk is full)",
+    );
+    const PATH: (u16, &str) = (
+        422,
+        "`invalid_path`: empty, not UTF-8, with a NUL byte, too long, or outside the environment's home (`..` above it, an absolute path elsewhere); `validation_error` for a bad query or body",
+    );
+    const DENIED: (u16, &str) = (
+        403,
+        "`file_access_denied`: the environment's own account may not do this (the operating system refused it: e.g. a symlink to a place it cannot read)",
+    );
+    const UNREACHABLE: (u16, &str) = (
+        503,
+        "`environment_unreachable` (with Retry-After): SSH or SFTP to the environment failed; `environment_busy`",
+    );
+    const BUSY: (u16, &str) = (
+        429,
+        "`rate_limited`, or `too_many_file_operations` (with Retry-After): the caller already runs `files.max_operations_per_user` file operations (downloads count until sent)",
+    );
+    vec![
+        Route {
+            query: &[
+                (
+                    "path",
+                    "file or directory, relative to the environment's home (default: the home); an absolute path must lie inside it",
+                ),
+                ("offset", "directory listing: entries to skip (default 0)"),
+                (
+                    "limit",
+                    "directory listing: entries per page, 1-1000 (default 200)",
+                ),
+            ],
+            errors: &[
+                DENIED,
+                (404, "`not_found`: the environment, or nothing at `path`"),
+                NOT_RUNNING,
+                (
+                    412,
+                    "`precondition_failed`: `If-Match` names another version",
+                ),
+                (
+                    416,
+                    "`range_not_satisfiable` (with `Content-Range: bytes */size`)",
+                ),
+                PATH,
+                UNREACHABLE,
+                BUSY,
+            ],
+            ..route(
+                Method::GET,
+                FILES,
+                handler!(files::get),
+                User,
+                Api,
+                "files",
+                "A directory's listing (DirectoryListing, sorted by name, paged; at most `files.max_list_entries` are read) or a file's bytes: streamed, with `ETag`, `Last-Modified`, a content type guessed from its name, `Range` (one range: 206 with `Content-Range`) and `If-None-Match` (304)",
+                None,
+                (200, "DirectoryListing"),
+            )
+        },
+        Route {
+            query: &[("path", "the file, relative to the environment's home")],
+            errors: &[
+                DENIED,
+                (
+                    404,
+                    "`not_found`: the environment, or the directory the file goes in",
+                ),
+                NOT_RUNNING,
+                (
+                    412,
+                    "`precondition_failed`: `If-Match` does not name the current version (or there is none), or `If-None-Match: *` and the file exists",
+                ),
+                (
+                    413,
+                    "`payload_too_large`: over `files.max_upload_bytes` (nothing is left behind)",
+                ),
+                PATH,
+                UNREACHABLE,
+                BUSY,
+            ],
+            streamed_body: true,
+            ..route(
+                Method::PUT,
+                FILES,
+                handler!(files::put),
+                User,
+                Api,
+                "files",
+                "Upload a file (raw bytes, any content type): streamed into a temporary file next to it with bounded memory and renamed over `path` at the end, so readers never see half a file. The one route exempt from `server.max_body_bytes`; its limit is `files.max_upload_bytes`. `If-Match: <etag>` replaces only that version; `If-None-Match: *` creates only. 201 when created, 200 when replaced; audited (file_written)",
+                None,
+                (201, "FileEntry"),
+            )
+        },
+        Route {
+            query: &[(
+                "path",
+                "the file or empty directory, relative to the environment's home",
+            )],
+            errors: &[
+                DENIED,
+                (404, "`not_found`: the environment, or nothing at `path`"),
+                NOT_RUNNING,
+                (
+                    412,
+                    "`precondition_failed`: `If-Match` does not name the current version",
+                ),
+                PATH,
+                UNREACHABLE,
+                BUSY,
+            ],
+            ..route(
+                Method::DELETE,
+                FILES,
+                handler!(files::delete),
+                User,
+                Api,
+                "files",
+                "Delete a file, a symlink (not what it points to) or an empty directory; audited (file_deleted)",
+                None,
+                (200, "Message"),
+            )
+        },
+        Route {
+            errors: &[
+                DENIED,
+                (404, "`not_found`: the environment, or the parent directory"),
+                NOT_RUNNING,
+                PATH,
+                UNREACHABLE,
+                BUSY,
+            ],
+            ..route(
+                Method::POST,
+                "/api/v1/environments/{environment_id}/files/mkdir",
+                handler!(files::mkdir),
+                User,
+                Api,
+                "files",
+                "Create a directory (its parent must exist); audited (directory_created)",
+                Some("MkdirRequest"),
+                (201, "FileEntry"),
+            )
+        },
+        Route {
+            errors: &[
+                DENIED,
+                (
+                    404,
+                    "`not_found`: the environment, `from`, or the directory `to` goes in",
+                ),
+                NOT_RUNNING,
+                PATH,
+                UNREACHABLE,
+                BUSY,
+            ],
+            ..route(
+                Method::POST,
+                "/api/v1/environments/{environment_id}/files/move",
+                handler!(files::move_file),
+                User,
+                Api,
+                "files",
+                "Move or rename a file or directory; `to` must not exist (409 file_exists); audited (file_moved)",
+                Some("MoveRequest"),
+                (200, "FileEntry"),
             )
         },
     ]

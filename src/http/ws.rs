@@ -16,7 +16,6 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use serde_json::json;
@@ -194,7 +193,7 @@ pub fn upgrade(
             .unwrap_or_default();
         run(app, ws, kind, env_id, query, audit).await;
     });
-    let mut resp = Response::new(Full::new(Bytes::new()));
+    let mut resp = Response::new(super::full(Bytes::new()));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = resp.headers_mut();
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));

@@ -321,6 +321,33 @@ impl SshClient {
         Ok(channel.into_stream())
     }
 
+    /// Open a session channel running the subsystem `name` (e.g. `sftp`) and hand it over as a
+    /// byte stream; the channel closes when the stream is dropped. Backpressure as for every
+    /// channel ([`CHANNEL_BUFFER`] messages, then the connection stalls).
+    pub async fn open_subsystem(
+        &self,
+        name: &str,
+    ) -> Result<russh::ChannelStream<client::Msg>, SshError> {
+        let mut channel = self.handle.channel_open_session().await?;
+        channel.request_subsystem(true, name).await?;
+        loop {
+            match channel.wait().await {
+                Some(ChannelMsg::Success) => return Ok(channel.into_stream()),
+                Some(ChannelMsg::Failure) => {
+                    return Err(SshError::Channel(format!(
+                        "the server refused the {name} subsystem"
+                    )));
+                }
+                Some(ChannelMsg::Close) | None => {
+                    return Err(SshError::Channel(format!(
+                        "closed while waiting for the {name} subsystem"
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
     /// Whether the connection is gone (then every call fails with [`SshError::Closed`]).
     pub fn is_closed(&self) -> bool {
         self.handle.is_closed()

@@ -1,6 +1,7 @@
 //! SSH: key helpers ([`keys`]), the client the server uses to reach environments with pinned host
-//! keys ([`client`]), and the local provider's loopback server ([`server`]) with its port
-//! forwarding for previews ([`forward`], [`listeners`]).
+//! keys ([`client`]), the local provider's loopback server ([`server`]) with its port forwarding
+//! for previews ([`forward`], [`listeners`]), and SFTP to an environment as its own account for
+//! the file API ([`sftp`]).
 
 pub mod client;
 pub mod forward;
@@ -8,6 +9,7 @@ pub mod keys;
 pub mod listeners;
 pub mod pty;
 pub mod server;
+pub mod sftp;
 pub mod target;
 
 pub use client::{

@@ -1,5 +1,7 @@
 //! The local provider's SSH server: loopback only, public-key auth through an [`Authorizer`],
-//! PTY shells and commands in the environment's workspace directory.
+//! PTY shells and commands in the environment's workspace directory, and the `sftp` subsystem
+//! (OpenSSH's `sftp-server`, run as the session's account like any command: see
+//! [`crate::ssh::sftp`]).
 //!
 //! Each accepted session channel gets its own task that owns the russh channel and runs the
 //! protocol for it in order (`pty-req`, `shell`/`exec`, `window-change`, data, EOF, close); the
@@ -11,7 +13,9 @@
 //! back through the PTY or pipe. Input goes to the child through a bounded queue; a child that
 //! stops reading its input stalls this connection (russh acknowledges windows on receipt, not on
 //! consumption), and input it does not take within [`INPUT_STALL_LIMIT`] is dropped so a wedged
-//! child cannot wedge the connection for good.
+//! child cannot wedge the connection for good — except for a subsystem, whose protocol would be
+//! garbled by a gap (a wedged `sftp-server` stalls only its own connection: the file API opens
+//! one per operation).
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -108,11 +112,17 @@ impl SessionSpec {
         }
     }
 
-    /// The program to execute and its arguments: the wrapper, the shell, the shell's arguments.
+    /// The program to execute and its arguments: the wrapper, the shell, the shell's arguments
+    /// (or, for a subsystem, its program instead of the shell).
     fn argv(&self, program: &Program) -> (OsString, Vec<OsString>) {
         let mut argv: Vec<OsString> = self.wrapper.clone();
-        argv.push(self.shell.clone().into());
-        argv.extend(program_args(program));
+        match program {
+            Program::Subsystem(path) => argv.push(path.clone().into()),
+            _ => {
+                argv.push(self.shell.clone().into());
+                argv.extend(program_args(program));
+            }
+        }
         let first = argv.remove(0);
         (first, argv)
     }
@@ -526,10 +536,13 @@ impl server::Handler for ConnectionHandler {
     async fn subsystem_request(
         &mut self,
         channel: ChannelId,
-        _name: &str,
+        name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        Self::reply(session, channel, false)
+        // Only `sftp`, and only where OpenSSH's sftp-server is installed (as the channel's task
+        // decides too).
+        let ok = subsystem_program(name).is_some() && self.start(channel);
+        Self::reply(session, channel, ok)
     }
 
     async fn x11_request(
@@ -570,6 +583,15 @@ impl ConnectionHandler {
 enum Program {
     Shell,
     Exec(Bytes),
+    /// A subsystem's program, run without a shell and without a PTY (`sftp`: sftp-server).
+    Subsystem(PathBuf),
+}
+
+/// The program of a subsystem this server offers: `sftp` only, when sftp-server is installed.
+fn subsystem_program(name: &str) -> Option<PathBuf> {
+    (name == "sftp")
+        .then(crate::ssh::sftp::sftp_server_path)
+        .flatten()
 }
 
 struct PtyParams {
@@ -621,14 +643,23 @@ async fn run_channel(channel: Channel<Msg>, spec: Arc<SessionSpec>) {
             }
             Some(ChannelMsg::RequestShell { .. }) => break Program::Shell,
             Some(ChannelMsg::Exec { command, .. }) => break Program::Exec(command.into()),
+            Some(ChannelMsg::RequestSubsystem { name, .. }) => {
+                // Anything else was refused by the handler.
+                if let Some(path) = subsystem_program(&name) {
+                    break Program::Subsystem(path);
+                }
+            }
             Some(ChannelMsg::Close) | None => return,
             // Data before a program has nowhere to go; env and other requests are refused.
             Some(_) => {}
         }
     };
     let outcome = match pty {
-        Some(params) => run_in_pty(&mut rx, &tx, &spec, params, &program).await,
-        None => run_with_pipes(&mut rx, &tx, &spec, &program).await,
+        // A subsystem speaks a binary protocol: never through a terminal.
+        Some(params) if !matches!(program, Program::Subsystem(_)) => {
+            run_in_pty(&mut rx, &tx, &spec, params, &program).await
+        }
+        _ => run_with_pipes(&mut rx, &tx, &spec, &program).await,
     };
     let status = match outcome {
         Ok(Outcome::ClientGone) => return,
@@ -671,6 +702,7 @@ fn program_args(program: &Program) -> Vec<OsString> {
             "-c".into(),
             std::ffi::OsStr::from_bytes(command).to_os_string(),
         ],
+        Program::Subsystem(_) => Vec::new(),
     }
 }
 
@@ -728,6 +760,7 @@ async fn run_in_pty(
         InputSink::Pty(writer),
         Box::new(reader),
         None,
+        Some(INPUT_STALL_LIMIT),
     )
     .await;
     // The PTY is closed now (its halves lived in the futures `supervise` dropped).
@@ -794,6 +827,9 @@ async fn run_with_pipes(
         InputSink::Pipe(stdin),
         Box::new(stdout),
         Some(Box::new(stderr)),
+        // A subsystem speaks a protocol: input dropped midway would garble the rest of it, so
+        // a subsystem that stops reading stalls its own connection instead.
+        (!matches!(program, Program::Subsystem(_))).then_some(INPUT_STALL_LIMIT),
     )
     .await;
     Ok(match ended {
@@ -809,7 +845,8 @@ async fn run_with_pipes(
 type Output = Box<dyn AsyncRead + Send + Unpin>;
 
 /// Run a started child until it exits and its output is drained (`Some(status)`), or until the
-/// client closes the channel or goes away (`None`; the child is still to be dealt with).
+/// client closes the channel or goes away (`None`; the child is still to be dealt with). Input
+/// the child does not take within `stall_limit` is dropped (`None`: never dropped).
 async fn supervise(
     rx: &mut ChannelReadHalf,
     tx: &ChannelWriteHalf<Msg>,
@@ -817,6 +854,7 @@ async fn supervise(
     sink: InputSink,
     stdout: Output,
     stderr: Option<Output>,
+    stall_limit: Option<Duration>,
 ) -> Option<ExitStatus> {
     let (input_tx, input_rx) = mpsc::channel(INPUT_QUEUE);
     let (exited_tx, exited_rx) = watch::channel(false);
@@ -836,7 +874,7 @@ async fn supervise(
         status
     };
     let client = async {
-        let forward = forward_input(rx, input_tx);
+        let forward = forward_input(rx, input_tx, stall_limit);
         let write = write_input(sink, input_rx);
         tokio::pin!(forward, write);
         let mut writing = true;
@@ -906,8 +944,13 @@ async fn pump_output(
 }
 
 /// Client messages to the input queue, until the client closes the channel or the connection
-/// goes. Blocks (bounded by [`INPUT_STALL_LIMIT`]) while the child is not reading.
-async fn forward_input(rx: &mut ChannelReadHalf, input: mpsc::Sender<Input>) {
+/// goes. Blocks (bounded by `stall_limit`, [`INPUT_STALL_LIMIT`] for shells and commands) while
+/// the child is not reading.
+async fn forward_input(
+    rx: &mut ChannelReadHalf,
+    input: mpsc::Sender<Input>,
+    stall_limit: Option<Duration>,
+) {
     while let Some(msg) = rx.wait().await {
         let item = match msg {
             ChannelMsg::Data { data } => Input::Data(data),
@@ -920,7 +963,11 @@ async fn forward_input(rx: &mut ChannelReadHalf, input: mpsc::Sender<Input>) {
             ChannelMsg::Close => return,
             _ => continue,
         };
-        match tokio::time::timeout(INPUT_STALL_LIMIT, input.send(item)).await {
+        let Some(limit) = stall_limit else {
+            let _ = input.send(item).await; // an error: the child's input is closed
+            continue;
+        };
+        match tokio::time::timeout(limit, input.send(item)).await {
             Ok(_) => {} // an error means the child's input is closed: nothing to deliver
             Err(_) => tracing::warn!("local SSH: the child is not reading its input; dropped"),
         }

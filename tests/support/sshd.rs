@@ -74,8 +74,12 @@ impl Sshd {
              AuthorizedKeysFile {dir}/authorized_keys\nPubkeyAuthentication yes\n\
              PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
              PermitRootLogin prohibit-password\nStrictModes no\nPidFile {dir}/sshd.pid\n\
-             LogLevel VERBOSE\n",
-            dir = d.display()
+             LogLevel VERBOSE\n{subsystem}",
+            dir = d.display(),
+            // The file API's reference peer (tests/files.rs).
+            subsystem = devpocket::ssh::sftp::sftp_server_path()
+                .map(|p| format!("Subsystem sftp {}\n", p.display()))
+                .unwrap_or_default(),
         );
         std::fs::write(d.join("sshd_config"), config).expect("sshd_config");
         let log = d.join("sshd.log");

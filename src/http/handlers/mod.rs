@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod auth;
 pub mod environments;
+pub mod files;
 pub mod health;
 pub mod ports;
 pub mod templates;
