@@ -44,7 +44,7 @@ error_codes! {
     EnvironmentBusy => "environment_busy",
     /// The environment must be running for this (409).
     EnvironmentNotRunning => "environment_not_running",
-    /// SSH or SFTP to a running environment failed (503; a preview whose SSH hop fails, 502).
+    /// SSH or SFTP to a running environment failed (503).
     EnvironmentUnreachable => "environment_unreachable",
     EnvironmentsPending => "environments_pending",
     FaultInjectionDisabled => "fault_injection_disabled",

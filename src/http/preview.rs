@@ -51,10 +51,8 @@ use crate::config::ServerConfig;
 use crate::ssh::SshClient;
 use crate::store::previews::{self, Grant, KIND_COOKIE};
 
-/// Why a proxied body broke off (the front end's [`super::BodyError`]).
-pub type BoxError = super::BodyError;
-/// The body of every response the front end sends (the front end's [`super::Body`]): the API's
-/// buffered JSON, a file download or a proxied stream.
+pub use super::BodyError as BoxError;
+/// The body of every response the front end sends (the API's, a download, a proxied stream).
 pub type ProxyBody = super::Body;
 
 /// The preview cookie's name (host-only; on a path-based preview scoped to its path).

@@ -601,9 +601,9 @@ fn routes() -> Vec<Route> {
         },
         Route {
             errors: &[
-                (409, "`invalid_state`: the environment is not running"),
+                (409, "`environment_not_running`"),
                 (
-                    502,
+                    503,
                     "`environment_unreachable`: the ports could not be sampled over SSH",
                 ),
             ],

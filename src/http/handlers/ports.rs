@@ -65,7 +65,7 @@ fn require_running(env: &Environment) -> ApiResult<()> {
         return Ok(());
     }
     Err(ApiError::conflict(
-        ErrorCode::InvalidState,
+        ErrorCode::EnvironmentNotRunning,
         format!(
             "Environment is {}; ports can be previewed while it is running",
             env.status
@@ -86,11 +86,7 @@ fn port_response(app: &App, ctx: &Ctx, env_id: &str, port: u16, public: bool) ->
 }
 
 fn unreachable(detail: String) -> ApiError {
-    ApiError::new(
-        StatusCode::BAD_GATEWAY,
-        ErrorCode::EnvironmentUnreachable,
-        detail,
-    )
+    ApiError::unavailable(ErrorCode::EnvironmentUnreachable, detail)
 }
 
 /// The listening ports of a running environment, sampled now over SSH.
