@@ -120,6 +120,25 @@ pub fn claim(config: &Config) -> anyhow::Result<Claim> {
     })
 }
 
+/// How long a claim waits for a lock its previous holder is releasing: a service manager's
+/// restart may start the new process while the old one is still exiting, and a child forked by
+/// the old one holds its descriptors until it execs (they are close-on-exec).
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Take `file`'s exclusive lock, waiting up to `wait` for a holder that is letting go (polled
+/// every 50 ms; this runs once, at start).
+fn lock_within(file: &File, wait: std::time::Duration) -> Result<(), std::fs::TryLockError> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match file.try_lock() {
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Lock `<database>.lock` next to a SQLite database, or say which process to stop.
 pub fn lock_sqlite(db: &Path) -> anyhow::Result<File> {
     let mut name = db.as_os_str().to_owned();
@@ -136,7 +155,7 @@ pub fn lock_sqlite(db: &Path) -> anyhow::Result<File> {
         .mode(0o600)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
-    match file.try_lock() {
+    match lock_within(&file, RELEASE_WAIT) {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => bail!(
             "another devpocket process is serving from the SQLite database {} (it holds {}); SQLite is single-node: stop the other process, or move to PostgreSQL (devpocket migrate-store) to run several nodes",
@@ -161,7 +180,7 @@ fn claim_id(data_dir: &Path) -> anyhow::Result<(String, File)> {
         .mode(0o600)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
-    match file.try_lock() {
+    match lock_within(&file, RELEASE_WAIT) {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => bail!(
             "another devpocket process is serving from the data directory {} (it holds {}); stop it, or give this process a server.data_dir of its own",
