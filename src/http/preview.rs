@@ -72,6 +72,9 @@ const MAX_CLIENTS: usize = 32;
 const CLIENT_IDLE: Duration = Duration::from_secs(300);
 /// Largest response head read from an app (hyper's read buffer); bigger heads are a 502.
 pub const MAX_HEAD_BYTES: usize = 256 * 1024;
+/// How often an open stream or WebSocket of a preview checks that its access still holds (a
+/// store query each time): logout, a revoked session or a port made private ends it within this.
+const ACCESS_RECHECK: Duration = Duration::from_secs(5);
 /// Preview cookies of one request checked at most (each is a store lookup).
 const MAX_COOKIES: usize = 4;
 /// Copy buffer per direction of an upgraded (WebSocket) connection.
@@ -426,7 +429,7 @@ struct Visitor {
 
 /// Authorize, then pass the request on.
 async fn proxy(
-    app: &App,
+    app: &AppState,
     deadline: &HeadDeadline,
     visitor: Visitor,
     req: Request<Incoming>,
@@ -476,29 +479,21 @@ async fn proxy(
             })?;
         return exchange_code(app, &mut conn, &req, visitor, target, grant, now).await;
     }
-    let public = previews::is_public(&mut conn, &env.id, port)
-        .await
-        .map_err(unavailable)?;
-    if !public {
-        let mut granted = false;
-        for token in cookie_values(req.headers()) {
-            granted = previews::live_grant(&mut conn, &hash(&token), KIND_COOKIE, now)
-                .await
-                .map_err(unavailable)?
-                .is_some_and(|g| {
-                    g.environment_id == env.id && g.port == port && g.user_id == env.user_id
-                });
-            if granted {
-                break;
-            }
-        }
-        if !granted {
-            return Err(Page::new(
-                StatusCode::UNAUTHORIZED,
-                "Private preview",
-                "This preview is private. Open it from DevPocket (it signs this browser in), or ask its owner to make it public.",
-            ));
-        }
+    let access = Access {
+        environment_id: env.id.clone(),
+        user_id: env.user_id.clone(),
+        port,
+        cookies: cookie_values(req.headers())
+            .iter()
+            .map(|t| hash(t))
+            .collect(),
+    };
+    if !access.allowed(&mut conn, now).await.map_err(unavailable)? {
+        return Err(Page::new(
+            StatusCode::UNAUTHORIZED,
+            "Private preview",
+            "This preview is private. Open it from DevPocket (it signs this browser in), or ask its owner to make it public.",
+        ));
     }
     drop(conn);
     if env.status != Status::Running {
@@ -511,7 +506,96 @@ async fn proxy(
             ),
         ));
     }
-    forward(app, deadline, visitor, req, target).await
+    forward(app, deadline, visitor, req, target, access).await
+}
+
+/// What let a request in: the port is public, or one of its preview cookies (their hashes) is a
+/// live grant of the environment's owner for this port. Checked again every [`ACCESS_RECHECK`]
+/// while a response streams or a WebSocket is open, so that logout, a revoked session or a port
+/// made private also ends what is already open.
+#[derive(Debug, Clone)]
+struct Access {
+    environment_id: String,
+    user_id: String,
+    port: i32,
+    cookies: Vec<String>,
+}
+
+impl Access {
+    async fn allowed(
+        &self,
+        conn: &mut crate::store::DbConn,
+        now: NaiveDateTime,
+    ) -> crate::store::StoreResult<bool> {
+        if previews::is_public(conn, &self.environment_id, self.port).await? {
+            return Ok(true);
+        }
+        for token_hash in &self.cookies {
+            let granted = previews::live_grant(conn, token_hash, KIND_COOKIE, now)
+                .await?
+                .is_some_and(|g| {
+                    g.environment_id == self.environment_id
+                        && g.port == self.port
+                        && g.user_id == self.user_id
+                });
+            if granted {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// A future that ends once this access no longer holds (checked every [`ACCESS_RECHECK`]; a
+    /// store that cannot answer keeps it, as a request would be refused only with a 503).
+    fn revoked(self, app: AppState) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(async move {
+            loop {
+                tokio::time::sleep(ACCESS_RECHECK).await;
+                let now = db_now(app.clock.as_ref());
+                let Ok(mut conn) = app.db.get().await else {
+                    continue;
+                };
+                if let Ok(false) = self.allowed(&mut conn, now).await {
+                    tracing::info!(
+                        environment_id = %self.environment_id,
+                        port = self.port,
+                        "preview: access ended; closing its open stream"
+                    );
+                    return;
+                }
+            }
+        })
+    }
+}
+
+/// A proxied response body that ends (with an error: the client sees it cut) once its
+/// [`Access`] is revoked.
+struct Revocable {
+    inner: ProxyBody,
+    revoked: Pin<Box<dyn Future<Output = ()> + Send>>,
+}
+
+impl hyper::body::Body for Revocable {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.revoked.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err("preview access ended".into())));
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Spend the code: store a cookie grant tied to the same session, set it, and redirect to the
@@ -764,11 +848,12 @@ fn outgoing_request(
 
 /// Open a channel to the port, speak HTTP/1.1 over it, hand back the app's response.
 async fn forward(
-    app: &App,
+    app: &AppState,
     deadline: &HeadDeadline,
     visitor: Visitor,
     mut req: Request<Incoming>,
     target: &Target,
+    access: Access,
 ) -> Result<Response<ProxyBody>, Page> {
     let timeout = Duration::from_secs(app.config.server.preview_response_timeout_seconds);
     let upgrade = wants_upgrade(req.headers());
@@ -823,10 +908,14 @@ async fn forward(
         let upstream = hyper::upgrade::on(&mut resp);
         let idle = Duration::from_secs(app.config.server.preview_idle_timeout_seconds);
         deadline.upgraded();
+        let revoked = access.revoked(app.clone());
         tokio::spawn(async move {
             match tokio::join!(downstream, upstream) {
                 (Ok(down), Ok(up)) => {
-                    bridge(TokioIo::new(down), TokioIo::new(up), idle).await;
+                    tokio::select! {
+                        () = bridge(TokioIo::new(down), TokioIo::new(up), idle) => {}
+                        () = revoked => {}
+                    }
                 }
                 (Err(e), _) | (_, Err(e)) => tracing::debug!(error = %e, "preview upgrade failed"),
             }
@@ -846,7 +935,14 @@ async fn forward(
         ));
     }
     strip_hop_by_hop(resp.headers_mut());
-    Ok(resp.map(|body| body.map_err(BoxError::from).boxed_unsync()))
+    let revoked = access.revoked(app.clone());
+    Ok(resp.map(|body| {
+        Revocable {
+            inner: body.map_err(BoxError::from).boxed_unsync(),
+            revoked,
+        }
+        .boxed_unsync()
+    }))
 }
 
 /// A `direct-tcpip` stream that keeps its SSH connection alive while it is open (the cache may
