@@ -17,6 +17,30 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 on_both_backends!(a_private_preview_opens_with_its_code_and_only_for_its_owner);
 
+/// A burst of first requests to a preview shares one SSH connection to the environment: they
+/// would otherwise each open their own and take the local SSH server's slots (a few here, so
+/// that one connection per request is refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_first_preview_requests_opens_one_connection() {
+    if !root() {
+        return;
+    }
+    let s = TestServer::start_with(Backend::Sqlite, |c| c.local.max_ssh_connections = 4).await;
+    let alice = s.register("alice").await;
+    let env = running_env(&s, &alice, "burst").await;
+    let (mut ws, _) = open_terminal(&s, &alice, &env, "").await;
+    let port = start_http_server(&mut ws).await;
+    set_visibility(&s, &alice, &env, port, "public").await;
+    let burst = (0..12).map(|_| status_of(preview(&s, &env, port, "/")));
+    let statuses = futures_util::future::join_all(burst).await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    drop(ws);
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websockets_and_server_sent_events_stream_through_the_preview() {
     streaming(Backend::Sqlite).await

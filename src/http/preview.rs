@@ -28,7 +28,7 @@ use std::convert::Infallible;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -100,6 +100,10 @@ pub struct Previews {
     clock: DefaultClock,
     /// environment id → connection; the lock is never held across an `.await`.
     clients: Mutex<HashMap<String, Cached>>,
+    /// environment id → the lock one connect to it holds: requests that find no connection wait
+    /// for the one being made instead of each opening their own (a burst of first requests would
+    /// otherwise take every slot of the local SSH server). Only environments being connected to.
+    connecting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 struct Cached {
@@ -115,6 +119,7 @@ impl Previews {
             enabled: rate_limits_enabled,
             clock: DefaultClock::default(),
             clients: Mutex::default(),
+            connecting: Mutex::default(),
         }
     }
 
@@ -136,6 +141,11 @@ impl Previews {
         self.limiter.shrink_to_fit();
         self.clients()
             .retain(|_, c| !c.client.is_closed() && c.used.elapsed() < CLIENT_IDLE);
+        // Locks left by a request that went away while connecting.
+        self.connecting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, lock| Arc::strong_count(lock) > 1);
     }
 
     fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<String, Cached>> {
@@ -145,14 +155,42 @@ impl Previews {
     /// This node's SSH connection to a running environment (made on first use, through the
     /// environment's actor, which knows its address and keys).
     pub async fn client(&self, app: &App, environment_id: &str) -> Result<SshClient, String> {
-        if let Some(cached) = self
-            .clients()
-            .get_mut(environment_id)
-            .filter(|c| !c.client.is_closed())
-        {
-            cached.used = Instant::now();
-            return Ok(cached.client.clone());
+        if let Some(client) = self.cached(environment_id) {
+            return Ok(client);
         }
+        let lock = self
+            .connecting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(environment_id.to_string())
+            .or_default()
+            .clone();
+        let result = {
+            let _one_at_a_time = lock.lock().await;
+            match self.cached(environment_id) {
+                Some(client) => Ok(client),
+                None => self.connect(app, environment_id).await,
+            }
+        };
+        let mut connecting = self.connecting.lock().unwrap_or_else(|e| e.into_inner());
+        // Ours and the map's: nobody else waits on it (clones are made under this lock).
+        if Arc::strong_count(&lock) == 2 {
+            connecting.remove(environment_id);
+        }
+        result
+    }
+
+    /// The kept, open connection to an environment, marked used.
+    fn cached(&self, environment_id: &str) -> Option<SshClient> {
+        let mut clients = self.clients();
+        let cached = clients
+            .get_mut(environment_id)
+            .filter(|c| !c.client.is_closed())?;
+        cached.used = Instant::now();
+        Some(cached.client.clone())
+    }
+
+    async fn connect(&self, app: &App, environment_id: &str) -> Result<SshClient, String> {
         let target = match app.actors.ssh_target(environment_id).await {
             Ok(Ok(target)) => target,
             Ok(Err(e)) => return Err(format!("{e:#}")),
