@@ -271,7 +271,12 @@ fn target_of_host(domain: &str, host: &str) -> Option<Target> {
 fn target_of_path(path: &str) -> Option<Target> {
     let rest = path.strip_prefix("/preview/")?;
     let mut parts = rest.splitn(3, '/');
-    let id = uuid::Uuid::parse_str(parts.next()?).ok()?.to_string();
+    let given = parts.next()?;
+    // Only the canonical spelling, as for hosts (the prefix and the cookie's path are it).
+    let id = uuid::Uuid::parse_str(given).ok()?.to_string();
+    if id != given {
+        return None;
+    }
     let port_text = parts.next()?;
     let port = parse_port(port_text)?;
     Some(Target {
@@ -281,9 +286,14 @@ fn target_of_path(path: &str) -> Option<Target> {
     })
 }
 
-/// A TCP port 1-65535 in plain decimal.
+/// A TCP port 1-65535 in plain decimal, without leading zeros (one port, one spelling: `08000--…`
+/// would be a second origin for the same preview).
 pub fn parse_port(text: &str) -> Option<u16> {
-    if text.is_empty() || text.len() > 5 || !text.bytes().all(|b| b.is_ascii_digit()) {
+    if text.is_empty()
+        || text.len() > 5
+        || text.starts_with('0')
+        || !text.bytes().all(|b| b.is_ascii_digit())
+    {
         return None;
     }
     text.parse::<u16>().ok().filter(|p| *p != 0)
@@ -1170,6 +1180,8 @@ mod tests {
             "localhost:8000".to_string(),
             "127.0.0.1".to_string(),
             format!("0--{ID}.localhost"),
+            format!("08000--{ID}.localhost"),
+            format!("8000--{ID}.localhost."),
             format!("70000--{ID}.localhost"),
             format!("8000--{ID}.evil.localhost.example"),
             format!("8000--{ID}localhost"),
@@ -1189,6 +1201,13 @@ mod tests {
         assert_eq!(t.port, 3000);
         assert_eq!(t.prefix.as_deref(), Some(&*format!("/preview/{ID}/3000")));
         assert_eq!(target(&server(true), &get("/api/v1/info", "x")), None);
+        for other in [
+            format!("/preview/{}/3000/", ID.to_uppercase()),
+            format!("/preview/{}/3000/", ID.replace('-', "")),
+            format!("/preview/{ID}/03000/"),
+        ] {
+            assert_eq!(target(&server(true), &get(&other, "x")), None, "{other}");
+        }
     }
 
     #[test]
