@@ -17,6 +17,30 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 on_both_backends!(a_private_preview_opens_with_its_code_and_only_for_its_owner);
 
+/// A burst of first requests to a preview shares one SSH connection to the environment: they
+/// would otherwise each open their own and take the local SSH server's slots (a few here, so
+/// that one connection per request is refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_first_preview_requests_opens_one_connection() {
+    if !root() {
+        return;
+    }
+    let s = TestServer::start_with(Backend::Sqlite, |c| c.local.max_ssh_connections = 4).await;
+    let alice = s.register("alice").await;
+    let env = running_env(&s, &alice, "burst").await;
+    let (mut ws, _) = open_terminal(&s, &alice, &env, "").await;
+    let port = start_http_server(&mut ws).await;
+    set_visibility(&s, &alice, &env, port, "public").await;
+    let burst = (0..12).map(|_| status_of(preview(&s, &env, port, "/")));
+    let statuses = futures_util::future::join_all(burst).await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    drop(ws);
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websockets_and_server_sent_events_stream_through_the_preview() {
     streaming(Backend::Sqlite).await
@@ -790,6 +814,52 @@ async fn streaming(backend: Backend) {
             .to_str()
             .is_ok_and(|v| v.starts_with("text/html"))
     );
+
+    // What is already open ends with the access: a WebSocket opened while the port was public
+    // is closed once it is private again, one opened with the cookie once its session logs out.
+    let open_ws = |cookie: Option<String>| {
+        let mut request = format!("ws://{}/ws", s.running().addr)
+            .into_client_request()
+            .expect("request");
+        let headers = request.headers_mut();
+        headers.insert("host", host.parse().expect("host"));
+        if let Some(cookie) = cookie {
+            headers.insert("cookie", cookie.parse().expect("cookie"));
+        }
+        async move {
+            let (mut sock, _) =
+                tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+                    .await
+                    .expect("upgrade in time")
+                    .expect("upgraded");
+            sock.send(Message::text("open")).await.expect("send");
+            let echoed = tokio::time::timeout(WAIT, sock.next())
+                .await
+                .expect("echo in time")
+                .expect("open")
+                .expect("frame");
+            assert_eq!(echoed.to_text().expect("text"), "open");
+            sock
+        }
+    };
+    let ends = |mut sock: tokio_tungstenite::WebSocketStream<_>| async move {
+        let next = tokio::time::timeout(WAIT, sock.next())
+            .await
+            .expect("closed within the deadline");
+        assert!(
+            matches!(next, Some(Ok(Message::Close(_)) | Err(_)) | None),
+            "still open: {next:?}"
+        );
+    };
+    let public_ws = open_ws(None).await;
+    set_visibility(&s, &alice, &env, port, "private").await;
+    ends(public_ws).await;
+    let private_ws = open_ws(Some(cookie.clone())).await;
+    let (status, _) = s
+        .post("/api/v1/auth/logout", alice.token(), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    ends(private_ws).await;
     drop(ws);
     s.stop().await;
 }

@@ -28,7 +28,7 @@ use std::convert::Infallible;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -70,6 +70,9 @@ const MAX_CLIENTS: usize = 32;
 const CLIENT_IDLE: Duration = Duration::from_secs(300);
 /// Largest response head read from an app (hyper's read buffer); bigger heads are a 502.
 pub const MAX_HEAD_BYTES: usize = 256 * 1024;
+/// How often an open stream or WebSocket of a preview checks that its access still holds (a
+/// store query each time): logout, a revoked session or a port made private ends it within this.
+const ACCESS_RECHECK: Duration = Duration::from_secs(5);
 /// Preview cookies of one request checked at most (each is a store lookup).
 const MAX_COOKIES: usize = 4;
 /// Copy buffer per direction of an upgraded (WebSocket) connection.
@@ -95,6 +98,10 @@ pub struct Previews {
     clock: DefaultClock,
     /// environment id → connection; the lock is never held across an `.await`.
     clients: Mutex<HashMap<String, Cached>>,
+    /// environment id → the lock one connect to it holds: requests that find no connection wait
+    /// for the one being made instead of each opening their own (a burst of first requests would
+    /// otherwise take every slot of the local SSH server). Only environments being connected to.
+    connecting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 struct Cached {
@@ -110,6 +117,7 @@ impl Previews {
             enabled: rate_limits_enabled,
             clock: DefaultClock::default(),
             clients: Mutex::default(),
+            connecting: Mutex::default(),
         }
     }
 
@@ -131,6 +139,11 @@ impl Previews {
         self.limiter.shrink_to_fit();
         self.clients()
             .retain(|_, c| !c.client.is_closed() && c.used.elapsed() < CLIENT_IDLE);
+        // Locks left by a request that went away while connecting.
+        self.connecting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, lock| Arc::strong_count(lock) > 1);
     }
 
     fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<String, Cached>> {
@@ -140,14 +153,42 @@ impl Previews {
     /// This node's SSH connection to a running environment (made on first use, through the
     /// environment's actor, which knows its address and keys).
     pub async fn client(&self, app: &App, environment_id: &str) -> Result<SshClient, String> {
-        if let Some(cached) = self
-            .clients()
-            .get_mut(environment_id)
-            .filter(|c| !c.client.is_closed())
-        {
-            cached.used = Instant::now();
-            return Ok(cached.client.clone());
+        if let Some(client) = self.cached(environment_id) {
+            return Ok(client);
         }
+        let lock = self
+            .connecting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(environment_id.to_string())
+            .or_default()
+            .clone();
+        let result = {
+            let _one_at_a_time = lock.lock().await;
+            match self.cached(environment_id) {
+                Some(client) => Ok(client),
+                None => self.connect(app, environment_id).await,
+            }
+        };
+        let mut connecting = self.connecting.lock().unwrap_or_else(|e| e.into_inner());
+        // Ours and the map's: nobody else waits on it (clones are made under this lock).
+        if Arc::strong_count(&lock) == 2 {
+            connecting.remove(environment_id);
+        }
+        result
+    }
+
+    /// The kept, open connection to an environment, marked used.
+    fn cached(&self, environment_id: &str) -> Option<SshClient> {
+        let mut clients = self.clients();
+        let cached = clients
+            .get_mut(environment_id)
+            .filter(|c| !c.client.is_closed())?;
+        cached.used = Instant::now();
+        Some(cached.client.clone())
+    }
+
+    async fn connect(&self, app: &App, environment_id: &str) -> Result<SshClient, String> {
         let target = match app.actors.ssh_target(environment_id).await {
             Ok(Ok(target)) => target,
             Ok(Err(e)) => return Err(format!("{e:#}")),
@@ -228,7 +269,12 @@ fn target_of_host(domain: &str, host: &str) -> Option<Target> {
 fn target_of_path(path: &str) -> Option<Target> {
     let rest = path.strip_prefix("/preview/")?;
     let mut parts = rest.splitn(3, '/');
-    let id = uuid::Uuid::parse_str(parts.next()?).ok()?.to_string();
+    let given = parts.next()?;
+    // Only the canonical spelling, as for hosts (the prefix and the cookie's path are it).
+    let id = uuid::Uuid::parse_str(given).ok()?.to_string();
+    if id != given {
+        return None;
+    }
     let port_text = parts.next()?;
     let port = parse_port(port_text)?;
     Some(Target {
@@ -238,9 +284,14 @@ fn target_of_path(path: &str) -> Option<Target> {
     })
 }
 
-/// A TCP port 1-65535 in plain decimal.
+/// A TCP port 1-65535 in plain decimal, without leading zeros (one port, one spelling: `08000--…`
+/// would be a second origin for the same preview).
 pub fn parse_port(text: &str) -> Option<u16> {
-    if text.is_empty() || text.len() > 5 || !text.bytes().all(|b| b.is_ascii_digit()) {
+    if text.is_empty()
+        || text.len() > 5
+        || text.starts_with('0')
+        || !text.bytes().all(|b| b.is_ascii_digit())
+    {
         return None;
     }
     text.parse::<u16>().ok().filter(|p| *p != 0)
@@ -424,7 +475,7 @@ struct Visitor {
 
 /// Authorize, then pass the request on.
 async fn proxy(
-    app: &App,
+    app: &AppState,
     deadline: &HeadDeadline,
     visitor: Visitor,
     req: Request<Incoming>,
@@ -474,29 +525,21 @@ async fn proxy(
             })?;
         return exchange_code(app, &mut conn, &req, visitor, target, grant, now).await;
     }
-    let public = previews::is_public(&mut conn, &env.id, port)
-        .await
-        .map_err(unavailable)?;
-    if !public {
-        let mut granted = false;
-        for token in cookie_values(req.headers()) {
-            granted = previews::live_grant(&mut conn, &hash(&token), KIND_COOKIE, now)
-                .await
-                .map_err(unavailable)?
-                .is_some_and(|g| {
-                    g.environment_id == env.id && g.port == port && g.user_id == env.user_id
-                });
-            if granted {
-                break;
-            }
-        }
-        if !granted {
-            return Err(Page::new(
-                StatusCode::UNAUTHORIZED,
-                "Private preview",
-                "This preview is private. Open it from DevPocket (it signs this browser in), or ask its owner to make it public.",
-            ));
-        }
+    let access = Access {
+        environment_id: env.id.clone(),
+        user_id: env.user_id.clone(),
+        port,
+        cookies: cookie_values(req.headers())
+            .iter()
+            .map(|t| hash(t))
+            .collect(),
+    };
+    if !access.allowed(&mut conn, now).await.map_err(unavailable)? {
+        return Err(Page::new(
+            StatusCode::UNAUTHORIZED,
+            "Private preview",
+            "This preview is private. Open it from DevPocket (it signs this browser in), or ask its owner to make it public.",
+        ));
     }
     drop(conn);
     if env.status != Status::Running {
@@ -509,7 +552,96 @@ async fn proxy(
             ),
         ));
     }
-    forward(app, deadline, visitor, req, target).await
+    forward(app, deadline, visitor, req, target, access).await
+}
+
+/// What let a request in: the port is public, or one of its preview cookies (their hashes) is a
+/// live grant of the environment's owner for this port. Checked again every [`ACCESS_RECHECK`]
+/// while a response streams or a WebSocket is open, so that logout, a revoked session or a port
+/// made private also ends what is already open.
+#[derive(Debug, Clone)]
+struct Access {
+    environment_id: String,
+    user_id: String,
+    port: i32,
+    cookies: Vec<String>,
+}
+
+impl Access {
+    async fn allowed(
+        &self,
+        conn: &mut crate::store::DbConn,
+        now: NaiveDateTime,
+    ) -> crate::store::StoreResult<bool> {
+        if previews::is_public(conn, &self.environment_id, self.port).await? {
+            return Ok(true);
+        }
+        for token_hash in &self.cookies {
+            let granted = previews::live_grant(conn, token_hash, KIND_COOKIE, now)
+                .await?
+                .is_some_and(|g| {
+                    g.environment_id == self.environment_id
+                        && g.port == self.port
+                        && g.user_id == self.user_id
+                });
+            if granted {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// A future that ends once this access no longer holds (checked every [`ACCESS_RECHECK`]; a
+    /// store that cannot answer keeps it, as a request would be refused only with a 503).
+    fn revoked(self, app: AppState) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(async move {
+            loop {
+                tokio::time::sleep(ACCESS_RECHECK).await;
+                let now = db_now(app.clock.as_ref());
+                let Ok(mut conn) = app.db.get().await else {
+                    continue;
+                };
+                if let Ok(false) = self.allowed(&mut conn, now).await {
+                    tracing::info!(
+                        environment_id = %self.environment_id,
+                        port = self.port,
+                        "preview: access ended; closing its open stream"
+                    );
+                    return;
+                }
+            }
+        })
+    }
+}
+
+/// A proxied response body that ends (with an error: the client sees it cut) once its
+/// [`Access`] is revoked.
+struct Revocable {
+    inner: ProxyBody,
+    revoked: Pin<Box<dyn Future<Output = ()> + Send>>,
+}
+
+impl hyper::body::Body for Revocable {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.revoked.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err("preview access ended".into())));
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Spend the code: store a cookie grant tied to the same session, set it, and redirect to the
@@ -762,11 +894,12 @@ fn outgoing_request(
 
 /// Open a channel to the port, speak HTTP/1.1 over it, hand back the app's response.
 async fn forward(
-    app: &App,
+    app: &AppState,
     deadline: &HeadDeadline,
     visitor: Visitor,
     mut req: Request<Incoming>,
     target: &Target,
+    access: Access,
 ) -> Result<Response<ProxyBody>, Page> {
     let timeout = Duration::from_secs(app.config.server.preview_response_timeout_seconds);
     let upgrade = wants_upgrade(req.headers());
@@ -821,10 +954,14 @@ async fn forward(
         let upstream = hyper::upgrade::on(&mut resp);
         let idle = Duration::from_secs(app.config.server.preview_idle_timeout_seconds);
         deadline.upgraded();
+        let revoked = access.revoked(app.clone());
         tokio::spawn(async move {
             match tokio::join!(downstream, upstream) {
                 (Ok(down), Ok(up)) => {
-                    bridge(TokioIo::new(down), TokioIo::new(up), idle).await;
+                    tokio::select! {
+                        () = bridge(TokioIo::new(down), TokioIo::new(up), idle) => {}
+                        () = revoked => {}
+                    }
                 }
                 (Err(e), _) | (_, Err(e)) => tracing::debug!(error = %e, "preview upgrade failed"),
             }
@@ -844,7 +981,14 @@ async fn forward(
         ));
     }
     strip_hop_by_hop(resp.headers_mut());
-    Ok(resp.map(|body| body.map_err(BoxError::from).boxed_unsync()))
+    let revoked = access.revoked(app.clone());
+    Ok(resp.map(|body| {
+        Revocable {
+            inner: body.map_err(BoxError::from).boxed_unsync(),
+            revoked,
+        }
+        .boxed_unsync()
+    }))
 }
 
 /// A `direct-tcpip` stream that keeps its SSH connection alive while it is open (the cache may
@@ -1034,6 +1178,8 @@ mod tests {
             "localhost:8000".to_string(),
             "127.0.0.1".to_string(),
             format!("0--{ID}.localhost"),
+            format!("08000--{ID}.localhost"),
+            format!("8000--{ID}.localhost."),
             format!("70000--{ID}.localhost"),
             format!("8000--{ID}.evil.localhost.example"),
             format!("8000--{ID}localhost"),
@@ -1053,6 +1199,13 @@ mod tests {
         assert_eq!(t.port, 3000);
         assert_eq!(t.prefix.as_deref(), Some(&*format!("/preview/{ID}/3000")));
         assert_eq!(target(&server(true), &get("/api/v1/info", "x")), None);
+        for other in [
+            format!("/preview/{}/3000/", ID.to_uppercase()),
+            format!("/preview/{}/3000/", ID.replace('-', "")),
+            format!("/preview/{ID}/03000/"),
+        ] {
+            assert_eq!(target(&server(true), &get(&other, "x")), None, "{other}");
+        }
     }
 
     #[test]
