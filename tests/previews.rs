@@ -240,32 +240,6 @@ fn root() -> bool {
     false
 }
 
-/// Terminal output without its escape sequences (tmux redraws lines with them).
-fn strip_escapes(text: &str) -> String {
-    let mut out = String::new();
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c != '\u{1b}' {
-            out.push(c);
-            continue;
-        }
-        match chars.next() {
-            Some('[') => {
-                for c in chars.by_ref() {
-                    if ('@'..='~').contains(&c) {
-                        break;
-                    }
-                }
-            }
-            Some('(' | ')') => {
-                chars.next();
-            }
-            _ => {}
-        }
-    }
-    out
-}
-
 /// The number after `before` up to `after` in the terminal's output, once it has appeared.
 async fn read_port(ws: &mut Ws, before: &str, after: &str) -> u16 {
     let deadline = tokio::time::Instant::now() + WAIT;

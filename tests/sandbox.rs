@@ -60,32 +60,6 @@ async fn ask(ws: &mut Ws, tag: &str, command: &str) -> String {
         .to_string()
 }
 
-/// Terminal output without its escape sequences (tmux redraws lines with them).
-fn strip_escapes(text: &str) -> String {
-    let mut out = String::new();
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c != '\u{1b}' {
-            out.push(c);
-            continue;
-        }
-        match chars.next() {
-            Some('[') => {
-                for c in chars.by_ref() {
-                    if ('@'..='~').contains(&c) {
-                        break;
-                    }
-                }
-            }
-            Some('(' | ')') => {
-                chars.next();
-            }
-            _ => {}
-        }
-    }
-    out
-}
-
 /// The uid of an environment's account, from /etc/passwd (None once removed).
 fn account_uid(environment_id: &str) -> Option<u32> {
     let name = devpocket::provider::sandbox::account_name(environment_id);
