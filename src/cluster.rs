@@ -209,6 +209,9 @@ fn claim_id(data_dir: &Path) -> anyhow::Result<(String, File)> {
 #[derive(Debug, Clone)]
 pub struct Joining<'a> {
     pub provider: ProviderKind,
+    /// `cluster.allow_unleased_peers`: start next to live nodes although environments are not
+    /// leased yet.
+    pub allow_peers: bool,
     pub jwt_keys: &'a [String],
     pub seal_keys: &'a [String],
 }
@@ -258,6 +261,12 @@ pub fn admit(me: &Joining<'_>, live: &[NodeRow]) -> Result<(), String> {
                 ));
             }
         }
+    }
+    if !me.allow_peers {
+        return Err(format!(
+            "node {} ({}) is alive on this database, and environments are not yet leased to one node: two nodes would both run every environment; stop it first (cluster.allow_unleased_peers = true starts anyway, for key-rotation drills only)",
+            first.id, first.address
+        ));
     }
     Ok(())
 }
@@ -312,6 +321,7 @@ impl Node {
         };
         let joining = Joining {
             provider: config.provider.kind,
+            allow_peers: config.cluster.allow_unleased_peers,
             jwt_keys: &jwt_keys,
             seal_keys: &seal_keys,
         };
@@ -483,6 +493,7 @@ mod tests {
         let seal = vec!["s1".repeat(32)];
         let me = Joining {
             provider: ProviderKind::Contabo,
+            allow_peers: true,
             jwt_keys: &jwt,
             seal_keys: &seal,
         };
@@ -506,13 +517,25 @@ mod tests {
         let err = admit(&me, &[local_peer]).expect_err("local peer");
         assert!(err.contains("local provider"), "{err}");
         let local_me = Joining {
+            allow_peers: true,
             provider: ProviderKind::Local,
             ..me
         };
         assert_eq!(admit(&local_me, &[]), Ok(()));
-        let err = admit(&local_me, &[peer]).expect_err("local joining");
+        let err = admit(&local_me, std::slice::from_ref(&peer)).expect_err("local joining");
         assert!(
             err.contains("single-node") && err.contains("node a"),
+            "{err}"
+        );
+        // Until environments are leased, a matching peer is refused unless drills allow it.
+        let serving = Joining {
+            allow_peers: false,
+            ..me
+        };
+        assert_eq!(admit(&serving, &[]), Ok(()), "alone: fine");
+        let err = admit(&serving, &[peer]).expect_err("unleased peer");
+        assert!(
+            err.contains("not yet leased") && err.contains("allow_unleased_peers"),
             "{err}"
         );
     }

@@ -379,6 +379,11 @@ pub struct ClusterConfig {
     /// Seconds without a heartbeat after which a node counts as dead (at least twice the
     /// heartbeat interval).
     pub dead_after_seconds: u64,
+    /// Until environments are leased to one node (issue 11), a node refuses to start while
+    /// another node is alive on the database: both would run every environment (two owners,
+    /// possibly two VPS instances). `true` lets nodes start side by side anyway — only for
+    /// drills such as a key rotation across nodes, never for serving.
+    pub allow_unleased_peers: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
