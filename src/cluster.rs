@@ -139,6 +139,26 @@ fn lock_within(file: &File, wait: std::time::Duration) -> Result<(), std::fs::Tr
     }
 }
 
+/// Open `path` (mode 0600, created if missing) and take its exclusive lock (see
+/// [`lock_within`]); `held_by` says who holds it when another process does, and what to do.
+fn open_locked(path: &Path, held_by: impl FnOnce() -> String) -> anyhow::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match lock_within(&file, RELEASE_WAIT) {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => bail!("{}", held_by()),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+}
+
 /// Lock `<database>.lock` next to a SQLite database, or say which process to stop.
 pub fn lock_sqlite(db: &Path) -> anyhow::Result<File> {
     let mut name = db.as_os_str().to_owned();
@@ -147,50 +167,26 @@ pub fn lock_sqlite(db: &Path) -> anyhow::Result<File> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    match lock_within(&file, RELEASE_WAIT) {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => bail!(
+    open_locked(&path, || {
+        format!(
             "another devpocket process is serving from the SQLite database {} (it holds {}); SQLite is single-node: stop the other process, or move to PostgreSQL (devpocket migrate-store) to run several nodes",
             db.display(),
             path.display()
-        ),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("locking {}", path.display()))
-        }
-    }
+        )
+    })
 }
 
 /// Read (or make) this node's id in `data_dir` and lock the file, so that no other process
 /// serves from the same data directory.
 fn claim_id(data_dir: &Path) -> anyhow::Result<(String, File)> {
     let path = data_dir.join(NODE_ID_FILE);
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    match lock_within(&file, RELEASE_WAIT) {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => bail!(
+    let mut file = open_locked(&path, || {
+        format!(
             "another devpocket process is serving from the data directory {} (it holds {}); stop it, or give this process a server.data_dir of its own",
             data_dir.display(),
             path.display()
-        ),
-        Err(std::fs::TryLockError::Error(e)) => {
-            return Err(e).with_context(|| format!("locking {}", path.display()));
-        }
-    }
+        )
+    })?;
     let mut text = String::new();
     file.read_to_string(&mut text)?;
     let id = text.trim();
