@@ -298,7 +298,7 @@ async fn without_root_the_local_provider_serves_one_account_unless_shared() {
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let http = reqwest::Client::new();
 
-    let server = Served::start_as(&bin, &home, Some(account), &[]);
+    let server = Served::start_as(&bin, &home, Some(account), &[], &[]);
     let ann = newcomer(&http, &server.base, "ann").await;
     let ben = newcomer(&http, &server.base, "ben").await;
     let first = create_env(&http, &server.base, &ann, "mine").await;
@@ -326,6 +326,7 @@ async fn without_root_the_local_provider_serves_one_account_unless_shared() {
         &home,
         Some(account),
         &[("DEVPOCKET_LOCAL__SHARED_ACCOUNT", "true".as_ref())],
+        &[],
     );
     let cal = newcomer(&http, &server.base, "cal").await;
     let third = create_env(&http, &server.base, &cal, "shared").await;
@@ -338,7 +339,6 @@ async fn without_root_the_local_provider_serves_one_account_unless_shared() {
 /// `serve` raises it to the hard limit and says so in its log.
 #[test]
 fn serve_raises_its_open_file_limit_and_says_so() {
-    use std::io::BufRead;
     let hard = String::from_utf8(
         Command::new("sh")
             .args(["-c", "ulimit -Hn"])
@@ -352,48 +352,31 @@ fn serve_raises_its_open_file_limit_and_says_so() {
         return; // nothing to raise to on this host
     }
     let dir = support::Scratch::new();
-    let mut child = Command::new("prlimit")
-        .arg(format!("--nofile=256:{hard}"))
-        .arg(env!("CARGO_BIN_EXE_devpocket"))
-        .current_dir(dir.path())
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("DEVPOCKET_SERVER__BIND", "127.0.0.1:0")
-        .env(
-            "DEVPOCKET_LOCAL__WORKSPACES_DIR",
-            dir.path().join("workspaces"),
-        )
-        .env("DEVPOCKET_LOG__FORMAT", "json")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("prlimit devpocket starts");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in std::io::BufReader::new(stderr).lines() {
-            let Ok(line) = line else { return };
-            if line.contains("raised the open-file limit")
-                && let Some(tx) = tx.take()
-            {
-                let _ = tx.send(line);
-            }
-        }
-    });
-    let said = rx.recv_timeout(std::time::Duration::from_secs(60));
+    let workspaces = dir.path().join("workspaces");
+    let low = format!("--nofile=256:{hard}");
+    let server = Served::start_as(
+        std::path::Path::new(env!("CARGO_BIN_EXE_devpocket")),
+        dir.path(),
+        None,
+        &[("DEVPOCKET_LOCAL__WORKSPACES_DIR", workspaces.as_os_str())],
+        &["prlimit", &low],
+    );
     // prlimit execs the server: the pid is the server's.
     let limits =
-        std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap_or_default();
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
-    let line = said.expect("the log says the limit was raised");
-    let entry: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
-    assert_eq!(entry["from"], "256", "{line}");
-    assert_eq!(entry["to"], hard.as_str(), "{line}");
+        std::fs::read_to_string(format!("/proc/{}/limits", server.child.id())).unwrap_or_default();
+    let said = server
+        .startup_log
+        .iter()
+        .find(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("raised the open-file limit"))
+        })
+        .cloned();
+    assert!(server.stop());
+    let entry = said.expect("the log says the limit was raised");
+    assert_eq!(entry["from"], "256", "{entry}");
+    assert_eq!(entry["to"], hard.as_str(), "{entry}");
     let open_files = limits
         .lines()
         .find(|l| l.starts_with("Max open files"))
@@ -460,6 +443,8 @@ async fn send(req: reqwest::RequestBuilder) -> (StatusCode, serde_json::Value) {
 struct Served {
     child: std::process::Child,
     base: String,
+    /// The JSON log entries up to "listening".
+    startup_log: Vec<serde_json::Value>,
 }
 
 impl Served {
@@ -471,19 +456,29 @@ impl Served {
             dir,
             None,
             &[("DEVPOCKET_LOCAL__WORKSPACES_DIR", workspaces.as_os_str())],
+            &[],
         )
     }
 
-    /// `bin` serving from `dir`, as the OS account `(uid, gid)` if given, with extra variables.
+    /// `bin` serving from `dir`, as the OS account `(uid, gid)` if given, with extra variables,
+    /// run through `launcher` (a program and its arguments that exec `bin`) if not empty.
     fn start_as(
         bin: &std::path::Path,
         dir: &std::path::Path,
         account: Option<(u32, u32)>,
         vars: &[(&str, &std::ffi::OsStr)],
+        launcher: &[&str],
     ) -> Self {
         use std::io::BufRead;
         use std::os::unix::process::CommandExt;
-        let mut command = Command::new(bin);
+        let mut command = match launcher {
+            [program, args @ ..] => {
+                let mut command = Command::new(program);
+                command.args(args).arg(bin);
+                command
+            }
+            [] => Command::new(bin),
+        };
         if let Some((uid, gid)) = account {
             command.uid(uid).gid(gid);
         }
@@ -504,24 +499,29 @@ impl Served {
         // Keeps draining the log so the server never blocks on a full pipe.
         std::thread::spawn(move || {
             let mut tx = Some(tx);
+            let mut startup = Vec::new();
             for line in std::io::BufReader::new(stderr).lines() {
                 let Ok(line) = line else { return };
                 let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
                     continue;
                 };
-                if entry["message"] == "DevPocket server listening"
-                    && let Some(tx) = tx.take()
-                {
-                    let _ = tx.send(entry["addr"].as_str().unwrap_or("").to_string());
+                let Some(sender) = tx.take() else { continue };
+                if entry["message"] == "DevPocket server listening" {
+                    let addr = entry["addr"].as_str().unwrap_or("").to_string();
+                    let _ = sender.send((addr, std::mem::take(&mut startup)));
+                } else {
+                    startup.push(entry);
+                    tx = Some(sender);
                 }
             }
         });
-        let addr = rx
+        let (addr, startup_log) = rx
             .recv_timeout(std::time::Duration::from_secs(60))
             .expect("the server says where it listens");
         Self {
             child,
             base: format!("http://{addr}"),
+            startup_log,
         }
     }
 
