@@ -20,6 +20,7 @@ use crate::auth::lockout::Lockout;
 use crate::auth::passwords::PasswordHashing;
 use crate::auth::tokens::Tokens;
 use crate::clock::{SharedClock, db_now, to_db};
+use crate::cluster::signals::{Heard, Topic};
 use crate::config::{Config, ProviderKind};
 use crate::http::limits::RateLimits;
 use crate::http::metrics::Metrics;
@@ -68,9 +69,23 @@ pub struct AuditContext {
 }
 
 impl App {
-    /// End these login sessions on this node now: the session check forgets them (their next
-    /// request is refused) and their actors stop, closing their terminals and streams.
-    pub fn end_sessions(&self, session_ids: Vec<String>, reason: &str) {
+    /// End these login sessions on every node: here at once (the session check forgets them, so
+    /// their next request is refused, and their actors stop, closing their terminals and
+    /// streams), and on the other nodes through a signal ([`Topic::Session`], see
+    /// [`session_relay`]) — well within the two seconds the cluster promises.
+    pub async fn end_sessions(&self, session_ids: Vec<String>, reason: &str) {
+        if session_ids.is_empty() {
+            return;
+        }
+        self.end_sessions_here(session_ids.clone(), reason);
+        let signals = &self.node.membership().signals;
+        if let Err(e) = signals.publish_batched(Topic::Session, &session_ids).await {
+            tracing::warn!(error = %e, "could not tell the other nodes about ended sessions; their session caches expire them");
+        }
+    }
+
+    /// End these login sessions on this node only.
+    fn end_sessions_here(&self, session_ids: Vec<String>, reason: &str) {
         self.session_cache.forget_sessions(&session_ids);
         self.actors.stop_sessions(session_ids, reason);
     }
@@ -323,6 +338,7 @@ async fn build_on(
         sealer: sealer.clone(),
         config: config.clone(),
         bus,
+        cluster: node.membership().clone(),
     });
 
     let directory = Directory::new(clock.clone());
@@ -337,6 +353,7 @@ async fn build_on(
         env_deps,
     )
     .await?;
+    actors.start_cluster_loops();
 
     if config.provider.kind == ProviderKind::Local {
         tracing::warn!(
@@ -384,12 +401,36 @@ async fn build_on(
     }))
 }
 
+/// End here the sessions other nodes ended (see [`App::end_sessions`]) until `stop` fires. After
+/// lost signals nothing is replayed: the session cache forgets within
+/// `auth.session_cache_seconds`, and open streams re-check their session when they lag.
+async fn session_relay(app: AppState, mut stop: oneshot::Receiver<()>) {
+    let signals = app.node.membership().signals.clone();
+    let mut heard = signals.subscribe(Topic::Session);
+    loop {
+        let heard_one = tokio::select! {
+            _ = &mut stop => return,
+            heard_one = crate::cluster::signals::next(&mut heard) => heard_one,
+        };
+        match heard_one {
+            Some(Heard::Signal { node, payload }) if *node != *app.node.id => {
+                let ids: Vec<String> = payload.split_whitespace().map(str::to_string).collect();
+                app.end_sessions_here(ids, "session ended on another node");
+            }
+            Some(_) => {}
+            None => return,
+        }
+    }
+}
+
 /// A server running in the background of this process.
 pub struct RunningServer {
     pub addr: SocketAddr,
     pub app: AppState,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    /// The relay of sessions other nodes end ([`session_relay`]).
+    relay: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
 }
 
 impl RunningServer {
@@ -404,11 +445,18 @@ impl RunningServer {
     }
 
     async fn stop_inner(&mut self) {
+        // Draining: readiness fails, terminals and streams close with "reconnect", the leases
+        // go back to the other nodes; then the front end stops and finishes what is in flight.
         self.app.node.drain().await;
+        self.app.actors.drain().await;
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
         if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        if let Some((stop, task)) = self.relay.take() {
+            let _ = stop.send(());
             let _ = task.await;
         }
         self.app.actors.shutdown().await;
@@ -430,6 +478,9 @@ impl Drop for RunningServer {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+        if let Some((stop, _)) = self.relay.take() {
+            let _ = stop.send(());
+        }
     }
 }
 
@@ -446,12 +497,15 @@ pub async fn start_on(
     let task = tokio::spawn(crate::http::serve(listener, app.clone(), async move {
         let _ = rx.await;
     }));
+    let (stop_relay, relay_stopped) = oneshot::channel();
+    let relay = tokio::spawn(session_relay(app.clone(), relay_stopped));
     tracing::info!(%addr, "DevPocket server listening");
     Ok(RunningServer {
         addr,
         app,
         shutdown: Some(tx),
         task: Some(task),
+        relay: Some((stop_relay, relay)),
     })
 }
 

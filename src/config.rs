@@ -374,16 +374,14 @@ pub struct SecretsConfig {
 pub struct ClusterConfig {
     /// How this node is named for humans in the nodes list; empty = `<hostname>/<bind address>`.
     pub address: String,
-    /// Seconds between this node's heartbeats in the nodes table.
+    /// Seconds between this node's heartbeats in the nodes table. A heartbeat also renews every
+    /// environment lease the node holds, and each one the node claims unowned environments up to
+    /// its fair share (see [`crate::cluster::leases`]).
     pub heartbeat_seconds: u64,
     /// Seconds without a heartbeat after which a node counts as dead (at least twice the
-    /// heartbeat interval).
+    /// heartbeat interval): its environments may then be claimed. The node itself stops acting
+    /// on them one heartbeat earlier.
     pub dead_after_seconds: u64,
-    /// Until environments are leased to one node (issue 11), a node refuses to start while
-    /// another node is alive on the database: both would run every environment (two owners,
-    /// possibly two VPS instances). `true` lets nodes start side by side anyway — only for
-    /// drills such as a key rotation across nodes, never for serving.
-    pub allow_unleased_peers: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

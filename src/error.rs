@@ -37,6 +37,9 @@ error_codes! {
     BadBody => "bad_body",
     BodyTimeout => "body_timeout",
     BuiltinTemplate => "builtin_template",
+    /// The node that runs an environment did not answer a command in time (504; the detail
+    /// names the command id to look up).
+    CommandTimeout => "command_timeout",
     DatabaseUnavailable => "database_unavailable",
     /// A directory to delete is not empty (409).
     DirectoryNotEmpty => "directory_not_empty",
@@ -119,11 +122,13 @@ impl PartialEq<&str> for ErrorCode {
 }
 
 /// One field that failed validation.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct FieldError {
     pub field: String,
     pub message: String,
-    pub code: &'static str,
+    /// A stable snake_case code (`required`, `length`, `unknown`, …); owned when it came from
+    /// another node (see [`crate::actors::remote`]).
+    pub code: std::borrow::Cow<'static, str>,
 }
 
 impl FieldError {
@@ -131,7 +136,7 @@ impl FieldError {
         Self {
             field: field.into(),
             message: message.into(),
-            code,
+            code: std::borrow::Cow::Borrowed(code),
         }
     }
 }
@@ -348,6 +353,7 @@ mod tests {
                 "bad_body",
                 "body_timeout",
                 "builtin_template",
+                "command_timeout",
                 "database_unavailable",
                 "directory_not_empty",
                 "email_taken",

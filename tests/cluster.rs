@@ -215,8 +215,6 @@ fn node_config(scratch: &Scratch, name: &str, db: &TestDb, jwt: &[&str], seal: &
     let mut c = test_config(&scratch.path().join(name).join("data"), &db.url);
     c.cluster.address = name.into();
     c.provider.kind = ProviderKind::Contabo;
-    // Side by side for key-rotation drills (environments are not leased yet).
-    c.cluster.allow_unleased_peers = true;
     c.contabo.api_url = "http://127.0.0.1:9".into();
     c.contabo.auth_url = "http://127.0.0.1:9/token".into();
     c.contabo.client_id = "id".into();
@@ -289,18 +287,6 @@ async fn keys_rotate_across_nodes_and_strangers_are_refused() {
         .await
         .expect("node a starts");
     let old_token = register(&http, &a, "olga").await;
-
-    // Serving nodes are refused side by side until environments are leased to one of them.
-    let mut serving = node_config(&scratch, "serving", &db, &[&j1], &[&s1]);
-    serving.cluster.allow_unleased_peers = false;
-    let refused = start(serving, &clock)
-        .await
-        .err()
-        .expect("a second serving node is refused");
-    assert!(
-        format!("{refused:#}").contains("not yet leased"),
-        "{refused:#}"
-    );
 
     // Rolling rotation, step one: node b signs with j2 and still accepts j1.
     let b = start(

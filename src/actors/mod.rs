@@ -4,6 +4,9 @@
 
 pub mod directory;
 pub mod environment;
+pub mod leases;
+pub mod relay;
+pub mod remote;
 pub mod root;
 pub mod session;
 pub mod terminal;
@@ -21,6 +24,8 @@ use environment::{EnvRegistry, EnvironmentsMsg};
 use root::{ROOT_ID, RootArgs, RootMsg, RootSupervisor, Slot, read_slot};
 use session::SessionsMsg;
 
+/// How long a graceful shutdown waits for each environment actor to stop.
+const ACTOR_STOP_WAIT: StdDuration = StdDuration::from_secs(5);
 /// How long a fault-injection request waits for the supervisor's answer.
 const CRASH_REPLY_TIMEOUT: StdDuration = StdDuration::from_secs(5);
 /// How long a request waits for an environment actor to take a command.
@@ -99,6 +104,12 @@ struct Inner {
     /// Every session id [`Actors::stop_sessions`] ends, for the streams that are not actors
     /// (the logs and events WebSockets).
     session_ends: tokio::sync::broadcast::Sender<Arc<str>>,
+    /// Feeds of environments other nodes run (see [`relay`]).
+    remote_feeds: relay::RemoteFeeds,
+    /// The cluster loops (leases, carried commands, relay): a stop signal and the task each.
+    loops: Mutex<Vec<(tokio::sync::oneshot::Sender<()>, JoinHandle<()>)>>,
+    /// `true` once this node drains: the logs and events streams close with "reconnect".
+    draining: tokio::sync::watch::Sender<bool>,
 }
 
 impl Actors {
@@ -142,6 +153,9 @@ impl Actors {
                 env_registry,
                 env_deps,
                 session_ends: tokio::sync::broadcast::channel(SESSION_ENDS_CAPACITY).0,
+                remote_feeds: relay::RemoteFeeds::default(),
+                loops: Mutex::new(Vec::new()),
+                draining: tokio::sync::watch::channel(false).0,
             }),
         })
     }
@@ -205,8 +219,29 @@ impl Actors {
                 let Some(id) = command.environment_id().map(str::to_string) else {
                     return Err(CommandError::Busy);
                 };
+                match self.route(&id).await? {
+                    remote::Route::Local => self.dispatch_here(command).await,
+                    remote::Route::Remote(node) => self.send_remote(&node, &id, command).await,
+                }
+            }
+        }
+    }
+
+    /// Carry out a command on this node, never forwarding it: the environment's actor runs here
+    /// (started if it is down and this node holds its lease), or the command is refused as busy.
+    pub(crate) async fn dispatch_here(&self, command: Command) -> Result<Reply, CommandError> {
+        match command {
+            Command::Create(_) | Command::DeleteAllForUser { .. } => {
+                Box::pin(self.dispatch(command)).await
+            }
+            command => {
+                let Some(id) = command.environment_id().map(str::to_string) else {
+                    return Err(CommandError::Busy);
+                };
                 let Some((actor, pending)) = self.ensure_environment(&id).await? else {
-                    return command.when_terminated();
+                    // Terminated, or its lease is another node's (a command carried here just
+                    // as the lease moved): the store says which.
+                    return self.without_actor(&id, &command).await;
                 };
                 let verb = command.verb();
                 match call_actor(&actor, &pending, |reply| EnvMsg::Command { command, reply }).await
@@ -217,6 +252,46 @@ impl Actors {
                 }
             }
         }
+    }
+
+    /// No actor here for a command's environment: terminated (the terminated answer) or not
+    /// leased to this node (busy: the caller retries and reaches the owner).
+    async fn without_actor(&self, id: &str, command: &Command) -> Result<Reply, CommandError> {
+        let mut conn = self.inner.env_deps.db.get().await?;
+        match crate::store::environments::get(&mut conn, id).await? {
+            Some(row) if !row.status.is_final() => Err(CommandError::Busy),
+            _ => command.when_terminated(),
+        }
+    }
+
+    /// Start the actor of an environment this node now holds.
+    fn tell_adopt(&self, environment_id: &str) {
+        if let Some(sup) = read_slot(&self.inner.environments) {
+            self.inner.environments_pending.sent();
+            if sup
+                .cast(EnvironmentsMsg::Adopt(environment_id.to_string()))
+                .is_err()
+            {
+                self.inner.environments_pending.handled();
+            }
+        }
+    }
+
+    /// Stop every environment actor of this node and wait for them (bounded by
+    /// [`ACTOR_STOP_WAIT`]); a graceful shutdown does this before handing the leases back.
+    pub async fn stop_environment_actors(&self) {
+        let actors: Vec<ActorRef<EnvMsg>> = self
+            .inner
+            .env_registry
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|(actor, _)| actor.clone())
+            .collect();
+        let stops = actors
+            .iter()
+            .map(|actor| actor.stop_and_wait(Some("node draining".into()), Some(ACTOR_STOP_WAIT)));
+        futures_util::future::join_all(stops).await;
     }
 
     /// An environment's actor did not take a command: terminated meanwhile (409, as for any
@@ -246,8 +321,28 @@ impl Actors {
             let mut conn = deps.db.get().await?;
             crate::store::environments::live_ids_for_user(&mut conn, user_id).await?
         };
-        let mut waits = Vec::with_capacity(ids.len());
+        let limit = StdDuration::from_secs(deps.config.environments.delete_wait_seconds);
+        let mut waits: Vec<futures_util::future::BoxFuture<'_, Result<(), CommandError>>> =
+            Vec::with_capacity(ids.len());
         for id in &ids {
+            if let remote::Route::Remote(node) = self.route(id).await? {
+                // Another node runs it: ask it to delete, then follow the store.
+                match self
+                    .send_remote(
+                        &node,
+                        id,
+                        Command::Delete {
+                            environment_id: id.clone(),
+                        },
+                    )
+                    .await
+                {
+                    Ok(_) | Err(CommandError::Remote(_)) => {}
+                    Err(e) => return Err(e),
+                }
+                waits.push(Box::pin(self.wait_terminated(id.clone(), limit)));
+                continue;
+            }
             let Some((actor, pending)) = self.ensure_environment(id).await? else {
                 continue; // terminated meanwhile
             };
@@ -257,9 +352,15 @@ impl Actors {
                 pending.handled();
                 return Err(CommandError::Busy);
             }
-            waits.push(wait);
+            waits.push(Box::pin(async move {
+                wait.await.unwrap_or_else(|_| {
+                    Err(CommandError::Pending(
+                        "An environment restarted while being deleted; try again in a minute"
+                            .into(),
+                    ))
+                })
+            }));
         }
-        let limit = StdDuration::from_secs(deps.config.environments.delete_wait_seconds);
         let all = futures_util::future::join_all(waits);
         let results = tokio::time::timeout(limit, all).await.map_err(|_| {
             CommandError::Pending(
@@ -267,18 +368,53 @@ impl Actors {
             )
         })?;
         for result in results {
-            match result {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(e),
-                Err(_) => {
-                    return Err(CommandError::Pending(
-                        "An environment restarted while being deleted; try again in a minute"
-                            .into(),
-                    ));
-                }
-            }
+            result?;
         }
         Ok(Reply::AllDeleted(ids.len()))
+    }
+
+    /// Follow an environment another node deletes, through the store (woken by its signals),
+    /// until it is terminated (`Ok`), in `error` (the delete failed) or `limit` passed.
+    async fn wait_terminated(&self, id: String, limit: StdDuration) -> Result<(), CommandError> {
+        use crate::cluster::signals::{self, Heard, Topic};
+        let deps = &self.inner.env_deps;
+        let mut heard = deps.cluster.signals.subscribe(Topic::Environment);
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            {
+                let mut conn = deps.db.get().await?;
+                match crate::store::environments::get(&mut conn, &id).await? {
+                    None => return Ok(()),
+                    Some(row) if row.status.is_final() => return Ok(()),
+                    Some(row) if row.status == environment::machine::Status::Error => {
+                        return Err(CommandError::Pending(format!(
+                            "An environment could not be deleted: {}",
+                            row.error_message.unwrap_or_default()
+                        )));
+                    }
+                    Some(_) => {}
+                }
+            }
+            let woken = tokio::time::timeout_at(deadline, async {
+                loop {
+                    match signals::next(&mut heard).await {
+                        Some(Heard::Signal { payload, .. })
+                            if payload.split(' ').next() == Some(id.as_str()) =>
+                        {
+                            return;
+                        }
+                        Some(Heard::Signal { .. }) => {}
+                        Some(Heard::Resync) | None => return,
+                    }
+                }
+            })
+            .await;
+            if woken.is_err() {
+                return Err(CommandError::Pending(
+                    "Your environments are still being deleted; try again in a minute".into(),
+                ));
+            }
+        }
     }
 
     /// How to reach a running environment over SSH (for a terminal), from its actor.
@@ -286,8 +422,29 @@ impl Actors {
         &self,
         environment_id: &str,
     ) -> Result<anyhow::Result<crate::ssh::SshTarget>, EnvUnavailable> {
-        self.call_environment(environment_id, |reply| EnvMsg::SshTarget { reply })
-            .await
+        if self.environment(environment_id).is_some() {
+            return self
+                .call_environment(environment_id, |reply| EnvMsg::SshTarget { reply })
+                .await;
+        }
+        // Run by another node (or by none right now): the row has all it takes.
+        let deps = &self.inner.env_deps;
+        let row = async {
+            let mut conn = deps.db.get().await.ok()?;
+            crate::store::environments::get(&mut conn, environment_id)
+                .await
+                .ok()
+                .flatten()
+        }
+        .await
+        .filter(|row| !row.status.is_final())
+        .ok_or(EnvUnavailable)?;
+        Ok(crate::ssh::target::ssh_target(
+            &row,
+            deps.provider.as_ref(),
+            &deps.sealer,
+            StdDuration::from_secs(deps.config.provider.ssh_connect_timeout_seconds),
+        ))
     }
 
     /// What the configured provider offers (sizes, capabilities, defaults): data, not a handle.
@@ -310,10 +467,23 @@ impl Actors {
         &self,
         environment_id: &str,
     ) -> Result<tokio::sync::broadcast::Receiver<EnvUpdate>, EnvUnavailable> {
+        // The actor's own feed where it runs here (or this node holds the lease and starts it);
+        // else the feed relayed from the node that runs it.
+        if let Ok(remote::Route::Remote(_)) = self.route(environment_id).await {
+            return self
+                .remote_feed(environment_id)
+                .await
+                .map_err(|_| EnvUnavailable);
+        }
         let Ok(Some((actor, pending))) = self.ensure_environment(environment_id).await else {
             return Err(EnvUnavailable);
         };
         call_actor(&actor, &pending, |reply| EnvMsg::Subscribe { reply }).await
+    }
+
+    /// Whether this node is draining, as a watch the streams select on.
+    pub fn draining(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.draining.subscribe()
     }
 
     /// Stop what the provider runs itself (the local provider's SSH server).
@@ -501,6 +671,7 @@ impl Actors {
 
     /// Stop the whole tree and wait for it.
     pub async fn shutdown(&self) {
+        self.stop_cluster_loops().await;
         self.inner.root.stop(Some("server shutting down".into()));
         let task = self
             .inner

@@ -89,6 +89,9 @@ pub enum SessionMsg {
     },
     /// The session ended (logout, revocation, password change): close its terminals, then stop.
     Shutdown(String),
+    /// This node is draining (a graceful shutdown): close the terminals with 1012 "reconnect"
+    /// (the app reconnects, through the load balancer, to another node and resumes), then stop.
+    Drain,
     /// Stop now, whether or not the terminals have finished closing.
     ForceStop,
     /// Timer tick: stop if idle for too long.
@@ -129,7 +132,40 @@ const EVICTED_SLOT_WAIT: StdDuration = StdDuration::from_secs(5);
 /// How long attaching to a terminal may take (connecting SSH included).
 const ATTACH_TIMEOUT: StdDuration = StdDuration::from_secs(30);
 
+/// The WebSocket close code a draining node ends terminals with: 1012 "Service Restart" (the
+/// IANA WebSocket close code registry; RFC 6455 §7.4): the client should reconnect, and lands on
+/// another node.
+pub const DRAIN_CLOSE_CODE: u16 = 1012;
+/// The close reason with [`DRAIN_CLOSE_CODE`].
+pub const DRAIN_CLOSE_REASON: &str = "Server restarting; reconnect";
+
 impl SessionState {
+    /// Close every terminal's WebSocket with `code`/`text`, then stop (at once when nothing is
+    /// open, else when they have closed or after [`SHUTDOWN_GRACE`]).
+    fn close_terminals(
+        &mut self,
+        myself: &ActorRef<SessionMsg>,
+        code: u16,
+        text: &str,
+        reason: String,
+    ) {
+        for HeldTerminal {
+            actor: terminal, ..
+        } in self.terminals.values()
+        {
+            let _ = terminal.cast(TerminalMsg::Close {
+                code,
+                reason: text.into(),
+            });
+        }
+        if self.terminals.is_empty() && self.opening == 0 {
+            myself.stop(Some(reason));
+        } else {
+            self.closing = Some(reason);
+            myself.send_after(SHUTDOWN_GRACE, || SessionMsg::ForceStop);
+        }
+    }
+
     /// Attach to an existing terminal or start a new one. Slow work (connecting SSH, waiting for
     /// the terminal to answer) runs on a task so this session keeps serving its other messages —
     /// a logout is never held up by an unreachable environment.
@@ -432,21 +468,16 @@ impl Actor for UserSession {
             SessionMsg::Shutdown(reason) => {
                 state.args.pending.handled();
                 // Terminals first, so each WebSocket gets 1008 "Session ended"; then stop.
-                for HeldTerminal {
-                    actor: terminal, ..
-                } in state.terminals.values()
-                {
-                    let _ = terminal.cast(TerminalMsg::Close {
-                        code: 1008,
-                        reason: "Session ended".into(),
-                    });
-                }
-                if state.terminals.is_empty() && state.opening == 0 {
-                    myself.stop(Some(reason));
-                } else {
-                    state.closing = Some(reason);
-                    myself.send_after(SHUTDOWN_GRACE, || SessionMsg::ForceStop);
-                }
+                state.close_terminals(&myself, 1008, "Session ended", reason);
+            }
+            SessionMsg::Drain => {
+                state.args.pending.handled();
+                state.close_terminals(
+                    &myself,
+                    DRAIN_CLOSE_CODE,
+                    DRAIN_CLOSE_REASON,
+                    "node draining".into(),
+                );
             }
             SessionMsg::ForceStop => {
                 myself.stop(state.closing.take());
@@ -519,6 +550,8 @@ pub enum SessionsMsg {
         session_ids: Vec<String>,
         reason: String,
     },
+    /// This node is draining: every session closes its terminals with "reconnect".
+    Drain,
     /// Open (or resume) a terminal in this session.
     OpenTerminal {
         session_id: String,
@@ -668,6 +701,14 @@ impl Actor for SessionsSupervisor {
                         }
                     } else {
                         state.args.directory.remove(&actor_id(&session_id));
+                    }
+                }
+            }
+            SessionsMsg::Drain => {
+                for child in state.children.values() {
+                    child.pending.sent();
+                    if child.actor.cast(SessionMsg::Drain).is_err() {
+                        child.pending.handled();
                     }
                 }
             }

@@ -135,10 +135,10 @@ pub fn check_optional_len(
 mod tests {
     use super::*;
 
-    fn errs(f: impl Fn(&mut Vec<FieldError>)) -> Vec<&'static str> {
+    fn errs(f: impl Fn(&mut Vec<FieldError>)) -> Vec<String> {
         let mut e = Vec::new();
         f(&mut e);
-        e.iter().map(|e| e.code).collect()
+        e.iter().map(|e| e.code.to_string()).collect()
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Prometheus metrics: requests by route, method and status; latency by route; connections the
 //! front end closed on its own, by reason; live actors and restarts by kind (read from the actor
-//! directory at scrape time).
+//! directory at scrape time); environment leases held, claimed, lost and handed back (read from
+//! the node's lease counts at scrape time).
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::actors::directory::Directory;
+use crate::cluster::leases::LeaseStats;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -44,6 +46,10 @@ pub struct Metrics {
     connections_closed: Family<ReasonLabels, Counter>,
     actors_live: Family<KindLabels, Gauge>,
     actor_restarts: Family<KindLabels, Counter>,
+    leases_held: Gauge,
+    leases_claimed: Counter,
+    leases_lost: Counter,
+    leases_released: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -87,7 +93,37 @@ impl Metrics {
             "Actor restarts granted by supervisors, by kind",
             actor_restarts.clone(),
         );
+        let (leases_held, leases_claimed, leases_lost, leases_released) = (
+            Gauge::default(),
+            Counter::default(),
+            Counter::default(),
+            Counter::default(),
+        );
+        registry.register(
+            "leases_held",
+            "Environment leases this node holds (its environment actors)",
+            leases_held.clone(),
+        );
+        registry.register(
+            "leases_claimed",
+            "Environment leases this node claimed (unowned, or of a dead node)",
+            leases_claimed.clone(),
+        );
+        registry.register(
+            "leases_lost",
+            "Environment leases this node lost (taken over, fenced, or dropped by self-fencing)",
+            leases_lost.clone(),
+        );
+        registry.register(
+            "leases_released",
+            "Environment leases this node handed back on a graceful shutdown",
+            leases_released.clone(),
+        );
         Self {
+            leases_held,
+            leases_claimed,
+            leases_lost,
+            leases_released,
             registry: Mutex::new(registry),
             requests,
             latency,
@@ -120,8 +156,18 @@ impl Metrics {
             .inc();
     }
 
-    /// The text exposition, with actor figures refreshed from the directory.
-    pub fn render(&self, directory: &Directory) -> String {
+    /// The text exposition, with actor figures refreshed from the directory and lease figures
+    /// from the node's counts (`held`: the environment actors it runs).
+    pub fn render(&self, directory: &Directory, leases: &LeaseStats, held: usize) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.leases_held.set(held as i64);
+        for (counter, total) in [
+            (&self.leases_claimed, leases.claimed.load(Relaxed)),
+            (&self.leases_lost, leases.lost.load(Relaxed)),
+            (&self.leases_released, leases.released.load(Relaxed)),
+        ] {
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
         self.actors_live.clear();
         for (kind, live) in directory.live_by_kind() {
             self.actors_live

@@ -161,6 +161,13 @@ fn schemas() -> Value {
             "cursor": { "type": "array", "items": { "type": "integer" }, "description": "zero-based [row, col]" },
             "alternate_screen": { "type": "boolean", "description": "a full-screen program (editor, pager) is showing" },
             "offset": { "type": "integer", "description": "output bytes since it started: where a resume continues" } })) },
+        "CarriedCommand": object(&["command_id", "environment_id", "command", "state", "created_at", "expires_at", "answered_at", "outcome"], json!({
+            "command_id": string(), "environment_id": string(),
+            "command": { "type": "string", "description": "the verb: start, stop, restart, delete, ..." },
+            "state": { "type": "string", "enum": ["pending", "running", "done", "expired"], "description": "expired: cancelled unrun when the caller's wait ran out (it never runs later)" },
+            "created_at": string(), "expires_at": string(),
+            "answered_at": { "type": ["string", "null"] },
+            "outcome": { "type": ["object", "null"], "description": "once done: {\"outcome\": \"accepted\", \"status\": ...}, {\"outcome\": \"environment\", ...}, {\"outcome\": \"snapshots\", ...} or {\"outcome\": \"error\", \"status\": <HTTP status>, \"code\", \"detail\", \"errors\"}" } })),
         "MetricsSample": object(&["cpu_usage", "memory_usage", "disk_usage", "network_in", "network_out", "uptime", "timestamp"], json!({
             "cpu_usage": { "type": "number" }, "memory_usage": { "type": "number" }, "disk_usage": { "type": "number" },
             "network_in": { "type": "integer" }, "network_out": { "type": "integer" }, "uptime": { "type": "integer" },

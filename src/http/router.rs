@@ -559,6 +559,17 @@ fn routes() -> Vec<Route> {
         ),
         route(
             get.clone(),
+            "/api/v1/commands/{command_id}",
+            handler!(env::command),
+            User,
+            Api,
+            "environments",
+            "A command carried to the node that runs its environment: its state and outcome (the id a 504 command_timeout names)",
+            None,
+            (200, "CarriedCommand"),
+        ),
+        route(
+            get.clone(),
             "/api/v1/environments/{environment_id}/terminals",
             handler!(env::terminals),
             User,

@@ -32,12 +32,9 @@ use crate::actors::environment::machine::Status;
 use crate::actors::session::TerminalRequest;
 use crate::actors::terminal::{In, Out, Stats, TerminalArgs};
 use crate::app::{AppState, AuditContext};
-use crate::clock::from_db;
 use crate::error::{ApiError, ErrorCode};
-use crate::protocol::{
-    self, ClientFrame, EnvironmentInfo, EnvironmentStatus, ServerFrame, StreamFrame,
-};
-use crate::store::environments::{self as store, Environment, EnvironmentEvent};
+use crate::protocol::{self, ClientFrame, EnvironmentInfo, ServerFrame, StreamFrame};
+use crate::store::environments::{self as store, Environment};
 
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
@@ -643,7 +640,9 @@ async fn logs(app: AppState, mut ws: Ws, user: AuthUser, env_id: &str, query: Ws
     };
     for event in &history {
         if ws
-            .send(Message::text(history_frame(&env, event).to_json()))
+            .send(Message::text(
+                crate::actors::relay::event_frame(&env.id, event).to_json(),
+            ))
             .await
             .is_err()
         {
@@ -653,43 +652,6 @@ async fn logs(app: AppState, mut ws: Ws, user: AuthUser, env_id: &str, query: Ws
     match feed {
         Some(feed) => live(&app, ws, feed, None, &user.session.id).await,
         None => close(&mut ws, 1000, "History complete").await,
-    }
-}
-
-/// A stored event in the shape the live stream gives it.
-fn history_frame(env: &Environment, event: &EnvironmentEvent) -> StreamFrame {
-    let environment_id = env.id.clone();
-    let timestamp = from_db(event.occurred_at);
-    match (event.kind.as_str(), event.status) {
-        ("installation_log", _) => StreamFrame::InstallationLog {
-            environment_id,
-            data: event.message.clone(),
-            timestamp,
-        },
-        ("installation_complete", Some(status)) => StreamFrame::InstallationComplete {
-            environment_id,
-            status,
-            installation_status: "completed".into(),
-            message: event.message.clone(),
-        },
-        ("installation_error", _) => StreamFrame::InstallationError {
-            environment_id,
-            error: event.message.clone(),
-            is_critical: true,
-        },
-        ("status", Some(status)) => StreamFrame::EnvironmentStatus(EnvironmentStatus {
-            environment_id,
-            status,
-            status_version: event.status_version.unwrap_or(0),
-            progress: event.progress.unwrap_or(0).clamp(0, 100) as u8,
-            message: Some(event.message.clone()),
-            timestamp,
-        }),
-        _ => StreamFrame::Info {
-            environment_id: Some(environment_id),
-            message: event.message.clone(),
-            timestamp: Some(timestamp),
-        },
     }
 }
 
@@ -713,8 +675,6 @@ async fn session_live(app: &AppState, session_id: &str) -> bool {
     }
 }
 
-/// Forward a feed (only this user's environments when `user` is given), answer pings, close on
-/// idle, and close with 1008 `Session ended` when the login session `session_id` ends.
 /// Whether a stream forwards an update: the events stream (`user` given) only that user's
 /// environments' status changes; a logs stream everything of its environment.
 fn for_this_stream(update: &EnvUpdate, user: Option<&str>) -> bool {
@@ -724,6 +684,9 @@ fn for_this_stream(update: &EnvUpdate, user: Option<&str>) -> bool {
     }
 }
 
+/// Forward a feed (only this user's environments when `user` is given), answer pings, close on
+/// idle, close with 1008 `Session ended` when the login session `session_id` ends, and with 1012
+/// "reconnect" when this node drains.
 async fn live(
     app: &AppState,
     mut ws: Ws,
@@ -733,6 +696,7 @@ async fn live(
 ) {
     let cfg = &app.config.terminals;
     let mut ends = app.actors.session_ends();
+    let mut draining = app.actors.draining();
     if !session_live(app, session_id).await {
         close(&mut ws, 1008, "Session ended").await;
         return;
@@ -743,6 +707,15 @@ async fn live(
     let mut last_heard = tokio::time::Instant::now();
     loop {
         tokio::select! {
+            _ = async { drop(draining.wait_for(|d| *d).await) } => {
+                close(
+                    &mut ws,
+                    crate::actors::session::DRAIN_CLOSE_CODE,
+                    crate::actors::session::DRAIN_CLOSE_REASON,
+                )
+                .await;
+                return;
+            }
             ended = ends.recv() => {
                 let gone = match ended {
                     Ok(id) => &*id == session_id,

@@ -75,7 +75,7 @@ pub struct Size {
     pub tier: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct SnapshotInfo {
     pub id: String,
     pub name: String,

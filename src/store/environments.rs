@@ -13,7 +13,11 @@ use diesel::serialize::{self, Output, ToSql};
 use diesel::sql_types::Text;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 
-use super::schema::{environment_events, environment_metrics, environments, users};
+pub use super::leases::Lease;
+use super::leases::under_lease;
+use super::schema::{
+    environment_events, environment_leases, environment_metrics, environments, users,
+};
 use super::users::Plan;
 use super::{DbConn, StoreResult};
 use crate::actors::environment::machine::Status;
@@ -198,142 +202,139 @@ pub async fn count_by_status(conn: &mut DbConn, user_id: &str) -> StoreResult<Ve
     }))
 }
 
-/// Ids of every environment that is not terminated (their actors start with the server).
-pub async fn resumable_ids(conn: &mut DbConn) -> StoreResult<Vec<String>> {
-    Ok(db_run!(conn: {
-        environments::table
-            .filter(environments::status.ne(Status::Terminated))
-            .select(environments::id)
-            .load(conn)
-            .await?
-    }))
-}
-
-/// Persist a transition: bump `status_version`, write the status event, in one transaction.
-/// Returns the new version.
+/// Persist a transition under `lease`: bump `status_version`, write the status event, in one
+/// transaction. Returns the new version; [`super::StoreError::Fenced`] when the lease is lost.
 pub async fn record_transition(
     conn: &mut DbConn,
-    id: &str,
+    lease: &Lease,
     change: &StatusChange,
     event: NewEvent,
 ) -> StoreResult<i64> {
-    let id = id.to_string();
     let change = change.clone();
-    Ok(db_run!(conn: {
-        conn.transaction::<_, diesel::result::Error, _>(async |c| {
-            let version: i64 = diesel::update(environments::table.find(&id))
-                .set((&change, environments::status_version.eq(environments::status_version + 1)))
-                .returning(environments::status_version)
-                .get_result(c)
-                .await?;
-            let event = NewEvent { status_version: Some(version), progress: Some(change.progress), ..event };
-            diesel::insert_into(environment_events::table).values(&event).execute(c).await?;
-            Ok(version)
-        })
-        .await?
-    }))
+    under_lease!(conn, lease, |c| {
+        let version: i64 = diesel::update(environments::table.find(&lease.environment_id))
+            .set((
+                &change,
+                environments::status_version.eq(environments::status_version + 1),
+            ))
+            .returning(environments::status_version)
+            .get_result(c)
+            .await?;
+        let event = NewEvent {
+            status_version: Some(version),
+            progress: Some(change.progress),
+            ..event.clone()
+        };
+        diesel::insert_into(environment_events::table)
+            .values(&event)
+            .execute(c)
+            .await?;
+        version
+    })
 }
 
-/// Progress within a phase: no new version, no event row.
+/// Progress within a phase under `lease`: no new version, no event row.
 pub async fn update_progress(
     conn: &mut DbConn,
-    id: &str,
+    lease: &Lease,
     change: &StatusChange,
 ) -> StoreResult<i64> {
-    Ok(db_run!(conn: {
-        diesel::update(environments::table.find(id))
+    under_lease!(conn, lease, |c| {
+        diesel::update(environments::table.find(&lease.environment_id))
             .set(change)
             .returning(environments::status_version)
-            .get_result(conn)
+            .get_result::<i64>(c)
             .await?
-    }))
+    })
 }
 
-pub async fn add_event(conn: &mut DbConn, event: &NewEvent) -> StoreResult<()> {
-    db_run!(conn: {
-        diesel::insert_into(environment_events::table).values(event).execute(conn).await?;
-    });
-    Ok(())
+/// Add an event row (an installation line) under `lease`.
+pub async fn add_event(conn: &mut DbConn, lease: &Lease, event: &NewEvent) -> StoreResult<()> {
+    under_lease!(conn, lease, |c| {
+        diesel::insert_into(environment_events::table)
+            .values(event)
+            .execute(c)
+            .await?;
+    })
 }
 
-/// Store the id of the create request about to be sent (before sending it).
+/// Store the id of the create request about to be sent (before sending it), under `lease`.
 pub async fn begin_create(
     conn: &mut DbConn,
-    id: &str,
+    lease: &Lease,
     operation_id: &str,
     now: NaiveDateTime,
 ) -> StoreResult<()> {
-    db_run!(conn: {
-        diesel::update(environments::table.find(id))
+    under_lease!(conn, lease, |c| {
+        diesel::update(environments::table.find(&lease.environment_id))
             .set((
                 environments::operation_id.eq(Some(operation_id)),
                 environments::create_attempts.eq(environments::create_attempts + 1),
                 environments::updated_at.eq(now),
             ))
-            .execute(conn)
+            .execute(c)
             .await?;
-    });
-    Ok(())
+    })
 }
 
+/// Record the instance the provider made, under `lease`.
 pub async fn set_instance(
     conn: &mut DbConn,
-    id: &str,
+    lease: &Lease,
     instance_id: &str,
     now: NaiveDateTime,
 ) -> StoreResult<()> {
-    db_run!(conn: {
-        diesel::update(environments::table.find(id))
-            .set((environments::instance_id.eq(Some(instance_id)), environments::updated_at.eq(now)))
-            .execute(conn)
+    under_lease!(conn, lease, |c| {
+        diesel::update(environments::table.find(&lease.environment_id))
+            .set((
+                environments::instance_id.eq(Some(instance_id)),
+                environments::updated_at.eq(now),
+            ))
+            .execute(c)
             .await?;
-    });
-    Ok(())
+    })
 }
 
+/// Record the instance's address, under `lease`.
 pub async fn set_address(
     conn: &mut DbConn,
-    id: &str,
+    lease: &Lease,
     ip: &str,
     port: i32,
     now: NaiveDateTime,
 ) -> StoreResult<()> {
-    db_run!(conn: {
-        diesel::update(environments::table.find(id))
+    under_lease!(conn, lease, |c| {
+        diesel::update(environments::table.find(&lease.environment_id))
             .set((
                 environments::ip_address.eq(Some(ip)),
                 environments::ssh_port.eq(Some(port)),
                 environments::updated_at.eq(now),
             ))
-            .execute(conn)
+            .execute(c)
             .await?;
-    });
-    Ok(())
+    })
 }
 
-/// Rename / change variables (PUT). A name another live environment of the user holds is
-/// refused by the unique index in the same statement (`Ok(None)`): no check-then-act.
+/// Rename / change variables (PUT) under `lease`. A name another live environment of the user
+/// holds is refused by the unique index in the same statement (`Ok(None)`): no check-then-act.
 pub async fn update_settings(
     conn: &mut DbConn,
-    id: &str,
+    lease: &Lease,
     name: Option<&str>,
     environment_variables: Option<&str>,
     now: NaiveDateTime,
 ) -> StoreResult<Option<Environment>> {
-    let result: StoreResult<Environment> = async {
-        Ok(db_run!(conn: {
-            diesel::update(environments::table.find(id))
-                .set((
-                    name.map(|n| environments::name.eq(n)),
-                    environment_variables.map(|v| environments::environment_variables.eq(v)),
-                    environments::updated_at.eq(now),
-                ))
-                .returning(Environment::as_returning())
-                .get_result(conn)
-                .await?
-        }))
-    }
-    .await;
+    let result: StoreResult<Environment> = under_lease!(conn, lease, |c| {
+        diesel::update(environments::table.find(&lease.environment_id))
+            .set((
+                name.map(|n| environments::name.eq(n)),
+                environment_variables.map(|v| environments::environment_variables.eq(v)),
+                environments::updated_at.eq(now),
+            ))
+            .returning(Environment::as_returning())
+            .get_result(c)
+            .await?
+    });
     match result {
         Ok(env) => Ok(Some(env)),
         Err(e) if is_name_violation(&e) => Ok(None),
@@ -362,11 +363,13 @@ pub enum CreateRefusal {
 /// non-terminated environment) and the name is free among them — checked and written in one
 /// transaction that serialises the user's creates: PostgreSQL locks the user's row
 /// (`SELECT … FOR UPDATE`), SQLite takes the write lock up front (`BEGIN IMMEDIATE`). The plan
-/// limit is checked before the name; the partial unique index backs the name check up.
+/// limit is checked before the name; the partial unique index backs the name check up. The new
+/// environment's lease is `owner_node`'s (epoch 1), written in the same transaction.
 pub async fn insert_checked(
     conn: &mut DbConn,
     env: &Environment,
     event: &NewEvent,
+    owner_node: &str,
 ) -> StoreResult<Result<(), CreateRefusal>> {
     let (env, event) = (env.clone(), event.clone());
     macro_rules! checked_insert {
@@ -397,6 +400,14 @@ pub async fn insert_checked(
             }
             diesel::insert_into(environments::table)
                 .values(&env)
+                .execute($c)
+                .await?;
+            diesel::insert_into(environment_leases::table)
+                .values((
+                    environment_leases::environment_id.eq(&env.id),
+                    environment_leases::owner_node.eq(owner_node),
+                    environment_leases::epoch.eq(1_i64),
+                ))
                 .execute($c)
                 .await?;
             diesel::insert_into(environment_events::table)
@@ -567,6 +578,38 @@ pub async fn touch_accessed(conn: &mut DbConn, id: &str, now: NaiveDateTime) -> 
 
 /// Events of an environment, oldest first: the `limit` newest at or after `since`, and whether
 /// older ones exist beyond them.
+/// Events of an environment after event id `after` (oldest first, at most `limit`): what a node
+/// relays of an environment another node runs.
+pub async fn events_after(
+    conn: &mut DbConn,
+    id: &str,
+    after: i64,
+    limit: i64,
+) -> StoreResult<Vec<EnvironmentEvent>> {
+    Ok(db_run!(conn: {
+        environment_events::table
+            .filter(environment_events::environment_id.eq(id))
+            .filter(environment_events::id.gt(after))
+            .order(environment_events::id.asc())
+            .limit(limit)
+            .select(EnvironmentEvent::as_select())
+            .load(conn)
+            .await?
+    }))
+}
+
+/// The newest event id of an environment (0 when it has none).
+pub async fn last_event_id(conn: &mut DbConn, id: &str) -> StoreResult<i64> {
+    let last: Option<i64> = db_run!(conn: {
+        environment_events::table
+            .filter(environment_events::environment_id.eq(id))
+            .select(diesel::dsl::max(environment_events::id))
+            .first(conn)
+            .await?
+    });
+    Ok(last.unwrap_or(0))
+}
+
 pub async fn events(
     conn: &mut DbConn,
     id: &str,

@@ -5,8 +5,10 @@
 //! Migrations for both dialects are embedded and run at start.
 
 pub mod audit;
+pub mod commands;
 pub mod copy;
 pub mod environments;
+pub mod leases;
 pub mod login_attempts;
 pub mod nodes;
 pub mod previews;
@@ -45,6 +47,10 @@ pub enum StoreError {
     Query(#[from] diesel::result::Error),
     #[error("migration failed: {0}")]
     Migration(String),
+    /// A write named a lease this node no longer holds (another node claimed the environment,
+    /// or this node handed it back): refused, nothing written. See [`environments::Lease`].
+    #[error("the lease on environment {0} is no longer held by this node")]
+    Fenced(String),
 }
 
 impl StoreError {

@@ -106,6 +106,29 @@ diesel::table! {
 }
 
 diesel::table! {
+    environment_leases (environment_id) {
+        environment_id -> Text,
+        owner_node -> Nullable<Text>,
+        epoch -> BigInt,
+    }
+}
+
+diesel::table! {
+    environment_commands (id) {
+        id -> Text,
+        environment_id -> Text,
+        user_id -> Text,
+        target_node -> Text,
+        command -> Text,
+        state -> Text,
+        reply -> Nullable<Text>,
+        created_at -> Timestamp,
+        expires_at -> Timestamp,
+        answered_at -> Nullable<Timestamp>,
+    }
+}
+
+diesel::table! {
     environment_events (id) {
         id -> BigInt,
         environment_id -> Text,
@@ -183,6 +206,8 @@ diesel::joinable!(sessions -> users (user_id));
 diesel::joinable!(preview_grants -> sessions (session_id));
 diesel::joinable!(environments -> users (user_id));
 diesel::joinable!(environment_events -> environments (environment_id));
+diesel::joinable!(environment_commands -> environments (environment_id));
+diesel::joinable!(environment_leases -> environments (environment_id));
 diesel::joinable!(environment_metrics -> environments (environment_id));
 diesel::joinable!(refresh_tokens -> sessions (session_id));
 diesel::allow_tables_to_appear_in_same_query!(
@@ -194,6 +219,8 @@ diesel::allow_tables_to_appear_in_same_query!(
     environments,
     environment_events,
     environment_metrics,
+    environment_commands,
+    environment_leases,
     templates,
     preview_ports,
     preview_grants,

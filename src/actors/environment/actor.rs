@@ -23,7 +23,8 @@ use crate::provider::Provider;
 use crate::secrets::Sealer;
 use crate::ssh::client::SshTarget;
 use crate::store::Db;
-use crate::store::environments::{self as store, Environment, NewEvent, StatusChange};
+use crate::store::StoreError;
+use crate::store::environments::{self as store, Environment, Lease, NewEvent, StatusChange};
 
 /// Everything an environment actor needs from the application.
 pub struct EnvDeps {
@@ -34,6 +35,27 @@ pub struct EnvDeps {
     pub config: Config,
     /// Every status change of every environment (the events WebSocket filters by user).
     pub bus: broadcast::Sender<EnvUpdate>,
+    /// This node's leases and signals: an actor runs only under its environment's lease.
+    pub cluster: Arc<crate::cluster::leases::Membership>,
+}
+
+/// Why an event was not applied.
+#[derive(Debug)]
+pub enum Refused {
+    /// The state machine does not allow it now.
+    Rejected(Rejected),
+    /// This node no longer holds the environment's lease: the actor stops; the command should
+    /// be sent again (it reaches the new owner).
+    LeaseLost,
+}
+
+impl From<Refused> for CommandError {
+    fn from(r: Refused) -> Self {
+        match r {
+            Refused::Rejected(rejected) => CommandError::InvalidState(rejected),
+            Refused::LeaseLost => CommandError::Busy,
+        }
+    }
 }
 
 /// The answer to a command.
@@ -70,6 +92,19 @@ pub enum EnvMsg {
     Crash(String),
 }
 
+/// Signal a change of environment `id` to every node (see [`EnvState::signal`]).
+pub(super) async fn signal_change(deps: &EnvDeps, id: &str, what: &str) {
+    let payload = format!("{id} {what}");
+    if let Err(e) = deps
+        .cluster
+        .signals
+        .publish(crate::cluster::signals::Topic::Environment, &payload)
+        .await
+    {
+        tracing::debug!(environment = id, error = %e, "could not signal a change to the other nodes");
+    }
+}
+
 pub struct EnvironmentActor;
 
 pub struct EnvArgs {
@@ -83,6 +118,8 @@ pub struct EnvArgs {
 pub struct EnvState {
     args: EnvArgs,
     row: Environment,
+    /// The lease this actor runs under; every write names it.
+    lease: Lease,
     machine: Machine,
     /// Bumped when the status changes; outcomes of older epochs are stale.
     epoch: u64,
@@ -151,16 +188,42 @@ impl EnvState {
         }
     }
 
+    /// This node lost the environment's lease: stop here (another node's actor takes over).
+    fn lease_lost(&mut self, myself: &ActorRef<EnvMsg>, why: &str) -> Refused {
+        self.deps().cluster.lost(self.id(), why);
+        for task in self.phase_tasks.drain(..) {
+            task.abort();
+        }
+        if let Some(task) = self.metrics_task.take() {
+            task.abort();
+        }
+        myself.stop(Some(format!("lease lost: {why}")));
+        Refused::LeaseLost
+    }
+
+    /// Tell the other nodes this environment changed (`what`: `status <version>` or `event`);
+    /// they read the change from the store (see [`crate::actors::relay`]). A failure is logged:
+    /// the change is stored, and their streams catch up at the next change.
+    async fn signal(&self, what: &str) {
+        signal_change(self.deps(), self.id(), what).await;
+    }
+
     /// Apply an event: step the machine, persist, publish, run effects.
     async fn apply(
         &mut self,
         myself: &ActorRef<EnvMsg>,
         event: Event,
-    ) -> Result<Result<Status, Rejected>, ActorProcessingErr> {
+    ) -> Result<Result<Status, Refused>, ActorProcessingErr> {
         let (next, effects) = match self.machine.step(&event) {
             Ok(step) => step,
-            Err(rejected) => return Ok(Err(rejected)),
+            Err(rejected) => return Ok(Err(Refused::Rejected(rejected))),
         };
+        if !self.deps().cluster.guard.valid() {
+            return Ok(Err(self.lease_lost(
+                myself,
+                "no heartbeat of this node reached the store in time",
+            )));
+        }
         // Effects persisted these before reporting; keep the cached row in step.
         match &event {
             Event::InstanceCreated { instance_id } => {
@@ -175,8 +238,12 @@ impl EnvState {
         }
         let status_changed = next.status != self.machine.status;
         let progress_changed = next.progress != self.machine.progress;
-        if status_changed || progress_changed || next != self.machine {
-            self.persist(&next, &event).await?;
+        if (status_changed || progress_changed || next != self.machine)
+            && !self.persist(&next, &event).await?
+        {
+            return Ok(Err(
+                self.lease_lost(myself, "another node holds the lease (fenced)")
+            ));
         }
         self.machine = next;
         if status_changed {
@@ -198,7 +265,8 @@ impl EnvState {
         Ok(Ok(self.machine.status))
     }
 
-    async fn persist(&mut self, next: &Machine, event: &Event) -> Result<(), ActorProcessingErr> {
+    /// Persist and publish a step; `false` when the write was fenced (the lease is lost).
+    async fn persist(&mut self, next: &Machine, event: &Event) -> Result<bool, ActorProcessingErr> {
         let now = db_now(self.deps().clock.as_ref());
         let message = describe(next, event);
         let change = StatusChange {
@@ -213,7 +281,7 @@ impl EnvState {
         };
         let status_changed = next.status != self.machine.status;
         let mut conn = self.deps().db.get().await?;
-        let version = if status_changed {
+        let written = if status_changed {
             let level = if next.status == Status::Error {
                 "error"
             } else {
@@ -230,12 +298,20 @@ impl EnvState {
                 status_version: None,
                 progress: None,
             };
-            store::record_transition(&mut conn, self.id(), &change, row).await?
+            store::record_transition(&mut conn, &self.lease, &change, row).await
         } else {
             // Progress within a phase: no new version, no event row.
-            store::update_progress(&mut conn, self.id(), &change).await?;
-            self.row.status_version
+            store::update_progress(&mut conn, &self.lease, &change)
+                .await
+                .map(|_| self.row.status_version)
         };
+        let version = match written {
+            Ok(version) => version,
+            Err(StoreError::Fenced(_)) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        drop(conn);
+        self.signal(&format!("status {version}")).await;
         self.row.status = change.status;
         self.row.status_version = version;
         self.row.progress = change.progress;
@@ -251,7 +327,7 @@ impl EnvState {
             message: Some(message),
             timestamp: from_db(now),
         }));
-        Ok(())
+        Ok(true)
     }
 
     fn task_ctx(&self, myself: &ActorRef<EnvMsg>) -> TaskCtx {
@@ -260,6 +336,7 @@ impl EnvState {
             epoch: self.epoch,
             deps: self.deps().clone(),
             row: self.row.clone(),
+            lease: self.lease.clone(),
             feed: self.feed.clone(),
         }
     }
@@ -365,7 +442,7 @@ impl EnvState {
                         .apply(myself, event)
                         .await?
                         .map(Reply::Accepted)
-                        .map_err(CommandError::InvalidState),
+                        .map_err(CommandError::from),
                     None => Err(CommandError::Internal(anyhow::anyhow!(
                         "command {} does not go to an environment actor",
                         command.verb()
@@ -391,16 +468,23 @@ impl EnvState {
             .map_err(anyhow::Error::from)?;
         let now = db_now(self.deps().clock.as_ref());
         let mut conn = self.deps().db.get().await?;
-        let Some(updated) = store::update_settings(
+        let updated = match store::update_settings(
             &mut conn,
-            self.id(),
+            &self.lease,
             name.as_deref(),
             variables.as_deref(),
             now,
         )
-        .await?
-        else {
-            return Err(CommandError::NameTaken(name.unwrap_or_default()));
+        .await
+        {
+            Ok(Some(updated)) => updated,
+            Ok(None) => return Err(CommandError::NameTaken(name.unwrap_or_default())),
+            Err(StoreError::Fenced(_)) => {
+                return Err(self
+                    .lease_lost(myself, "another node holds the lease (fenced)")
+                    .into());
+            }
+            Err(e) => return Err(e.into()),
         };
         drop(conn);
         self.row.name = updated.name.clone();
@@ -437,8 +521,8 @@ impl EnvState {
                 let _ = done.send(Ok(()));
             }
             Ok(_) => self.delete_waiters.push(done),
-            Err(rejected) => {
-                let _ = done.send(Err(CommandError::InvalidState(rejected)));
+            Err(refused) => {
+                let _ = done.send(Err(refused.into()));
             }
         }
         Ok(())
@@ -486,6 +570,13 @@ impl Actor for EnvironmentActor {
         let row = store::get(&mut conn, &args.environment_id)
             .await?
             .ok_or("environment row not found")?;
+        let lease = crate::store::leases::lease_of(
+            &mut conn,
+            &args.environment_id,
+            &args.deps.cluster.node,
+        )
+        .await?
+        .ok_or("this node does not hold the environment's lease")?;
         drop(conn);
         let machine = machine_from_row(&row);
         args.directory
@@ -493,6 +584,7 @@ impl Actor for EnvironmentActor {
         let (feed, _) = broadcast::channel(ENV_FEED_CAPACITY);
         let mut state = EnvState {
             row,
+            lease,
             machine,
             epoch: 0,
             phase_tasks: Vec::new(),
@@ -546,7 +638,7 @@ impl Actor for EnvironmentActor {
                     .apply(&myself, Event::RestoreSnapshot { snapshot_id })
                     .await?
                     .map(Reply::Accepted)
-                    .map_err(CommandError::InvalidState);
+                    .map_err(CommandError::from);
                 let _ = reply.send(result);
             }
             EnvMsg::DeleteAndWait { done } => state.delete_and_wait(&myself, done).await?,
@@ -555,8 +647,8 @@ impl Actor for EnvironmentActor {
                     tracing::debug!(environment = %state.id(), ?event, "stale outcome ignored");
                     return Ok(());
                 }
-                if let Err(rejected) = state.apply(&myself, event).await? {
-                    tracing::debug!(environment = %state.id(), %rejected, "outcome not applicable");
+                if let Err(refused) = state.apply(&myself, event).await? {
+                    tracing::debug!(environment = %state.id(), ?refused, "outcome not applicable");
                 }
             }
             EnvMsg::Subscribe { reply } => {

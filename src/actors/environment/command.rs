@@ -192,6 +192,14 @@ pub enum CommandError {
     /// The provider refused or is unreachable (502 / 503).
     #[error(transparent)]
     Provider(#[from] ProviderError),
+    /// Answered by the node that runs the environment, as it answered (same status and code).
+    #[error("{}", .0.detail)]
+    Remote(crate::actors::remote::RemoteError),
+    /// The node that runs the environment did not answer within the wait (504
+    /// `command_timeout`): `ran` says whether it took the command (look it up by id) or it was
+    /// cancelled unrun.
+    #[error("{}", timeout_detail(command_id, *ran))]
+    Timeout { command_id: String, ran: bool },
     /// The store failed: unavailable (pool exhausted, database down: 503 `database_unavailable`)
     /// or a query error (500).
     #[error(transparent)]
@@ -199,6 +207,18 @@ pub enum CommandError {
     /// Anything else: logged, answered 500 without detail.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
+}
+
+fn timeout_detail(command_id: &str, ran: bool) -> String {
+    if ran {
+        format!(
+            "The node that runs this environment took command {command_id} but did not answer in time; look it up at /api/v1/commands/{command_id}"
+        )
+    } else {
+        format!(
+            "The node that runs this environment did not take command {command_id} in time; it was cancelled and will not run. Try again"
+        )
+    }
 }
 
 impl From<crate::store::StoreError> for CommandError {

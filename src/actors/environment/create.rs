@@ -191,7 +191,7 @@ pub async fn create(deps: &EnvDeps, new: NewEnvironment) -> Result<Environment, 
         progress: Some(0),
     };
     let mut conn = deps.db.get().await?;
-    match store::insert_checked(&mut conn, &env, &event).await? {
+    match store::insert_checked(&mut conn, &env, &event, &deps.cluster.node).await? {
         Ok(()) => Ok(env),
         Err(refusal) => Err(refused(refusal, env.name)),
     }

@@ -20,7 +20,7 @@ use crate::clock::db_now;
 use crate::protocol::StreamFrame;
 use crate::provider::{InstanceSpec, InstanceState, Provider, ProviderError};
 use crate::ssh::client::{SshClient, SshTarget};
-use crate::store::environments::{self as store, Environment, NewEvent};
+use crate::store::environments::{self as store, Environment, Lease, NewEvent};
 use crate::store::templates as template_store;
 
 /// Installation log lines stored per environment; later lines are still streamed live.
@@ -62,6 +62,8 @@ pub(super) struct TaskCtx {
     pub(super) epoch: u64,
     pub(super) deps: Arc<EnvDeps>,
     pub(super) row: Environment,
+    /// The lease every write names (see [`crate::store::environments::Lease`]).
+    pub(super) lease: Lease,
     pub(super) feed: broadcast::Sender<EnvUpdate>,
 }
 
@@ -193,10 +195,11 @@ impl TaskCtx {
             }
             let operation_id = uuid::Uuid::new_v4().to_string();
             let now = db_now(self.deps.clock.as_ref());
-            let env_id = self.row.id.clone();
+            let lease = self.lease.clone();
             let op = operation_id.clone();
-            // Stored before the call, so a crash after it still knows what to look for.
-            self.with_conn(async |c| store::begin_create(c, &env_id, &op, now).await)
+            // Stored before the call, so a crash after it still knows what to look for; refused
+            // (and nothing ordered) when this node's lease was taken over meanwhile.
+            self.with_conn(async |c| store::begin_create(c, &lease, &op, now).await)
                 .await?;
             attempts += 1;
             last_operation = Some(operation_id.clone());
@@ -214,9 +217,9 @@ impl TaskCtx {
 
     async fn adopt(&self, instance_id: &str) -> anyhow::Result<()> {
         let now = db_now(self.deps.clock.as_ref());
-        let env_id = self.row.id.clone();
+        let lease = self.lease.clone();
         let id = instance_id.to_string();
-        self.with_conn(async |c| store::set_instance(c, &env_id, &id, now).await)
+        self.with_conn(async |c| store::set_instance(c, &lease, &id, now).await)
             .await?;
         self.report(Event::InstanceCreated {
             instance_id: instance_id.to_string(),
@@ -244,10 +247,10 @@ impl TaskCtx {
                 Ok(InstanceState::Running { ip }) => {
                     let (_, port) = self.provider().ssh_endpoint(&ip);
                     let now = db_now(self.deps.clock.as_ref());
-                    let env_id = self.row.id.clone();
+                    let lease = self.lease.clone();
                     let addr = ip.clone();
                     self.with_conn(async |c| {
-                        store::set_address(c, &env_id, &addr, i32::from(port), now).await
+                        store::set_address(c, &lease, &addr, i32::from(port), now).await
                     })
                     .await?;
                     self.report(Event::InstanceReady { ip });
@@ -418,6 +421,7 @@ impl TaskCtx {
     ) -> impl Future<Output = ()> + use<> {
         let deps = self.deps.clone();
         let env_id = self.row.id.clone();
+        let lease = self.lease.clone();
         let feed = self.feed.clone();
         let owner = self.row.user_id.clone();
         let myself = self.myself.clone();
@@ -453,10 +457,16 @@ impl TaskCtx {
                         status_version: None,
                         progress: None,
                     };
-                    if let Ok(mut conn) = deps.db.get().await
-                        && let Err(e) = store::add_event(&mut conn, &row).await
-                    {
-                        tracing::warn!(environment = %env_id, error = %e, "could not store a log line");
+                    if let Ok(mut conn) = deps.db.get().await {
+                        match store::add_event(&mut conn, &lease, &row).await {
+                            Ok(()) => {
+                                drop(conn);
+                                super::actor::signal_change(&deps, &env_id, "event").await;
+                            }
+                            Err(e) => {
+                                tracing::warn!(environment = %env_id, error = %e, "could not store a log line");
+                            }
+                        }
                     }
                 }
                 seen.send_modify(|n| *n += 1);
@@ -489,11 +499,14 @@ impl TaskCtx {
             progress: None,
         };
         let result = match self.deps.db.get().await {
-            Ok(mut conn) => store::add_event(&mut conn, &row).await,
+            Ok(mut conn) => store::add_event(&mut conn, &self.lease, &row).await,
             Err(e) => Err(e),
         };
-        if let Err(e) = result {
-            tracing::warn!(environment = %self.row.id, kind, error = %e, "could not store an event");
+        match result {
+            Ok(()) => super::actor::signal_change(&self.deps, &self.row.id, "event").await,
+            Err(e) => {
+                tracing::warn!(environment = %self.row.id, kind, error = %e, "could not store an event")
+            }
         }
         if kind == "info" {
             // Live too, in the shape the history gives it.

@@ -66,6 +66,11 @@ pub enum EnvironmentsMsg {
     },
     /// Scheduled restart after a backoff.
     Respawn(String),
+    /// This node holds (or just claimed) the environment's lease: start its actor unless one
+    /// runs or it was given up on within the restart window.
+    Adopt(String),
+    /// This node no longer holds the environment's lease: stop its actor (no writes).
+    Release(String),
     /// Fault injection: make one environment actor panic. Replies whether it existed.
     Crash {
         environment_id: String,
@@ -100,8 +105,16 @@ impl EnvironmentsState {
         if self.registry_has(environment_id) {
             return Ok(());
         }
+        let node = self.args.deps.cluster.node.clone();
         let owner = {
             let mut conn = self.args.deps.db.get().await?;
+            // Only under this node's lease: another node's environment is left to it.
+            if crate::store::leases::lease_of(&mut conn, environment_id, &node)
+                .await?
+                .is_none()
+            {
+                return Ok(());
+            }
             match store::get(&mut conn, environment_id).await? {
                 Some(row) if !row.status.is_final() => row.user_id,
                 _ => return Ok(()),
@@ -238,6 +251,11 @@ impl EnvironmentsState {
         let Some(row) = store::get(&mut conn, environment_id).await? else {
             return Ok(());
         };
+        let Some(lease) =
+            crate::store::leases::lease_of(&mut conn, environment_id, &deps.cluster.node).await?
+        else {
+            return Ok(()); // another node runs it now
+        };
         let machine = Machine {
             status: row.status,
             phase: row.phase,
@@ -271,7 +289,11 @@ impl EnvironmentsState {
             status_version: None,
             progress: None,
         };
-        let version = store::record_transition(&mut conn, environment_id, &change, event).await?;
+        let version = match store::record_transition(&mut conn, &lease, &change, event).await {
+            Ok(version) => version,
+            Err(crate::store::StoreError::Fenced(_)) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
         let status = EnvironmentStatus {
             environment_id: environment_id.to_string(),
             status: next.status,
@@ -280,6 +302,7 @@ impl EnvironmentsState {
             message: Some(message.to_string()),
             timestamp: from_db(now),
         };
+        actor::signal_change(deps, environment_id, &format!("status {version}")).await;
         // No subscriber is fine: the change is persisted.
         let _ = deps.bus.send(EnvUpdate {
             owner: row.user_id,
@@ -299,10 +322,11 @@ impl Actor for EnvironmentsSupervisor {
         myself: ActorRef<Self::Msg>,
         args: EnvironmentsArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        // Every environment not in a final state gets its actor back.
+        // Every environment not in a final state whose lease this node holds gets its actor back
+        // (the lease reconciler adopts claimed ones later).
         let ids = {
             let mut conn = args.deps.db.get().await?;
-            store::resumable_ids(&mut conn).await?
+            crate::store::leases::owned_ids(&mut conn, &args.deps.cluster.node).await?
         };
         args.registry
             .write()
@@ -334,6 +358,17 @@ impl Actor for EnvironmentsSupervisor {
             }
             EnvironmentsMsg::Respawn(environment_id) => {
                 state.spawn(&myself, &environment_id).await?;
+            }
+            EnvironmentsMsg::Adopt(environment_id) => {
+                let now = state.args.directory.now();
+                if !state.restarts.is_down(&environment_id, now) {
+                    state.spawn(&myself, &environment_id).await?;
+                }
+            }
+            EnvironmentsMsg::Release(environment_id) => {
+                if let Some((actor, _)) = state.live(&environment_id) {
+                    actor.stop(Some("lease lost".into()));
+                }
             }
             EnvironmentsMsg::Ensure {
                 environment_id,

@@ -17,15 +17,29 @@ use crate::store::audit::{self, AuditFilter};
 const AUDIT_DEFAULT_LIMIT: i64 = 50;
 const AUDIT_MAX_LIMIT: i64 = 500;
 
-/// The supervision tree of this node, and every node on the database (`nodes`: id, address,
+/// The supervision tree of this node, every node on the database (`nodes`: id, address,
 /// provider, version, started_at, heartbeat_at, heartbeat_age_seconds, alive, draining,
-/// this_node). 503 when the store cannot list the nodes.
+/// this_node, environments_owned) and this node's lease counts since start (`leases`: held,
+/// claimed, lost, released, valid). 503 when the store cannot list the nodes.
 pub async fn actors(app: AppState, _ctx: Ctx) -> ApiResult<Response<Body>> {
+    use std::sync::atomic::Ordering::Relaxed;
     let directory = app.actors.directory();
     let nodes = app.node.list().await?;
+    let cluster = app.node.membership();
+    let held = nodes
+        .iter()
+        .find(|n| n.this_node)
+        .map_or(0, |n| n.environments_owned);
     ok(&json!({
         "node": app.node.id,
         "nodes": nodes,
+        "leases": {
+            "held": held,
+            "claimed": cluster.stats.claimed.load(Relaxed),
+            "lost": cluster.stats.lost.load(Relaxed),
+            "released": cluster.stats.released.load(Relaxed),
+            "valid": cluster.guard.valid(),
+        },
         "actors": directory.tree(),
         "live_by_kind": directory.live_by_kind(),
         "restarts_by_kind": directory.restarts_by_kind(),

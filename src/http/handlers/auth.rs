@@ -311,7 +311,7 @@ pub async fn google(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
                         replaced_google,
                     }) => {
                         let count = ended.len();
-                        app.end_sessions(ended, "account claimed");
+                        app.end_sessions(ended, "account claimed").await;
                         app.audit(
                             &ctx.audit(),
                             "account_claimed",
@@ -499,7 +499,8 @@ pub async fn refresh(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
         }
         Rotation::Reused(session) => {
             if sessions::revoke(&mut conn, &session.id, "refresh_token_reuse", now).await? {
-                app.end_sessions(vec![session.id.clone()], "refresh token reuse");
+                app.end_sessions(vec![session.id.clone()], "refresh token reuse")
+                    .await;
             }
             tracing::warn!(session = %session.id, "refresh token reused; session revoked");
             app.audit(
@@ -520,7 +521,8 @@ pub async fn logout(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     let mut conn = app.db.get().await?;
     let now = db_now(app.clock.as_ref());
     sessions::revoke(&mut conn, &auth.session.id, "logout", now).await?;
-    app.end_sessions(vec![auth.session.id.clone()], "logout");
+    app.end_sessions(vec![auth.session.id.clone()], "logout")
+        .await;
     app.audit(
         &ctx.audit(),
         "logout",

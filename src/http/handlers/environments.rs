@@ -219,6 +219,24 @@ impl From<CommandError> for ApiError {
                 ApiError::unavailable(ErrorCode::EnvironmentBusy, detail).with_retry_after(2)
             }
             CommandError::Pending(_) => ApiError::conflict(ErrorCode::EnvironmentsPending, detail),
+            CommandError::Remote(remote) => {
+                let status = StatusCode::from_u16(remote.status)
+                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                let code = ErrorCode::ALL
+                    .iter()
+                    .copied()
+                    .find(|c| c.as_str() == remote.code)
+                    .unwrap_or(ErrorCode::InternalError);
+                let mut api = ApiError::new(status, code, remote.detail);
+                api.errors = remote.errors;
+                api.retry_after = remote.retry_after;
+                api
+            }
+            CommandError::Timeout { .. } => ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                ErrorCode::CommandTimeout,
+                detail,
+            ),
             CommandError::Provider(e) => provider_error(e),
             CommandError::Store(e) => ApiError::from(e),
             CommandError::Internal(e) => ApiError::internal(e),
@@ -484,6 +502,38 @@ const TERMINAL_SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_se
 pub async fn terminals(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     let env = owned(&app, &ctx).await?;
     ok(&crate::actors::terminal::snapshots(&env.id, TERMINAL_SNAPSHOT_WAIT).await)
+}
+
+/// `GET /api/v1/commands/{command_id}`: a command carried to the node that runs its environment
+/// (the id a 504 `command_timeout` names): its state (`pending`, `running`, `done`, `expired`:
+/// cancelled unrun) and, once done, its outcome as the owner answered it (see
+/// [`crate::actors::remote::Outcome`]). 404 for an unknown id or another user's command; kept for
+/// an hour ([`crate::actors::remote::COMMAND_RETENTION`]).
+pub async fn command(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
+    let user = ctx.user()?;
+    let id = ctx.param("command_id");
+    let row = app
+        .actors
+        .carried_command(id, &user.user.id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("Command not found"))?;
+    let verb = serde_json::from_str::<crate::actors::environment::command::Command>(&row.command)
+        .map(|c| c.verb())
+        .unwrap_or("unknown");
+    let outcome = row
+        .reply
+        .as_deref()
+        .and_then(|r| serde_json::from_str::<Value>(r).ok());
+    ok(&serde_json::json!({
+        "command_id": row.id,
+        "environment_id": row.environment_id,
+        "command": verb,
+        "state": row.state,
+        "created_at": crate::clock::from_db(row.created_at),
+        "expires_at": crate::clock::from_db(row.expires_at),
+        "answered_at": row.answered_at.map(crate::clock::from_db),
+        "outcome": outcome,
+    }))
 }
 
 pub async fn logs(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {

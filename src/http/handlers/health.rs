@@ -47,6 +47,10 @@ pub async fn ready(app: AppState, _ctx: Ctx) -> ApiResult<Response<Body>> {
         );
         failing.push("node");
     }
+    if app.node.membership().is_draining() {
+        checks.insert("draining".into(), json!("this node is shutting down"));
+        failing.push("draining");
+    }
     let down = app.actors.unhealthy();
     if down.is_empty() {
         checks.insert("actors".into(), json!("healthy"));
@@ -96,7 +100,11 @@ pub async fn info(app: AppState, _ctx: Ctx) -> ApiResult<Response<Body>> {
 pub async fn metrics(app: AppState, _ctx: Ctx) -> ApiResult<Response<Body>> {
     Ok(text(
         "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        app.metrics.render(app.actors.directory()),
+        app.metrics.render(
+            app.actors.directory(),
+            &app.node.membership().stats,
+            app.actors.local_environment_ids().len(),
+        ),
     ))
 }
 

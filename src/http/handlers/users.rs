@@ -215,7 +215,7 @@ pub async fn change_password(app: AppState, ctx: Ctx) -> ApiResult<Response<Body
         }
     };
     let count = ended.len();
-    app.end_sessions(ended, "password changed");
+    app.end_sessions(ended, "password changed").await;
     app.audit(
         &ctx.audit(),
         if current.is_some() {
@@ -393,7 +393,7 @@ pub async fn delete_account(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>
     let now = db_now(app.clock.as_ref());
     let ended =
         sessions::revoke_all(&mut conn, &auth.user.id, None, "account_deleted", now).await?;
-    app.end_sessions(ended, "account deleted");
+    app.end_sessions(ended, "account deleted").await;
     users::delete(&mut conn, &auth.user.id).await?;
     app.session_cache.forget_user(&auth.user.id);
     app.audit(
@@ -440,7 +440,8 @@ pub async fn revoke_session(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>
     if !sessions::revoke(&mut conn, &session.id, "revoked_by_user", now).await? {
         return Err(not_found());
     }
-    app.end_sessions(vec![session.id.clone()], "session revoked");
+    app.end_sessions(vec![session.id.clone()], "session revoked")
+        .await;
     app.audit(
         &ctx.audit(),
         "session_revoked",
@@ -463,7 +464,7 @@ pub async fn revoke_all(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
     let now = db_now(app.clock.as_ref());
     let ended = sessions::revoke_all(&mut conn, &auth.user.id, keep, "revoked_all", now).await?;
     let count = ended.len();
-    app.end_sessions(ended, "all sessions revoked");
+    app.end_sessions(ended, "all sessions revoked").await;
     app.audit(
         &ctx.audit(),
         "session_revoked",

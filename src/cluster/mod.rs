@@ -13,6 +13,9 @@
 //! is locked (`flock`) for as long as the process serves: a second process on the same data
 //! directory refuses to start.
 
+pub mod leases;
+pub mod signals;
+
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -52,6 +55,8 @@ pub struct Node {
     task: Mutex<Option<JoinHandle<()>>>,
     /// The locked files; released by [`Node::leave`] (or when the node is dropped).
     claim: Mutex<Option<Claim>>,
+    /// This node's leases and signals (see [`leases`]).
+    membership: Arc<leases::Membership>,
 }
 
 impl std::fmt::Debug for Node {
@@ -76,6 +81,8 @@ pub struct NodeView {
     pub draining: bool,
     /// Whether this is the node that answered.
     pub this_node: bool,
+    /// Live environments whose lease the node holds.
+    pub environments_owned: i64,
 }
 
 /// This node's name for humans: `cluster.address`, or `<hostname>/<addr>`.
@@ -205,9 +212,6 @@ fn claim_id(data_dir: &Path) -> anyhow::Result<(String, File)> {
 #[derive(Debug, Clone)]
 pub struct Joining<'a> {
     pub provider: ProviderKind,
-    /// `cluster.allow_unleased_peers`: start next to live nodes although environments are not
-    /// leased yet.
-    pub allow_peers: bool,
     pub jwt_keys: &'a [String],
     pub seal_keys: &'a [String],
 }
@@ -257,12 +261,6 @@ pub fn admit(me: &Joining<'_>, live: &[NodeRow]) -> Result<(), String> {
                 ));
             }
         }
-    }
-    if !me.allow_peers {
-        return Err(format!(
-            "node {} ({}) is alive on this database, and environments are not yet leased to one node: two nodes would both run every environment; stop it first (cluster.allow_unleased_peers = true starts anyway, for key-rotation drills only)",
-            first.id, first.address
-        ));
     }
     Ok(())
 }
@@ -317,7 +315,6 @@ impl Node {
         };
         let joining = Joining {
             provider: config.provider.kind,
-            allow_peers: config.cluster.allow_unleased_peers,
             jwt_keys: &jwt_keys,
             seal_keys: &seal_keys,
         };
@@ -334,7 +331,22 @@ impl Node {
             bail!("this node cannot join: {refusal}");
         }
         tracing::info!(node = %id, address = %row.address, "node registered");
+        let postgres_url = match crate::store::DbUrl::from_config(
+            config.database.url.expose(),
+            &config.server.data_dir,
+        ) {
+            Some(crate::store::DbUrl::Postgres(url)) => Some(url),
+            _ => None,
+        };
+        let signals = signals::Signals::start(&id, db, postgres_url);
+        let membership = Arc::new(leases::Membership::new(
+            &id,
+            signals,
+            StdDuration::from_secs(config.cluster.heartbeat_seconds),
+            StdDuration::from_secs(config.cluster.dead_after_seconds),
+        ));
         let node = Arc::new(Self {
+            membership,
             id,
             last_heartbeat: Arc::new(AtomicI64::new(clock.now().timestamp())),
             row,
@@ -354,14 +366,23 @@ impl Node {
     }
 
     /// Whether the store took a heartbeat of this node within the dead-after deadline (else the
-    /// others consider it dead, and it should not take work).
+    /// others consider it dead, and it should not take work) and its leases still hold (see
+    /// [`leases::LeaseGuard`]).
     pub fn heartbeat_healthy(&self) -> bool {
         let last = self.last_heartbeat.load(Ordering::Acquire);
         self.clock.now().timestamp() - last < self.dead_after.num_seconds()
+            && self.membership.guard.valid()
     }
 
-    /// Mark this node as draining (a graceful shutdown has begun); failures are logged.
+    /// This node's leases and signals.
+    pub fn membership(&self) -> &Arc<leases::Membership> {
+        &self.membership
+    }
+
+    /// Mark this node as draining (a graceful shutdown has begun: it claims nothing more);
+    /// failures are logged.
     pub async fn drain(&self) {
+        self.membership.start_draining();
         let result = match self.db.get().await {
             Ok(mut conn) => nodes::set_draining(&mut conn, &self.id).await,
             Err(e) => Err(e),
@@ -391,6 +412,7 @@ impl Node {
                 }
             }
         }
+        self.membership.signals.stop();
         lock(&self.claim).take();
     }
 
@@ -398,6 +420,11 @@ impl Node {
     pub async fn list(&self) -> crate::store::StoreResult<Vec<NodeView>> {
         let mut conn = self.db.get().await?;
         let rows = nodes::list(&mut conn).await?;
+        let held: std::collections::HashMap<String, i64> =
+            crate::store::leases::held_by_node(&mut conn)
+                .await?
+                .into_iter()
+                .collect();
         let now = self.clock.now();
         Ok(rows
             .into_iter()
@@ -405,6 +432,7 @@ impl Node {
                 let heartbeat_at = from_db(row.heartbeat_at);
                 let age = now - heartbeat_at;
                 NodeView {
+                    environments_owned: held.get(&row.id).copied().unwrap_or(0),
                     this_node: row.id == self.id,
                     alive: age < self.dead_after,
                     heartbeat_age_seconds: age.num_seconds().max(0),
@@ -423,6 +451,7 @@ impl Node {
     /// One heartbeat: refresh this node's row (writing it again if another node pruned it) and
     /// prune the rows of long-dead nodes.
     async fn beat(&self) -> crate::store::StoreResult<()> {
+        let started = std::time::Instant::now();
         let now = self.clock.now();
         let mut conn = self.db.get().await?;
         if !nodes::heartbeat(&mut conn, &self.id, to_db(now)).await? {
@@ -435,6 +464,7 @@ impl Node {
         }
         self.last_heartbeat
             .store(now.timestamp(), Ordering::Release);
+        self.membership.guard.renewed(started);
         nodes::prune(&mut conn, to_db(now - DEAD_NODE_RETENTION)).await?;
         Ok(())
     }
@@ -489,7 +519,6 @@ mod tests {
         let seal = vec!["s1".repeat(32)];
         let me = Joining {
             provider: ProviderKind::Contabo,
-            allow_peers: true,
             jwt_keys: &jwt,
             seal_keys: &seal,
         };
@@ -513,7 +542,6 @@ mod tests {
         let err = admit(&me, &[local_peer]).expect_err("local peer");
         assert!(err.contains("local provider"), "{err}");
         let local_me = Joining {
-            allow_peers: true,
             provider: ProviderKind::Local,
             ..me
         };
@@ -521,17 +549,6 @@ mod tests {
         let err = admit(&local_me, std::slice::from_ref(&peer)).expect_err("local joining");
         assert!(
             err.contains("single-node") && err.contains("node a"),
-            "{err}"
-        );
-        // Until environments are leased, a matching peer is refused unless drills allow it.
-        let serving = Joining {
-            allow_peers: false,
-            ..me
-        };
-        assert_eq!(admit(&serving, &[]), Ok(()), "alone: fine");
-        let err = admit(&serving, &[peer]).expect_err("unleased peer");
-        assert!(
-            err.contains("not yet leased") && err.contains("allow_unleased_peers"),
             "{err}"
         );
     }

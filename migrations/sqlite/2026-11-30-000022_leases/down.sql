@@ -1,0 +1,2 @@
+DROP TABLE environment_commands;
+DROP TABLE environment_leases;
