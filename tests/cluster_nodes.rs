@@ -129,6 +129,25 @@ async fn three_nodes_see_each_other_and_obey_kill_pause_and_terminate() {
         }
     })
     .await;
+
+    // A start that is refused is reported with the node's log: keys sharing nothing with the
+    // live nodes'.
+    let shared = c.config(2).secrets.seal_key.clone();
+    c.config_mut(2).secrets.seal_key = devpocket::config::Secret::new(base64_of(0x77));
+    let refusal = c
+        .try_start_node(2)
+        .await
+        .expect_err("a stranger is refused");
+    assert!(refusal.contains("share no key"), "{refusal}");
+    assert!(!c.exit_status(2).expect("exited").success());
+    c.config_mut(2).secrets.seal_key = shared;
+    c.start_node(2).await;
+    assert_eq!(c.node_id(2, &admin).await, ids[2]);
+}
+
+fn base64_of(byte: u8) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode([byte; 32])
 }
 
 /// Thirty environments created round-robin through three nodes are all running, each runs on
@@ -147,9 +166,7 @@ async fn thirty_environments_round_robin_have_one_owner_each() {
     }
     c.wait_all_status(&admin, &envs, "running", c.provision_bound())
         .await;
-    let owners = c
-        .wait_single_owners(&admin, &envs, c.dead_bound())
-        .await;
+    let owners = c.wait_single_owners(&admin, &envs, c.dead_bound()).await;
     c.assert_one_instance_each(&envs);
     // Every node's list counts what each node owns (issue 11 §9).
     for i in 0..3 {
@@ -255,14 +272,18 @@ async fn a_paused_owner_loses_its_lease_and_stops_its_actor() {
     assert_eq!(owners[&env], 0, "the creator owns it");
 
     c.pause(0);
-    c.eventually("node-1 claims the environment", c.failover_bound(), || async {
-        let owned = c.owned_by(1, &admin).await;
-        if owned.contains(&env) {
-            Ok(())
-        } else {
-            Err(format!("{owned:?}"))
-        }
-    })
+    c.eventually(
+        "node-1 claims the environment",
+        c.failover_bound(),
+        || async {
+            let owned = c.owned_by(1, &admin).await;
+            if owned.contains(&env) {
+                Ok(())
+            } else {
+                Err(format!("{owned:?}"))
+            }
+        },
+    )
     .await;
     c.resume(0);
     let heartbeats = Duration::from_secs(2 * c.config(0).cluster.heartbeat_seconds) + HEADROOM;
@@ -309,10 +330,16 @@ async fn events_and_session_ends_cross_nodes() {
     c.wait_status(a, &me, &env, "running", c.provision_bound())
         .await;
 
-    let mut events = connect(&c.ws_url(cc, &format!("/api/v1/ws/events?token={}", me.access))).await;
+    let mut events =
+        connect(&c.ws_url(cc, &format!("/api/v1/ws/events?token={}", me.access))).await;
     ping_pong(&mut events).await;
     let (status, body) = c
-        .post(a, &format!("/api/v1/environments/{env}/stop"), me.token(), json!({}))
+        .post(
+            a,
+            &format!("/api/v1/environments/{env}/stop"),
+            me.token(),
+            json!({}),
+        )
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     let seen = tokio::time::timeout(c.dead_bound(), async {
@@ -334,17 +361,19 @@ async fn events_and_session_ends_cross_nodes() {
     assert!(seen.contains(&"stopped".to_string()), "{seen:?}");
 
     let (status, body) = c
-        .post(a, &format!("/api/v1/environments/{env}/start"), me.token(), json!({}))
+        .post(
+            a,
+            &format!("/api/v1/environments/{env}/start"),
+            me.token(),
+            json!({}),
+        )
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     c.wait_status(a, &me, &env, "running", c.provision_bound())
         .await;
 
-    let mut terminal = connect(&c.ws_url(
-        b,
-        &format!("/api/v1/ws/terminal/{env}?token={}", me.access),
-    ))
-    .await;
+    let mut terminal =
+        connect(&c.ws_url(b, &format!("/api/v1/ws/terminal/{env}?token={}", me.access))).await;
     let welcome = tokio::time::timeout(c.provision_bound(), async {
         loop {
             match next_json(&mut terminal).await {
@@ -359,7 +388,9 @@ async fn events_and_session_ends_cross_nodes() {
     assert_eq!(welcome["environment"]["id"], env.as_str());
 
     let started = tokio::time::Instant::now();
-    let (status, body) = c.post(a, "/api/v1/auth/logout", me.token(), json!({})).await;
+    let (status, body) = c
+        .post(a, "/api/v1/auth/logout", me.token(), json!({}))
+        .await;
     assert!(status.is_success(), "{status} {body}");
     let bound = Duration::from_secs(2) + HEADROOM;
     let (code, reason) = tokio::time::timeout(bound, close_of(&mut terminal))
@@ -401,13 +432,19 @@ async fn sigterm_hands_environments_over_at_once() {
     let owners = c
         .wait_single_owners(&admin, &envs, Duration::from_secs(2) + HEADROOM)
         .await;
-    assert!(owners.values().all(|&o| o == 0), "the creator owns them: {owners:?}");
+    assert!(
+        owners.values().all(|&o| o == 0),
+        "the creator owns them: {owners:?}"
+    );
 
     let started = tokio::time::Instant::now();
     let status = c.terminate(0).await;
     assert!(status.success(), "{status:?}\n{}", c.log(0));
     let bound = Duration::from_secs(2 * c.config(1).cluster.heartbeat_seconds) + HEADROOM;
-    assert!(bound < Duration::from_secs(dead_after), "the bound proves no expiry");
+    assert!(
+        bound < Duration::from_secs(dead_after),
+        "the bound proves no expiry"
+    );
     let owners = c.wait_single_owners(&admin, &envs, bound).await;
     eprintln!(
         "handed over {:?} after SIGTERM: {owners:?}",
@@ -457,7 +494,10 @@ async fn a_command_through_another_node_answers_as_on_the_owner() {
     let on_owner = command(owner, "start").await;
     let on_other = command(other, "start").await;
     assert_eq!(on_owner.0, on_other.0, "{on_owner:?} vs {on_other:?}");
-    assert_eq!(on_owner.1["code"], on_other.1["code"], "{on_owner:?} vs {on_other:?}");
+    assert_eq!(
+        on_owner.1["code"], on_other.1["code"],
+        "{on_owner:?} vs {on_other:?}"
+    );
 
     // Accepted: stop through the other node, then (after a start) through the owner.
     let via_other = command(other, "stop").await;

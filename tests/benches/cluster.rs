@@ -56,16 +56,13 @@ async fn run(requests: usize, concurrency: usize) {
     let bases: Vec<String> = (0..c.len()).map(|i| c.base(i).to_string()).collect();
     for (label, targets) in [
         ("GET /api/v1/environments, one node", vec![bases[0].clone()]),
-        ("GET /api/v1/environments, 3 nodes round-robin", bases.clone()),
+        (
+            "GET /api/v1/environments, 3 nodes round-robin",
+            bases.clone(),
+        ),
     ] {
-        let (rate, samples) = throughput(
-            &c.http,
-            &targets,
-            &admin.access,
-            requests,
-            concurrency,
-        )
-        .await;
+        let (rate, samples) =
+            throughput(&c.http, &targets, &admin.access, requests, concurrency).await;
         line(
             label,
             format!("{rate:>9.0} req/s  {}", Latencies::new(samples).summary()),
@@ -81,7 +78,8 @@ async fn run(requests: usize, concurrency: usize) {
         .await[&env];
     let killed = Instant::now();
     c.kill(owner);
-    let bound = c.failover_bound() + c.provision_bound();
+    // Resuming a running environment reconnects to its machine: no provisioning to wait for.
+    let bound = c.failover_bound() + Duration::from_secs(30);
     let deadline = Instant::now() + bound;
     let mut last = String::new();
     let took = loop {
@@ -179,8 +177,5 @@ async fn throughput(
     for client in clients {
         samples.extend(client.await.expect("client"));
     }
-    (
-        requests as f64 / started.elapsed().as_secs_f64(),
-        samples,
-    )
+    (requests as f64 / started.elapsed().as_secs_f64(), samples)
 }

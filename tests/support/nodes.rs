@@ -38,8 +38,10 @@ pub const HEARTBEAT_SECONDS: u64 = 1;
 pub const DEAD_AFTER_SECONDS: u64 = 3;
 /// The JWT key every node shares (at least 32 characters).
 pub const JWT_KEY: &str = "cluster-test-jwt-key-shared-by-every-node-0001";
-/// Log lines kept per node for failure messages.
+/// Log lines kept per node (across its restarts), for [`Cluster::log`].
 pub const LOG_LINES: usize = 300;
+/// Log lines per node in a failure message of a wait (every node's, so kept short).
+pub const FAILURE_LOG_LINES: usize = 40;
 /// How long a node may take from spawn to "listening" (a debug build, migrations on the first).
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Beyond `server.drain_timeout_seconds`, how long a terminated node may take to exit.
@@ -197,6 +199,11 @@ impl Cluster {
         &self.nodes[i].config
     }
 
+    /// Change node `i`'s configuration for its next [`Cluster::start_node`].
+    pub fn config_mut(&mut self, i: usize) -> &mut Config {
+        &mut self.nodes[i].config
+    }
+
     /// The cluster's own connection to the shared database (for what the CLI would do).
     pub fn store(&self) -> &devpocket::store::Db {
         self.store.as_ref().expect("store opened at start")
@@ -267,16 +274,18 @@ impl Cluster {
             Ok(Err(_)) => {
                 let status = child.wait().expect("exit status");
                 node.exited = Some(status);
-                // The reader may still be pushing the last lines.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                Err(format!("exited with {status}:\n{}", tail(&node.log)))
+                // The reader dropped the sender at the end of the pipe: every line is in.
+                Err(format!(
+                    "exited with {status}:\n{}",
+                    tail(&node.log, LOG_LINES)
+                ))
             }
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
                 Err(format!(
                     "not listening after {START_TIMEOUT:?}:\n{}",
-                    tail(&node.log)
+                    tail(&node.log, LOG_LINES)
                 ))
             }
         }
@@ -352,8 +361,8 @@ impl Cluster {
     /// [`EXIT_HEADROOM`]); returns how it exited.
     pub async fn terminate(&mut self, i: usize) -> ExitStatus {
         self.signal(i, rustix::process::Signal::TERM);
-        let bound = Duration::from_secs(self.nodes[i].config.server.drain_timeout_seconds)
-            + EXIT_HEADROOM;
+        let bound =
+            Duration::from_secs(self.nodes[i].config.server.drain_timeout_seconds) + EXIT_HEADROOM;
         let deadline = Instant::now() + bound;
         let node = &mut self.nodes[i];
         let process = node.process.as_mut().expect("running");
@@ -361,30 +370,39 @@ impl Cluster {
             if let Some(status) = process.child.try_wait().expect("try_wait") {
                 node.process = None;
                 node.exited = Some(status);
-                push_line(&node.log, format!("----- {} exited: {status} -----", node.name));
+                push_line(
+                    &node.log,
+                    format!("----- {} exited: {status} -----", node.name),
+                );
                 return status;
             }
             if Instant::now() >= deadline {
                 panic!(
                     "{} did not exit within {bound:?} of SIGTERM:\n{}",
                     node.name,
-                    tail(&node.log)
+                    tail(&node.log, LOG_LINES)
                 );
             }
             tokio::time::sleep(POLL).await;
         }
     }
 
-    /// The last log lines of node `i`.
+    /// The last log lines of node `i` (at most [`LOG_LINES`]).
     pub fn log(&self, i: usize) -> String {
-        tail(&self.nodes[i].log)
+        tail(&self.nodes[i].log, LOG_LINES)
     }
 
-    /// The last log lines of every node, for a failure message.
+    /// The last [`FAILURE_LOG_LINES`] log lines of every node, for a failure message.
     pub fn logs(&self) -> String {
         self.nodes
             .iter()
-            .map(|n| format!("===== {} =====\n{}", n.name, tail(&n.log)))
+            .map(|n| {
+                format!(
+                    "===== {} =====\n{}",
+                    n.name,
+                    tail(&n.log, FAILURE_LOG_LINES)
+                )
+            })
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -725,7 +743,10 @@ impl Cluster {
                     })
                     .map(|id| {
                         let seen = listed.iter().find(|e| e["id"] == id.as_str());
-                        format!("{id}: {}", seen.map_or("missing", |e| e["status"].as_str().unwrap_or("?")))
+                        format!(
+                            "{id}: {}",
+                            seen.map_or("missing", |e| e["status"].as_str().unwrap_or("?"))
+                        )
                     })
                     .collect();
                 if behind.is_empty() {
@@ -802,15 +823,24 @@ fn push_line(log: &Mutex<VecDeque<String>>, line: String) {
     log.push_back(line);
 }
 
-fn tail(log: &Mutex<VecDeque<String>>) -> String {
+/// The last `n` lines of a node's log.
+fn tail(log: &Mutex<VecDeque<String>>, n: usize) -> String {
     let log = log.lock().unwrap_or_else(|e| e.into_inner());
-    log.iter().cloned().collect::<Vec<_>>().join("\n")
+    let skip = log.len().saturating_sub(n);
+    log.iter()
+        .skip(skip)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Collect the ids of `environment:<id>` actors anywhere in an ops tree.
 fn environment_actors(nodes: &Value, out: &mut Vec<String>) {
     for n in nodes.as_array().into_iter().flatten() {
-        if let Some(id) = n["id"].as_str().and_then(|id| id.strip_prefix("environment:")) {
+        if let Some(id) = n["id"]
+            .as_str()
+            .and_then(|id| id.strip_prefix("environment:"))
+        {
             out.push(id.to_string());
         }
         environment_actors(&n["children"], out);
@@ -827,11 +857,7 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
         if !(rest.starts_with(' ') || rest.starts_with('{')) {
             continue;
         }
-        if let Some(v) = rest
-            .rsplit(' ')
-            .next()
-            .and_then(|v| v.parse::<f64>().ok())
-        {
+        if let Some(v) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
             *found.get_or_insert(0.0) += v;
         }
     }
