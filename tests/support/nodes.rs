@@ -14,7 +14,9 @@
 //!   "DevPocket server listening". The log (stderr) is read by a thread that keeps the last
 //!   [`LOG_LINES`] lines per node (across restarts) for failure messages.
 //! - Dropping the [`Cluster`] kills every node still running (SIGKILL, then reaped), drops the
-//!   database and removes the temp dirs.
+//!   database and removes the temp dirs. Where util-linux's `setpriv` is on PATH the nodes are
+//!   started through it with a parent-death signal, so even a test killed outright (no `Drop`)
+//!   leaves no node behind.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::BufRead;
@@ -231,7 +233,18 @@ impl Cluster {
         assert!(node.process.is_none(), "{} is already running", node.name);
         std::fs::write(&node.config_path, to_toml(&node.config)).expect("write config");
         push_line(&node.log, format!("----- {} starting -----", node.name));
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_devpocket"))
+        let mut command = match setpriv() {
+            // Killed with the test's thread even if the test itself is killed (no Drop then).
+            Some(setpriv) => {
+                let mut command = std::process::Command::new(setpriv);
+                command
+                    .args(["--pdeathsig", "KILL", "--"])
+                    .arg(env!("CARGO_BIN_EXE_devpocket"));
+                command
+            }
+            None => std::process::Command::new(env!("CARGO_BIN_EXE_devpocket")),
+        };
+        let mut child = command
             .arg("--config")
             .arg(&node.config_path)
             .arg("serve")
@@ -813,6 +826,15 @@ impl Drop for TmuxSession {
             .stderr(std::process::Stdio::null())
             .status();
     }
+}
+
+/// util-linux's `setpriv` on PATH: it sets the parent-death signal and execs the node (the same
+/// process, so signals and the pid are the node's).
+fn setpriv() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("setpriv"))
+        .find(|p| p.is_file())
 }
 
 fn push_line(log: &Mutex<VecDeque<String>>, line: String) {
