@@ -17,13 +17,18 @@ use support::fake_vps::FakeVpsConfig;
 use support::nodes::{Cluster, ClusterSetup, HEADROOM, TmuxSession};
 use support::terminal::{Ws, close_of, next_json, ping_pong};
 
-/// Whether the PostgreSQL tests can run; says why not when they cannot.
-fn postgres() -> bool {
-    let ok = support::postgres_configured();
-    if !ok {
+/// One cluster at a time: three debug-build nodes per test already fill a 2-core machine, and
+/// the waits' headroom is sized for one cluster, not seven side by side.
+static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Whether the PostgreSQL tests can run (says why not when they cannot); while the returned
+/// guard lives, no other test of this file runs a cluster.
+async fn postgres() -> Option<tokio::sync::MutexGuard<'static, ()>> {
+    if !support::postgres_configured() {
         eprintln!("skipped: set {} to run on PostgreSQL", support::PG_ENV);
+        return None;
     }
-    ok
+    Some(ONE_CLUSTER_AT_A_TIME.lock().await)
 }
 
 async fn connect(url: &str) -> Ws {
@@ -59,9 +64,9 @@ async fn alive_on_0(c: &Cluster, admin: &support::Session, id: &str, alive: bool
 /// restarts as the same node; a terminated node exits 0 and removes its row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_see_each_other_and_obey_kill_pause_and_terminate() {
-    if !postgres() {
+    let Some(_serial) = postgres().await else {
         return;
-    }
+    };
     let mut c = Cluster::start(ClusterSetup::default(), |_| {}).await;
     let admin = c.admin("ops").await;
     let mut ids = Vec::new();
@@ -155,9 +160,9 @@ fn base64_of(byte: u8) -> String {
 /// instances.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_environments_round_robin_have_one_owner_each() {
-    if !postgres() {
+    let Some(_serial) = postgres().await else {
         return;
-    }
+    };
     let c = Cluster::start(ClusterSetup::default(), |_| {}).await;
     let admin = c.admin("ada").await;
     let mut envs = Vec::new();
@@ -192,9 +197,9 @@ async fn thirty_environments_round_robin_have_one_owner_each() {
 /// its leases expire, and they reach running, still with exactly one instance each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_nodes_environments_continue_elsewhere() {
-    if !postgres() {
+    let Some(_serial) = postgres().await else {
         return;
-    }
+    };
     let setup = ClusterSetup {
         // Slow enough that the kill lands mid-provisioning.
         sim: SimConfig {
@@ -251,9 +256,9 @@ async fn a_killed_nodes_environments_continue_elsewhere() {
 /// with one instance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_owner_loses_its_lease_and_stops_its_actor() {
-    if !postgres() {
+    let Some(_serial) = postgres().await else {
         return;
-    }
+    };
     let mut c = Cluster::start(
         ClusterSetup {
             nodes: 2,
@@ -319,9 +324,9 @@ async fn a_paused_owner_loses_its_lease_and_stops_its_actor() {
 /// logout sent to node A.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_and_session_ends_cross_nodes() {
-    if !postgres() {
+    let Some(_serial) = postgres().await else {
         return;
-    }
+    };
     let (a, b, cc) = (0, 1, 2);
     let c = Cluster::start(ClusterSetup::default(), |_| {}).await;
     let me = c.register(a, "eve").await;
@@ -418,9 +423,9 @@ async fn events_and_session_ends_cross_nodes() {
 /// explain the hand-over).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_environments_over_at_once() {
-    if !postgres() {
+    let Some(_serial) = postgres().await else {
         return;
-    }
+    };
     let dead_after = 90;
     let mut c = Cluster::start(ClusterSetup::default(), |config| {
         config.cluster.dead_after_seconds = dead_after;
@@ -462,9 +467,9 @@ async fn sigterm_hands_environments_over_at_once() {
 /// (status code and body), and does not move or duplicate the environment's actor.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_through_another_node_answers_as_on_the_owner() {
-    if !postgres() {
+    let Some(_serial) = postgres().await else {
         return;
-    }
+    };
     let c = Cluster::start(
         ClusterSetup {
             nodes: 2,
