@@ -92,6 +92,35 @@ pub struct SimConfig {
     pub missing_secret_500: bool,
     /// Time (timelines, token expiry) moves only when the test calls `ContaboSim::advance`.
     pub manual_time: bool,
+    /// Give every instance its own loopback address ([`loopback_of`]) instead of `ipv4`, so a
+    /// fake VPS started with `FakeVps::start_per_address` serves many instances at once, each
+    /// with its own host key.
+    pub ipv4_per_instance: bool,
+}
+
+/// The loopback address of instance `id` when `SimConfig::ipv4_per_instance` is set:
+/// `127.<1 + bits 16..23 mod 128>.<bits 8..15>.<bits 0..7>`, distinct for ids less than 2^23
+/// apart (the simulator numbers instances consecutively) and never 127.0.0.1. Linux routes all of
+/// 127.0.0.0/8 to the loopback interface.
+pub fn loopback_of(id: i64) -> std::net::Ipv4Addr {
+    let id = id as u64;
+    std::net::Ipv4Addr::new(
+        127,
+        1 + ((id >> 16) & 0x7f) as u8,
+        ((id >> 8) & 0xff) as u8,
+        (id & 0xff) as u8,
+    )
+}
+
+impl SimConfig {
+    /// The IPv4 address instance `id` gets once installing.
+    fn ipv4_of(&self, id: i64) -> String {
+        if self.ipv4_per_instance {
+            loopback_of(id).to_string()
+        } else {
+            self.ipv4.clone()
+        }
+    }
 }
 
 impl Default for SimConfig {
@@ -108,6 +137,7 @@ impl Default for SimConfig {
             snapshot_slots: 2,
             missing_secret_500: false,
             manual_time: false,
+            ipv4_per_instance: false,
         }
     }
 }
@@ -180,6 +210,27 @@ impl SimHandle {
         state.instances.iter().rev().find_map(|i| {
             let user_data = i.user_data.as_ref()?;
             user_data.contains("ed25519_private").then(|| SshTarget {
+                instance_id: i.id,
+                generation: i.generation,
+                status: i.status.clone(),
+                user_data: user_data.clone(),
+            })
+        })
+    }
+}
+
+impl SimHandle {
+    /// The instance at `ip` (see `SimConfig::ipv4_per_instance`) whose userData carries an
+    /// ed25519 host key; the latest such one if several share the address.
+    pub fn ssh_target_at(&self, ip: std::net::Ipv4Addr) -> Option<SshTarget> {
+        let mut state = lock(&self.0);
+        state.advance_all();
+        let ip = ip.to_string();
+        state.instances.iter().rev().find_map(|i| {
+            let user_data = i.user_data.as_ref()?;
+            (i.ips.as_ref().is_some_and(|ips| ips.v4 == ip)
+                && user_data.contains("ed25519_private"))
+            .then(|| SshTarget {
                 instance_id: i.id,
                 generation: i.generation,
                 status: i.status.clone(),
@@ -309,7 +360,7 @@ impl ContaboSim {
     /// Force a status (clears any pending timeline); installed statuses get IPs if missing.
     pub fn set_status(&self, instance_id: i64, status: &str, error_message: Option<&str>) {
         let mut state = lock(&self.state);
-        let ipv4 = state.config.ipv4.clone();
+        let ipv4 = state.config.ipv4_of(instance_id);
         let instance = state
             .instance_mut(instance_id)
             .expect("set_status: no such instance");
@@ -1122,7 +1173,8 @@ impl State {
         let now = self.now();
         let installing = Duration::from_millis(self.config.installing_ms);
         for instance in &mut self.instances {
-            instance.advance(now, installing, &self.config.ipv4);
+            let ipv4 = self.config.ipv4_of(instance.id);
+            instance.advance(now, installing, &ipv4);
         }
     }
 
@@ -1706,7 +1758,7 @@ impl State {
             return reply;
         }
         let installing = Duration::from_millis(self.config.installing_ms);
-        let ipv4 = self.config.ipv4.clone();
+        let addressing = self.config.clone();
         let now = self.now();
         let instance = match self.find_instance(id) {
             Ok(instance) => instance,
@@ -1731,7 +1783,7 @@ impl State {
         instance.status = "installing".into();
         instance.error_message = None;
         instance.generation += 1;
-        instance.assign_ips(&ipv4);
+        instance.assign_ips(&addressing.ipv4_of(instance.id));
         instance.timer = Some(Timer::Installing {
             until: now + installing,
         });

@@ -2,7 +2,10 @@
 //! its host key and the `dev` user's authorized keys from the instance's cloud-init userData.
 //!
 //! - One port serves every instance of a simulator, so each new TCP connection impersonates the
-//!   **most recently created instance whose userData has `ssh_keys.ed25519_private`**. The
+//!   **most recently created instance whose userData has `ssh_keys.ed25519_private`** — or,
+//!   started with [`FakeVps::start_per_address`] next to a simulator that gives every instance
+//!   its own loopback address (`SimConfig::ipv4_per_instance`), the instance whose address the
+//!   connection was made to, so many instances are served at once. The
 //!   connection is closed at once (like an unreachable machine) when there is no such instance,
 //!   when it is not `running`, or when its userData does not parse.
 //! - Only public-key auth for user `dev` with a key from that user's `ssh_authorized_keys`.
@@ -123,14 +126,30 @@ struct Shared {
     commands: Mutex<VecDeque<String>>,
     /// (instance id, install generation) → when its install log started.
     installs: Mutex<HashMap<(i64, u32), Instant>>,
+    /// Each connection is the instance at the address it was made to (see the module doc).
+    per_address: bool,
 }
 
 impl FakeVps {
     /// Serve on 127.0.0.1:0 as the instances of `sim` (see the module doc).
     pub async fn start(sim: &ContaboSim, config: FakeVpsConfig) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind fake vps");
+        Self::serve(sim, config, false).await
+    }
+
+    /// Serve every loopback address (127.0.0.0/8) on one port, each connection as the instance
+    /// at the address it was made to: for a simulator with `SimConfig::ipv4_per_instance`.
+    /// Connections from beyond loopback are closed at once.
+    pub async fn start_per_address(sim: &ContaboSim, config: FakeVpsConfig) -> Self {
+        Self::serve(sim, config, true).await
+    }
+
+    async fn serve(sim: &ContaboSim, config: FakeVpsConfig, per_address: bool) -> Self {
+        let bind = if per_address {
+            "0.0.0.0:0"
+        } else {
+            "127.0.0.1:0"
+        };
+        let listener = TcpListener::bind(bind).await.expect("bind fake vps");
         let port = listener.local_addr().expect("fake vps addr").port();
         let shared = Arc::new(Shared {
             sim: sim.handle(),
@@ -143,6 +162,7 @@ impl FakeVps {
             cut: tokio::sync::watch::Sender::new(0),
             commands: Mutex::new(VecDeque::new()),
             installs: Mutex::new(HashMap::new()),
+            per_address,
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone()));
         Self {
@@ -217,9 +237,12 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             let _ = sessions.join_next().await;
             continue;
         }
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             return;
         };
+        if shared.per_address && !peer.ip().is_loopback() {
+            continue;
+        }
         if shared.stalled.load(Ordering::SeqCst) {
             let mut held = shared.held.lock().unwrap_or_else(|e| e.into_inner());
             if held.len() < MAX_CONNECTIONS {
@@ -227,7 +250,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             }
             continue;
         }
-        let Some(identity) = identify(&shared) else {
+        let Some(identity) = identify(&shared, &stream) else {
             drop(stream);
             continue;
         };
@@ -273,15 +296,23 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-/// Who a new connection is: the latest instance with a host key, if it is up.
+/// Who a new connection is: the latest instance with a host key (or the one at the address the
+/// connection was made to), if it is up.
 struct Identity {
     host_key: PrivateKey,
     authorized: Vec<PublicKey>,
     install_start: Instant,
 }
 
-fn identify(shared: &Shared) -> Option<Identity> {
-    let target = shared.sim.latest_ssh_target()?;
+fn identify(shared: &Shared, stream: &tokio::net::TcpStream) -> Option<Identity> {
+    let target = if shared.per_address {
+        match stream.local_addr().ok()?.ip() {
+            std::net::IpAddr::V4(ip) => shared.sim.ssh_target_at(ip)?,
+            std::net::IpAddr::V6(_) => return None,
+        }
+    } else {
+        shared.sim.latest_ssh_target()?
+    };
     if target.status != "running" {
         return None;
     }

@@ -6,6 +6,7 @@
 pub mod contabo_sim;
 pub mod fake_vps;
 pub mod jwks;
+pub mod nodes;
 pub mod sshd;
 pub mod terminal;
 
