@@ -16,6 +16,7 @@ use support::{Backend, Scratch, TestDb, TestServer, test_config};
 use tokio::net::TcpListener;
 
 on_both_backends!(
+    a_claimed_lease_fences_the_old_owner_and_commands_follow_it,
     nodes_register_heartbeat_and_leave,
     readiness_fails_without_the_database,
     sealed_values_and_tokens_survive_a_key_rotation,
@@ -629,5 +630,154 @@ async fn migrate_store_moves_every_account_and_environment() {
     // New rows get fresh ids after the copied ones (sequences moved past them).
     let newcomer = s.register("dan").await;
     support::terminal::running_env(&s, &newcomer, "dan-0").await;
+    s.stop().await;
+}
+
+/// A node row of a stand-in node that never runs (to take a lease from the server under test).
+fn ghost_node(id: &str, now: chrono::NaiveDateTime) -> devpocket::store::nodes::NodeRow {
+    devpocket::store::nodes::NodeRow {
+        id: id.into(),
+        address: "ghost".into(),
+        provider: "local".into(),
+        version: "0".into(),
+        started_at: now,
+        heartbeat_at: now,
+        draining: false,
+        jwt_keys: String::new(),
+        seal_keys: String::new(),
+    }
+}
+
+/// Leases end to end on one real node: another node's claim fences the old owner (its late
+/// writes are refused, its actor stops and counts a lost lease); a command for the environment
+/// is then carried to the new owner — which never answers here, so the caller gets 504
+/// `command_timeout` naming the command, and the command is cancelled unrun; once the other node
+/// is dead this node claims the environment back and commands run here again.
+async fn a_claimed_lease_fences_the_old_owner_and_commands_follow_it(backend: Backend) {
+    use devpocket::store::leases::{self, ClaimScope};
+    use devpocket::store::{StoreError, environments as store};
+    let s = TestServer::start_with(backend, |c| {
+        c.cluster.heartbeat_seconds = 1;
+        c.cluster.dead_after_seconds = 2;
+    })
+    .await;
+    let admin = s.admin("lea").await;
+    let env = support::terminal::running_env(&s, &admin, "leased").await;
+    let app = &s.running().app;
+    let me = app.node.id.clone();
+    let mut conn = app.db.get().await.expect("conn");
+    let old = leases::lease_of(&mut conn, &env, &me)
+        .await
+        .expect("query")
+        .expect("the creating node owns it");
+
+    // Node B claims it as if this node were dead (its heartbeat before `live_since`).
+    let now = devpocket::clock::to_db(s.clock.now());
+    devpocket::store::nodes::reinsert(&mut conn, &ghost_node("node-b", now))
+        .await
+        .expect("node b");
+    let scope = ClaimScope {
+        node: "node-b",
+        live_since: now + chrono::Duration::hours(1),
+    };
+    let new = leases::claim_one(&mut conn, &scope, &env)
+        .await
+        .expect("claim")
+        .expect("claimed from a dead owner");
+    assert_eq!(new.epoch, old.epoch + 1);
+    let row = store::get(&mut conn, &env).await.expect("q").expect("row");
+    let change = store::StatusChange {
+        status: row.status,
+        progress: 1,
+        phase: row.phase,
+        message: Some("late".into()),
+        error_message: None,
+        installation_completed: row.installation_completed,
+        updated_at: now,
+    };
+    let late = store::update_progress(&mut conn, &old, &change).await;
+    assert!(matches!(late, Err(StoreError::Fenced(_))), "{late:?}");
+    assert_eq!(
+        store::get(&mut conn, &env)
+            .await
+            .expect("q")
+            .expect("row")
+            .progress,
+        row.progress,
+        "the late write left nothing"
+    );
+    store::update_progress(&mut conn, &new, &change)
+        .await
+        .expect("the new owner writes");
+    drop(conn);
+
+    // This node's actor stops within a heartbeat and counts the lost lease.
+    s.wait_tree(&admin, "the fenced actor stopped", |tree| {
+        support::find_actor(tree, &format!("environment:{env}")).is_none()
+    })
+    .await;
+    let metrics_text = reqwest::get(s.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics_text
+            .lines()
+            .any(|l| l.starts_with("devpocket_leases_lost_total") && !l.ends_with(" 0")),
+        "{metrics_text}"
+    );
+
+    // A command now goes to node B, which never answers: 504 naming the command, cancelled.
+    let (status, body) = s
+        .post(
+            &format!("/api/v1/environments/{env}/stop"),
+            admin.token(),
+            serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert_eq!(body["code"], "command_timeout", "{body}");
+    let detail = body["detail"].as_str().expect("detail");
+    assert!(detail.contains("will not run"), "{detail}");
+    let command_id = detail
+        .split_whitespace()
+        .find(|w| uuid::Uuid::parse_str(w).is_ok())
+        .expect("the command id")
+        .to_string();
+    let (status, looked) = s
+        .get(&format!("/api/v1/commands/{command_id}"), admin.token())
+        .await;
+    assert_eq!(status, StatusCode::OK, "{looked}");
+    assert_eq!(
+        (looked["state"].as_str(), looked["command"].as_str()),
+        (Some("expired"), Some("stop")),
+        "{looked}"
+    );
+    let other = s.register("mallory").await;
+    let (status, _) = s
+        .get(&format!("/api/v1/commands/{command_id}"), other.token())
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "another user's command is unknown"
+    );
+
+    // Node B dies (time passes past its deadline): this node claims the environment back.
+    s.clock.advance(chrono::Duration::seconds(60));
+    s.wait_actor(&admin, &format!("environment:{env}"), |n| {
+        n["status"] == "running"
+    })
+    .await;
+    let (status, body) = s
+        .post(
+            &format!("/api/v1/environments/{env}/stop"),
+            admin.token(),
+            serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     s.stop().await;
 }

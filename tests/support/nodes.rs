@@ -147,7 +147,6 @@ impl Cluster {
                 config.cluster.dead_after_seconds = DEAD_AFTER_SECONDS;
                 // Until environments are leased (issue 11), a node refuses to start next to a
                 // live one without this.
-                config.cluster.allow_unleased_peers = true;
                 config.auth.secret_key = Secret::new(JWT_KEY);
                 config.secrets.seal_key = Secret::new(seal_key());
                 config.log.format = LogFormat::Json;
@@ -590,11 +589,11 @@ impl Cluster {
     }
 
     /// Bound of waits for environments of a dead node to be claimed elsewhere: the node is dead
-    /// (`dead_after`) and its leases expired (taken as `dead_after` again until the lease length
-    /// is configurable), a heartbeat to notice, plus [`HEADROOM`].
+    /// after `dead_after` (its leases expire with its heartbeat), and the next claim round comes
+    /// within a heartbeat.
     pub fn failover_bound(&self) -> Duration {
         let c = &self.config(0).cluster;
-        Duration::from_secs(2 * c.dead_after_seconds + 2 * c.heartbeat_seconds) + HEADROOM
+        Duration::from_secs(c.dead_after_seconds + 2 * c.heartbeat_seconds) + HEADROOM
     }
 
     /// Bound of a provisioning from create to running: provisioning, installing and the install
