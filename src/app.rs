@@ -57,6 +57,8 @@ pub struct App {
     pub started_at: DateTime<Utc>,
     /// This process in the nodes table (heartbeat, the node list for ops).
     pub node: Arc<crate::cluster::Node>,
+    /// This node's terminals and WebSocket slots in the store (lists and caps over all nodes).
+    pub presence: Arc<crate::presence::Presence>,
 }
 
 pub type AppState = Arc<App>;
@@ -390,6 +392,12 @@ async fn build_on(
         tokens,
         session_sealer,
         ws_connections: Arc::default(),
+        presence: Arc::new(crate::presence::Presence::new(
+            db.clone(),
+            clock.clone(),
+            node.id.clone(),
+            Duration::seconds(config.cluster.dead_after_seconds as i64),
+        )),
         node,
         terminal_slots: Arc::new(tokio::sync::Semaphore::new(
             config.terminals.max_terminals_per_node,

@@ -16,6 +16,9 @@
 //!   secrets at rest.
 //! - [`cluster`] — this process as a node: registration, heartbeat, join checks (shared keys, no
 //!   local provider in a cluster), the data directory's lock.
+//! - [`presence`] — this node's terminals and WebSocket slots in the store: the terminals list
+//!   over every node, resumes that land on another node, per-user and per-session caps counted
+//!   cluster-wide.
 //! - [`clock`] — time as a dependency, so tests move it instead of sleeping.
 //! - [`error`] — the API error shape (`detail` + `code`).
 //! - [`ssh`] — SSH: key handling, the client bridge (pinned host keys), the local provider's
@@ -38,6 +41,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod logging;
+pub mod presence;
 pub mod protocol;
 pub mod provider;
 pub mod secrets;

@@ -23,7 +23,8 @@ use crate::actors::terminal::{Attachment, Stats, TerminalActor, TerminalArgs, Te
 pub enum OpenError {
     #[error("this session has ended")]
     SessionEnded,
-    /// The session holds this many terminals already (`terminals.max_terminals_per_session`).
+    /// The session holds this many terminals already, over all nodes
+    /// (`terminals.max_terminals_per_session`).
     #[error(
         "too many open terminals in this session ({0}); close some or let detached ones expire"
     )]
@@ -40,6 +41,13 @@ pub enum OpenError {
 pub struct TerminalRequest {
     /// Resume this terminal (if it still exists in this session).
     pub terminal_id: Option<String>,
+    /// The store says `terminal_id` is this user's terminal on this environment held by another
+    /// node (alive or dead): if it is not in this session here, the new terminal says it moved
+    /// nodes (`args.tmux_session` is then that terminal's tmux session).
+    pub moved: bool,
+    /// The new terminal's row for the store, written (within `max_terminals` over all nodes)
+    /// before the terminal starts. `None`: not registered (no store).
+    pub registration: Option<crate::presence::Registration>,
     /// The last output offset the client has.
     pub offset: Option<u64>,
     /// Everything to start a new terminal with, if one is needed.
@@ -189,7 +197,7 @@ impl SessionState {
             .map(|t| t.actor.clone());
         if let Some(actor) = existing {
             tokio::spawn(async move {
-                let _ = reply.send(attach(&actor, request.offset, size, false, false).await);
+                let _ = reply.send(attach(&actor, request.offset, size, false, Resumed::No).await);
             });
             return;
         }
@@ -200,7 +208,7 @@ impl SessionState {
             && let Some(actor) = self.newest_detached(&env_id)
         {
             tokio::spawn(async move {
-                let _ = reply.send(attach(&actor, None, size, true, false).await);
+                let _ = reply.send(attach(&actor, None, size, true, Resumed::No).await);
             });
             return;
         }
@@ -226,8 +234,15 @@ impl SessionState {
                 return;
             }
         };
+        // The session's terminals on this node besides the new one (the store adds other nodes').
+        let local_held = held;
         self.opening += 1;
-        let expired = request.terminal_id.is_some();
+        let resumed = match (&request.terminal_id, request.moved) {
+            (None, _) => Resumed::No,
+            (Some(_), true) => Resumed::Moved,
+            (Some(_), false) => Resumed::Ended,
+        };
+        let (registration, max_terminals) = (request.registration, request.max_terminals);
         let mut args = request.args;
         let stats = args.stats.clone();
         let terminal_id = args.terminal_id.clone();
@@ -247,6 +262,33 @@ impl SessionState {
         directory.set_phase(&directory_id, Some("connecting"));
         let session = myself.clone();
         tokio::spawn(async move {
+            // The store decides the session's cap over all nodes, and lists the terminal.
+            if let Some(registration) = registration {
+                let refusal = match registration.register(local_held, max_terminals).await {
+                    Ok(Ok(record)) => {
+                        args.record = Some(record);
+                        None
+                    }
+                    Ok(Err(held)) => Some(OpenError::TooMany(held)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot register a terminal in the store");
+                        Some(OpenError::Failed(anyhow::anyhow!(
+                            "the server cannot record the terminal right now; try again"
+                        )))
+                    }
+                };
+                if let Some(refusal) = refusal {
+                    directory.remove(&directory_id);
+                    let _ = session.cast(SessionMsg::TerminalStarted {
+                        terminal_id,
+                        environment_id: env_id,
+                        actor: None,
+                        stats,
+                    });
+                    let _ = reply.send(Err(refusal));
+                    return;
+                }
+            }
             let slot = match slot {
                 Some(slot) => Ok(slot),
                 None => tokio::time::timeout(EVICTED_SLOT_WAIT, node_slots.acquire_owned())
@@ -306,7 +348,7 @@ impl SessionState {
                 return;
             }
             // A new terminal streams from its very first byte (tmux's first screen).
-            let _ = reply.send(attach(&actor, Some(0), None, false, expired).await);
+            let _ = reply.send(attach(&actor, Some(0), None, false, resumed).await);
         });
     }
 
@@ -371,15 +413,32 @@ impl SessionState {
     }
 }
 
-/// Attach a WebSocket to a terminal actor (waiting for it, within a bound).
-/// Attach a WebSocket: from `offset` (`None`: from now), at `size` if given, with a full
-/// repaint when asked (a client with an empty screen).
+/// Whether a new terminal stands in for one the client asked to resume, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resumed {
+    /// Not a stand-in (a fresh open, or the resumed terminal itself).
+    No,
+    /// The asked-for terminal is unknown, has ended, or is not the client's to resume.
+    Ended,
+    /// The asked-for terminal is this user's on another node.
+    Moved,
+}
+
+/// The `info` a stand-in terminal opens with (the tmux session, and so the shell, is the same).
+const ENDED_NOTICE: &str = "That terminal has ended; this is a new one (your tmux session is kept)";
+/// The `info` of a terminal that stands in for one of another node: it streams from its first
+/// byte, tmux's full redraw of the screen.
+pub const MOVED_NOTICE: &str = "Your connection reached another server node: this is a new terminal on the same tmux session (your shell is as you left it); the screen was repainted";
+
+/// Attach a WebSocket to a terminal actor (waiting for it, within a bound): from `offset`
+/// (`None`: from now), at `size` if given, with a full repaint when asked (a client with an
+/// empty screen), opening with the notice of a stand-in (`resumed`).
 async fn attach(
     actor: &ActorRef<TerminalMsg>,
     offset: Option<u64>,
     size: Option<(u32, u32)>,
     repaint: bool,
-    expired: bool,
+    resumed: Resumed,
 ) -> Result<Attachment, OpenError> {
     let reply = actor
         .call(
@@ -394,10 +453,13 @@ async fn attach(
         .await;
     match reply {
         Ok(ractor::rpc::CallResult::Success(mut attachment)) => {
-            if expired && attachment.notice.is_none() {
-                attachment.notice = Some(crate::terminal::protocol::ServerFrame::info(
-                    "That terminal has ended; this is a new one (your tmux session is kept)",
-                ));
+            let notice = match resumed {
+                Resumed::No => None,
+                Resumed::Ended => Some(ENDED_NOTICE),
+                Resumed::Moved => Some(MOVED_NOTICE),
+            };
+            if let (Some(notice), None) = (notice, &attachment.notice) {
+                attachment.notice = Some(crate::terminal::protocol::ServerFrame::info(notice));
             }
             Ok(attachment)
         }

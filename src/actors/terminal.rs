@@ -1,7 +1,8 @@
 //! The Terminal actor: one per open terminal, a child of the user's session actor. It owns an SSH
 //! connection to the environment with a PTY running `tmux -u new-session -A -s devpocket_<env>`
-//! (UTF-8 whatever the locale), a bounded output ring, and the currently attached WebSocket (at
-//! most one).
+//! (UTF-8 whatever the locale; see [`tmux_session`]), a bounded output ring, and the currently
+//! attached WebSocket (at most one). Its row in the store (see [`crate::presence`]) follows its
+//! attach state and size, and goes when it ends.
 //!
 //! Ownership — state lives in one task, everything else talks to it by message; no lock is
 //! shared and none is held across an `.await`:
@@ -145,6 +146,9 @@ pub struct TerminalArgs {
     pub terminal_id: String,
     pub environment: EnvironmentInfo,
     pub target: SshTarget,
+    /// The tmux session the PTY attaches to (created if missing): [`tmux_session`] of the
+    /// environment, or the one a terminal of another node used (a resume that moved nodes).
+    pub tmux_session: String,
     pub cols: u32,
     pub rows: u32,
     pub ring_bytes: usize,
@@ -162,6 +166,9 @@ pub struct TerminalArgs {
     pub slot: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Called once when the terminal ends, with the bytes in and out (for the audit trail).
     pub on_close: Option<Box<dyn FnOnce(u64, u64) + Send + Sync>>,
+    /// The terminal's row in the store: told of attaches, detaches and resizes; deleted when the
+    /// terminal ends (the channel task holds it).
+    pub record: Option<crate::presence::TerminalRecord>,
 }
 
 /// One live terminal as `GET /api/v1/environments/{id}/terminals` lists it (API.md:
@@ -260,21 +267,38 @@ impl Drop for TerminalState {
     }
 }
 
-/// The command the PTY runs: tmux keeps the shell alive across disconnects.
-pub fn tmux_command(environment_id: &str) -> String {
+/// The tmux session of an environment's terminals: every terminal of the environment, on any
+/// node, attaches to it (so a shell outlives its terminals and a resume on another node finds it).
+pub fn tmux_session(environment_id: &str) -> String {
+    format!("devpocket_{environment_id}")
+}
+
+/// Whether `name` is a tmux session name this server makes (it goes into a shell command, so
+/// anything else, e.g. a tampered row, is not used).
+pub fn valid_tmux_session(name: &str) -> bool {
+    name.strip_prefix("devpocket_").is_some_and(|rest| {
+        !rest.is_empty()
+            && rest.len() <= 64
+            && rest
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    })
+}
+
+/// The command the PTY runs: tmux keeps the shell alive across disconnects. `session` must pass
+/// [`valid_tmux_session`].
+pub fn tmux_command(session: &str) -> String {
     // UTF-8 by construction, whatever the server's or the SSH server's environment says (a
     // service manager often gives no LANG, and an SSH server may refuse environment requests):
     // tmux `-u` draws UTF-8 whatever the locale, and `C.UTF-8` (on every stock Debian/Ubuntu)
     // is the shell's locale in a new session.
-    format!(
-        "env LANG=C.UTF-8 LC_CTYPE=C.UTF-8 tmux -u new-session -A -s devpocket_{environment_id}"
-    )
+    format!("env LANG=C.UTF-8 LC_CTYPE=C.UTF-8 tmux -u new-session -A -s {session}")
 }
 
 /// Connect and open the PTY, each step bounded by the target's connect timeout.
 async fn connect(
     target: &SshTarget,
-    environment_id: &str,
+    tmux_session: &str,
     cols: u32,
     rows: u32,
 ) -> anyhow::Result<Opened> {
@@ -288,7 +312,7 @@ async fn connect(
             .await
             .map(|o| o.status == Some(0))
             .unwrap_or(false);
-        let command = has_tmux.then(|| tmux_command(environment_id));
+        let command = has_tmux.then(|| tmux_command(tmux_session));
         let pty = client
             .open_pty(TERM, cols, rows, command.as_deref())
             .await
@@ -348,11 +372,11 @@ impl TerminalState {
 
     fn reconnect(&mut self, myself: &ActorRef<TerminalMsg>, attempt: u32) {
         let target = self.args.target.clone();
-        let env = self.args.environment.id.clone();
+        let session = self.args.tmux_session.clone();
         let (cols, rows) = (self.args.cols.max(1), self.args.rows.max(1));
         let me = myself.clone();
         if let Some(old) = self.connecting.replace(tokio::spawn(async move {
-            let result = connect(&target, &env, cols, rows).await.map(Box::new);
+            let result = connect(&target, &session, cols, rows).await.map(Box::new);
             let _ = me.cast(TerminalMsg::Reconnected { attempt, result });
         })) {
             old.abort();
@@ -423,6 +447,8 @@ struct Channel {
     stats: Arc<Stats>,
     write_timeout: Duration,
     actor: ActorRef<TerminalMsg>,
+    /// The terminal's row in the store (dropped with the task: the row goes).
+    record: Option<crate::presence::TerminalRecord>,
 }
 
 impl Channel {
@@ -516,6 +542,17 @@ impl Channel {
             let _ = self.actor.cast(TerminalMsg::Detached { connection });
         }
         redraw
+    }
+
+    /// Tell the store what it keeps of this terminal (attached, size); a no-op unless changed.
+    fn publish(&self) {
+        if let Some(record) = &self.record {
+            record.publish(crate::presence::TerminalState {
+                attached: self.sink.is_some(),
+                cols: self.size.0,
+                rows: self.size.1,
+            });
+        }
     }
 
     fn snapshot(&self) -> TerminalSnapshot {
@@ -658,6 +695,7 @@ async fn channel_task(
         if ch.sink.is_none() {
             ch.pending.clear();
         }
+        ch.publish();
         if ended && ch.pending.is_empty() {
             ended = false;
             ch.pending.clear();
@@ -802,7 +840,7 @@ impl Actor for TerminalActor {
         args.cols = args.cols.max(1);
         args.rows = args.rows.max(1);
         // The whole chain of causes goes into the startup error (the client sees it).
-        let opened = connect(&args.target, &args.environment.id, args.cols, args.rows)
+        let opened = connect(&args.target, &args.tmux_session, args.cols, args.rows)
             .await
             .map_err(|e| format!("{e:#}"))?;
         let (input, input_rx) = mpsc::channel(INPUT_QUEUE);
@@ -820,6 +858,7 @@ impl Actor for TerminalActor {
             stats: args.stats.clone(),
             write_timeout: args.write_timeout,
             actor: myself.clone(),
+            record: args.record.take(),
         };
         let mut tasks = vec![tokio::spawn(channel_task(channel, control_rx, input_rx))];
         // Listed with its environment's terminals; ractor removes it from the group when it stops.

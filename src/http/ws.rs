@@ -49,31 +49,52 @@ pub enum WsKind {
 /// Log history sent on the logs stream before live updates.
 const LOG_HISTORY: i64 = 1000;
 
-/// Live WebSockets per user; a guard gives the slot back when the connection ends.
+/// Live WebSockets per user on this node: a fast refusal before the store is asked (this node's
+/// count alone may already be at the cap); the store's count over all nodes decides (see
+/// [`crate::presence::Presence::take_slot`]). A guard gives the slot back when the connection ends.
 #[derive(Default)]
 pub struct ConnectionCounts(Mutex<HashMap<String, usize>>);
 
-pub struct ConnectionSlot {
+/// This node's count of one connection; see [`ConnectionCounts`].
+pub struct LocalSlot {
     counts: Arc<ConnectionCounts>,
     user_id: String,
 }
 
+/// One admitted WebSocket's slots: this node's count and its row in the store, both given back
+/// when it drops (however the connection ended).
+pub struct ConnectionSlot {
+    _local: LocalSlot,
+    _store: crate::presence::SlotGuard,
+}
+
+impl WsKind {
+    /// The kind as the connection slots table records it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Terminal => "terminal",
+            Self::Logs => "logs",
+            Self::Events => "events",
+        }
+    }
+}
+
 impl ConnectionCounts {
-    pub fn acquire(self: &Arc<Self>, user_id: &str, limit: usize) -> Option<ConnectionSlot> {
+    pub fn acquire(self: &Arc<Self>, user_id: &str, limit: usize) -> Option<LocalSlot> {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let n = map.entry(user_id.to_string()).or_insert(0);
         if *n >= limit {
             return None;
         }
         *n += 1;
-        Some(ConnectionSlot {
+        Some(LocalSlot {
             counts: self.clone(),
             user_id: user_id.to_string(),
         })
     }
 }
 
-impl Drop for ConnectionSlot {
+impl Drop for LocalSlot {
     fn drop(&mut self) {
         let mut map = self.counts.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = map.get_mut(&self.user_id) {
@@ -214,8 +235,13 @@ async fn send(ws: &mut Ws, frame: &ServerFrame) -> bool {
     ws.send(Message::text(frame.to_json())).await.is_ok()
 }
 
-/// Authenticate, check the per-user limit and (for environment streams) ownership.
-async fn admit(app: &AppState, ws: &mut Ws, query: &WsQuery) -> Option<(AuthUser, ConnectionSlot)> {
+/// Authenticate and take a connection slot within the per-user limit over all nodes.
+async fn admit(
+    app: &AppState,
+    ws: &mut Ws,
+    query: &WsQuery,
+    kind: WsKind,
+) -> Option<(AuthUser, ConnectionSlot)> {
     let Some(token) = query.token.as_deref().filter(|t| !t.is_empty()) else {
         close(ws, 1008, "Authentication failed").await;
         return None;
@@ -225,11 +251,32 @@ async fn admit(app: &AppState, ws: &mut Ws, query: &WsQuery) -> Option<(AuthUser
         return None;
     };
     let limit = app.config.terminals.max_connections_per_user;
-    let Some(slot) = app.ws_connections.acquire(&user.user.id, limit) else {
+    let Some(local) = app.ws_connections.acquire(&user.user.id, limit) else {
         close(ws, 1008, "Too many connections").await;
         return None;
     };
-    Some((user, slot))
+    match app
+        .presence
+        .take_slot(&user.user.id, kind.as_str(), limit)
+        .await
+    {
+        Ok(Some(store)) => Some((
+            user,
+            ConnectionSlot {
+                _local: local,
+                _store: store,
+            },
+        )),
+        Ok(None) => {
+            close(ws, 1008, "Too many connections").await;
+            None
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "store unavailable for a connection slot");
+            close(ws, 1011, "Server error, try again").await;
+            None
+        }
+    }
 }
 
 async fn owned_environment(
@@ -271,7 +318,7 @@ async fn run(
             return;
         }
     };
-    let Some((user, _slot)) = admit(&app, &mut ws, &query).await else {
+    let Some((user, _slot)) = admit(&app, &mut ws, &query, kind).await else {
         return;
     };
     match kind {
@@ -332,6 +379,33 @@ async fn terminal(
         }
     };
     let terminal_id = uuid::Uuid::new_v4().to_string();
+    let moved = match &query.terminal_id {
+        Some(asked) => moved_here(&app, asked, &env.id, &user.user.id).await,
+        None => None,
+    };
+    let tmux_session = moved
+        .as_ref()
+        .map(|row| row.tmux_session.clone())
+        .unwrap_or_else(|| crate::actors::terminal::tmux_session(&env.id));
+    // A moved terminal keeps its size unless the client gives one.
+    let (cols, rows) = match (query.cols, query.rows, &moved) {
+        (None, None, Some(row)) => (row.cols.max(1) as u32, row.rows.max(1) as u32),
+        _ => (query.cols.unwrap_or(80), query.rows.unwrap_or(24)),
+    };
+    let (cols, rows) = (
+        cols.clamp(1, protocol::MAX_COLS),
+        rows.clamp(1, protocol::MAX_ROWS),
+    );
+    let registration = app.presence.registration(
+        crate::presence::NewTerminal {
+            terminal_id: terminal_id.clone(),
+            environment_id: env.id.clone(),
+            user_id: user.user.id.clone(),
+            session_id: user.session.id.clone(),
+            tmux_session: tmux_session.clone(),
+        },
+        (cols, rows),
+    );
     let stats = Arc::new(Stats::default());
     // The close is audited by the terminal itself when it ends (its byte counts are then final).
     let on_close = {
@@ -354,13 +428,16 @@ async fn terminal(
     };
     let request = TerminalRequest {
         terminal_id: query.terminal_id.clone(),
+        moved: moved.is_some(),
+        registration: Some(registration),
         offset: query.offset,
         args: TerminalArgs {
             terminal_id: terminal_id.clone(),
             environment: env_info(&env),
             target,
-            cols: query.cols.unwrap_or(80).clamp(1, protocol::MAX_COLS),
-            rows: query.rows.unwrap_or(24).clamp(1, protocol::MAX_ROWS),
+            tmux_session,
+            cols,
+            rows,
             ring_bytes: cfg.ring_bytes,
             grace: Duration::from_secs(cfg.grace_seconds),
             reconnect_attempts: cfg.reconnect_attempts,
@@ -372,6 +449,7 @@ async fn terminal(
             directory_id: crate::terminal::directory_id(&terminal_id),
             on_close: Some(on_close),
             slot: None,
+            record: None,
         },
         max_terminals: cfg.max_terminals_per_session,
         node_slots: app.terminal_slots.clone(),
@@ -431,6 +509,30 @@ async fn terminal(
             .await;
     }
     bridge(&app, ws, attachment, &env, &user.user.id).await;
+}
+
+/// The row of terminal `asked` when the store says it is this user's terminal on this environment,
+/// held by another node (alive or dead) with a tmux session this server makes: a resume that
+/// moved nodes. Anything else — unknown, another user's, another environment's, this node's, a
+/// store failure — is `None`, so it is treated exactly like an unknown id (nothing leaks).
+async fn moved_here(
+    app: &AppState,
+    asked: &str,
+    env_id: &str,
+    user_id: &str,
+) -> Option<crate::store::terminals::TerminalRow> {
+    let row = match app.presence.terminal(asked).await {
+        Ok(row) => row?,
+        Err(e) => {
+            tracing::warn!(terminal = asked, error = %e, "cannot look a resumed terminal up in the store");
+            return None;
+        }
+    };
+    (row.user_id == user_id
+        && row.environment_id == env_id
+        && row.node_id != app.presence.node_id()
+        && crate::actors::terminal::valid_tmux_session(&row.tmux_session))
+    .then_some(row)
 }
 
 /// The terminal loop: a dispatcher between the WebSocket and the terminal's queues.

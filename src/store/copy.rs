@@ -3,7 +3,8 @@
 //! password hashes, refresh-token hashes and sealed secrets stay valid as long as the nodes on
 //! PostgreSQL use the same keys (the SQLite node's `jwt.key` does not matter: access tokens expire;
 //! its `seal.key` does: configure it as `secrets.seal_key`). The nodes table is not copied: nodes
-//! register themselves.
+//! register themselves; nor are the per-node presence tables (`terminals`, `connection_slots`):
+//! their rows live as long as a terminal or WebSocket of a running node.
 
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
@@ -129,9 +130,15 @@ full_row!(
     }
 );
 
-/// Tables left out on purpose: nodes register themselves, and commands in flight between nodes
-/// belong to the nodes that sent them.
-pub const NOT_COPIED: [&str; 2] = ["nodes", "environment_commands"];
+/// Tables left out on purpose: nodes register themselves, commands in flight between nodes
+/// belong to the nodes that sent them, and the presence rows of a node (its terminals and
+/// WebSocket slots) end with the node.
+pub const NOT_COPIED: [&str; 4] = [
+    "nodes",
+    "environment_commands",
+    "terminals",
+    "connection_slots",
+];
 
 /// Every table copied, in copy order (referenced rows first); see [`NOT_COPIED`]. A test checks this against the migrated schema.
 pub const COPIED: [&str; 12] = [

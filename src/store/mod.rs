@@ -14,7 +14,9 @@ pub mod nodes;
 pub mod previews;
 pub mod schema;
 pub mod sessions;
+pub mod slots;
 pub mod templates;
+pub mod terminals;
 pub mod users;
 
 use std::path::{Path, PathBuf};

@@ -202,7 +202,35 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    terminals (id) {
+        id -> Text,
+        node_id -> Text,
+        environment_id -> Text,
+        user_id -> Text,
+        session_id -> Text,
+        tmux_session -> Text,
+        cols -> Integer,
+        rows -> Integer,
+        attached -> Bool,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    connection_slots (id) {
+        id -> Text,
+        node_id -> Text,
+        user_id -> Text,
+        kind -> Text,
+        opened_at -> Timestamp,
+    }
+}
+
 diesel::joinable!(sessions -> users (user_id));
+diesel::joinable!(terminals -> nodes (node_id));
+diesel::joinable!(connection_slots -> nodes (node_id));
 diesel::joinable!(preview_grants -> sessions (session_id));
 diesel::joinable!(environments -> users (user_id));
 diesel::joinable!(environment_events -> environments (environment_id));
@@ -225,4 +253,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     preview_ports,
     preview_grants,
     nodes,
+    terminals,
+    connection_slots,
 );

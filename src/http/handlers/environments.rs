@@ -494,14 +494,25 @@ pub async fn metrics(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
 /// between two output batches; one that does not is left out rather than hold the request).
 const TERMINAL_SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// `GET /environments/{id}/terminals`: a JSON array of the environment's live terminals on this
-/// node (attached or within their grace period, from any of the owner's sessions), each with its
-/// size and a plain-text snapshot of its screen from the server-side model (`screen` is null
-/// while the screen is larger than `terminals.screen_max_cells`); shape in
-/// [`crate::actors::terminal::TerminalSnapshot`].
+/// `GET /environments/{id}/terminals`: a JSON array of the environment's live terminals on every
+/// live node (attached or within their grace period, from any of the owner's sessions), by id,
+/// each with its `node` and size. This node's come with a plain-text snapshot of the screen from
+/// the server-side model (`screen` is null while the screen is larger than
+/// `terminals.screen_max_cells`); other nodes' come from the store, with `screen`, `cursor`,
+/// `alternate_screen` and `offset` null. Shape in [`crate::presence::ListedTerminal`].
 pub async fn terminals(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
+    use crate::presence::ListedTerminal;
     let env = owned(&app, &ctx).await?;
-    ok(&crate::actors::terminal::snapshots(&env.id, TERMINAL_SNAPSHOT_WAIT).await)
+    let elsewhere = app.presence.terminals_elsewhere(&env.id).await?;
+    let here = crate::actors::terminal::snapshots(&env.id, TERMINAL_SNAPSHOT_WAIT).await;
+    let node = app.presence.node_id();
+    let mut list: Vec<ListedTerminal> = here
+        .into_iter()
+        .map(|snapshot| ListedTerminal::here(snapshot, node))
+        .chain(elsewhere.into_iter().map(ListedTerminal::elsewhere))
+        .collect();
+    list.sort_by(|a, b| a.terminal_id.cmp(&b.terminal_id));
+    ok(&list)
 }
 
 /// `GET /api/v1/commands/{command_id}`: a command carried to the node that runs its environment

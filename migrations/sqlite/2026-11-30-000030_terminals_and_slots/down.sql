@@ -1,0 +1,2 @@
+DROP TABLE connection_slots;
+DROP TABLE terminals;
