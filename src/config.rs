@@ -175,6 +175,9 @@ impl AuthConfig {
     }
 }
 
+/// Request rate limits (governor). Counted by each node on its own, in memory: with N nodes
+/// behind a load balancer a client may get up to N times these (the caps users would notice —
+/// WebSockets per user, terminals per session, plan limits — are counted in the store instead).
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitConfig {
@@ -240,12 +243,20 @@ pub struct EnvironmentsConfig {
 pub struct TerminalsConfig {
     pub grace_seconds: u64,
     pub ring_bytes: usize,
+    /// WebSocket connections (terminal, logs, events) one user may hold at once over all nodes:
+    /// each takes a row in the store's `connection_slots`, counted on live nodes in a transaction
+    /// serialised per user (see [`crate::presence`]); past it the socket closes with 1008
+    /// `Too many connections`.
     pub max_connections_per_user: usize,
     pub idle_timeout_seconds: u64,
     pub ping_interval_seconds: u64,
     pub max_message_bytes: usize,
     pub reconnect_attempts: u32,
+    /// Terminals one login session may hold at once: this node's (attached or within their grace
+    /// period) plus those attached on other live nodes, counted in the store's `terminals` table
+    /// (see [`crate::presence`]).
     pub max_terminals_per_session: usize,
+    /// Terminal input per user, in bytes per second: a governor rate limit, counted per node.
     pub input_bytes_per_second: u32,
     pub input_burst_bytes: u32,
     /// Seconds one piece of terminal input may wait for the environment to read it (its SSH

@@ -19,6 +19,7 @@ on_both_backends!(
     a_resume_that_lands_on_another_node_reopens_the_same_tmux_session,
     the_connection_cap_counts_every_live_node,
     the_terminal_cap_of_a_session_counts_every_live_node,
+    a_restarted_node_starts_without_its_old_rows,
 );
 
 const OTHER: &str = "node-b-simulated";
@@ -398,5 +399,38 @@ async fn the_terminal_cap_of_a_session_counts_every_live_node(backend: Backend) 
     let (mut ws, _) = open_terminal(&s, &me, &env, "").await;
     input(&mut ws, "echo open-$((2+3))\r").await;
     read_until(&mut ws, "open-5").await;
+    s.stop().await;
+}
+
+/// A node's terminals and slots hang off its row: when it stops (its row removed) or starts
+/// again after a crash (its row written anew) they go with it, so a restarted node counts and
+/// lists nothing of its previous run.
+async fn a_restarted_node_starts_without_its_old_rows(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let me = s.register("phoenix").await;
+    let env = s.create_env(&me, "left", "ubuntu").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let node = this_node(&s);
+    let leftover = terminal_row(&s, &node, &env, &me, &format!("devpocket_{env}"), true);
+    insert_terminal(&s, &leftover).await;
+    let slot = SlotRow {
+        id: uuid::Uuid::new_v4().to_string(),
+        node_id: node.clone(),
+        user_id: me.user_id.clone(),
+        kind: "events".into(),
+        opened_at: db_now(s.clock.as_ref()),
+    };
+    slots::insert(&mut conn(&s).await, &slot)
+        .await
+        .expect("slot");
+    let s = s.restart().await;
+    assert_eq!(this_node(&s), node, "the same node");
+    assert!(
+        stored(&s, &leftover.id).await.is_none(),
+        "old terminal gone"
+    );
+    assert_eq!(slots_here(&s, &me).await, 0, "old slot gone");
     s.stop().await;
 }

@@ -152,15 +152,16 @@ fn schemas() -> Value {
         "Metrics": object(&["environment_id", "samples"], json!({ "environment_id": string(),
             "current": { "oneOf": [ { "$ref": "#/components/schemas/MetricsSample" }, { "type": "null" } ] },
             "samples": { "type": "array", "items": { "$ref": "#/components/schemas/MetricsSample" } } })),
-        "Terminals": { "type": "array", "items": object(&["terminal_id", "cols", "rows", "attached", "created_at", "screen", "cursor", "alternate_screen", "offset"], json!({
+        "Terminals": { "type": "array", "description": "the environment's live terminals on every live node, by terminal_id; another node's come from the store, with screen, cursor, alternate_screen and offset null", "items": object(&["terminal_id", "node", "cols", "rows", "attached", "created_at", "screen", "cursor", "alternate_screen", "offset"], json!({
             "terminal_id": string(),
+            "node": { "type": "string", "description": "id of the node that holds it (the nodes list of GET /api/v1/admin/actors)" },
             "cols": { "type": "integer" }, "rows": { "type": "integer" },
             "attached": { "type": "boolean", "description": "a WebSocket holds it (otherwise within its grace period)" },
             "created_at": string(),
-            "screen": { "type": ["string", "null"], "description": "visible rows as plain text, trailing blanks trimmed; null when the screen is above terminals.screen_max_cells" },
-            "cursor": { "type": "array", "items": { "type": "integer" }, "description": "zero-based [row, col]" },
-            "alternate_screen": { "type": "boolean", "description": "a full-screen program (editor, pager) is showing" },
-            "offset": { "type": "integer", "description": "output bytes since it started: where a resume continues" } })) },
+            "screen": { "type": ["string", "null"], "description": "visible rows as plain text, trailing blanks trimmed; null on another node, or when the screen is above terminals.screen_max_cells" },
+            "cursor": { "type": ["array", "null"], "items": { "type": "integer" }, "description": "zero-based [row, col]; null on another node" },
+            "alternate_screen": { "type": ["boolean", "null"], "description": "a full-screen program (editor, pager) is showing; null on another node" },
+            "offset": { "type": ["integer", "null"], "description": "output bytes since it started: where a resume continues; null on another node (a resume there gets a new terminal on the same tmux session)" } })) },
         "CarriedCommand": object(&["command_id", "environment_id", "command", "state", "created_at", "expires_at", "answered_at", "outcome"], json!({
             "command_id": string(), "environment_id": string(),
             "command": { "type": "string", "description": "the verb: start, stop, restart, delete, ..." },

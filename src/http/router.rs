@@ -575,7 +575,7 @@ fn routes() -> Vec<Route> {
             User,
             Api,
             "environments",
-            "Live terminals with their size and a plain-text snapshot of each screen",
+            "Live terminals on every node, each with its node and size (this node's with a plain-text snapshot of the screen)",
             None,
             (200, "Terminals"),
         ),
@@ -751,7 +751,10 @@ fn routes() -> Vec<Route> {
             "Terminal WebSocket (JSON text frames: input/resize/ping/ack → welcome/output/pong/error/info/exit); resumable",
             &[
                 ("token", "access token"),
-                ("terminal_id", "resume this terminal"),
+                (
+                    "terminal_id",
+                    "resume this terminal (one of another node: a new terminal on the same tmux session, with an info frame)",
+                ),
                 ("offset", "last output offset received"),
                 ("cols", "terminal width"),
                 ("rows", "terminal height"),
