@@ -13,9 +13,12 @@
 //! Writes never block a terminal: a terminal's row is updated by one task per terminal that
 //! writes the latest state it was given (attach, detach, resize; never per keystroke) and
 //! deletes the row when the terminal ends. A WebSocket's slot is given back by a task spawned
-//! when its guard drops, whatever way the connection ended (panics and aborts included).
+//! when its guard drops, whatever way the connection ended (panics and aborts included). A row
+//! that could not be deleted (the database was unreachable for a moment) is remembered and
+//! deleted on the next take or registration, so a hiccup does not hold a user's slot until the
+//! node restarts.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Duration, NaiveDateTime, Utc};
 use serde::Serialize;
@@ -26,12 +29,25 @@ use crate::clock::{SharedClock, db_now, from_db, to_db};
 use crate::store::terminals::{self, TerminalRow};
 use crate::store::{Db, StoreResult, slots};
 
+/// Rows whose deletion failed, kept for another try; past this many the rest wait for the node's
+/// restart (which deletes all its rows) — a database down that long has bigger consequences.
+const MAX_LEAKED: usize = 10_000;
+
 /// The store side of this node's terminals and WebSockets.
 pub struct Presence {
     db: Db,
     clock: SharedClock,
     node_id: String,
     dead_after: Duration,
+    /// Rows to delete again (see [`MAX_LEAKED`]); never locked across an `.await`.
+    leaked: Mutex<Leaked>,
+}
+
+/// Ids of rows whose deletion failed.
+#[derive(Default)]
+struct Leaked {
+    slots: Vec<String>,
+    terminals: Vec<String>,
 }
 
 impl std::fmt::Debug for Presence {
@@ -50,6 +66,38 @@ impl Presence {
             clock,
             node_id,
             dead_after,
+            leaked: Mutex::default(),
+        }
+    }
+
+    fn leaked(&self) -> std::sync::MutexGuard<'_, Leaked> {
+        self.leaked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Remember a row whose deletion failed, to delete it later.
+    fn leak(&self, pick: impl FnOnce(&mut Leaked) -> &mut Vec<String>, id: String) {
+        let mut leaked = self.leaked();
+        let list = pick(&mut leaked);
+        if list.len() < MAX_LEAKED {
+            list.push(id);
+        }
+    }
+
+    /// Delete the rows whose deletion failed before; those that fail again stay remembered.
+    async fn retry_leaked(&self, conn: &mut crate::store::DbConn) {
+        let Leaked {
+            slots: slot_ids,
+            terminals: terminal_ids,
+        } = std::mem::take(&mut *self.leaked());
+        for id in slot_ids {
+            if slots::release(conn, &id).await.is_err() {
+                self.leak(|l| &mut l.slots, id);
+            }
+        }
+        for id in terminal_ids {
+            if terminals::delete(conn, &id).await.is_err() {
+                self.leak(|l| &mut l.terminals, id);
+            }
         }
     }
 
@@ -80,6 +128,7 @@ impl Presence {
             opened_at: db_now(self.clock.as_ref()),
         };
         let mut conn = self.db.get().await?;
+        self.retry_leaked(&mut conn).await;
         let taken = slots::take(&mut conn, &row, limit, self.live_since()).await?;
         Ok(taken.then(|| SlotGuard {
             presence: self.clone(),
@@ -153,14 +202,15 @@ impl Drop for SlotGuard {
             // No runtime (the process is ending): the node's row takes the slot with it.
             return;
         };
-        let (db, id) = (self.presence.db.clone(), std::mem::take(&mut self.id));
+        let (presence, id) = (self.presence.clone(), std::mem::take(&mut self.id));
         runtime.spawn(async move {
-            let result = match db.get().await {
+            let result = match presence.db.get().await {
                 Ok(mut conn) => slots::release(&mut conn, &id).await,
                 Err(e) => Err(e),
             };
             if let Err(e) = result {
-                tracing::warn!(slot = %id, error = %e, "could not give a connection slot back; it goes with this node's row");
+                tracing::warn!(slot = %id, error = %e, "could not give a connection slot back; retried with the next one taken");
+                presence.leak(|l| &mut l.slots, id);
             }
         });
     }
@@ -184,6 +234,7 @@ impl Registration {
     ) -> StoreResult<Result<TerminalRecord, usize>> {
         let Registration { presence, row } = self;
         let mut conn = presence.db.get().await?;
+        presence.retry_leaked(&mut conn).await;
         if let Err(held) =
             terminals::insert_within(&mut conn, &row, local_held, max, presence.live_since())
                 .await?
@@ -261,7 +312,8 @@ async fn write_loop(
         Err(e) => Err(e),
     };
     if let Err(e) = result {
-        tracing::warn!(terminal = %terminal_id, error = %e, "could not remove an ended terminal's row; it goes with this node's row");
+        tracing::warn!(terminal = %terminal_id, error = %e, "could not remove an ended terminal's row; retried with the next terminal registered");
+        presence.leak(|l| &mut l.terminals, terminal_id);
     }
 }
 

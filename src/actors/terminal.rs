@@ -1072,3 +1072,29 @@ impl Actor for TerminalActor {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_tmux_sessions_this_server_makes_reach_the_shell() {
+        let env = "0b6f3c5e-8d1a-4a57-9a3e-2f1d1b9e7c11";
+        assert!(valid_tmux_session(&tmux_session(env)));
+        assert_eq!(
+            tmux_command(&tmux_session(env)),
+            format!("env LANG=C.UTF-8 LC_CTYPE=C.UTF-8 tmux -u new-session -A -s devpocket_{env}")
+        );
+        for bad in [
+            "",
+            "devpocket_",
+            "other_x",
+            "devpocket_a;rm -rf ~",
+            "devpocket_a b",
+            "devpocket_$(id)",
+            &format!("devpocket_{}", "a".repeat(65)),
+        ] {
+            assert!(!valid_tmux_session(bad), "{bad:?}");
+        }
+    }
+}
