@@ -449,6 +449,9 @@ struct Channel {
     actor: ActorRef<TerminalMsg>,
     /// The terminal's row in the store (dropped with the task: the row goes).
     record: Option<crate::presence::TerminalRecord>,
+    /// A client has attached once: before that the row keeps what it was registered with (the
+    /// attaching client), so a start is not recorded as a detach and an attach.
+    attached_once: bool,
 }
 
 impl Channel {
@@ -530,6 +533,7 @@ impl Channel {
             },
         };
         self.sink = Some(Sink { connection, frames });
+        self.attached_once = true;
         self.pending
             .retain(|o| !matches!(o, Out::Frame(ServerFrame::Output { .. })));
         let wanted = repaint || notice.is_some();
@@ -546,7 +550,7 @@ impl Channel {
 
     /// Tell the store what it keeps of this terminal (attached, size); a no-op unless changed.
     fn publish(&self) {
-        if let Some(record) = &self.record {
+        if let Some(record) = self.record.as_ref().filter(|_| self.attached_once) {
             record.publish(crate::presence::TerminalState {
                 attached: self.sink.is_some(),
                 cols: self.size.0,
@@ -859,6 +863,7 @@ impl Actor for TerminalActor {
             write_timeout: args.write_timeout,
             actor: myself.clone(),
             record: args.record.take(),
+            attached_once: false,
         };
         let mut tasks = vec![tokio::spawn(channel_task(channel, control_rx, input_rx))];
         // Listed with its environment's terminals; ractor removes it from the group when it stops.
