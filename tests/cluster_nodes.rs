@@ -409,6 +409,7 @@ async fn events_and_session_ends_cross_nodes() {
         "terminal on node-1 closed {:?} after the logout on node-0: {code} {reason:?}",
         started.elapsed()
     );
+    assert_eq!(code, 1008, "the session ended: {reason:?}\n{}", c.log(b));
     let (code, reason) = tokio::time::timeout(bound, close_of(&mut events))
         .await
         .unwrap_or_else(|_| panic!("node-2's events still open after {bound:?}\n{}", c.logs()));
@@ -416,6 +417,7 @@ async fn events_and_session_ends_cross_nodes() {
         "events on node-2 closed {:?} after the logout on node-0: {code} {reason:?}",
         started.elapsed()
     );
+    assert_eq!(code, 1008, "the session ended: {reason:?}");
 }
 
 /// SIGTERM on a node: it exits 0 and its environments are owned by the others within a
@@ -446,9 +448,20 @@ async fn sigterm_hands_environments_over_at_once() {
         "the creator owns them: {owners:?}"
     );
 
+    // A stream on the draining node is told to reconnect (1012), not just cut.
+    let mut events =
+        connect(&c.ws_url(0, &format!("/api/v1/ws/events?token={}", admin.access))).await;
     let started = tokio::time::Instant::now();
     let status = c.terminate(0).await;
     assert!(status.success(), "{status:?}\n{}", c.log(0));
+    let (code, reason) = tokio::time::timeout(HEADROOM, close_of(&mut events))
+        .await
+        .expect("the events stream was closed");
+    assert_eq!(
+        (code, reason.as_str()),
+        (1012, "Server restarting; reconnect"),
+        "a draining node says reconnect"
+    );
     let bound = Duration::from_secs(2 * c.config(1).cluster.heartbeat_seconds) + HEADROOM;
     assert!(
         bound < Duration::from_secs(dead_after),

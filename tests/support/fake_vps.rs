@@ -537,6 +537,11 @@ impl russh::server::Handler for VpsSession {
             tokio::spawn(tail(handle, channel, self.install(), follow))
         } else if command.contains("cloud-init status") {
             tokio::spawn(cloud_init_status(handle, channel, self.install(), command))
+        } else if let Some(pty) = self.channels.get(&channel).and_then(|s| s.pty.clone()) {
+            // As OpenSSH does: a command with a PTY requested runs on that PTY (tmux needs one).
+            let rx = self.input_for(channel);
+            let workdir = self.shared.workdir.path().to_path_buf();
+            tokio::spawn(pty_shell(handle, channel, pty, workdir, rx, Some(command)))
         } else {
             let rx = self.input_for(channel);
             let workdir = self.shared.workdir.path().to_path_buf();
@@ -561,7 +566,7 @@ impl russh::server::Handler for VpsSession {
         let workdir = self.shared.workdir.path().to_path_buf();
         let task = match pty {
             Some(_) if self.deaf => tokio::spawn(deaf_pty(handle, channel)),
-            Some(pty) => tokio::spawn(pty_shell(handle, channel, pty, workdir, rx)),
+            Some(pty) => tokio::spawn(pty_shell(handle, channel, pty, workdir, rx, None)),
             None => tokio::spawn(run_command(handle, channel, None, workdir, rx)),
         };
         self.set_task(channel, task);
@@ -839,13 +844,14 @@ async fn deaf_pty(handle: russh::server::Handle, channel: ChannelId) {
     }
 }
 
-/// `/bin/bash` in a PTY.
+/// `/bin/bash` in a PTY, or `bash -c command` (an exec with a PTY requested).
 async fn pty_shell(
     handle: russh::server::Handle,
     channel: ChannelId,
     (term, cols, rows): (String, u32, u32),
     workdir: std::path::PathBuf,
     mut input: mpsc::Receiver<Input>,
+    command: Option<String>,
 ) {
     let size = |cols: u32, rows: u32| {
         pty_process::Size::new(
@@ -855,7 +861,11 @@ async fn pty_shell(
     };
     let spawned = devpocket::ssh::pty::open().and_then(|(pty, pts)| {
         pty.resize(size(cols, rows))?;
-        let child = pty_process::Command::new("/bin/bash")
+        let mut shell = pty_process::Command::new("/bin/bash");
+        if let Some(command) = &command {
+            shell = shell.arg("-c").arg(command);
+        }
+        let child = shell
             .env("TERM", &term)
             .current_dir(&workdir)
             .kill_on_drop(true)
