@@ -431,6 +431,9 @@ async fn session_relay(app: AppState, mut stop: oneshot::Receiver<()>) {
     }
 }
 
+/// How long a draining node waits for its WebSockets to send their "reconnect" close frames.
+const DRAIN_STREAMS_WAIT: StdDuration = StdDuration::from_secs(3);
+
 /// A server running in the background of this process.
 pub struct RunningServer {
     pub addr: SocketAddr,
@@ -457,6 +460,9 @@ impl RunningServer {
         // go back to the other nodes; then the front end stops and finishes what is in flight.
         self.app.node.drain().await;
         self.app.actors.drain().await;
+        if !self.app.ws_connections.wait_idle(DRAIN_STREAMS_WAIT).await {
+            tracing::warn!("some WebSockets did not close within the drain wait; they are cut");
+        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }

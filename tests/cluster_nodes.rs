@@ -338,6 +338,9 @@ async fn events_and_session_ends_cross_nodes() {
     let mut events =
         connect(&c.ws_url(cc, &format!("/api/v1/ws/events?token={}", me.access))).await;
     ping_pong(&mut events).await;
+    // A logs stream of the environment on a node that does not run it: history, then live.
+    let mut logs =
+        connect(&c.ws_url(cc, &format!("/api/v1/ws/logs/{env}?token={}", me.access))).await;
     let (status, body) = c
         .post(
             a,
@@ -368,6 +371,18 @@ async fn events_and_session_ends_cross_nodes() {
     distinct.dedup();
     assert_eq!(distinct, seen, "a status arrived twice");
     assert_eq!(seen.last().map(String::as_str), Some("stopped"), "{seen:?}");
+    tokio::time::timeout(c.dead_bound(), async {
+        loop {
+            let Some(frame) = next_json(&mut logs).await else {
+                panic!("the logs stream on node-2 ended");
+            };
+            if frame["type"] == "environment_status" && frame["status"] == "stopped" {
+                return;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("node-2's logs stream never showed the stop\n{}", c.logs()));
 
     let (status, body) = c
         .post(
@@ -460,7 +475,8 @@ async fn sigterm_hands_environments_over_at_once() {
     assert_eq!(
         (code, reason.as_str()),
         (1012, "Server restarting; reconnect"),
-        "a draining node says reconnect"
+        "a draining node says reconnect\n{}",
+        c.log(0)
     );
     let bound = Duration::from_secs(2 * c.config(1).cluster.heartbeat_seconds) + HEADROOM;
     assert!(

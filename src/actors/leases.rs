@@ -195,7 +195,7 @@ impl Actors {
     /// Returns the leases handed back.
     pub async fn drain(&self) -> usize {
         self.inner.env_deps.cluster.start_draining();
-        let _ = self.inner.draining.send(true);
+        self.inner.draining.send_replace(true);
         self.send_sessions(super::session::SessionsMsg::Drain);
         self.hand_back_leases().await
     }

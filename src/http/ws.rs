@@ -53,7 +53,11 @@ const LOG_HISTORY: i64 = 1000;
 /// count alone may already be at the cap); the store's count over all nodes decides (see
 /// [`crate::presence::Presence::take_slot`]). A guard gives the slot back when the connection ends.
 #[derive(Default)]
-pub struct ConnectionCounts(Mutex<HashMap<String, usize>>);
+pub struct ConnectionCounts {
+    counts: Mutex<HashMap<String, usize>>,
+    /// Woken when the last WebSocket of this node ends (a draining node waits for it).
+    idle: tokio::sync::Notify,
+}
 
 /// This node's count of one connection; see [`ConnectionCounts`].
 pub struct LocalSlot {
@@ -81,7 +85,7 @@ impl WsKind {
 
 impl ConnectionCounts {
     pub fn acquire(self: &Arc<Self>, user_id: &str, limit: usize) -> Option<LocalSlot> {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         let n = map.entry(user_id.to_string()).or_insert(0);
         if *n >= limit {
             return None;
@@ -92,16 +96,42 @@ impl ConnectionCounts {
             user_id: user_id.to_string(),
         })
     }
+
+    /// Wait until this node holds no WebSocket, at most `bound`; `false` when some are still
+    /// open then. A draining node waits here after telling every stream to close, so each one's
+    /// close frame ("reconnect") is sent before the process exits.
+    pub async fn wait_idle(&self, bound: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self
+                .counts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+            {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
 }
 
 impl Drop for LocalSlot {
     fn drop(&mut self) {
-        let mut map = self.counts.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.counts.counts.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = map.get_mut(&self.user_id) {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 map.remove(&self.user_id);
             }
+        }
+        if map.is_empty() {
+            self.counts.idle.notify_waiters();
         }
     }
 }
