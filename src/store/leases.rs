@@ -183,18 +183,8 @@ pub async fn claim(
             Ok(orphans)
         }};
     }
-    let claimed: Result<Vec<String>, diesel::result::Error> = db_run!(conn: pg {
-        conn.transaction(async |c| {
-            diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
-                .bind::<diesel::sql_types::BigInt, _>(CLAIM_LOCK_KEY)
-                .execute(c)
-                .await?;
-            body!(c)
-        })
-        .await
-    } sqlite {
-        conn.immediate_transaction(async |c| body!(c)).await
-    });
+    let claimed: Result<Vec<String>, diesel::result::Error> =
+        crate::serialised!(conn, CLAIM_LOCK_KEY, |c| { body!(c) });
     Ok(claimed?)
 }
 
@@ -245,18 +235,8 @@ pub async fn claim_one(
             .optional()
         }};
     }
-    let claimed: Result<Option<i64>, diesel::result::Error> = db_run!(conn: pg {
-        conn.transaction(async |c| {
-            diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
-                .bind::<diesel::sql_types::BigInt, _>(CLAIM_LOCK_KEY)
-                .execute(c)
-                .await?;
-            body!(c)
-        })
-        .await
-    } sqlite {
-        conn.immediate_transaction(async |c| body!(c)).await
-    });
+    let claimed: Result<Option<i64>, diesel::result::Error> =
+        crate::serialised!(conn, CLAIM_LOCK_KEY, |c| { body!(c) });
     Ok(claimed?.map(|epoch| Lease {
         environment_id: id.to_string(),
         node: node.to_string(),

@@ -157,6 +157,30 @@ macro_rules! db_run {
     };
 }
 
+/// Run `$body` (a block using connection `$c`, evaluating to `Result<T, diesel::result::Error>`)
+/// in one transaction serialised with every other transaction naming the same `$key`:
+/// PostgreSQL takes the transaction-scoped advisory lock `$key` first; SQLite takes the write
+/// lock up front (`BEGIN IMMEDIATE`, one writer at a time anyway). Evaluates to the body's
+/// result.
+#[macro_export]
+macro_rules! serialised {
+    ($conn:ident, $key:expr, |$c:ident| $body:block) => {
+        $crate::db_run!($conn: pg {
+            $conn
+                .transaction(async |$c| {
+                    diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
+                        .bind::<diesel::sql_types::BigInt, _>($key)
+                        .execute($c)
+                        .await?;
+                    $body
+                })
+                .await
+        } sqlite {
+            $conn.immediate_transaction(async |$c| $body).await
+        })
+    };
+}
+
 impl Db {
     /// Open a pool of at most `max` connections; acquiring one waits at most `acquire_timeout`.
     pub async fn connect(url: &DbUrl, max: u32, acquire_timeout: Duration) -> anyhow::Result<Self> {

@@ -73,18 +73,8 @@ pub async fn join(
             Ok(Ok(()))
         }};
     }
-    let result: Result<Result<(), String>, diesel::result::Error> = db_run!(conn: pg {
-        conn.transaction(async |c| {
-            diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
-                .bind::<diesel::sql_types::BigInt, _>(JOIN_LOCK_KEY)
-                .execute(c)
-                .await?;
-            body!(c)
-        })
-        .await
-    } sqlite {
-        conn.immediate_transaction(async |c| body!(c)).await
-    });
+    let result: Result<Result<(), String>, diesel::result::Error> =
+        crate::serialised!(conn, JOIN_LOCK_KEY, |c| { body!(c) });
     Ok(result?)
 }
 

@@ -37,18 +37,6 @@ pub fn user_lock_key(user_id: &str) -> i64 {
     i64::from_be_bytes(bytes)
 }
 
-/// Take the advisory lock of [`user_lock_key`] for the current PostgreSQL transaction.
-pub(crate) async fn lock_user(
-    c: &mut diesel_async::AsyncPgConnection,
-    user_id: &str,
-) -> Result<(), diesel::result::Error> {
-    diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
-        .bind::<diesel::sql_types::BigInt, _>(user_lock_key(user_id))
-        .execute(c)
-        .await
-        .map(|_| ())
-}
-
 /// Take a slot: in one serialised transaction, count `row.user_id`'s slots on live nodes (this
 /// node, `row.node_id`, always counts) and write `row` if fewer than `limit`. `Ok(false)`: at the
 /// limit, nothing written.
@@ -81,15 +69,10 @@ pub async fn take(
             Ok(true)
         }};
     }
-    let taken: Result<bool, diesel::result::Error> = db_run!(conn: pg {
-        conn.transaction(async |c| {
-            lock_user(c, &row.user_id).await?;
+    let taken: Result<bool, diesel::result::Error> =
+        crate::serialised!(conn, super::slots::user_lock_key(&row.user_id), |c| {
             body!(c)
-        })
-        .await
-    } sqlite {
-        conn.immediate_transaction(async |c| body!(c)).await
-    });
+        });
     Ok(taken?)
 }
 

@@ -10,7 +10,6 @@ use diesel::prelude::*;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 
 use super::schema::{nodes, terminals};
-use super::slots::lock_user;
 use super::{DbConn, StoreResult};
 use crate::db_run;
 
@@ -71,15 +70,10 @@ pub async fn insert_within(
             Ok(Ok(()))
         }};
     }
-    let result: Result<Result<(), usize>, diesel::result::Error> = db_run!(conn: pg {
-        conn.transaction(async |c| {
-            lock_user(c, &row.user_id).await?;
+    let result: Result<Result<(), usize>, diesel::result::Error> =
+        crate::serialised!(conn, super::slots::user_lock_key(&row.user_id), |c| {
             body!(c)
-        })
-        .await
-    } sqlite {
-        conn.immediate_transaction(async |c| body!(c)).await
-    });
+        });
     Ok(result?)
 }
 
