@@ -17,6 +17,8 @@ use tokio::net::TcpListener;
 
 on_both_backends!(
     a_claimed_lease_fences_the_old_owner_and_commands_follow_it,
+    a_logs_stream_keeps_following_an_environment_that_moves_to_its_node,
+    a_draining_node_starts_no_environment_actor,
     nodes_register_heartbeat_and_leave,
     readiness_fails_without_the_database,
     sealed_values_and_tokens_survive_a_key_rotation,
@@ -779,5 +781,107 @@ async fn a_claimed_lease_fences_the_old_owner_and_commands_follow_it(backend: Ba
         )
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    s.stop().await;
+}
+
+/// A logs WebSocket opened on this node while another node ran the environment (so it follows
+/// the relayed feed) keeps showing changes after the environment moves here: the ghost owner
+/// dies, this node claims it back and stops it, and the stream sees `stopped` — it does not go
+/// silent because the changes are now this node's own.
+async fn a_logs_stream_keeps_following_an_environment_that_moves_to_its_node(backend: Backend) {
+    use devpocket::store::leases::{self, ClaimScope};
+    let s = TestServer::start_with(backend, |c| {
+        c.cluster.heartbeat_seconds = 1;
+        c.cluster.dead_after_seconds = 2;
+    })
+    .await;
+    let admin = s.admin("liv").await;
+    let env = support::terminal::running_env(&s, &admin, "moving").await;
+    let app = &s.running().app;
+    let mut conn = app.db.get().await.expect("conn");
+    let now = devpocket::clock::to_db(s.clock.now());
+    devpocket::store::nodes::reinsert(&mut conn, &ghost_node("node-b", now))
+        .await
+        .expect("node b");
+    let scope = ClaimScope {
+        node: "node-b",
+        live_since: now + chrono::Duration::hours(1),
+    };
+    leases::claim_one(&mut conn, &scope, &env)
+        .await
+        .expect("claim")
+        .expect("claimed");
+    drop(conn);
+    s.wait_tree(&admin, "the fenced actor stopped", |tree| {
+        support::find_actor(tree, &format!("environment:{env}")).is_none()
+    })
+    .await;
+
+    // Node B runs it: this stream follows the relayed feed.
+    let mut logs = support::terminal::connect(
+        &s,
+        &format!("/api/v1/ws/logs/{env}?token={}&follow=true", admin.access),
+    )
+    .await;
+    // The stream subscribes before it sends the history: its first frame means it follows.
+    let first = support::terminal::next_json(&mut logs)
+        .await
+        .expect("history");
+    assert_eq!(first["type"], "environment_status", "{first}");
+
+    // Node B dies; this node claims the environment back and runs it.
+    s.clock.advance(chrono::Duration::seconds(60));
+    s.wait_actor(&admin, &format!("environment:{env}"), |n| {
+        n["status"] == "running"
+    })
+    .await;
+    let (status, body) = s
+        .post(
+            &format!("/api/v1/environments/{env}/stop"),
+            admin.token(),
+            serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    loop {
+        let frame = support::terminal::next_json(&mut logs)
+            .await
+            .expect("the logs stream stays open");
+        if frame["type"] == "environment_status" && frame["status"] == "stopped" {
+            break;
+        }
+    }
+    s.stop().await;
+}
+
+/// A draining node (SIGTERM: its actors stopped, its leases about to be handed back) starts no
+/// environment actor again — neither the lease reconciler's next round nor a command that
+/// arrives meanwhile may bring one back to run (and call the provider) after the hand-back.
+async fn a_draining_node_starts_no_environment_actor(backend: Backend) {
+    let s = TestServer::start_with(backend, |c| {
+        c.cluster.heartbeat_seconds = 1;
+        c.cluster.dead_after_seconds = 2;
+    })
+    .await;
+    let admin = s.admin("dan").await;
+    let env = support::terminal::running_env(&s, &admin, "draining").await;
+    let app = &s.running().app;
+    // The first steps of a drain, up to (not including) the hand-back.
+    app.node.membership().start_draining();
+    app.actors.stop_environment_actors().await;
+    app.actors.reconcile_leases().await;
+    let (status, body) = s
+        .post(
+            &format!("/api/v1/environments/{env}/stop"),
+            admin.token(),
+            serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let tree = s.actor_tree(&admin).await;
+    assert!(
+        support::find_actor(&tree, &format!("environment:{env}")).is_none(),
+        "an actor started on a draining node: {tree}"
+    );
     s.stop().await;
 }

@@ -103,15 +103,25 @@ impl Actors {
         Ok(feed.tx.subscribe())
     }
 
-    /// Hand one signalled change of another node's environment to this node's subscribers.
-    async fn relay(&self, environment_id: &str, what: &str) -> crate::store::StoreResult<()> {
+    /// Hand one signalled change of an environment to this node's subscribers. `to_bus`:
+    /// another node made the change, so the all-environments bus gets its status too; a change
+    /// this node made (its actor already published it on the bus) goes only to a relayed feed
+    /// still open here — a stream that began following the environment while another node ran
+    /// it, before the environment moved to this node.
+    async fn relay(
+        &self,
+        environment_id: &str,
+        what: &str,
+        to_bus: bool,
+    ) -> crate::store::StoreResult<()> {
         let deps = &self.inner.env_deps;
         let feed = lock(&self.inner.remote_feeds.feeds)
             .get(environment_id)
             .filter(|f| f.tx.receiver_count() > 0)
             .map(|f| (f.tx.clone(), f.cursor));
         if what.starts_with("status") {
-            if deps.bus.receiver_count() == 0 && feed.is_none() {
+            let to_bus = to_bus && deps.bus.receiver_count() > 0;
+            if !to_bus && feed.is_none() {
                 return Ok(());
             }
             let row = {
@@ -144,7 +154,9 @@ impl Actors {
             if let Some((tx, _)) = &feed {
                 let _ = tx.send(update.clone());
             }
-            let _ = deps.bus.send(update);
+            if to_bus {
+                let _ = deps.bus.send(update);
+            }
             return Ok(());
         }
         // An event (a log line, an installation result, an info line).
@@ -197,11 +209,14 @@ pub async fn relay_loop(actors: Actors, mut stop: tokio::sync::oneshot::Receiver
             heard_one = signals::next(&mut heard) => heard_one,
         };
         match heard_one {
-            Some(Heard::Signal { node, payload }) if *node != *cluster.node => {
+            Some(Heard::Signal { node, payload }) => {
                 let Some((id, what)) = payload.split_once(' ') else {
                     continue;
                 };
-                if let Err(e) = actors.relay(id, what).await {
+                // This node's own changes reach its bus and its actors' feeds directly; they are
+                // relayed only to a feed that followed the environment from another node.
+                let theirs = *node != *cluster.node;
+                if let Err(e) = actors.relay(id, what, theirs).await {
                     tracing::debug!(environment = id, error = %e, "could not relay a change");
                 }
             }
@@ -212,14 +227,15 @@ pub async fn relay_loop(actors: Actors, mut stop: tokio::sync::oneshot::Receiver
                     .cloned()
                     .collect();
                 for id in followed {
+                    // One that runs here now had its changes published here already.
+                    let theirs = actors.environment(&id).is_none();
                     for what in ["status", "event"] {
-                        if let Err(e) = actors.relay(&id, what).await {
+                        if let Err(e) = actors.relay(&id, what, theirs).await {
                             tracing::debug!(environment = %id, error = %e, "could not catch up");
                         }
                     }
                 }
             }
-            Some(_) => {}
             None => return,
         }
     }

@@ -36,6 +36,8 @@ pub type SqliteConn = SyncConnectionWrapper<SqliteConnection>;
 
 const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+/// Advisory-lock key that lets one process at a time migrate a PostgreSQL database.
+const MIGRATION_LOCK_KEY: i64 = 0x6465_7670_6f63_6b03; // "devpock" + 3
 
 /// Per-connection SQLite settings: WAL for concurrent readers, a busy timeout so writers queue
 /// instead of failing, and enforced foreign keys (cascades rely on them).
@@ -230,13 +232,27 @@ impl Db {
         }
     }
 
-    /// Apply pending migrations; returns the versions applied.
+    /// Apply pending migrations; returns the versions applied. On PostgreSQL one process at a
+    /// time (a session advisory lock): nodes started together on a fresh database would each
+    /// run the first migration, and all but one fail on the tables the winner created.
     pub async fn migrate(&self) -> StoreResult<Vec<String>> {
         let conn = self.get().await?;
         let applied = match conn {
-            DbConn::Pg(c) => AsyncMigrationHarness::new(c)
-                .run_pending_migrations(PG_MIGRATIONS)
-                .map(|v| v.iter().map(ToString::to_string).collect()),
+            DbConn::Pg(mut c) => {
+                use diesel_async::RunQueryDsl;
+                diesel::sql_query("SELECT pg_advisory_lock($1)")
+                    .bind::<diesel::sql_types::BigInt, _>(MIGRATION_LOCK_KEY)
+                    .execute(&mut c)
+                    .await?;
+                let mut harness = AsyncMigrationHarness::new(c);
+                let applied = harness
+                    .run_pending_migrations(PG_MIGRATIONS)
+                    .map(|v| v.iter().map(ToString::to_string).collect());
+                // Closed rather than returned to the pool: its session ends, and the lock with
+                // it, whatever state the migrations left it in.
+                drop(Object::take(harness.into_inner()));
+                applied
+            }
             DbConn::Sqlite(c) => AsyncMigrationHarness::new(c)
                 .run_pending_migrations(SQLITE_MIGRATIONS)
                 .map(|v| v.iter().map(ToString::to_string).collect()),

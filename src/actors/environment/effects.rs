@@ -93,6 +93,35 @@ impl TaskCtx {
         self.deps.provider.as_ref()
     }
 
+    /// Before a provider call that changes something: make sure this node still holds the
+    /// lease. A node that was paused (SIGSTOP, a VM freeze) resumes its tasks where they stopped
+    /// — for a create, between the fenced `begin_create` and the provider call — while another
+    /// node may already have claimed the environment and reconciled it; the store fences this
+    /// node's writes, but only this check stops its calls (a second VPS, a stop of an instance the
+    /// new owner runs). While the guard ([`crate::cluster::leases::LeaseGuard`]) says the lease
+    /// may be gone, wait for the next heartbeat to reach the store (if none comes, the reconciler
+    /// stops this actor, and this task with it), then ask the store whether the lease is still
+    /// this one. An error when it is not (the failure's write is fenced; the actor stops).
+    async fn still_leased(&self) -> anyhow::Result<()> {
+        let cluster = &self.deps.cluster;
+        if cluster.guard.valid() {
+            return Ok(());
+        }
+        tracing::warn!(environment = %self.row.id, "this node's lease may have lapsed; checking it before calling the provider");
+        while !cluster.guard.valid() {
+            tokio::time::sleep(cluster.heartbeat).await;
+        }
+        let (id, node) = (self.lease.environment_id.clone(), self.lease.node.clone());
+        let held = self
+            .with_conn(async |c| crate::store::leases::lease_of(c, &id, &node).await)
+            .await?;
+        if held.as_ref() == Some(&self.lease) {
+            Ok(())
+        } else {
+            bail!("this node lost the environment's lease; not calling the provider")
+        }
+    }
+
     pub(super) async fn execute(self, effect: Effect) {
         let result = match effect {
             Effect::EnsureInstance => self.ensure_instance().await,
@@ -194,6 +223,8 @@ impl TaskCtx {
                 bail!("the provider did not create the instance after {attempts} attempt(s)");
             }
             let operation_id = uuid::Uuid::new_v4().to_string();
+            // Built first, so nothing but the lease checks stands between them and the call.
+            let spec = self.spec(&operation_id).await?;
             let now = db_now(self.deps.clock.as_ref());
             let lease = self.lease.clone();
             let op = operation_id.clone();
@@ -203,7 +234,7 @@ impl TaskCtx {
                 .await?;
             attempts += 1;
             last_operation = Some(operation_id.clone());
-            let spec = self.spec(&operation_id).await?;
+            self.still_leased().await?;
             match self.provider().create_instance(&spec).await {
                 Ok(instance_id) => return self.adopt(&instance_id).await,
                 Err(ProviderError::Ambiguous(why) | ProviderError::Unavailable(why)) => {
@@ -262,6 +293,7 @@ impl TaskCtx {
                 Ok(InstanceState::Gone) => bail!("the instance disappeared"),
                 Ok(InstanceState::Stopped) if !started => {
                     started = true;
+                    self.still_leased().await?;
                     let _ = self.provider().start(&instance_id).await;
                 }
                 Ok(InstanceState::Stopped | InstanceState::Pending { .. }) => {}
@@ -522,6 +554,7 @@ impl TaskCtx {
     async fn power(&self, action: &str) -> anyhow::Result<()> {
         let instance_id = self.instance_id()?;
         let provider = self.provider();
+        self.still_leased().await?;
         let call = match action {
             "start" => provider.start(&instance_id).await,
             "stop" => provider.stop(&instance_id).await,
@@ -555,6 +588,7 @@ impl TaskCtx {
 
     async fn snapshot(&self, name: &str) -> anyhow::Result<()> {
         let instance_id = self.instance_id()?;
+        self.still_leased().await?;
         let snap = match self.provider().create_snapshot(&instance_id, name).await {
             Ok(snap) => snap,
             Err(ProviderError::Rejected { message, .. }) => return self.refused(&message).await,
@@ -573,6 +607,7 @@ impl TaskCtx {
 
     async fn restore(&self, snapshot_id: &str) -> anyhow::Result<()> {
         let instance_id = self.instance_id()?;
+        self.still_leased().await?;
         match self
             .provider()
             .restore_snapshot(&instance_id, snapshot_id)
@@ -624,6 +659,7 @@ impl TaskCtx {
         if let Some(instance_id) = instance {
             let mut tries = 0;
             loop {
+                self.still_leased().await?;
                 match self.provider().delete(&instance_id).await {
                     Ok(()) | Err(ProviderError::NotFound) => break,
                     Err(ProviderError::Ambiguous(_) | ProviderError::Unavailable(_))

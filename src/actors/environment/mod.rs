@@ -102,7 +102,10 @@ impl EnvironmentsState {
         myself: &ActorRef<EnvironmentsMsg>,
         environment_id: &str,
     ) -> Result<(), ActorProcessingErr> {
-        if self.registry_has(environment_id) {
+        // A draining node hands its leases back: an actor started now (by the lease reconciler
+        // or a command arriving meanwhile) would run on after the hand-back, beside the new
+        // owner's.
+        if self.registry_has(environment_id) || self.args.deps.cluster.is_draining() {
             return Ok(());
         }
         let node = self.args.deps.cluster.node.clone();
