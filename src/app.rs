@@ -86,6 +86,38 @@ impl App {
         }
     }
 
+    /// Signals may have been lost: end here every session this node runs actors for that the
+    /// store says has ended (revoked, expired, its account gone or disabled). One store read per
+    /// such session; this runs only after a listener reconnect.
+    async fn end_dead_sessions_here(&self) {
+        let ids: Vec<String> = self
+            .actors
+            .directory()
+            .tree()
+            .into_iter()
+            .filter_map(|a| a.id.strip_prefix("session:").map(str::to_string))
+            .collect();
+        let Ok(mut conn) = self.db.get().await else {
+            return; // the next resync tries again; the session cache expires them meanwhile
+        };
+        let now = db_now(self.clock.as_ref());
+        let mut ended = Vec::new();
+        for id in ids {
+            match sessions::with_user(&mut conn, &id).await {
+                Ok(Some((session, user))) if session.is_live(now) && user.is_active => {}
+                Ok(_) => ended.push(id),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not re-check sessions after lost signals");
+                    return;
+                }
+            }
+        }
+        drop(conn);
+        if !ended.is_empty() {
+            self.end_sessions_here(ended, "session ended on another node");
+        }
+    }
+
     /// End these login sessions on this node only.
     fn end_sessions_here(&self, session_ids: Vec<String>, reason: &str) {
         self.session_cache.forget_sessions(&session_ids);
@@ -425,6 +457,7 @@ async fn session_relay(app: AppState, mut stop: oneshot::Receiver<()>) {
                 let ids: Vec<String> = payload.split_whitespace().map(str::to_string).collect();
                 app.end_sessions_here(ids, "session ended on another node");
             }
+            Some(Heard::Resync) => app.end_dead_sessions_here().await,
             Some(_) => {}
             None => return,
         }

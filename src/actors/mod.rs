@@ -203,6 +203,10 @@ impl Actors {
     pub async fn dispatch(&self, command: Command) -> Result<Reply, CommandError> {
         match command {
             Command::Create(new) => {
+                // A draining node hands its leases back: a new environment belongs elsewhere.
+                if self.inner.env_deps.cluster.is_draining() {
+                    return Err(CommandError::Busy);
+                }
                 let sup = read_slot(&self.inner.environments).ok_or(CommandError::Busy)?;
                 let new = Box::new(new);
                 call_actor_within(

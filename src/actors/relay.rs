@@ -124,38 +124,69 @@ impl Actors {
             if !to_bus && feed.is_none() {
                 return Ok(());
             }
-            let row = {
+            // Every transition since the last one relayed, from the status events (each carries
+            // its version): a quick `stopping → stopped` arrives as both. Unknown environments
+            // start at the signalled version (no history replay).
+            let signalled: Option<i64> =
+                what.split_whitespace().nth(1).and_then(|v| v.parse().ok());
+            let last = lock(&self.inner.remote_feeds.versions)
+                .get(environment_id)
+                .copied()
+                .or(signalled.map(|v| v - 1))
+                .unwrap_or(0);
+            let (row, events) = {
                 let mut conn = deps.db.get().await?;
-                store::get(&mut conn, environment_id).await?
+                let Some(row) = store::get(&mut conn, environment_id).await? else {
+                    return Ok(());
+                };
+                let events =
+                    store::status_events_after(&mut conn, environment_id, last, EVENTS_PER_RELAY)
+                        .await?;
+                (row, events)
             };
-            let Some(row) = row else { return Ok(()) };
+            let mut frames: Vec<(i64, StreamFrame)> = events
+                .iter()
+                .filter_map(|e| Some((e.status_version?, event_frame(environment_id, e))))
+                .collect();
+            if frames.is_empty() && row.status_version > last {
+                frames.push((
+                    row.status_version,
+                    StreamFrame::EnvironmentStatus(EnvironmentStatus {
+                        environment_id: row.id.clone(),
+                        status: row.status,
+                        status_version: row.status_version,
+                        progress: row.progress.clamp(0, 100) as u8,
+                        message: row.message.clone(),
+                        timestamp: from_db(row.updated_at),
+                    }),
+                ));
+            }
+            let Some(newest) = frames.last().map(|(v, _)| *v) else {
+                return Ok(());
+            };
             {
                 let mut versions = lock(&self.inner.remote_feeds.versions);
                 if versions.len() >= REMEMBERED_VERSIONS {
                     versions.clear();
                 }
-                let last = versions.entry(environment_id.to_string()).or_insert(0);
-                if row.status_version <= *last {
-                    return Ok(());
+                let seen = versions.entry(environment_id.to_string()).or_insert(last);
+                if newest <= *seen {
+                    return Ok(()); // another relay step got there first
                 }
-                *last = row.status_version;
+                frames.retain(|(v, _)| *v > *seen);
+                *seen = newest;
             }
-            let update = EnvUpdate {
-                owner: row.user_id.clone(),
-                frame: StreamFrame::EnvironmentStatus(EnvironmentStatus {
-                    environment_id: row.id.clone(),
-                    status: row.status,
-                    status_version: row.status_version,
-                    progress: row.progress.clamp(0, 100) as u8,
-                    message: row.message.clone(),
-                    timestamp: from_db(row.updated_at),
-                }),
-            };
-            if let Some((tx, _)) = &feed {
-                let _ = tx.send(update.clone());
-            }
-            if to_bus {
-                let _ = deps.bus.send(update);
+            for (_, frame) in frames {
+                let update = EnvUpdate {
+                    owner: row.user_id.clone(),
+                    frame,
+                };
+                if let Some((tx, _)) = &feed {
+                    let _ = tx.send(update.clone());
+                }
+                if to_bus {
+                    let _ = deps.bus.send(update);
+                }
             }
             return Ok(());
         }

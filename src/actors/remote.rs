@@ -204,15 +204,17 @@ impl Actors {
             let heard = tokio::time::timeout_at(deadline, async {
                 loop {
                     match signals::next(&mut replies).await {
-                        Some(Heard::Signal { payload, .. }) if *payload == *row.id => return,
-                        Some(Heard::Resync) | None => return,
+                        Some(Heard::Signal { payload, .. }) if *payload == *row.id => return true,
+                        Some(Heard::Resync) => return true,
+                        None => return false, // shutting down
                         Some(_) => {}
                     }
                 }
             })
             .await;
-            if heard.is_err() {
-                return Err(self.give_up(&row.id).await);
+            match heard {
+                Ok(true) => {}
+                Ok(false) | Err(_) => return Err(self.give_up(&row.id).await),
             }
         }
     }

@@ -598,6 +598,27 @@ pub async fn events_after(
     }))
 }
 
+/// Status events of an environment with a `status_version` above `after` (oldest first, at most
+/// `limit`): every transition a relaying node has not passed on yet.
+pub async fn status_events_after(
+    conn: &mut DbConn,
+    id: &str,
+    after: i64,
+    limit: i64,
+) -> StoreResult<Vec<EnvironmentEvent>> {
+    Ok(db_run!(conn: {
+        environment_events::table
+            .filter(environment_events::environment_id.eq(id))
+            .filter(environment_events::kind.eq("status"))
+            .filter(environment_events::status_version.gt(after))
+            .order(environment_events::status_version.asc())
+            .limit(limit)
+            .select(EnvironmentEvent::as_select())
+            .load(conn)
+            .await?
+    }))
+}
+
 /// The newest event id of an environment (0 when it has none).
 pub async fn last_event_id(conn: &mut DbConn, id: &str) -> StoreResult<i64> {
     let last: Option<i64> = db_run!(conn: {
