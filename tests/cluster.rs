@@ -767,12 +767,47 @@ async fn a_claimed_lease_fences_the_old_owner_and_commands_follow_it(backend: Ba
         "another user's command is unknown"
     );
 
+    // A command node B took and was running when it died: marked lost once B is dead.
+    let running = devpocket::store::commands::CommandRow {
+        id: uuid::Uuid::new_v4().to_string(),
+        environment_id: env.clone(),
+        user_id: admin_id(&s, "lea").await,
+        target_node: "node-b".into(),
+        command: serde_json::json!({ "command": "restart", "environment_id": env }).to_string(),
+        state: "running".into(),
+        reply: None,
+        created_at: now,
+        expires_at: now + chrono::Duration::seconds(10),
+        answered_at: None,
+    };
+    {
+        let mut conn = app.db.get().await.expect("conn");
+        devpocket::store::commands::insert(&mut conn, &running)
+            .await
+            .expect("insert");
+    }
+
     // Node B dies (time passes past its deadline): this node claims the environment back.
     s.clock.advance(chrono::Duration::seconds(60));
     s.wait_actor(&admin, &format!("environment:{env}"), |n| {
         n["status"] == "running"
     })
     .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, looked) = s
+            .get(&format!("/api/v1/commands/{}", running.id), admin.token())
+            .await;
+        assert_eq!(status, StatusCode::OK, "{looked}");
+        if looked["state"] == "lost" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a dead node's running command is not marked lost: {looked}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (status, body) = s
         .post(
             &format!("/api/v1/environments/{env}/stop"),
@@ -884,4 +919,14 @@ async fn a_draining_node_starts_no_environment_actor(backend: Backend) {
         "an actor started on a draining node: {tree}"
     );
     s.stop().await;
+}
+
+/// A user's id, from the store.
+async fn admin_id(s: &TestServer, username: &str) -> String {
+    let mut conn = s.running().app.db.get().await.expect("conn");
+    devpocket::store::users::by_username(&mut conn, username)
+        .await
+        .expect("query")
+        .expect("user")
+        .id
 }

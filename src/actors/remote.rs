@@ -256,7 +256,10 @@ impl Actors {
     async fn run_carried(&self, command_id: &str) {
         let deps = &self.inner.env_deps;
         let taken = match deps.db.get().await {
-            Ok(mut conn) => store::take(&mut conn, command_id, db_now(deps.clock.as_ref())).await,
+            Ok(mut conn) => {
+                let now = db_now(deps.clock.as_ref());
+                store::take(&mut conn, command_id, &deps.cluster.node, now).await
+            }
             Err(e) => Err(e),
         };
         let row = match taken {
@@ -304,6 +307,10 @@ impl Actors {
             Ok(mut conn) => {
                 if let Err(e) = store::prune(&mut conn, to_db(now - COMMAND_RETENTION)).await {
                     tracing::warn!(error = %e, "could not prune carried commands");
+                }
+                let scope = deps.cluster.claim_scope(now);
+                if let Err(e) = store::mark_lost(&mut conn, scope.live_since, to_db(now)).await {
+                    tracing::warn!(error = %e, "could not mark the commands of dead nodes");
                 }
                 store::pending_for(
                     &mut conn,

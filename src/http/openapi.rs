@@ -165,7 +165,7 @@ fn schemas() -> Value {
         "CarriedCommand": object(&["command_id", "environment_id", "command", "state", "created_at", "expires_at", "answered_at", "outcome"], json!({
             "command_id": string(), "environment_id": string(),
             "command": { "type": "string", "description": "the verb: start, stop, restart, delete, ..." },
-            "state": { "type": "string", "enum": ["pending", "running", "done", "expired"], "description": "expired: cancelled unrun when the caller's wait ran out (it never runs later)" },
+            "state": { "type": "string", "enum": ["pending", "running", "done", "expired", "lost"], "description": "expired: cancelled unrun when the caller's wait ran out (it never runs later); lost: the node running it died before answering (look at the environment)" },
             "created_at": string(), "expires_at": string(),
             "answered_at": { "type": ["string", "null"] },
             "outcome": { "type": ["object", "null"], "description": "once done: {\"outcome\": \"accepted\", \"status\": ...}, {\"outcome\": \"environment\", ...}, {\"outcome\": \"snapshots\", ...} or {\"outcome\": \"error\", \"status\": <HTTP status>, \"code\", \"detail\", \"errors\"}" } })),

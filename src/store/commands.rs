@@ -18,6 +18,9 @@ pub mod state {
     pub const RUNNING: &str = "running";
     pub const DONE: &str = "done";
     pub const EXPIRED: &str = "expired";
+    /// The node that took it died before answering: whether it ran is unknown (look at the
+    /// environment).
+    pub const LOST: &str = "lost";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
@@ -29,7 +32,8 @@ pub struct CommandRow {
     pub environment_id: String,
     /// Who sent it (lookups are checked against it).
     pub user_id: String,
-    /// The node that owned the environment's lease when the command was written.
+    /// The node that owned the environment's lease when the command was written; once taken,
+    /// the node that runs it.
     pub target_node: String,
     /// The command (JSON of [`crate::actors::environment::command::Command`]).
     pub command: String,
@@ -49,11 +53,12 @@ pub async fn insert(conn: &mut DbConn, row: &CommandRow) -> StoreResult<()> {
     Ok(())
 }
 
-/// Take a pending command to run it (`pending → running`) unless it expired at `now`: at most
-/// one taker ever gets the row.
+/// Take a pending command to run it on `node` (`pending → running`) unless it expired at
+/// `now`: at most one taker ever gets the row.
 pub async fn take(
     conn: &mut DbConn,
     id: &str,
+    node: &str,
     now: NaiveDateTime,
 ) -> StoreResult<Option<CommandRow>> {
     Ok(db_run!(conn: {
@@ -63,7 +68,10 @@ pub async fn take(
                 .filter(environment_commands::state.eq(state::PENDING))
                 .filter(environment_commands::expires_at.gt(now)),
         )
-        .set(environment_commands::state.eq(state::RUNNING))
+        .set((
+            environment_commands::state.eq(state::RUNNING),
+            environment_commands::target_node.eq(node),
+        ))
         .returning(CommandRow::as_returning())
         .get_result(conn)
         .await
@@ -143,6 +151,34 @@ pub async fn pending_for(
             .select(environment_commands::id)
             .load(conn)
             .await?
+    }))
+}
+
+/// Mark `lost` the running commands of nodes that are dead (no heartbeat since `live_since`):
+/// their caller's lookup then says so instead of `running` forever. Returns how many.
+pub async fn mark_lost(
+    conn: &mut DbConn,
+    live_since: NaiveDateTime,
+    now: NaiveDateTime,
+) -> StoreResult<usize> {
+    use super::schema::nodes;
+    Ok(db_run!(conn: {
+        let alive: Vec<String> = nodes::table
+            .filter(nodes::heartbeat_at.ge(live_since))
+            .select(nodes::id)
+            .load(conn)
+            .await?;
+        diesel::update(
+            environment_commands::table
+                .filter(environment_commands::state.eq(state::RUNNING))
+                .filter(diesel::dsl::not(environment_commands::target_node.eq_any(&alive))),
+        )
+        .set((
+            environment_commands::state.eq(state::LOST),
+            environment_commands::answered_at.eq(Some(now)),
+        ))
+        .execute(conn)
+        .await?
     }))
 }
 

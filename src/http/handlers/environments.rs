@@ -517,7 +517,7 @@ pub async fn terminals(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
 
 /// `GET /api/v1/commands/{command_id}`: a command carried to the node that runs its environment
 /// (the id a 504 `command_timeout` names): its state (`pending`, `running`, `done`, `expired`:
-/// cancelled unrun) and, once done, its outcome as the owner answered it (see
+/// cancelled unrun, `lost`: its node died before answering) and, once done, its outcome as the owner answered it (see
 /// [`crate::actors::remote::Outcome`]). 404 for an unknown id or another user's command; kept for
 /// an hour ([`crate::actors::remote::COMMAND_RETENTION`]).
 pub async fn command(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
