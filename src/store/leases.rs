@@ -38,6 +38,7 @@ macro_rules! under_lease {
             $conn
                 .transaction(async |$c| {
                     use $crate::store::schema::environment_leases as el;
+                    $crate::store::BoundLocks::bound_locks($c).await?;
                     let held = diesel::update(
                         el::table
                             .filter(el::environment_id.eq(&lease.environment_id))

@@ -159,6 +159,44 @@ macro_rules! db_run {
     };
 }
 
+/// Bounds on a transaction that takes locks other nodes wait for (the claim lock, a lease row):
+/// a node paused (SIGSTOP, a long GC-like stall, a frozen VM) in the middle of one would
+/// otherwise hold the lock until its TCP connection dies, and every other node's claims would
+/// wait behind it. PostgreSQL ends a session idle in its transaction for
+/// `idle_in_transaction_session_timeout` (its transaction rolls back, its locks go), and a waiter
+/// gives up after `lock_timeout` (the claim is retried at the next heartbeat). Both are
+/// transaction-local (`set_config(…, true)`). Our own transactions take milliseconds.
+const LOCK_BOUNDS_SQL: &str = "SELECT set_config('idle_in_transaction_session_timeout', '5s', true), set_config('lock_timeout', '10s', true)";
+
+/// Apply [`LOCK_BOUNDS_SQL`] to the current transaction (nothing on SQLite: one process).
+pub trait BoundLocks {
+    fn bound_locks(
+        &mut self,
+    ) -> impl std::future::Future<Output = Result<(), diesel::result::Error>> + Send;
+}
+
+impl BoundLocks for AsyncPgConnection {
+    fn bound_locks(
+        &mut self,
+    ) -> impl std::future::Future<Output = Result<(), diesel::result::Error>> + Send {
+        use diesel_async::RunQueryDsl;
+        async move {
+            diesel::sql_query(LOCK_BOUNDS_SQL)
+                .execute(self)
+                .await
+                .map(|_| ())
+        }
+    }
+}
+
+impl BoundLocks for SqliteConn {
+    fn bound_locks(
+        &mut self,
+    ) -> impl std::future::Future<Output = Result<(), diesel::result::Error>> + Send {
+        std::future::ready(Ok(()))
+    }
+}
+
 /// Run `$body` (a block using connection `$c`, evaluating to `Result<T, diesel::result::Error>`)
 /// in one transaction serialised with every other transaction naming the same `$key`:
 /// PostgreSQL takes the transaction-scoped advisory lock `$key` first; SQLite takes the write
@@ -170,6 +208,7 @@ macro_rules! serialised {
         $crate::db_run!($conn: pg {
             $conn
                 .transaction(async |$c| {
+                    $crate::store::BoundLocks::bound_locks($c).await?;
                     diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
                         .bind::<diesel::sql_types::BigInt, _>($key)
                         .execute($c)

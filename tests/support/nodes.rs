@@ -356,6 +356,17 @@ impl Cluster {
     /// SIGSTOP node `i`: it answers nothing and heartbeats nothing until [`Cluster::resume`].
     pub fn pause(&mut self, i: usize) {
         self.signal(i, rustix::process::Signal::STOP);
+        // SIGSTOP lands asynchronously: wait until every thread of the node is stopped, so a
+        // request sent next cannot be answered by a thread still running.
+        let pid = self.pid(i);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !all_threads_stopped(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node {i} (pid {pid}) did not stop within 5 s of SIGSTOP"
+            );
+            std::thread::yield_now();
+        }
         let node = &mut self.nodes[i];
         node.process.as_mut().expect("running").paused = true;
         push_line(&node.log, format!("----- {} paused -----", node.name));
@@ -920,4 +931,19 @@ fn toml_value(v: &Value) -> String {
         }
         other => other.to_string(),
     }
+}
+
+/// Whether every thread of process `pid` is stopped (state `T` in `/proc/<pid>/task/*/stat`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the parenthesised command name.
+            stat.rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next())
+                .is_some_and(|state| state == 'T' || state == 't')
+        })
+    })
 }
