@@ -356,13 +356,14 @@ impl Actors {
                 pending.handled();
                 return Err(CommandError::Busy);
             }
+            let id = id.clone();
             waits.push(Box::pin(async move {
-                wait.await.unwrap_or_else(|_| {
-                    Err(CommandError::Pending(
-                        "An environment restarted while being deleted; try again in a minute"
-                            .into(),
-                    ))
-                })
+                match wait.await {
+                    Ok(result) => result,
+                    // The actor restarted meanwhile (its successor resumes the delete from the
+                    // store): follow the store instead.
+                    Err(_) => self.wait_terminated(id, limit).await,
+                }
             }));
         }
         let all = futures_util::future::join_all(waits);
