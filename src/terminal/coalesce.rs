@@ -46,6 +46,8 @@ pub struct Coalescer {
     partial: Batch,
     /// When gathering stops; `None` until the first data of the batch arrived.
     deadline: Option<Instant>,
+    /// The batch started after a quiet spell: take only what is readable now.
+    quiet: bool,
 }
 
 impl Coalescer {
@@ -56,6 +58,7 @@ impl Coalescer {
             last_batch: None,
             partial: Batch::default(),
             deadline: None,
+            quiet: false,
         }
     }
 
@@ -72,10 +75,8 @@ impl Coalescer {
                         let flowing = self
                             .last_batch
                             .is_some_and(|t| now.saturating_duration_since(t) < self.wait);
-                        // A zero window still takes whatever is readable right now (the read
-                        // is polled first).
-                        self.deadline =
-                            Some(now + if flowing { self.wait } else { Duration::ZERO });
+                        self.deadline = Some(now + self.wait);
+                        self.quiet = !flowing;
                     }
                     Some(PtyEvent::Exit(code)) => self.partial.exit = Some(code),
                     Some(PtyEvent::Eof) => {}
@@ -89,7 +90,17 @@ impl Coalescer {
             if self.partial.data.len() >= self.max_bytes {
                 return self.take();
             }
-            match tokio::time::timeout_at(deadline, source.next_event()).await {
+            let next = if self.quiet {
+                // What is readable now, polled once: no timer. (A zero-length tokio timer is not
+                // free: deadlines round up to the time driver's next millisecond tick, so an
+                // echo would wait up to 1 ms for it.)
+                futures_util::FutureExt::now_or_never(source.next_event()).ok_or(())
+            } else {
+                tokio::time::timeout_at(deadline, source.next_event())
+                    .await
+                    .map_err(|_| ())
+            };
+            match next {
                 Ok(Some(PtyEvent::Data(more))) => self.partial.data.extend_from_slice(&more),
                 Ok(Some(PtyEvent::Exit(code))) => self.partial.exit = Some(code),
                 Ok(Some(PtyEvent::Eof)) => {}
@@ -97,7 +108,7 @@ impl Coalescer {
                     self.partial.closed = true;
                     return self.take();
                 }
-                Err(_) => return self.take(),
+                Err(()) => return self.take(),
             }
         }
     }
