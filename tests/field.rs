@@ -25,6 +25,7 @@ on_both_backends!(
     a_node_at_capacity_refuses_new_terminals_at_once_and_plainly,
     a_repainted_client_keeps_up_with_tmux_scrolling_above_its_status_line,
     at_node_capacity_a_session_gets_the_slot_of_its_own_evicted_terminal,
+    parallel_opens_of_one_session_get_a_terminal_each,
 );
 
 /// The terminals a session holds, as ops see them.
@@ -591,5 +592,37 @@ async fn at_node_capacity_a_session_gets_the_slot_of_its_own_evicted_terminal(ba
     read_until(&mut ws, "here-9").await;
     let list = listed(&s, &me, &env).await;
     assert_eq!(list.len(), 1, "the old one was evicted: {list:?}");
+    s.stop().await;
+}
+
+/// A double tap (or two tabs of one login) opens terminals in parallel without a `terminal_id`:
+/// each gets a terminal of its own. A terminal just started is the open's from birth, so a
+/// parallel open is never handed it as "the session's detached terminal" (which would replace
+/// one of the two WebSockets with 4000).
+async fn parallel_opens_of_one_session_get_a_terminal_each(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let me = s.register("twin").await;
+    let env = running_env(&s, &me, "twins").await;
+    // Nine (below the per-user WebSocket cap of 10), staggered a little, so opens land while earlier ones are between starting and attaching.
+    let opens = (0..9u64).map(|i| {
+        let (s, me, env) = (&s, &me, &env);
+        async move {
+            tokio::time::sleep(std::time::Duration::from_millis(i * 7)).await;
+            open_terminal(s, me, env, "").await
+        }
+    });
+    let mut opened = futures_util::future::join_all(opens).await;
+    let mut ids: Vec<String> = opened
+        .iter()
+        .map(|(_, w)| w["terminal_id"].as_str().expect("id").to_owned())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 9, "nine terminals: {ids:?}");
+    // Every WebSocket is still its terminal's: each one answers (a replaced one has closed).
+    for (i, (ws, _)) in opened.iter_mut().enumerate() {
+        input(ws, &format!("echo twin-$(({i}+100))\r")).await;
+        read_until(ws, &format!("twin-{}", i + 100)).await;
+    }
     s.stop().await;
 }

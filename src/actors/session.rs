@@ -334,6 +334,11 @@ impl SessionState {
                     return;
                 }
             };
+            // Taken by this open from birth: until its attach lands it must not look detached,
+            // or a parallel open of the same session (a double tap) would be handed this
+            // terminal too and one of the two replaced (4000). A failed attach detaches it
+            // (the terminal casts `Detached` when nobody takes its answer).
+            stats.attached.store(true, Ordering::Relaxed);
             let registered = session.cast(SessionMsg::TerminalStarted {
                 terminal_id,
                 environment_id: env_id,
