@@ -373,6 +373,9 @@ async fn build_on(
         config: config.clone(),
         bus,
         cluster: node.membership().clone(),
+        ssh: Arc::new(crate::ssh::pool::SshPool::new(
+            config.provider.ssh_channels_per_connection,
+        )),
     });
 
     let directory = Directory::new(clock.clone());

@@ -225,6 +225,11 @@ pub struct ProviderConfig {
     pub provision_timeout_seconds: u64,
     pub install_timeout_seconds: u64,
     pub ssh_connect_timeout_seconds: u64,
+    /// Holders of one shared SSH connection to an environment (its terminals and its metrics
+    /// sampler) before another connection is opened; see [`crate::ssh::pool`]. Keep it below
+    /// the environment sshd's `MaxSessions` (OpenSSH default 10): each holder may open a short
+    /// extra channel now and then.
+    pub ssh_channels_per_connection: usize,
     pub max_create_attempts: u32,
 }
 
@@ -679,6 +684,9 @@ impl Config {
             || self.provider.poll_max_ms < self.provider.poll_initial_ms
         {
             p.push("provider.poll_initial_ms / poll_max_ms: need 0 < initial <= max".into());
+        }
+        if !(1..=1024).contains(&self.provider.ssh_channels_per_connection) {
+            p.push("provider.ssh_channels_per_connection: must be between 1 and 1024".into());
         }
         if self.terminals.max_terminals_per_node == 0 || self.local.max_ssh_connections == 0 {
             p.push(

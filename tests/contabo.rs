@@ -71,6 +71,7 @@ fn vps_config() -> FakeVpsConfig {
         install_lines: INSTALL_LINES.iter().map(|l| l.to_string()).collect(),
         line_delay_ms: 2,
         cloud_init_exit: 0,
+        without_tmux: false,
     }
 }
 
@@ -522,7 +523,11 @@ async fn terminal_round_trip_against_openssh(backend: Backend) {
     // The fake VPS steps aside; sshd takes its port (the environment's SSH endpoint).
     let Cloud { sim, vps, s, me } = c;
     let port = vps.port;
+    // Its connections go with it (the environment's metrics sampler holds one a terminal would
+    // share).
+    vps.cut();
     vps.stop().await;
+    s.wait_ssh_connections(0).await;
     let _sshd = support::sshd::Sshd::start(port, &host_key, &authorized).await;
     // The terminal starts a tmux session as `dev` on this host: it goes with the test.
     let _tmux = DevTmuxSession(format!("devpocket_{id}"));
@@ -602,7 +607,11 @@ async fn a_hung_machine_never_holds_up_the_session(backend: Backend) {
     let id = create(&c, "hung").await;
     s.wait_status(me, &id, "running").await;
 
+    // New connections hang; the one the environment has (its metrics sampler's, which the
+    // terminal would share) is hung up first.
     c.vps.stall(true);
+    c.vps.cut();
+    s.wait_ssh_connections(0).await;
     let mut ws = connect(s, &format!("/api/v1/ws/terminal/{id}?token={}", me.access)).await;
     let session = format!("session:{}", session_id_of(&me.access));
     s.wait_tree(&admin, "a terminal starting under the session", |t| {

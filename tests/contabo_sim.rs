@@ -1201,6 +1201,7 @@ async fn fake_vps_pins_the_host_key_and_runs_commands() {
         install_lines: lines(3),
         line_delay_ms: 2,
         cloud_init_exit: 0,
+        without_tmux: false,
     })
     .await;
     let handle = machine.connect().await;
@@ -1237,6 +1238,7 @@ async fn fake_vps_streams_the_install_log_like_tail_f() {
         install_lines: lines(5),
         line_delay_ms: 3,
         cloud_init_exit: 0,
+        without_tmux: false,
     })
     .await;
     let handle = machine.connect().await;
@@ -1280,6 +1282,7 @@ async fn fake_vps_cloud_init_status_exits_with_the_configured_code() {
             install_lines: lines(4),
             line_delay_ms: 5,
             cloud_init_exit: exit,
+            without_tmux: false,
         })
         .await;
         let handle = machine.connect().await;

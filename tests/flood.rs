@@ -39,7 +39,7 @@ async fn a_flood_to_a_slow_reader_keeps_memory_flat_and_ctrl_c_works(backend: Ba
     }
     let growth_mib = peak.saturating_sub(before) / 1024;
     // The bound: far below the flood's size; queues and the ring are bounded (1 MiB ring, 64
-    // frames of at most ~16 KiB per client, SSH windows).
+    // frames of at most 64 KiB per client, SSH windows).
     assert!(
         growth_mib < 64,
         "server memory grew by {growth_mib} MiB while {received} bytes were read"

@@ -4,6 +4,9 @@
 //!   3 MiB: control — detach, re-attach, close — never waits for the stuck input, and the write
 //!   timeout drops what the machine does not take;
 //! - its connection drops: the terminal reconnects and its output stream (the ring) continues.
+//! - terminals of one environment share one SSH connection: a client that stops reading while
+//!   its shell floods holds back no other terminal on it, and a dropped connection is made again
+//!   once for all of them.
 
 mod support;
 
@@ -19,6 +22,7 @@ on_both_backends!(
     control_never_waits_for_a_remote_that_stops_reading,
     input_a_remote_never_reads_is_dropped_after_the_write_timeout,
     a_dropped_connection_is_reconnected_and_the_stream_continues,
+    terminals_share_a_connection_and_a_stalled_client_holds_back_no_other,
 );
 
 /// The paste: 3 MiB in 2 KiB input frames, far beyond what a deaf machine takes (about 1.5
@@ -46,8 +50,11 @@ async fn deaf_environment(backend: Backend, write_timeout_seconds: u64) -> Deaf 
     })
     .await;
     let me = s.register("dora").await;
-    let env = running_env(&s, &me, "deaf").await;
+    // Deaf from the start: the environment's SSH connection (made once it runs, and shared by
+    // its metrics sampler and terminals) is then a deaf one. Installation is unaffected (its
+    // commands run without a PTY).
     vps.deaf(true);
+    let env = running_env(&s, &me, "deaf").await;
     Deaf {
         _sim: sim,
         vps,
@@ -262,4 +269,93 @@ async fn a_dropped_connection_is_reconnected_and_the_stream_continues(backend: B
     assert_eq!(replay["data"], banner.as_str(), "{replay}");
     assert_eq!(replay["offset"], after, "{replay}");
     d.s.stop().await;
+}
+
+/// Read output frames until `needle` shows, keeping only a tail (a flood is large).
+async fn drain_until(ws: &mut Ws, needle: &str) {
+    let mut tail = String::new();
+    while !tail.contains(needle) {
+        let Some(f) = next_json(ws).await else {
+            panic!("closed before {needle}")
+        };
+        if f["type"] == "output" {
+            let data = f["data"].as_str().expect("data");
+            let cut = (tail.len().saturating_sub(64)..=tail.len())
+                .find(|&i| tail.is_char_boundary(i))
+                .unwrap_or(0);
+            tail = format!("{}{data}", &tail[cut..]);
+        }
+    }
+}
+
+/// Terminals of one environment are channels on one SSH connection, and russh stalls a whole
+/// connection while one of its channels is not read. The machine here has no tmux, so every
+/// byte a shell prints reaches the server (tmux would redraw instead of sending a flood). A
+/// flood in terminal A whose client reads nothing — far more than the queues between the
+/// server and A's client hold — must not stop terminal B on the same connection; A's client
+/// later gets the rest or a skip to the current screen. Then the connection drops: it is made
+/// again once for both terminals.
+async fn terminals_share_a_connection_and_a_stalled_client_holds_back_no_other(backend: Backend) {
+    let sim_config = SimConfig::default();
+    let sim = ContaboSim::start(sim_config.clone()).await;
+    let vps = FakeVps::start(
+        &sim,
+        FakeVpsConfig {
+            without_tmux: true,
+            ..FakeVpsConfig::default()
+        },
+    )
+    .await;
+    let s = TestServer::start_with(backend, |c| {
+        support::contabo_sim::use_simulator(c, &sim, &sim_config, vps.port);
+    })
+    .await;
+    let me = s.register("shar").await;
+    let env = running_env(&s, &me, "shared").await;
+    let (mut a, _) = within("open A", open_terminal(&s, &me, &env, "&cols=120&rows=40")).await;
+    let (mut b, _) = within("open B", open_terminal(&s, &me, &env, "")).await;
+    assert_eq!(
+        s.ssh_connections().await,
+        1,
+        "two terminals, one connection"
+    );
+
+    // 30 MB through A, whose client reads nothing (TCP buffers, the client queue and russh's
+    // channel queue together hold a few MiB).
+    input(
+        &mut a,
+        "head -c 30000000 /dev/zero | tr '\\0' y | fold -w 100; echo flood-$((6*7))\r",
+    )
+    .await;
+    for i in 0..5 {
+        input(&mut b, &format!("echo other-$(({i}+1000))\r")).await;
+        within(
+            "B answers during A's flood",
+            read_until(&mut b, &format!("other-{}", i + 1000)),
+        )
+        .await;
+    }
+    within("A catches up", drain_until(&mut a, "flood-42")).await;
+    input(&mut a, "echo after-$((2+2))\r").await;
+    within("A answers", read_until(&mut a, "after-4")).await;
+
+    // The connection drops: both terminals reconnect, on one new connection.
+    let served = vps.connections();
+    vps.cut();
+    for ws in [&mut a, &mut b] {
+        within("the reconnect", async {
+            loop {
+                let frame = next_json(ws).await.expect("frames before the close");
+                if frame["type"] == "info" && frame["message"] == "Reconnected" {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+    assert_eq!(vps.connections(), served + 1, "reconnected as one");
+    assert_eq!(s.ssh_connections().await, 1);
+    input(&mut b, "echo back-$((3+4))\r").await;
+    within("B answers again", read_until(&mut b, "back-7")).await;
+    s.stop().await;
 }

@@ -452,6 +452,11 @@ impl Actors {
         ))
     }
 
+    /// The SSH connections this node shares per environment (terminals, metrics sampler).
+    pub fn ssh_pool(&self) -> Arc<crate::ssh::pool::SshPool> {
+        self.inner.env_deps.ssh.clone()
+    }
+
     /// What the configured provider offers (sizes, capabilities, defaults): data, not a handle.
     pub fn catalog(&self) -> Catalog {
         let provider = &self.inner.env_deps.provider;

@@ -10,8 +10,13 @@
 //!   and writer, the output [`Ring`], the UTF-8 carry, the coalescer, the terminal size and the
 //!   sink (the attached client's bounded frame queue). It `select!`s over control messages from
 //!   the actor (always answered at once), SSH output, client input and room in the client's
-//!   queue. While a frame waits for room it stops reading SSH, so a slow phone holds the SSH
-//!   window closed instead of growing server memory. Input is written one piece at a time as a
+//!   queue. It always reads SSH (the connection is shared with the environment's other
+//!   terminals and its sampler, see [`crate::ssh::pool`], and russh stalls every channel of a
+//!   connection while one channel is not read): output goes into the ring and the screen model,
+//!   and the client is sent frames cut from the ring at its own pace (`Sink::sent` is how far it
+//!   got). A client that falls more than the ring behind skips to a repaint of the current screen
+//!   from the model with a notice, as tmux does for a slow client, so a slow phone costs no
+//!   memory beyond the ring and holds back no other terminal. Input is written one piece at a time as a
 //!   future held in the loop (never blocking it); a piece the remote does not take within
 //!   `terminals.write_timeout_seconds` is abandoned with the input queued behind it, and the
 //!   client is told. An attach swaps the sink and cuts the replay from the ring in one step, so
@@ -52,9 +57,9 @@ const CONTROL_QUEUE: usize = 32;
 /// Input is written to SSH in pieces of at most this many bytes (one SSH packet); the write
 /// timeout applies to each piece, so it measures a remote that stopped reading, not a big paste.
 const WRITE_CHUNK: usize = 32 * 1024;
-/// How long the goodbye to the SSH server may take when the terminal stops (a remote that stopped
-/// reading must not keep a task around for long).
-const DISCONNECT_WAIT: Duration = Duration::from_secs(5);
+/// Largest output frame cut from the ring for a client that is behind (a client that keeps up
+/// gets one frame per coalesced batch).
+const FRAME_BYTES: usize = 64 * 1024;
 /// Flowing output is coalesced up to this many bytes per frame...
 pub const COALESCE_BYTES: usize = 16 * 1024;
 /// ...or for this long after the first byte, whichever comes first (see `coalesce`: output after
@@ -162,6 +167,8 @@ pub struct TerminalArgs {
     pub stats: Arc<Stats>,
     pub directory: crate::actors::directory::Directory,
     pub directory_id: String,
+    /// The SSH connections shared per environment (the PTY is a channel on one of them).
+    pub ssh: Arc<crate::ssh::pool::SshPool>,
     /// This terminal's slot of the node's capacity, held for its lifetime.
     pub slot: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Called once when the terminal ends, with the bytes in and out (for the audit trail).
@@ -219,7 +226,8 @@ pub async fn snapshots(environment_id: &str, wait: Duration) -> Vec<TerminalSnap
     list
 }
 
-/// A connected SSH client with the terminal's PTY open on it.
+/// A connected SSH client (shared with the environment's other users, see
+/// [`crate::ssh::pool`]) with the terminal's PTY open on it.
 pub struct Opened {
     client: SshClient,
     pty: PtySession,
@@ -295,40 +303,60 @@ pub fn tmux_command(session: &str) -> String {
     format!("env LANG=C.UTF-8 LC_CTYPE=C.UTF-8 tmux -u new-session -A -s {session}")
 }
 
-/// Connect and open the PTY, each step bounded by the target's connect timeout.
-async fn connect(
-    target: &SshTarget,
-    tmux_session: &str,
-    cols: u32,
-    rows: u32,
-) -> anyhow::Result<Opened> {
-    use anyhow::Context;
-    let client = SshClient::connect(target)
-        .await
-        .context("cannot connect to the environment")?;
-    let open = async {
-        let has_tmux = client
-            .exec("command -v tmux", 1024)
+/// How a terminal reaches its environment's shell (owned, for a reconnect on a task).
+struct Reach {
+    ssh: Arc<crate::ssh::pool::SshPool>,
+    environment_id: String,
+    target: SshTarget,
+    tmux_session: String,
+}
+
+impl TerminalArgs {
+    fn reach(&self) -> Reach {
+        Reach {
+            ssh: self.ssh.clone(),
+            environment_id: self.environment.id.clone(),
+            target: self.target.clone(),
+            tmux_session: self.tmux_session.clone(),
+        }
+    }
+}
+
+impl Reach {
+    /// Take a connection from the pool (connecting if needed) and open the PTY on it, each step
+    /// bounded by the target's connect timeout.
+    async fn connect(&self, cols: u32, rows: u32) -> anyhow::Result<Opened> {
+        use anyhow::Context;
+        let (target, tmux_session) = (&self.target, self.tmux_session.as_str());
+        let client = self
+            .ssh
+            .client(&self.environment_id, target)
             .await
-            .map(|o| o.status == Some(0))
-            .unwrap_or(false);
-        let command = has_tmux.then(|| tmux_command(tmux_session));
-        let pty = client
-            .open_pty(TERM, cols, rows, command.as_deref())
+            .context("cannot connect to the environment")?;
+        let open = async {
+            let has_tmux = client
+                .exec("command -v tmux", 1024)
+                .await
+                .map(|o| o.status == Some(0))
+                .unwrap_or(false);
+            let command = has_tmux.then(|| tmux_command(tmux_session));
+            let pty = client
+                .open_pty(TERM, cols, rows, command.as_deref())
+                .await
+                .context("cannot open a terminal")?;
+            Ok::<_, anyhow::Error>((pty, has_tmux))
+        };
+        let (pty, has_tmux) = tokio::time::timeout(target.connect_timeout, open)
             .await
-            .context("cannot open a terminal")?;
-        Ok::<_, anyhow::Error>((pty, has_tmux))
-    };
-    let (pty, has_tmux) = tokio::time::timeout(target.connect_timeout, open)
-        .await
-        .map_err(|_| {
-            anyhow::anyhow!("cannot open a terminal: the environment did not answer in time")
-        })??;
-    Ok(Opened {
-        client,
-        pty,
-        has_tmux,
-    })
+            .map_err(|_| {
+                anyhow::anyhow!("cannot open a terminal: the environment did not answer in time")
+            })??;
+        Ok(Opened {
+            client,
+            pty,
+            has_tmux,
+        })
+    }
 }
 
 impl TerminalState {
@@ -371,12 +399,11 @@ impl TerminalState {
     }
 
     fn reconnect(&mut self, myself: &ActorRef<TerminalMsg>, attempt: u32) {
-        let target = self.args.target.clone();
-        let session = self.args.tmux_session.clone();
+        let how = self.args.reach();
         let (cols, rows) = (self.args.cols.max(1), self.args.rows.max(1));
         let me = myself.clone();
         if let Some(old) = self.connecting.replace(tokio::spawn(async move {
-            let result = connect(&target, &session, cols, rows).await.map(Box::new);
+            let result = how.connect(cols, rows).await.map(Box::new);
             let _ = me.cast(TerminalMsg::Reconnected { attempt, result });
         })) {
             old.abort();
@@ -415,6 +442,8 @@ enum Control {
 struct Sink {
     connection: u64,
     frames: mpsc::Sender<Out>,
+    /// The ring offset this client's frames have reached (output after it is still to send).
+    sent: u64,
 }
 
 /// Why a write to the remote did not complete.
@@ -441,7 +470,8 @@ struct Channel {
     /// Bytes read that end inside a UTF-8 character; they go out with the next frame.
     carry: Vec<u8>,
     sink: Option<Sink>,
-    /// Frames waiting for room in the sink's queue; SSH is not read while any wait.
+    /// Frames other than output waiting for room in the sink's queue, sent after the output
+    /// recorded before them (the exit frame).
     pending: VecDeque<Out>,
     size: (u32, u32),
     stats: Arc<Stats>,
@@ -455,8 +485,8 @@ struct Channel {
 }
 
 impl Channel {
-    /// Cut on a UTF-8 boundary (carrying an incomplete character to the next batch), record in
-    /// the ring and the screen model, and queue the frame for the attached client. The model
+    /// Cut on a UTF-8 boundary (carrying an incomplete character to the next batch) and record
+    /// in the ring and the screen model (the client's frames are cut from the ring). The model
     /// may restart (its parser failed on the bytes): then the program is asked to redraw.
     fn record(&mut self, chunk: &[u8], local: &mut VecDeque<In>) {
         let mut bytes = std::mem::take(&mut self.carry);
@@ -474,11 +504,45 @@ impl Channel {
         self.stats
             .bytes_out
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        if self.sink.is_some() {
-            self.pending.push_back(Out::Frame(ServerFrame::Output {
-                data: String::from_utf8_lossy(&bytes).into_owned(),
-                offset: self.ring.end(),
-            }));
+    }
+
+    /// Whether the attached client has something to be sent.
+    fn outgoing(&self) -> bool {
+        self.sink
+            .as_ref()
+            .is_some_and(|s| s.sent < self.ring.end() || !self.pending.is_empty())
+    }
+
+    /// The next frame for the attached client: output it has not had (at most
+    /// [`FRAME_BYTES`]), else a waiting frame. A client whose next byte has left the ring
+    /// skips to the current screen (painted from the model, or redrawn by the program when the
+    /// model cannot paint it) with a notice.
+    fn next_frame(&mut self, local: &mut VecDeque<In>) -> Option<Out> {
+        let sink = self.sink.as_mut()?;
+        if sink.sent >= self.ring.end() {
+            return self.pending.pop_front();
+        }
+        match self.ring.read(sink.sent, FRAME_BYTES) {
+            Replay::Bytes(bytes) => {
+                sink.sent += bytes.len() as u64;
+                Some(Out::Frame(ServerFrame::Output {
+                    data: utf8(bytes),
+                    offset: sink.sent,
+                }))
+            }
+            Replay::Lost { from } => {
+                sink.sent = from;
+                self.tell(ServerFrame::info(
+                    "Output came faster than this connection took it; skipping to the current screen",
+                ));
+                match self.screen.repaint() {
+                    Some(data) => Some(Out::Frame(ServerFrame::Output { data, offset: from })),
+                    None => {
+                        self.ask_redraw(local);
+                        None
+                    }
+                }
+            }
         }
     }
 
@@ -489,9 +553,8 @@ impl Channel {
         }
     }
 
-    /// Swap the sink and answer the attach. Output frames still pending were recorded in the
-    /// ring, so they are dropped: the new client's replay (or its fresh start at the end) covers
-    /// them exactly. A client that asks for a repaint, or whose bytes have left the ring, gets
+    /// Swap the sink and answer the attach. Output the old client had not been sent is in the
+    /// ring: the new client's replay (or its fresh start at the end) covers it exactly. A client that asks for a repaint, or whose bytes have left the ring, gets
     /// the screen painted from the server's model. Returns whether the program must be asked to
     /// redraw instead (the model is off or not exact).
     fn attach(
@@ -518,7 +581,7 @@ impl Channel {
                 Replay::Bytes(bytes) => (
                     offset,
                     Some(ServerFrame::Output {
-                        data: String::from_utf8_lossy(&bytes).into_owned(),
+                        data: utf8(bytes),
                         offset: ring.end(),
                     }),
                     None,
@@ -532,10 +595,12 @@ impl Channel {
                 ),
             },
         };
-        self.sink = Some(Sink { connection, frames });
+        self.sink = Some(Sink {
+            connection,
+            frames,
+            sent: ring.end(),
+        });
         self.attached_once = true;
-        self.pending
-            .retain(|o| !matches!(o, Out::Frame(ServerFrame::Output { .. })));
         let wanted = repaint || notice.is_some();
         let redraw = wanted && replay.is_none();
         attachment.offset = start;
@@ -646,6 +711,12 @@ impl Channel {
     }
 }
 
+/// Output bytes as frame text: valid UTF-8 (the ring holds whole characters) without a copy;
+/// anything else with replacement characters.
+fn utf8(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
 /// The next batch of output, or never when there is no PTY.
 async fn next_output(coalescer: &mut Coalescer, reader: &mut Option<PtyReader>) -> Batch {
     match reader {
@@ -700,7 +771,7 @@ async fn channel_task(
             ch.pending.clear();
         }
         ch.publish();
-        if ended && ch.pending.is_empty() {
+        if ended && !ch.outgoing() {
             ended = false;
             ch.pending.clear();
             let _ = ch.actor.cast(TerminalMsg::PumpEnded {
@@ -708,8 +779,9 @@ async fn channel_task(
                 exit: exit.take(),
             });
         }
-        let reading = ch.pending.is_empty() && reader.is_some();
-        let sending = !ch.pending.is_empty();
+        // Always read (see the module doc): the client's pace only decides what it is sent.
+        let reading = reader.is_some();
+        let sending = ch.outgoing();
         let writing = op.is_some();
         tokio::select! {
             biased;
@@ -780,7 +852,7 @@ async fn channel_task(
             },
             permit = room(ch.sink.as_ref().filter(|_| sending).map(|s| s.frames.clone())), if sending => match permit {
                 Ok(permit) => {
-                    if let Some(out) = ch.pending.pop_front() {
+                    if let Some(out) = ch.next_frame(&mut local) {
                         permit.send(out);
                     }
                 }
@@ -844,7 +916,9 @@ impl Actor for TerminalActor {
         args.cols = args.cols.max(1);
         args.rows = args.rows.max(1);
         // The whole chain of causes goes into the startup error (the client sees it).
-        let opened = connect(&args.target, &args.tmux_session, args.cols, args.rows)
+        let opened = args
+            .reach()
+            .connect(args.cols, args.rows)
             .await
             .map_err(|e| format!("{e:#}"))?;
         let (input, input_rx) = mpsc::channel(INPUT_QUEUE);
@@ -1068,12 +1142,9 @@ impl Actor for TerminalActor {
         _myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        if let Some(client) = state.client.take() {
-            // Off the actor and bounded: a remote that stopped reading cannot hold the stop.
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(DISCONNECT_WAIT, client.disconnect()).await;
-            });
-        }
+        // The channel task goes with the state (its PTY channel closes); the connection is
+        // shared and ends when its last user lets go (see `crate::ssh::pool`).
+        state.client = None;
         Ok(())
     }
 }

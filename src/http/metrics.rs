@@ -50,6 +50,7 @@ pub struct Metrics {
     leases_claimed: Counter,
     leases_lost: Counter,
     leases_released: Counter,
+    ssh_connections: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -119,7 +120,14 @@ impl Metrics {
             "Environment leases this node handed back on a graceful shutdown",
             leases_released.clone(),
         );
+        let ssh_connections = Gauge::default();
+        registry.register(
+            "ssh_connections",
+            "SSH connections to environments (each shared by an environment's terminals and metrics sampler)",
+            ssh_connections.clone(),
+        );
         Self {
+            ssh_connections,
             leases_held,
             leases_claimed,
             leases_lost,
@@ -156,11 +164,19 @@ impl Metrics {
             .inc();
     }
 
-    /// The text exposition, with actor figures refreshed from the directory and lease figures
-    /// from the node's counts (`held`: the environment actors it runs).
-    pub fn render(&self, directory: &Directory, leases: &LeaseStats, held: usize) -> String {
+    /// The text exposition, with actor figures refreshed from the directory, lease figures
+    /// from the node's counts (`held`: the environment actors it runs) and `ssh_connections`
+    /// from the shared SSH connections ([`crate::ssh::pool::SshPool::connections`]).
+    pub fn render(
+        &self,
+        directory: &Directory,
+        leases: &LeaseStats,
+        held: usize,
+        ssh_connections: usize,
+    ) -> String {
         use std::sync::atomic::Ordering::Relaxed;
         self.leases_held.set(held as i64);
+        self.ssh_connections.set(ssh_connections as i64);
         for (counter, total) in [
             (&self.leases_claimed, leases.claimed.load(Relaxed)),
             (&self.leases_lost, leases.lost.load(Relaxed)),

@@ -465,6 +465,7 @@ async fn terminal(
             terminal_id: terminal_id.clone(),
             environment: env_info(&env),
             target,
+            ssh: app.actors.ssh_pool(),
             tmux_session,
             cols,
             rows,

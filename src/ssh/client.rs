@@ -5,8 +5,9 @@
 //! Backpressure: russh hands each channel's incoming messages to a bounded queue
 //! ([`CHANNEL_BUFFER`] messages). Nothing here buffers beyond that, so a caller that stops
 //! reading a [`PtyReader`] eventually stalls this connection's read loop and then the TCP stream,
-//! which holds the remote producer back. That stall covers every channel of the connection, so
-//! give a long-lived terminal its own [`SshClient`].
+//! which holds the remote producer back. That stall covers every channel of the connection
+//! (russh opens each channel's SSH window as data arrives, not as it is read), so a user of a
+//! shared connection ([`crate::ssh::pool`]) must keep reading its channels.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -106,11 +107,15 @@ pub enum PtyEvent {
     Closed,
 }
 
+/// A connection's handle, as [`crate::ssh::pool::SshPool`] keeps it (weakly).
+pub type Handle = client::Handle<PinnedHostKey>;
+
 /// A connection to one SSH server. Cheap to clone; clones share the connection, and channels
-/// can be opened on it concurrently.
+/// can be opened on it concurrently. The connection ends when the last clone and the last of
+/// its channels are dropped, or on [`SshClient::disconnect`].
 #[derive(Clone)]
 pub struct SshClient {
-    handle: Arc<client::Handle<PinnedHostKey>>,
+    handle: Arc<Handle>,
 }
 
 impl std::fmt::Debug for SshClient {
@@ -122,7 +127,7 @@ impl std::fmt::Debug for SshClient {
 }
 
 /// Accepts exactly the pinned host key; remembers what else was offered, for the error.
-struct PinnedHostKey {
+pub struct PinnedHostKey {
     expected: PublicKey,
     offered: Arc<OnceLock<String>>,
 }
@@ -346,6 +351,16 @@ impl SshClient {
             .channel_open_direct_tcpip("127.0.0.1", u32::from(port), "127.0.0.1", 0)
             .await?;
         Ok(channel.into_stream())
+    }
+
+    /// A client on a connection another client made (see [`crate::ssh::pool`]).
+    pub(crate) fn from_shared(handle: Arc<Handle>) -> Self {
+        Self { handle }
+    }
+
+    /// A reference to this connection that does not keep it open.
+    pub(crate) fn downgrade(&self) -> std::sync::Weak<Handle> {
+        Arc::downgrade(&self.handle)
     }
 
     /// Whether the connection is gone (then every call fails with [`SshError::Closed`]).

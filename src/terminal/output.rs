@@ -76,19 +76,33 @@ impl Ring {
     /// The bytes after `offset`. An offset beyond the end is treated as the end (nothing to
     /// replay, never bytes the client already has).
     pub fn since(&self, offset: u64) -> Replay {
+        self.read(offset, usize::MAX)
+    }
+
+    /// At most `max` bytes after `offset`, cut back to the end of a UTF-8 character when `max`
+    /// falls inside one (so frames cut from the ring at the offsets they end at never split a
+    /// character: every push is whole characters). Offsets as for [`Ring::since`].
+    pub fn read(&self, offset: u64, max: usize) -> Replay {
         let offset = offset.min(self.end());
         if offset < self.start {
             return Replay::Lost { from: self.end() };
         }
         let skip = (offset - self.start) as usize;
+        let take = (self.bytes.len() - skip).min(max);
         // Two slice copies, not a byte-at-a-time iterator (a resume replays up to the whole ring).
         let (front, back) = self.bytes.as_slices();
-        let mut out = Vec::with_capacity(self.bytes.len() - skip);
+        let mut out = Vec::with_capacity(take);
         if skip < front.len() {
-            out.extend_from_slice(&front[skip..]);
-            out.extend_from_slice(back);
+            let from_front = take.min(front.len() - skip);
+            out.extend_from_slice(&front[skip..skip + from_front]);
+            out.extend_from_slice(&back[..take - from_front]);
         } else {
-            out.extend_from_slice(&back[skip - front.len()..]);
+            let at = skip - front.len();
+            out.extend_from_slice(&back[at..at + take]);
+        }
+        if take < self.bytes.len() - skip {
+            let keep = out.len() - incomplete_tail(&out);
+            out.truncate(keep);
         }
         Replay::Bytes(out)
     }
@@ -132,6 +146,25 @@ mod tests {
         assert_eq!(r.end(), 38);
         assert_eq!(r.since(28), Replay::Bytes(vec![b'z'; 10]));
         assert_eq!(r.since(27), Replay::Lost { from: 38 });
+    }
+
+    #[test]
+    fn bounded_reads_end_on_character_boundaries() {
+        let mut r = Ring::new(64);
+        r.push("ab€d".as_bytes()); // a b [3 bytes] d
+        assert_eq!(r.read(0, 2), Replay::Bytes(b"ab".to_vec()));
+        assert_eq!(r.read(0, 3), Replay::Bytes(b"ab".to_vec()), "not inside €");
+        assert_eq!(r.read(0, 4), Replay::Bytes(b"ab".to_vec()));
+        assert_eq!(r.read(0, 5), Replay::Bytes("ab€".as_bytes().to_vec()));
+        assert_eq!(r.read(2, 100), Replay::Bytes("€d".as_bytes().to_vec()));
+        assert_eq!(r.read(6, 100), Replay::Bytes(vec![]));
+        // Across the storage's wrap point.
+        let mut r = Ring::new(8);
+        r.push(b"123456");
+        r.push(b"7890");
+        assert_eq!(r.read(3, 4), Replay::Bytes(b"4567".to_vec()));
+        assert_eq!(r.read(5, 2), Replay::Bytes(b"67".to_vec()));
+        assert_eq!(r.read(1, 2), Replay::Lost { from: 10 });
     }
 
     #[test]

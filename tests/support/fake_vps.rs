@@ -16,6 +16,7 @@
 //!   - containing `cloud-init-output.log`: with `-f`/`-F` (follow) the lines are streamed as they
 //!     are written and the channel stays open until the client closes it; otherwise the lines
 //!     written so far are printed and the command exits 0.
+//!   - `command -v tmux` with `without_tmux`: exits 1 (no tmux on this machine).
 //!   - containing `cloud-init status`: with `--wait` prints `.` while waiting, then
 //!     `status: done` (exit code 0 or 2) or `status: error` (1) and exits with `cloud_init_exit`;
 //!     without `--wait` prints `status: running` (exit 0) until done. `--long` adds
@@ -80,6 +81,9 @@ pub struct FakeVpsConfig {
     pub line_delay_ms: u64,
     /// Exit code of `cloud-init status --wait` (0 done, 1 error, 2 done with recoverable errors).
     pub cloud_init_exit: u32,
+    /// The image has no tmux: `command -v tmux` exits 1 (terminals get a plain login shell, so
+    /// every byte a program prints reaches the server, with no tmux redraw in between).
+    pub without_tmux: bool,
 }
 
 impl Default for FakeVpsConfig {
@@ -93,6 +97,7 @@ impl Default for FakeVpsConfig {
             ],
             line_delay_ms: 2,
             cloud_init_exit: 0,
+            without_tmux: false,
         }
     }
 }
@@ -537,6 +542,16 @@ impl russh::server::Handler for VpsSession {
             tokio::spawn(tail(handle, channel, self.install(), follow))
         } else if command.contains("cloud-init status") {
             tokio::spawn(cloud_init_status(handle, channel, self.install(), command))
+        } else if self.shared.config.without_tmux && command.contains("command -v tmux") {
+            let rx = self.input_for(channel);
+            let workdir = self.shared.workdir.path().to_path_buf();
+            tokio::spawn(run_command(
+                handle,
+                channel,
+                Some("exit 1".into()),
+                workdir,
+                rx,
+            ))
         } else if let Some(pty) = self.channels.get(&channel).and_then(|s| s.pty.clone()) {
             // As OpenSSH does: a command with a PTY requested runs on that PTY (tmux needs one).
             let rx = self.input_for(channel);

@@ -389,6 +389,40 @@ impl TestServer {
             server.stop().await;
         }
     }
+
+    /// The server's SSH connections to environments: `devpocket_ssh_connections` of `/metrics`.
+    pub async fn ssh_connections(&self) -> u64 {
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        text.lines()
+            .find_map(|l| l.strip_prefix("devpocket_ssh_connections "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no ssh_connections gauge in {text}"))
+    }
+
+    /// Wait (polling, bounded like [`TestServer::wait_tree`]) until the server holds `n` SSH
+    /// connections to environments.
+    pub async fn wait_ssh_connections(&self, n: u64) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let now = self.ssh_connections().await;
+            if now == n {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{now} SSH connections, waiting for {n}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
 }
 
 /// Resident memory of this process (the server under test runs in it), in KiB.

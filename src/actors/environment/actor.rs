@@ -37,6 +37,8 @@ pub struct EnvDeps {
     pub bus: broadcast::Sender<EnvUpdate>,
     /// This node's leases and signals: an actor runs only under its environment's lease.
     pub cluster: Arc<crate::cluster::leases::Membership>,
+    /// SSH connections shared by each environment's terminals and metrics sampler.
+    pub ssh: Arc<crate::ssh::pool::SshPool>,
 }
 
 /// Why an event was not applied.

@@ -315,7 +315,7 @@ impl TaskCtx {
         }
     }
 
-    async fn ssh_target(&self) -> anyhow::Result<SshTarget> {
+    pub(super) async fn ssh_target(&self) -> anyhow::Result<SshTarget> {
         crate::ssh::target::ssh_target(
             &self.row,
             self.provider(),

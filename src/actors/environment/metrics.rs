@@ -173,8 +173,11 @@ impl super::effects::TaskCtx {
         loop {
             ticker.tick().await;
             if client.as_ref().is_none_or(|c| c.is_closed()) {
-                let deadline = tokio::time::Instant::now() + interval;
-                client = self.connect(deadline).await.ok();
+                // On the connection the environment's terminals use (one attempt per tick).
+                client = match self.ssh_target().await {
+                    Ok(target) => self.deps.ssh.client(&self.row.id, &target).await.ok(),
+                    Err(_) => None,
+                };
             }
             let Some(c) = &client else { continue };
             match c

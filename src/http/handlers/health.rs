@@ -104,6 +104,7 @@ pub async fn metrics(app: AppState, _ctx: Ctx) -> ApiResult<Response<Body>> {
             app.actors.directory(),
             &app.node.membership().stats,
             app.actors.local_environment_ids().len(),
+            app.actors.ssh_pool().connections(),
         ),
     ))
 }
