@@ -229,6 +229,10 @@ pub fn upgrade(
             return;
         };
         let config = WebSocketConfig::default()
+            // tungstenite zero-fills its read buffer up to this size on every read, so each
+            // WebSocket would hold its default 128 KiB resident; clients send small frames
+            // (keystrokes), and a larger one grows the buffer as it arrives.
+            .read_buffer_size(WS_READ_BUFFER)
             .max_message_size(Some(app.config.terminals.max_message_bytes))
             .max_frame_size(Some(app.config.terminals.max_message_bytes));
         let ws =
@@ -676,6 +680,9 @@ async fn bridge(
     }
     let _ = terminal.cast(crate::actors::terminal::TerminalMsg::Detached { connection });
 }
+
+/// Read buffer of a server WebSocket, in bytes (see where it is set).
+const WS_READ_BUFFER: usize = 4 * 1024;
 
 /// Input held while the terminal's input queue is full. A fast paste into a slow but reading
 /// shell loses nothing; past this many bytes the environment is not reading at all (its writes

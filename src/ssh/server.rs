@@ -52,8 +52,10 @@ pub const MAX_CHANNELS_PER_CONNECTION: usize = 16;
 const CHANNEL_BUFFER: usize = 32;
 /// Client input chunks (each at most one 32 KiB packet) waiting for the child to read them.
 const INPUT_QUEUE: usize = 32;
-/// Read size for child output: one SSH packet's worth.
-const OUTPUT_CHUNK: usize = 32 * 1024;
+/// Read size for child output. A PTY read returns at most 4 KiB (the line discipline's buffer,
+/// N_TTY_BUF_SIZE), pipes more over several reads; the buffer is zeroed and held per channel, so
+/// larger would only cost every terminal memory.
+const OUTPUT_CHUNK: usize = 8 * 1024;
 /// How long input may wait for a child that does not read it before it is dropped.
 pub const INPUT_STALL_LIMIT: Duration = Duration::from_secs(30);
 /// Time a hung-up shell gets to exit on SIGHUP before it is killed.

@@ -26,6 +26,9 @@ pub fn incomplete_tail(buf: &[u8]) -> usize {
     0
 }
 
+/// Initial storage of a [`Ring`], in bytes.
+const RING_START: usize = 4 * 1024;
+
 /// The last `capacity` bytes of a terminal's output, addressed by absolute offsets (bytes since
 /// the terminal started).
 #[derive(Debug)]
@@ -48,7 +51,8 @@ pub enum Replay {
 impl Ring {
     pub fn new(capacity: usize) -> Self {
         Self {
-            bytes: VecDeque::with_capacity(capacity.min(64 * 1024)),
+            // Grown (by doubling) as output comes: an idle terminal holds little.
+            bytes: VecDeque::with_capacity(capacity.min(RING_START)),
             capacity: capacity.max(1),
             start: 0,
         }
