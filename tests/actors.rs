@@ -139,15 +139,7 @@ async fn panicking_session_actor_is_restarted_and_counted(backend: Backend) {
         "it is down"
     );
 
-    let metrics = s
-        .http
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = s.metrics_text(None).await;
     assert!(
         metrics.contains("devpocket_actor_restarts_total{kind=\"session\"} 3"),
         "{metrics}"

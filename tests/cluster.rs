@@ -718,12 +718,7 @@ async fn a_claimed_lease_fences_the_old_owner_and_commands_follow_it(backend: Ba
         support::find_actor(tree, &format!("environment:{env}")).is_none()
     })
     .await;
-    let metrics_text = reqwest::get(s.url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics_text = s.metrics_text(None).await;
     assert!(
         metrics_text
             .lines()

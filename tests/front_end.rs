@@ -257,15 +257,7 @@ async fn openapi_describes_every_route_and_metrics_count_requests(backend: Backe
     }
 
     s.get("/api/v1/users/me/sessions/abc", None).await;
-    let text = s
-        .http
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .expect("send")
-        .text()
-        .await
-        .expect("text");
+    let text = s.metrics_text(None).await;
     assert!(text.contains("devpocket_http_requests_total{method=\"GET\",route=\"/api/v1/openapi.json\",status=\"200\"} 2"), "fetched twice: {text}");
     assert!(
         text.contains("route=\"unmatched\""),

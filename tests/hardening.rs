@@ -114,14 +114,7 @@ fn status_line(response: &[u8]) -> String {
 
 /// The value of one sample of the metrics exposition (0 when absent), fetched by `client`.
 async fn metric(s: &TestServer, client: &reqwest::Client, sample: &str) -> u64 {
-    let text = client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = s.metrics_text(Some(client)).await;
     text.lines()
         .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
         .unwrap_or(0)

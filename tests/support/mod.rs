@@ -390,17 +390,22 @@ impl TestServer {
         }
     }
 
-    /// The server's SSH connections to environments: `devpocket_ssh_connections` of `/metrics`.
-    pub async fn ssh_connections(&self) -> u64 {
-        let text = self
-            .http
+    /// The `/metrics` exposition, fetched by `client` (the server's own client when `None`).
+    pub async fn metrics_text(&self, client: Option<&reqwest::Client>) -> String {
+        client
+            .unwrap_or(&self.http)
             .get(self.url("/metrics"))
             .send()
             .await
             .expect("metrics")
             .text()
             .await
-            .expect("text");
+            .expect("text")
+    }
+
+    /// The server's SSH connections to environments: `devpocket_ssh_connections` of `/metrics`.
+    pub async fn ssh_connections(&self) -> u64 {
+        let text = self.metrics_text(None).await;
         text.lines()
             .find_map(|l| l.strip_prefix("devpocket_ssh_connections "))
             .and_then(|v| v.trim().parse().ok())
