@@ -108,6 +108,8 @@ enum UserCommand {
 }
 
 pub fn main() -> ExitCode {
+    // Before any thread exists: every later allocation follows it.
+    crate::memory::return_big_blocks();
     let cli = Cli::parse();
     // Template commands read files only: no configuration, runtime or database.
     if let Some(Command::Templates(command)) = cli.command {
