@@ -21,17 +21,17 @@
 pub const BIG_BLOCK: usize = 128 * 1024;
 
 /// Fix glibc's mmap threshold at [`BIG_BLOCK`]; call once at start, before the runtime's threads
-/// exist. Does nothing on other C libraries (musl always mmaps big blocks and unmaps them).
-pub fn return_big_blocks() {
+/// exist. False when glibc refused (its defaults stay, which only cost memory); true elsewhere
+/// (musl always mmaps big blocks and unmaps them).
+pub fn return_big_blocks() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: mallopt only changes allocator parameters; it is thread-safe and takes plain
-        // integers. A zero return (refused) leaves glibc's defaults, which are merely larger.
-        let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, BIG_BLOCK as libc::c_int) };
-        if ok == 0 {
-            tracing::warn!(
-                "could not fix the allocator's mmap threshold; RSS may stay high after password hashing"
-            );
-        }
+        // integers.
+        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, BIG_BLOCK as libc::c_int) != 0 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        true
     }
 }
