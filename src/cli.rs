@@ -108,6 +108,8 @@ enum UserCommand {
 }
 
 pub fn main() -> ExitCode {
+    // Before any thread exists: every later allocation follows it.
+    let big_blocks_returned = crate::memory::return_big_blocks();
     let cli = Cli::parse();
     // Template commands read files only: no configuration, runtime or database.
     if let Some(Command::Templates(command)) = cli.command {
@@ -121,6 +123,11 @@ pub fn main() -> ExitCode {
         }
     };
     crate::logging::init(&config.log);
+    if !big_blocks_returned {
+        tracing::warn!(
+            "the allocator refused a fixed mmap threshold: memory may stay high after password hashing"
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

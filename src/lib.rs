@@ -28,6 +28,7 @@
 //! - [`terminal`] — the output ring and coalescing (pure; the actor is in [`actors`]).
 //! - [`cli`] — the command line (`serve`, `migrate`, `user ...`).
 //! - [`logging`] — tracing setup (pretty or JSON).
+//! - [`memory`] — the allocator's settings: big blocks (argon2's) go back to the system.
 
 #![recursion_limit = "512"]
 
@@ -41,6 +42,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod logging;
+pub mod memory;
 pub mod presence;
 pub mod protocol;
 pub mod provider;

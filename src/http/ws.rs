@@ -195,6 +195,13 @@ fn bad_upgrade() -> ApiError {
     )
 }
 
+/// Bytes a WebSocket reads from its socket at a time (tungstenite's default is 128 KiB). The
+/// buffer is resident for the connection's life and tungstenite zeroes the unused part before
+/// each read: at 128 KiB that memset was ~5% of the server's CPU per keystroke and 128 KiB per
+/// terminal (perf, `cargo bench --bench terminal`). Client frames are small (a keystroke's is
+/// ~40 bytes; a paste is read in several pieces, up to `terminals.max_message_bytes`).
+pub const WS_READ_BUFFER: usize = 4 * 1024;
+
 /// Validate the upgrade request, answer 101 and run the stream on the upgraded connection.
 pub fn upgrade(
     app: &AppState,
@@ -229,9 +236,6 @@ pub fn upgrade(
             return;
         };
         let config = WebSocketConfig::default()
-            // tungstenite zero-fills its read buffer up to this size on every read, so each
-            // WebSocket would hold its default 128 KiB resident; clients send small frames
-            // (keystrokes), and a larger one grows the buffer as it arrives.
             .read_buffer_size(WS_READ_BUFFER)
             .max_message_size(Some(app.config.terminals.max_message_bytes))
             .max_frame_size(Some(app.config.terminals.max_message_bytes));
@@ -680,9 +684,6 @@ async fn bridge(
     }
     let _ = terminal.cast(crate::actors::terminal::TerminalMsg::Detached { connection });
 }
-
-/// Read buffer of a server WebSocket, in bytes (see where it is set).
-const WS_READ_BUFFER: usize = 4 * 1024;
 
 /// Input held while the terminal's input queue is full. A fast paste into a slow but reading
 /// shell loses nothing; past this many bytes the environment is not reading at all (its writes

@@ -11,7 +11,8 @@ impl Latencies {
         Self(samples)
     }
 
-    fn at(&self, q: f64) -> Duration {
+    /// The `q` quantile (0..=1), nearest rank.
+    pub fn at(&self, q: f64) -> Duration {
         if self.0.is_empty() {
             return Duration::ZERO;
         }

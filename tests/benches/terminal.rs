@@ -1,39 +1,128 @@
-//! Terminal benchmark: a WebSocket terminal on a local-provider environment (real SSH, real
-//! tmux), through the real server on 127.0.0.1:0. Prints numbers; asserts only that the bytes are
-//! right, never how fast they came.
+//! Terminal benchmark: DevPocket's terminal path next to its floor, in one run. Prints numbers
+//! and ratios; asserts only that the bytes are right, never how fast they came.
 //!
-//! `cargo bench --bench terminal` (release build). Knobs: `BENCH_KEYSTROKES` (default 300),
-//! `BENCH_FLOOD_MB` (default 50).
+//! `cargo bench --bench terminal` (release build; a default run takes about 2 minutes).
+//!
+//! - **Floor**: a PTY the benchmark opens itself (`pty-process`), 200×50, running
+//!   `tmux -S <own socket> -u new-session -A -s floor bash` (tmux on its own socket in a temp dir,
+//!   no config file, killed at the end).
+//! - **DevPocket**: WebSocket → server → SSH → PTY → tmux → bash on the local provider, 200×50.
+//!   The server runs as a child process (the bench's sibling binary, SQLite, local provider, a
+//!   temp dir; see `server.rs`), so its CPU time and memory are its own, read from `/proc`.
+//!
+//! Both paths run the same measurements, interleaved over `BENCH_ROUNDS` rounds (the order of
+//! the two paths alternates per round): keystroke echo (one key, then until it is echoed back
+//! through tmux, then erase it; a 15 ms typing pace so output is quiet before each key) and a
+//! flood (`head -c N /dev/zero | tr '\0' y | fold -w 199`, then a marker; time until the marker
+//! arrives). Printed: each round, the medians over the rounds, and DevPocket ÷ floor for echo p50,
+//! echo p99 and flood time; the server's CPU per MiB of flood.
+//!
+//! Memory (issue 12, goal 3): the server's RSS once idle (started, one registration and one
+//! login, one terminal open, `BENCH_IDLE_SECONDS` quiet), and at the end what each additional
+//! idle terminal costs (10 more, then up to 40 more, each set quiet for a few seconds).
+//!
+//! Knobs: `BENCH_KEYSTROKES` (per path and round, default 300), `BENCH_FLOOD_MB` (MiB, default
+//! 100), `BENCH_ROUNDS` (3), `BENCH_IDLE_SECONDS` (10), `BENCH_EXTRA_TERMINALS` (40; 0 skips);
+//! `BENCH_SERVER_BIN` runs another server binary (a saved earlier build, to compare);
+//! `BENCH_GLIBC_TUNABLES` is passed to the server as `GLIBC_TUNABLES` (to compare allocator
+//! settings without a rebuild); `BENCH_PROFILE_SECONDS` > 0 only types, for that long, for
+//! `perf record -p <server pid>` (the pid is printed), and skips everything else.
+//!
+//! # Where a keystroke's time goes (perf on the server, release build, 2 shared cores, 2026-11-30)
+//!
+//! `BENCH_PROFILE_SECONDS=30` then `perf stat -e task-clock,context-switches -p <pid>` and
+//! `perf record --call-graph dwarf -p <pid>` (the release profile keeps symbols and `.eh_frame`).
+//! Before the fixes of this commit: about 0.5 ms of server CPU and 4–5 context switches per echo
+//! (a key or its erase), for an echo the floor delivers in 0.25–0.3 ms of wall time.
+//!
+//! - **Eight task hand-offs per echo**, each a wake-up (and with 2 workers usually an unpark of
+//!   the other worker: a futex and a context switch; `finish_task_switch` after `epoll_wait` or
+//!   the park condvar is 20–25% of the samples). In: WebSocket task → terminal channel task
+//!   (`In` queue) → russh client session task → loopback TCP → russh server session task →
+//!   the local SSH server's `supervise` task → PTY. Out: `supervise` (PTY read) → russh server
+//!   session task → loopback TCP → russh client session task → terminal channel task (coalescer,
+//!   ring, screen model) → WebSocket task (`Out` queue) → client.
+//! - **SSH to itself**: on the local provider the server is both SSH client and SSH server, so
+//!   each echo is two loopback TCP round trips and four ChaCha20-Poly1305 packet operations
+//!   (`ChaCha20_ctr32`, russh `cipher::read`, `PacketWriter::write_packet`), i.e. half the hops
+//!   and all of the crypto are the local provider talking to itself.
+//! - **tungstenite's read buffer** (128 KiB by default) was zeroed before every WebSocket read
+//!   (`FrameCodec::read_frame` → `BytesMut::resize` → memset): ~5% of the server's CPU per
+//!   keystroke, and 128 KiB resident per terminal. Fixed: `http::ws::WS_READ_BUFFER` (4 KiB).
+//! - Smaller: input frames are decoded through a `serde_json::Value` (`InputDecoder::decode`,
+//!   ~0.5%); tokio's scheduler computes its poll-time average with `pow` each time a worker
+//!   wakes (~0.4%, another cost of the wake-ups above); timers re-armed per read.
+//!
+//! What would remove the rest (src/actors/terminal.rs, src/ssh/client.rs; see issue 12): give
+//! the local provider a PTY without SSH (the server already spawns it in-process: hand the PTY's
+//! halves to the terminal's channel task — four of the eight hand-offs, both TCP round trips and
+//! all the crypto go); let the attached WebSocket's task write the channel task's frames itself
+//! (one hop less each way); keep one terminal's tasks on one worker (a `LocalSet` per terminal or
+//! the WebSocket task driving the channel), so a hand-off does not wake the other core.
 
 #[path = "../support/mod.rs"]
 mod support;
 
 mod report;
+mod server;
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use devpocket::terminal::output::{Replay, Ring};
 use devpocket::terminal::screen::ScreenModel;
-use support::terminal::*;
-use support::{Backend, TestServer, rss_kib};
+use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
 
 use report::{Latencies, knob, line, ms};
+use server::ChildServer;
+use support::terminal::{Ws, input, next_json};
+
+/// Terminal size of both paths.
+const COLS: u16 = 200;
+const ROWS: u16 = 50;
+/// Typing pace: the pause before each key, so output is quiet when it is pressed.
+const PACE: Duration = Duration::from_millis(15);
+/// Bound on any single wait for output (a stuck path fails the bench instead of hanging it).
+const WAIT: Duration = Duration::from_secs(60);
+/// Keys typed: letters that end no common escape sequence, so an echo is not mistaken for one.
+const KEYS: [u8; 5] = *b"vwxyz";
+/// The flood's end marker, and the command that prints it (`$((6*7))` so the typed command line,
+/// echoed first, does not contain it).
+const MARKER: &str = "flood-42";
 
 fn main() {
     println!(
         "# terminal; {} cores",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
-    ring();
-    screen();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    runtime.block_on(end_to_end(
-        knob("BENCH_KEYSTROKES", 300),
-        knob("BENCH_FLOOD_MB", 50),
-    ));
+    let profile = knob("BENCH_PROFILE_SECONDS", 0);
+    if profile > 0 {
+        runtime.block_on(profile_typing(Duration::from_secs(profile as u64)));
+        return;
+    }
+    ring();
+    screen();
+    runtime.block_on(side_by_side(Knobs {
+        keystrokes: knob("BENCH_KEYSTROKES", 300),
+        flood_mib: knob("BENCH_FLOOD_MB", 100),
+        rounds: knob("BENCH_ROUNDS", 3).max(1),
+        idle: Duration::from_secs(knob("BENCH_IDLE_SECONDS", 10) as u64),
+        extra_terminals: knob("BENCH_EXTRA_TERMINALS", 40),
+    }));
+}
+
+struct Knobs {
+    keystrokes: usize,
+    flood_mib: usize,
+    rounds: usize,
+    idle: Duration,
+    extra_terminals: usize,
 }
 
 /// The output ring every terminal keeps for resume: recording and replaying.
@@ -130,121 +219,465 @@ fn screen() {
     }
 }
 
-async fn end_to_end(keystrokes: usize, flood_mb: usize) {
-    let s = TestServer::start(Backend::Sqlite).await;
-    let me = s.register("bench").await;
+/// The server the terminal measurements run against: generous caps so the extra idle
+/// terminals fit one user, metrics sampling at its default (a quiet server stays quiet).
+async fn start_server() -> ChildServer {
+    ChildServer::start(|c| {
+        c.environments.metrics_interval_seconds = 60;
+        c.terminals.max_connections_per_user = 256;
+        c.terminals.max_terminals_per_session = 256;
+    })
+    .await
+}
+
+/// A terminal path under measurement: the bare PTY or DevPocket's WebSocket.
+trait Terminal {
+    async fn send(&mut self, bytes: &[u8]);
+    /// Wait for output; the bytes of the next piece that arrives.
+    async fn recv(&mut self) -> Vec<u8>;
+    /// Take whatever output is already there without waiting.
+    async fn drain(&mut self);
+}
+
+struct Floor {
+    pty: pty_process::Pty,
+    tmux: tokio::process::Child,
+    socket: PathBuf,
+    buf: Vec<u8>,
+    _dir: tempfile::TempDir,
+}
+
+impl Floor {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("tmux.sock");
+        let (pty, pts) = pty_process::open().expect("open a PTY");
+        pty.resize(pty_process::Size::new(ROWS, COLS))
+            .expect("size the PTY");
+        let tmux = pty_process::Command::new("tmux")
+            .arg("-S")
+            .arg(&socket)
+            .args(["-f", "/dev/null", "-u", "new-session", "-A", "-s", "floor"])
+            .arg("bash")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", dir.path())
+            .env("TERM", "xterm-256color")
+            .env("LANG", "C.UTF-8")
+            .env("LC_CTYPE", "C.UTF-8")
+            .current_dir(dir.path())
+            .kill_on_drop(true)
+            .spawn(pts)
+            .expect("tmux starts");
+        let mut floor = Self {
+            pty,
+            tmux,
+            socket,
+            buf: vec![0; 64 * 1024],
+            _dir: dir,
+        };
+        floor.send(b"echo ready-$((1))\r").await;
+        until(&mut floor, "ready-1").await;
+        floor
+    }
+
+    /// Kill the floor's tmux server (and so its shell) and wait for the client.
+    async fn stop(mut self) {
+        kill_tmux(&self.socket);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.tmux.wait()).await;
+    }
+}
+
+impl Drop for Floor {
+    fn drop(&mut self) {
+        // Idempotent: a panicking bench leaves no tmux server behind either.
+        kill_tmux(&self.socket);
+    }
+}
+
+fn kill_tmux(socket: &std::path::Path) {
+    if socket.exists() {
+        let _ = std::process::Command::new("tmux")
+            .arg("-S")
+            .arg(socket)
+            .arg("kill-server")
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+impl Terminal for Floor {
+    async fn send(&mut self, bytes: &[u8]) {
+        self.pty.write_all(bytes).await.expect("write the PTY");
+    }
+
+    async fn recv(&mut self) -> Vec<u8> {
+        let n = tokio::time::timeout(WAIT, self.pty.read(&mut self.buf))
+            .await
+            .expect("output in time")
+            .expect("read the PTY");
+        assert!(n > 0, "the floor's PTY closed");
+        self.buf[..n].to_vec()
+    }
+
+    async fn drain(&mut self) {
+        // A zero timeout polls the read once: what is there, without waiting.
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::ZERO, self.pty.read(&mut self.buf)).await
+        {
+            if n == 0 {
+                break;
+            }
+        }
+    }
+}
+
+struct DevPocket {
+    ws: Ws,
+}
+
+impl Terminal for DevPocket {
+    async fn send(&mut self, bytes: &[u8]) {
+        input(
+            &mut self.ws,
+            std::str::from_utf8(bytes).expect("UTF-8 input"),
+        )
+        .await;
+    }
+
+    async fn recv(&mut self) -> Vec<u8> {
+        loop {
+            let frame = tokio::time::timeout(WAIT, next_json(&mut self.ws))
+                .await
+                .expect("output in time")
+                .expect("the terminal closed");
+            if frame["type"] == "output" {
+                return frame["data"].as_str().expect("data").as_bytes().to_vec();
+            }
+        }
+    }
+
+    async fn drain(&mut self) {
+        while let Ok(Some(msg)) = tokio::time::timeout(Duration::ZERO, self.ws.next()).await {
+            if matches!(msg, Err(_) | Ok(Message::Close(_))) {
+                break;
+            }
+        }
+    }
+}
+
+/// Read until `needle` has arrived (it may straddle two pieces).
+async fn until(path: &mut impl Terminal, needle: &str) {
+    let needle = needle.as_bytes();
+    let mut tail: Vec<u8> = Vec::new();
+    loop {
+        let piece = path.recv().await;
+        tail.extend_from_slice(&piece);
+        if tail.windows(needle.len()).any(|w| w == needle) {
+            return;
+        }
+        let keep = tail.len().saturating_sub(needle.len());
+        tail.drain(..keep);
+    }
+}
+
+/// Keystroke echo: `n` keys, each timed from sending it to the first output that holds it.
+async fn echo(path: &mut impl Terminal, n: usize) -> Vec<Duration> {
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n {
+        let key = KEYS[i % KEYS.len()];
+        tokio::time::sleep(PACE).await;
+        path.drain().await;
+        let t = Instant::now();
+        path.send(&[key]).await;
+        while !path.recv().await.contains(&key) {}
+        samples.push(t.elapsed());
+        path.send(b"\x7f").await;
+        path.recv().await;
+    }
+    samples
+}
+
+/// The flood: `mib` MiB of `y` lines, then the marker; time until the marker arrived and the
+/// bytes that came (tmux redraws what it shows, so fewer than were produced).
+async fn flood(path: &mut impl Terminal, mib: usize) -> (Duration, usize) {
+    tokio::time::sleep(PACE).await;
+    path.drain().await;
     let t = Instant::now();
-    let env = running_env(&s, &me, "bench").await;
+    path.send(
+        format!(
+            "head -c {} /dev/zero | tr '\\0' y | fold -w 199; echo flood-$((6*7))\r",
+            mib << 20
+        )
+        .as_bytes(),
+    )
+    .await;
+    let needle = MARKER.as_bytes();
+    let mut tail: Vec<u8> = Vec::new();
+    let mut received = 0;
+    loop {
+        let piece = path.recv().await;
+        received += piece.len();
+        tail.extend_from_slice(&piece);
+        if tail.windows(needle.len()).any(|w| w == needle) {
+            return (t.elapsed(), received);
+        }
+        let keep = tail.len().saturating_sub(needle.len());
+        tail.drain(..keep);
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+/// One path's results over the rounds.
+#[derive(Default)]
+struct Results {
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    flood: Vec<f64>,
+}
+
+impl Results {
+    fn add(
+        &mut self,
+        name: &str,
+        round: usize,
+        samples: Vec<Duration>,
+        flood: Duration,
+        bytes: usize,
+    ) {
+        let lat = Latencies::new(samples);
+        self.p50.push(ms(lat.at(0.50)));
+        self.p99.push(ms(lat.at(0.99)));
+        self.flood.push(flood.as_secs_f64());
+        line(&format!("  round {} {name} echo", round + 1), lat.summary());
+        line(
+            &format!("  round {} {name} flood", round + 1),
+            format!(
+                "{:>9.2} s  ({:.1} MiB on the wire)",
+                flood.as_secs_f64(),
+                bytes as f64 / f64::from(1u32 << 20)
+            ),
+        );
+    }
+}
+
+async fn side_by_side(k: Knobs) {
+    let s = start_server().await;
+    let pid = s.pid();
+    line("server (child process)", format!("pid {pid}"));
+    line(
+        "server RSS at start",
+        format!("{:>9} KiB  ({})", s.rss_kib(), s.memory_detail()),
+    );
+    s.register("bench").await;
+    let me = s.login("bench").await;
+    let t = Instant::now();
+    let env = s.running_env(&me, "bench").await;
     line(
         "environment create → running (local)",
         format!("{:>9.1} ms", ms(t.elapsed())),
     );
-
     let t = Instant::now();
-    let (mut ws, welcome) = open_terminal(&s, &me, &env, "&cols=200&rows=50").await;
+    let (ws, _) = s
+        .open_terminal(&me, &env, &format!("&cols={COLS}&rows={ROWS}"))
+        .await;
     line(
         "terminal open → welcome (SSH + PTY + tmux)",
         format!("{:>9.1} ms", ms(t.elapsed())),
     );
-    let terminal_id = welcome["terminal_id"].as_str().expect("id").to_string();
-    input(&mut ws, "echo ready-$((1))\r").await;
-    read_until(&mut ws, "ready-1").await;
+    let mut dp = DevPocket { ws };
+    dp.send(b"echo ready-$((1))\r").await;
+    until(&mut dp, "ready-1").await;
 
-    // Keystroke echo: one character in, until its echo comes back (through tmux), then erase it.
-    // (The bench's one pause: it sets the typing pace.)
-    let mut samples = Vec::with_capacity(keystrokes);
-    for i in 0..keystrokes {
-        // Letters that do not end common escape sequences, so an echo is not mistaken for one.
-        let c = ['v', 'w', 'x', 'y', 'z'][i % 5];
-        // Typing pace, not a flood: output is quiet before each key.
-        tokio::time::sleep(Duration::from_millis(15)).await;
-        let t = Instant::now();
-        input(&mut ws, &c.to_string()).await;
-        read_until(&mut ws, &c.to_string()).await;
-        samples.push(t.elapsed());
-        input(&mut ws, "\u{7f}").await;
-        next_output(&mut ws).await;
-    }
-    line("keystroke → echo", Latencies::new(samples).summary());
-
-    // A flood: how fast output reaches a reader that keeps up, and what it costs in memory.
-    let rss_before = rss_kib();
-    let mut peak = rss_before;
-    let t = Instant::now();
-    input(
-        &mut ws,
-        &format!(
-            "head -c {} /dev/zero | tr '\\0' 'y' | fold -w 199; echo flood-$((6*7))\r",
-            flood_mb << 20
+    // Goal 3: idle with one terminal open.
+    tokio::time::sleep(k.idle).await;
+    let idle = s.rss_kib();
+    line(
+        &format!("server RSS idle ({} s, 1 terminal)", k.idle.as_secs()),
+        format!(
+            "{:>9} KiB = {:.1} MiB  ({})",
+            idle,
+            idle as f64 / 1024.0,
+            s.memory_detail()
         ),
-    )
-    .await;
-    let mut received = 0usize;
-    let mut frames = 0usize;
-    let mut tail = String::new();
-    let mut offset = 0;
-    while !tail.contains("flood-42") {
-        let Some(frame) = next_json(&mut ws).await else {
-            panic!("closed during the flood")
+    );
+
+    let mut floor = Floor::start().await;
+    let (mut f, mut d) = (Results::default(), Results::default());
+    let mut cpu_per_mib = Vec::new();
+    let mut peak = 0;
+    for round in 0..k.rounds {
+        // Alternate which path goes first, so neither always runs on a warmer machine.
+        let floor_first = round % 2 == 0;
+        let (fe, de) = if floor_first {
+            let fe = echo(&mut floor, k.keystrokes).await;
+            (fe, echo(&mut dp, k.keystrokes).await)
+        } else {
+            let de = echo(&mut dp, k.keystrokes).await;
+            (echo(&mut floor, k.keystrokes).await, de)
         };
-        if frame["type"] == "output" {
-            let data = frame["data"].as_str().expect("data");
-            received += data.len();
-            frames += 1;
-            offset = frame["offset"].as_u64().expect("offset");
-            tail = format!("{}{data}", &tail[tail.len().saturating_sub(16)..]);
-        }
-        if frames.is_multiple_of(256) {
-            peak = peak.max(rss_kib());
-        }
+        let dp_flood = async |dp: &mut DevPocket, peak: &mut u64| {
+            let cpu = s.cpu_seconds();
+            let sampler = sample_rss(&s);
+            let result = flood(dp, k.flood_mib).await;
+            *peak = (*peak).max(sampler.stop().await);
+            (result, s.cpu_seconds() - cpu)
+        };
+        let ((ff, fb), ((df, db), cpu)) = if floor_first {
+            let fr = flood(&mut floor, k.flood_mib).await;
+            (fr, dp_flood(&mut dp, &mut peak).await)
+        } else {
+            let dr = dp_flood(&mut dp, &mut peak).await;
+            (flood(&mut floor, k.flood_mib).await, dr)
+        };
+        cpu_per_mib.push(cpu * 1000.0 / k.flood_mib as f64);
+        f.add("floor    ", round, fe, ff, fb);
+        d.add("DevPocket", round, de, df, db);
     }
-    let elapsed = t.elapsed();
+    floor.stop().await;
+
+    let (fp50, fp99, fflood) = (median(f.p50), median(f.p99), median(f.flood));
+    let (dp50, dp99, dflood) = (median(d.p50), median(d.p99), median(d.flood));
+    println!("# medians over {} rounds", k.rounds);
     line(
-        &format!("flood {flood_mb} MiB through tmux"),
+        "floor: PTY → tmux → bash",
         format!(
-            "{:>9.1} MiB/s produced  {:>7.1} MiB/s on the wire  {} frames (avg {} B)",
-            flood_mb as f64 / elapsed.as_secs_f64(),
-            received as f64 / f64::from(1u32 << 20) / elapsed.as_secs_f64(),
-            frames,
-            received / frames.max(1)
+            "echo p50 {fp50:.3} ms  p99 {fp99:.3} ms  flood {} MiB {fflood:.2} s",
+            k.flood_mib
         ),
     );
     line(
-        "server memory during the flood",
+        "DevPocket: WS → server → SSH → PTY → tmux",
         format!(
-            "{:>9} KiB before  {} KiB peak (+{} KiB)",
-            rss_before,
-            peak,
-            peak.saturating_sub(rss_before)
+            "echo p50 {dp50:.3} ms  p99 {dp99:.3} ms  flood {} MiB {dflood:.2} s",
+            k.flood_mib
         ),
+    );
+    line(
+        "ratio DevPocket ÷ floor",
+        format!(
+            "echo p50 {:.2}×  p99 {:.2}×  flood {:.2}×   (goals ≤ 1.3×, ≤ 1.5×, ≤ 1.05×)",
+            dp50 / fp50,
+            dp99 / fp99,
+            dflood / fflood
+        ),
+    );
+    line(
+        "server CPU per MiB of flood",
+        format!(
+            "{:>9.2} ms/MiB  (user + system, server process only)",
+            median(cpu_per_mib)
+        ),
+    );
+    line(
+        "server RSS peak during the floods",
+        format!("{:>9} KiB = {:.1} MiB", peak, peak as f64 / 1024.0),
     );
 
-    // Resume: drop the WebSocket, let output happen, come back with the last offset.
-    drop(ws);
-    let t = Instant::now();
-    let (mut ws, welcome) = open_terminal(
-        &s,
-        &me,
-        &env,
-        &format!("&terminal_id={terminal_id}&offset={offset}"),
-    )
-    .await;
-    line("resume → welcome", format!("{:>9.1} ms", ms(t.elapsed())));
-    assert_eq!(welcome["offset"].as_u64(), Some(offset));
-    input(&mut ws, "echo back-$((2+2))\r").await;
-    read_until(&mut ws, "back-4").await;
+    if k.extra_terminals > 0 {
+        extra_terminals(&s, &me, &env, k.extra_terminals).await;
+    }
+    drop(dp);
     s.stop().await;
 }
 
-/// Wait for the next output frame, whatever it holds.
-async fn next_output(ws: &mut Ws) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        assert!(tokio::time::Instant::now() < deadline, "no output");
-        match next_json(ws).await {
-            Some(f) if f["type"] == "output" => return,
-            Some(_) => {}
-            None => panic!("closed"),
+/// Memory per additional idle terminal: open them in two steps (10, then the rest), let each
+/// step go quiet, read the RSS.
+async fn extra_terminals(s: &ChildServer, me: &support::Session, env: &str, total: usize) {
+    const QUIET: Duration = Duration::from_secs(3);
+    tokio::time::sleep(QUIET).await;
+    let base = s.rss_kib();
+    line(
+        "server RSS before more terminals",
+        format!("{:>9} KiB  ({})", base, s.memory_detail()),
+    );
+    let mut open = Vec::with_capacity(total);
+    let mut steps = vec![total.min(10), total];
+    steps.dedup();
+    for step in steps {
+        while open.len() < step {
+            let (ws, _) = s.open_terminal(me, env, "").await;
+            open.push(ws);
         }
+        tokio::time::sleep(QUIET).await;
+        let rss = s.rss_kib();
+        line(
+            &format!("server RSS with {} more idle terminals", open.len()),
+            format!(
+                "{:>9} KiB  +{:.0} KiB per terminal  ({})",
+                rss,
+                rss.saturating_sub(base) as f64 / open.len() as f64,
+                s.memory_detail()
+            ),
+        );
     }
+}
+
+/// Samples the server's RSS every 50 ms until stopped; `stop` gives the peak (KiB).
+struct RssSampler {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<u64>,
+}
+
+fn sample_rss(s: &ChildServer) -> RssSampler {
+    let pid = s.pid();
+    let (stop, mut stopped) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut peak = 0;
+        loop {
+            peak = peak.max(server::status_kib(pid, "VmRSS:"));
+            tokio::select! {
+                _ = &mut stopped => return peak,
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    });
+    RssSampler { stop, task }
+}
+
+impl RssSampler {
+    async fn stop(self) -> u64 {
+        let _ = self.stop.send(());
+        self.task.await.unwrap_or(0)
+    }
+}
+
+/// Only type, for `seconds`, at the bench's pace: for `perf record -p <pid>` on the server.
+async fn profile_typing(seconds: Duration) {
+    let s = start_server().await;
+    s.register("bench").await;
+    let me = s.login("bench").await;
+    let env = s.running_env(&me, "bench").await;
+    let (ws, _) = s
+        .open_terminal(&me, &env, &format!("&cols={COLS}&rows={ROWS}"))
+        .await;
+    let mut dp = DevPocket { ws };
+    dp.send(b"echo ready-$((1))\r").await;
+    until(&mut dp, "ready-1").await;
+    println!(
+        "server pid {} — typing for {} s",
+        s.pid(),
+        seconds.as_secs()
+    );
+    let cpu = s.cpu_seconds();
+    let t = Instant::now();
+    let mut samples = Vec::new();
+    while t.elapsed() < seconds {
+        samples.extend(echo(&mut dp, 50).await);
+    }
+    let keys = samples.len();
+    line("keystroke → echo", Latencies::new(samples).summary());
+    line(
+        "server CPU per keystroke",
+        format!(
+            "{:>9.1} µs (key and its erase)",
+            (s.cpu_seconds() - cpu) * 1e6 / keys as f64
+        ),
+    );
+    drop(dp);
+    s.stop().await;
 }
