@@ -52,8 +52,7 @@ pub async fn authenticate_token(app: &App, token: &str) -> ApiResult<AuthUser> {
         Some(rows) => rows,
         None => {
             let epoch = app.session_cache.epoch();
-            let mut conn = app.db.get().await?;
-            let rows = sessions::with_user(&mut conn, &claims.sid)
+            let rows = sessions::with_user_in(&app.db, &claims.sid)
                 .await?
                 .ok_or_else(|| ApiError::unauthorized("Could not validate credentials"))?;
             app.session_cache.put(epoch, &rows.0, &rows.1, at);

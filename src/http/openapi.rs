@@ -480,7 +480,7 @@ fn build() -> Value {
         "components": {
             "schemas": schemas,
             "securitySchemes": {
-                "bearer": { "type": "http", "scheme": "bearer", "bearerFormat": "JWT" },
+                "bearer": { "type": "http", "scheme": "bearer", "bearerFormat": "JWT", "description": "access token (login, register, refresh). Refused (401) as soon as its session ends: at once on the node that ended it (logout, a revoked session, a password change, account deletion), and on every other node, or after a change through the devpocket CLI, within auth.session_cache_seconds (default 2 s), the time a node trusts the session and account it read" },
                 "token": { "type": "apiKey", "in": "query", "name": "token", "description": "access token, for WebSockets" },
             },
         },

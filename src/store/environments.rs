@@ -19,7 +19,7 @@ use super::schema::{
     environment_events, environment_leases, environment_metrics, environments, users,
 };
 use super::users::Plan;
-use super::{DbConn, StoreResult};
+use super::{Db, DbConn, StoreResult};
 use crate::actors::environment::machine::Status;
 use crate::db_run;
 
@@ -176,6 +176,36 @@ pub async fn list_for_user(
             .load(conn)
             .await?
     }))
+}
+
+/// [`list_for_user`] on a connection of its own: inline on SQLite ([`Db::read_sqlite`], the same
+/// query), else through the pool. `GET /api/v1/environments`.
+pub async fn list_for_user_in(
+    db: &Db,
+    user_id: &str,
+    status: Option<Status>,
+) -> StoreResult<Vec<Environment>> {
+    // Not boxed (unlike `list_for_user`): a query of a static type is prepared once per
+    // connection and never rendered to SQL again; a boxed one is rendered on every call.
+    let inline = db.read_sqlite(|conn| {
+        let order = (environments::created_at.desc(), environments::id.desc());
+        let mine = environments::table.filter(environments::user_id.eq(user_id));
+        match status {
+            Some(status) => diesel::RunQueryDsl::load(
+                mine.filter(environments::status.eq(status))
+                    .order(order)
+                    .select(Environment::as_select()),
+                conn,
+            ),
+            None => {
+                diesel::RunQueryDsl::load(mine.order(order).select(Environment::as_select()), conn)
+            }
+        }
+    });
+    match inline {
+        Some(envs) => Ok(envs),
+        None => list_for_user(&mut db.get().await?, user_id, status).await,
+    }
 }
 
 /// Environments of a user that are not terminated (what plan limits count).

@@ -20,11 +20,14 @@ pub mod terminals;
 pub mod users;
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use diesel::SqliteConnection;
-use diesel_async::pooled_connection::deadpool::{Object, Pool};
-use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
+use diesel_async::pooled_connection::deadpool::{Hook, HookError, Object, Pool};
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, PoolError, RecyclingMethod,
+};
 use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
 use diesel_async::{
     AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, SimpleAsyncConnection,
@@ -42,6 +45,20 @@ const MIGRATION_LOCK_KEY: i64 = 0x6465_7670_6f63_6b03; // "devpock" + 3
 /// Per-connection SQLite settings: WAL for concurrent readers, a busy timeout so writers queue
 /// instead of failing, and enforced foreign keys (cascades rely on them).
 const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode=WAL; PRAGMA busy_timeout=5000; PRAGMA foreign_keys=ON; PRAGMA synchronous=NORMAL;";
+
+/// Busy timeout of the connections that read inline ([`Db::read_sqlite`]): in WAL mode a reader
+/// waits only in rare moments (another connection recovering the WAL index); past this the read
+/// goes through the pool instead, off the async threads.
+const SQLITE_INLINE_BUSY_MS: u32 = 50;
+/// Connections that read inline, at most (one per async worker thread is all that can be busy at
+/// once: an inline read never yields).
+const SQLITE_INLINE_READERS: usize = 4;
+
+/// A pooled connection idle this long is checked with a round trip (`SELECT 1`) before it is
+/// handed out; one used more recently is handed out as it is (a broken one is still dropped, and
+/// one that died since fails its query, which the caller sees as a 5xx once). Checking every
+/// checkout cost a round trip per request — on SQLite a hop to a blocking thread and back.
+const VERIFY_IDLE_AFTER: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -113,11 +130,73 @@ impl DbUrl {
     }
 }
 
-/// A pool of connections to one backend.
+/// A pool of connections to one backend (and, on SQLite, the connections of
+/// [`Db::read_sqlite`]).
 #[derive(Clone)]
 pub enum Db {
     Pg(Pool<AsyncPgConnection>, Duration),
-    Sqlite(Pool<SqliteConn>, Duration),
+    Sqlite(Pool<SqliteConn>, Duration, Arc<InlineReaders>),
+}
+
+/// Plain (synchronous) SQLite connections for the few hot reads of the request path, run on the
+/// calling async thread instead of a blocking thread: a read of a few indexed rows takes
+/// microseconds, while the hop to `spawn_blocking` and back (futex wake-ups on both sides) cost
+/// more than the rest of the request together (profiled under `wrk`, issue 12). Bounded:
+/// at most [`SQLITE_INLINE_READERS`] connections, opened on first use.
+pub struct InlineReaders {
+    path: String,
+    idle: Mutex<Vec<SqliteConnection>>,
+    open: std::sync::atomic::AtomicUsize,
+}
+
+impl InlineReaders {
+    fn new(path: String) -> Self {
+        Self {
+            path,
+            idle: Mutex::new(Vec::new()),
+            open: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// An idle connection, or a new one while fewer than the bound are open; `None` otherwise.
+    fn take(&self) -> Option<SqliteConnection> {
+        use diesel::Connection;
+        use diesel::connection::SimpleConnection;
+        use std::sync::atomic::Ordering;
+        if let Some(conn) = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+            return Some(conn);
+        }
+        if self.open.fetch_add(1, Ordering::AcqRel) >= SQLITE_INLINE_READERS {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        let opened = SqliteConnection::establish(&self.path).and_then(|mut conn| {
+            conn.batch_execute(&format!(
+                "PRAGMA busy_timeout={SQLITE_INLINE_BUSY_MS}; PRAGMA foreign_keys=ON; PRAGMA query_only=ON;"
+            ))
+            .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+            Ok(conn)
+        });
+        match opened {
+            Ok(conn) => Some(conn),
+            Err(e) => {
+                self.open.fetch_sub(1, Ordering::AcqRel);
+                tracing::debug!(error = %e, "could not open an inline SQLite reader");
+                None
+            }
+        }
+    }
+
+    fn put_back(&self, conn: SqliteConnection) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(conn);
+    }
+
+    fn discard(&self) {
+        self.open.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// A pooled connection; use it through [`db_run!`]. (Lives on the stack of one request; the
@@ -228,8 +307,16 @@ impl Db {
         let max = max.max(1) as usize;
         match url {
             DbUrl::Postgres(url) => {
-                let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url.clone());
-                let pool = Pool::builder(manager).max_size(max).build()?;
+                let mut config = ManagerConfig::<AsyncPgConnection>::default();
+                config.recycling_method = RecyclingMethod::Fast;
+                let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
+                    url.clone(),
+                    config,
+                );
+                let pool = Pool::builder(manager)
+                    .max_size(max)
+                    .pre_recycle(verify_when_idle())
+                    .build()?;
                 Ok(Self::Pg(pool, acquire_timeout))
             }
             DbUrl::Sqlite(path) => {
@@ -237,6 +324,7 @@ impl Db {
                     std::fs::create_dir_all(dir)?;
                 }
                 let mut config = ManagerConfig::<SqliteConn>::default();
+                config.recycling_method = RecyclingMethod::Fast;
                 config.custom_setup = Box::new(|url| {
                     async move {
                         let mut conn = SqliteConn::establish(url).await?;
@@ -251,8 +339,12 @@ impl Db {
                     path.to_string_lossy(),
                     config,
                 );
-                let pool = Pool::builder(manager).max_size(max).build()?;
-                Ok(Self::Sqlite(pool, acquire_timeout))
+                let pool = Pool::builder(manager)
+                    .max_size(max)
+                    .pre_recycle(verify_when_idle())
+                    .build()?;
+                let readers = Arc::new(InlineReaders::new(path.to_string_lossy().into_owned()));
+                Ok(Self::Sqlite(pool, acquire_timeout, readers))
             }
         }
     }
@@ -267,7 +359,34 @@ impl Db {
     pub async fn get(&self) -> StoreResult<DbConn> {
         match self {
             Self::Pg(pool, timeout) => Ok(DbConn::Pg(acquire(pool, *timeout).await?)),
-            Self::Sqlite(pool, timeout) => Ok(DbConn::Sqlite(acquire(pool, *timeout).await?)),
+            Self::Sqlite(pool, timeout, _) => Ok(DbConn::Sqlite(acquire(pool, *timeout).await?)),
+        }
+    }
+
+    /// On SQLite, run the read `query` on this thread with a plain connection (see
+    /// [`InlineReaders`]); `None` on PostgreSQL, when every inline reader is in use, or when the
+    /// read failed (busy, I/O): the caller then reads through [`Db::get`] as usual, which reports
+    /// a lasting failure properly. Only for short reads of a few rows by index — never writes
+    /// (the connections are `query_only`), never anything that could wait.
+    pub fn read_sqlite<T>(
+        &self,
+        query: impl FnOnce(&mut SqliteConnection) -> diesel::QueryResult<T>,
+    ) -> Option<T> {
+        let Self::Sqlite(_, _, readers) = self else {
+            return None;
+        };
+        let mut conn = readers.take()?;
+        match query(&mut conn) {
+            Ok(value) => {
+                readers.put_back(conn);
+                Some(value)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "inline SQLite read failed; reading through the pool");
+                drop(conn);
+                readers.discard();
+                None
+            }
         }
     }
 
@@ -335,7 +454,14 @@ impl Db {
     pub fn close(&self) {
         match self {
             Self::Pg(pool, _) => pool.close(),
-            Self::Sqlite(pool, _) => pool.close(),
+            Self::Sqlite(pool, _, readers) => {
+                pool.close();
+                let idle =
+                    std::mem::take(&mut *readers.idle.lock().unwrap_or_else(|e| e.into_inner()));
+                for _ in idle {
+                    readers.discard();
+                }
+            }
         }
     }
 
@@ -348,6 +474,26 @@ impl Db {
         });
         Ok(())
     }
+}
+
+/// The pool's `pre_recycle` hook: a round trip only for a connection idle at least
+/// [`VERIFY_IDLE_AFTER`] (the managers themselves are set to `RecyclingMethod::Fast`).
+fn verify_when_idle<C>() -> Hook<C>
+where
+    C: SimpleAsyncConnection + Send + 'static,
+    AsyncDieselConnectionManager<C>: deadpool::managed::Manager<Type = C, Error = PoolError>,
+{
+    Hook::async_fn(|conn: &mut C, metrics: &deadpool::managed::Metrics| {
+        let idle = metrics.last_used() >= VERIFY_IDLE_AFTER;
+        Box::pin(async move {
+            if idle {
+                conn.batch_execute("SELECT 1")
+                    .await
+                    .map_err(|e| HookError::Backend(PoolError::QueryError(e)))?;
+            }
+            Ok(())
+        })
+    })
 }
 
 async fn acquire<C>(pool: &Pool<C>, timeout: Duration) -> StoreResult<Object<C>>

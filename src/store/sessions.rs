@@ -6,7 +6,7 @@ use diesel_async::RunQueryDsl;
 
 use super::schema::{refresh_tokens, sessions, users};
 use super::users::User;
-use super::{DbConn, StoreResult};
+use super::{Db, DbConn, StoreResult};
 use crate::db_run;
 
 #[derive(Debug, Clone, Queryable, Selectable, Identifiable, Insertable)]
@@ -151,6 +151,25 @@ pub async fn with_user(conn: &mut DbConn, id: &str) -> StoreResult<Option<(Sessi
             .await
             .optional()?
     }))
+}
+
+/// [`with_user`] on a connection of its own: inline on SQLite ([`Db::read_sqlite`], the same
+/// query), else through the pool. The per-request session check's read.
+pub async fn with_user_in(db: &Db, id: &str) -> StoreResult<Option<(Session, User)>> {
+    let inline = db.read_sqlite(|conn| {
+        diesel::RunQueryDsl::first(
+            sessions::table
+                .inner_join(users::table)
+                .filter(sessions::id.eq(id))
+                .select((Session::as_select(), User::as_select())),
+            conn,
+        )
+        .optional()
+    });
+    match inline {
+        Some(rows) => Ok(rows),
+        None => with_user(&mut db.get().await?, id).await,
+    }
 }
 
 /// The session (with its user) that a refresh token belongs to, whether spent or not.

@@ -305,8 +305,7 @@ pub async fn list(app: AppState, ctx: Ctx) -> ApiResult<Response<Body>> {
         })?),
         None => None,
     };
-    let mut conn = app.db.get().await?;
-    let envs = store::list_for_user(&mut conn, &user.user.id, status).await?;
+    let envs = store::list_for_user_in(&app.db, &user.user.id, status).await?;
     let list: Vec<EnvironmentResponse> = envs.iter().map(EnvironmentResponse::from).collect();
     ok(&list)
 }
