@@ -233,6 +233,26 @@ impl FakeVps {
     }
 }
 
+/// Hangs up an SSH session when dropped (see `accept_loop`).
+struct HangUpOnDrop(russh::server::Handle);
+
+impl Drop for HangUpOnDrop {
+    fn drop(&mut self) {
+        let handle = self.0.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = handle
+                    .disconnect(
+                        russh::Disconnect::ByApplication,
+                        "stopped".into(),
+                        "en".into(),
+                    )
+                    .await;
+            });
+        }
+    }
+}
+
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     // Dropping the set (when this task is aborted) ends every connection.
     let mut sessions = JoinSet::new();
@@ -288,6 +308,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             if let Ok(session) = russh::server::run_stream(Arc::new(config), stream, handler).await
             {
                 let handle = session.handle();
+                // russh runs the session on a task of its own: this task ending (`stop` drops
+                // the set) must hang it up, or the connection would outlive the machine.
+                let _hang_up = HangUpOnDrop(handle.clone());
                 tokio::select! {
                     _ = session => {}
                     _ = cut.changed() => {
