@@ -176,12 +176,19 @@ impl Actors {
                 frames.retain(|(v, _)| *v > *seen);
                 *seen = newest;
             }
+            // The relayed feed as it is now, not as it was before the reads above: a stream
+            // that subscribed meanwhile (and read its history before these changes were
+            // written) would otherwise never get them, since they are marked delivered.
+            let feed = lock(&self.inner.remote_feeds.feeds)
+                .get(environment_id)
+                .filter(|f| f.tx.receiver_count() > 0)
+                .map(|f| f.tx.clone());
             for (_, frame) in frames {
                 let update = EnvUpdate {
                     owner: row.user_id.clone(),
                     frame,
                 };
-                if let Some((tx, _)) = &feed {
+                if let Some(tx) = &feed {
                     let _ = tx.send(update.clone());
                 }
                 if to_bus {
