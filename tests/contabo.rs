@@ -600,6 +600,9 @@ async fn a_hung_machine_never_holds_up_the_session(backend: Backend) {
     let c = cloud_with(backend, SimConfig::default(), vps_config(), |c| {
         // Longer than the test: only un-stalling the machine ends the connect.
         c.provider.ssh_connect_timeout_seconds = 3600;
+        // No metrics sampler reconnecting into the stalled machine meanwhile: it would share
+        // (and lock) the environment's connection slot the terminal waits on.
+        c.environments.metrics_interval_seconds = 3600;
     })
     .await;
     let (s, me) = (&c.s, &c.me);
