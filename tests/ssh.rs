@@ -477,7 +477,13 @@ impl Relay {
 }
 
 #[tokio::test]
+#[allow(unsafe_code)] // signal(2), to start the server as `nohup` would
 async fn vanished_clients_leave_no_processes_and_others_are_served() {
+    // As under `nohup` or a service manager: the server ignores SIGHUP, and an ignored signal
+    // survives exec. The shell's job must still get its hangup (the server resets dispositions).
+    // Process-wide, so every test in this binary runs its server this way.
+    // SAFETY: plain FFI call setting a valid signal to SIG_IGN.
+    unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
     let f = Fixture::start().await;
     let bystander = f.client().await;
 

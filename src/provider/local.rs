@@ -82,7 +82,7 @@ impl Registry {
 struct KeyAuthorizer {
     registry: Registry,
     shell: PathBuf,
-    /// Prefix of every program (`env --default-signal prlimit ... --`).
+    /// Prefix of every program (`prlimit ... --`; empty without limits).
     wrapper: Vec<OsString>,
 }
 
@@ -165,10 +165,10 @@ fn check_traversable(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The program prefix of every session: default signal dispositions, and the limits.
+/// The program prefix of every session: the limits (`prlimit ... --`), or nothing without limits.
+/// (Default signal dispositions come from the SSH server itself, for every program it runs.)
 fn wrapper(config: &LocalConfig, mode: Mode) -> anyhow::Result<Vec<OsString>> {
-    let env = sandbox::find_tool("env").context("env (coreutils) is required")?;
-    let mut argv: Vec<OsString> = vec![env.into(), "--default-signal".into()];
+    let mut argv: Vec<OsString> = Vec::new();
     let mut limits: Vec<OsString> = Vec::new();
     // RLIMIT_NPROC counts every process of the real uid: only an account of its own makes it a
     // per-environment bound (for the server's own user it would count the server's threads).
@@ -839,28 +839,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sessions_run_with_default_signals_and_limits() {
+    fn sessions_run_under_the_limits() {
         let mut config = crate::config::Config::defaults().local;
         config.max_processes = 100;
         config.max_memory_mb = 64;
-        let argv = |mode| {
-            wrapper(&config, mode)
+        let argv = |config: &LocalConfig, mode| {
+            wrapper(config, mode)
                 .expect("tools")
                 .iter()
                 .map(|a| a.to_string_lossy().into_owned())
                 .collect::<Vec<_>>()
         };
-        let accounts = argv(Mode::Accounts);
-        assert!(accounts[0].ends_with("/env"), "{accounts:?}");
-        assert_eq!(accounts[1], "--default-signal");
-        assert!(accounts[2].ends_with("/prlimit"), "{accounts:?}");
+        let accounts = argv(&config, Mode::Accounts);
+        assert!(accounts[0].ends_with("/prlimit"), "{accounts:?}");
         assert_eq!(
-            &accounts[3..],
+            &accounts[1..],
             ["--nproc=100", "--data=67108864", "--"],
             "{accounts:?}"
         );
         // Without an account of its own, RLIMIT_NPROC would count the server's threads.
-        let single = argv(Mode::Single);
+        let single = argv(&config, Mode::Single);
         assert!(
             !single.iter().any(|a| a.starts_with("--nproc")),
             "{single:?}"
@@ -874,23 +872,9 @@ mod tests {
         command.args(&accounts[1..]).args(["sh", "-c", "ulimit -d"]);
         let out = command.output().expect("runs");
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "65536");
-        // Signals the spawning process ignored (here SIGINT and SIGQUIT) are default again.
-        let prefix = accounts[..3].join(" ");
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "trap '' INT QUIT; exec {prefix} grep '^SigIgn' /proc/self/status"
-            ))
-            .output()
-            .expect("runs");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let ignored = text
-            .trim()
-            .strip_prefix("SigIgn:")
-            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
-            .expect("SigIgn line");
-        // Signals 1-31 (32 and 33 belong to glibc, which keeps any program from changing them).
-        assert_eq!(ignored & 0x7fff_ffff, 0, "{text}");
+        // No limits, no prefix: the shell runs directly.
+        config.max_memory_mb = 0;
+        assert!(argv(&config, Mode::Single).is_empty());
     }
 
     #[test]

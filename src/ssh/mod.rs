@@ -11,6 +11,7 @@ pub mod pool;
 pub mod pty;
 pub mod server;
 pub mod sftp;
+mod spawn;
 pub mod target;
 
 pub use client::{

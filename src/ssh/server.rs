@@ -97,7 +97,7 @@ pub struct SessionSpec {
     /// Run every program as this OS account, `(uid, gid)`, with no supplementary groups;
     /// `None`: as the server's own user.
     pub account: Option<(u32, u32)>,
-    /// A command prefix every program runs under (e.g. `env --default-signal prlimit ... --`);
+    /// A command prefix every program runs under (e.g. `prlimit ... --`);
     /// its first item is the program executed. Empty: the shell runs directly.
     pub wrapper: Vec<OsString>,
 }
@@ -746,6 +746,7 @@ async fn run_in_pty(
         std::os::unix::fs::fchown(&pts, Some(uid), Some(gid)).context("handing over the PTY")?;
         command = command.uid(uid).gid(gid);
     }
+    command = super::spawn::default_signals_in_pty_child(command);
     let mut child = command
         .args(args)
         .env_clear()
@@ -808,6 +809,7 @@ async fn run_with_pipes(
     if let Some((uid, gid)) = spec.account {
         command.uid(uid).gid(gid);
     }
+    super::spawn::default_signals_in_child(&mut command);
     let mut child = command
         .args(args)
         .env_clear()
