@@ -35,7 +35,7 @@ use russh::{
     Channel, ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Disconnect, MethodKind,
     MethodSet,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
@@ -53,9 +53,31 @@ const CHANNEL_BUFFER: usize = 32;
 /// Client input chunks (each at most one 32 KiB packet) waiting for the child to read them.
 const INPUT_QUEUE: usize = 32;
 /// Read size for child output. A PTY read returns at most 4 KiB (the line discipline's buffer,
-/// N_TTY_BUF_SIZE), pipes more over several reads; the buffer is zeroed and held per channel, so
-/// larger would only cost every terminal memory.
+/// N_TTY_BUF_SIZE), pipes more over several reads. The buffer is one per worker thread
+/// ([`read_chunk`]), not one per channel: an idle terminal holds none.
 const OUTPUT_CHUNK: usize = 8 * 1024;
+
+thread_local! {
+    /// [`read_chunk`]'s buffer: only used within one poll, so one per thread serves every channel.
+    static READ_SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; OUTPUT_CHUNK].into_boxed_slice());
+}
+
+/// One read from `src` (at most [`OUTPUT_CHUNK`] bytes; empty at end of stream), returned as its
+/// own exact-size copy. A pending read holds no buffer: each poll reads into this thread's
+/// scratch buffer (`AsyncRead` lets every poll bring a different buffer), so thousands of idle
+/// channels do not each keep 8 KiB. Errors: those of the read.
+async fn read_chunk(src: &mut Output) -> std::io::Result<Bytes> {
+    std::future::poll_fn(|cx| {
+        READ_SCRATCH.with_borrow_mut(|scratch| {
+            let mut buf = tokio::io::ReadBuf::new(scratch);
+            std::pin::Pin::new(&mut *src)
+                .poll_read(cx, &mut buf)
+                .map_ok(|()| Bytes::copy_from_slice(buf.filled()))
+        })
+    })
+    .await
+}
 /// How long input may wait for a child that does not read it before it is dropped.
 pub const INPUT_STALL_LIMIT: Duration = Duration::from_secs(30);
 /// Time a hung-up shell gets to exit on SIGHUP before it is killed.
@@ -911,12 +933,11 @@ async fn pump_output(
     ext: Option<u32>,
     mut exited: watch::Receiver<bool>,
 ) {
-    let mut buf = vec![0u8; OUTPUT_CHUNK];
     let mut drain_until: Option<tokio::time::Instant> = None;
     loop {
         let read = match drain_until {
             None => tokio::select! {
-                read = src.read(&mut buf) => read,
+                read = read_chunk(&mut src) => read,
                 () = until_set(&mut exited) => {
                     drain_until = Some(tokio::time::Instant::now() + DRAIN_MAX);
                     continue;
@@ -924,19 +945,18 @@ async fn pump_output(
             },
             Some(deadline) => {
                 let quiet = tokio::time::Instant::now() + DRAIN_IDLE;
-                match tokio::time::timeout_at(quiet.min(deadline), src.read(&mut buf)).await {
+                match tokio::time::timeout_at(quiet.min(deadline), read_chunk(&mut src)).await {
                     Ok(read) => read,
                     Err(_) => return,
                 }
             }
         };
-        let n = match read {
-            Ok(0) => return,
-            Ok(n) => n,
+        let chunk = match read {
+            Ok(chunk) if chunk.is_empty() => return,
+            Ok(chunk) => chunk,
             // EIO: the PTY's last slave fd closed; anything else ends the stream too.
             Err(_) => return,
         };
-        let chunk = Bytes::copy_from_slice(&buf[..n]);
         let sent = match ext {
             None => tx.data_bytes(chunk).await,
             Some(ext) => tx.extended_data_bytes(ext, chunk).await,

@@ -39,6 +39,8 @@ pub struct ScreenModel {
     max_cells: usize,
     /// The model was (re)started mid-stream: it is exact only after the next full redraw.
     stale: bool,
+    /// The parser has allocated its alternate grid (for [`ScreenModel::memory_bytes`]).
+    alternate_allocated: bool,
 }
 
 /// What [`ScreenModel::snapshot`] reports: the screen as plain text and its geometry.
@@ -70,6 +72,7 @@ impl ScreenModel {
             size: dims(cols, rows),
             max_cells,
             stale: false,
+            alternate_allocated: false,
         };
         model.parser = model.fresh_parser();
         model
@@ -95,6 +98,8 @@ impl ScreenModel {
             return false;
         };
         if guarded(|| parser.process(bytes)).is_some() {
+            // vt100 allocates the alternate grid on first entry and keeps it.
+            self.alternate_allocated |= parser.screen().alternate_screen();
             return false;
         }
         self.restart()
@@ -106,6 +111,7 @@ impl ScreenModel {
             "the terminal's screen model failed on its output and restarted; exact again after a redraw"
         );
         self.parser = self.fresh_parser();
+        self.alternate_allocated = false;
         self.stale = true;
         true
     }
@@ -133,6 +139,7 @@ impl ScreenModel {
             }
             (None, true) => {
                 self.parser = self.fresh_parser();
+                self.alternate_allocated = false;
                 self.stale = true;
                 true
             }
@@ -199,15 +206,15 @@ impl ScreenModel {
         }
     }
 
-    /// Bytes the model holds now (cells of the grids in use; see the module doc).
+    /// Bytes the model's cells hold now: the main grid, and the alternate grid once a program
+    /// (tmux, an editor) has switched to it — vt100 keeps it after the switch back (see the
+    /// module doc). 0 without a model.
     pub fn memory_bytes(&self) -> usize {
-        let Some(parser) = &self.parser else { return 0 };
+        if self.parser.is_none() {
+            return 0;
+        }
         let (cols, rows) = self.size;
-        let grids = if parser.screen().alternate_screen() {
-            2
-        } else {
-            1
-        };
+        let grids = if self.alternate_allocated { 2 } else { 1 };
         grids * CELL_BYTES * usize::from(cols) * usize::from(rows)
     }
 }
@@ -268,6 +275,7 @@ mod tests {
     fn repaint_reproduces_the_alternate_screen_of_a_full_screen_program() {
         let mut model = ScreenModel::new(30, 8, 10_000);
         model.process(b"$ vim notes\r\n");
+        assert_eq!(model.memory_bytes(), CELL_BYTES * 30 * 8);
         model.process(b"\x1b[?1049h\x1b[H\x1b[2J\x1b[7m-- INSERT --\x1b[m\x1b[3;4Htyped");
         let client = painted(&model);
         same_screen(
@@ -276,8 +284,9 @@ mod tests {
         );
         assert!(model.snapshot().alternate_screen);
         assert_eq!(model.memory_bytes(), 2 * CELL_BYTES * 30 * 8);
-        // Leaving the editor shows the shell again, on the client too.
+        // Leaving the editor shows the shell again, on the client too; vt100 keeps the grid.
         model.process(b"\x1b[?1049l");
+        assert_eq!(model.memory_bytes(), 2 * CELL_BYTES * 30 * 8);
         let client = painted(&model);
         same_screen(
             model.parser.as_ref().expect("model").screen(),

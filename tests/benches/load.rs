@@ -17,7 +17,8 @@
 //! as the per-session terminal cap require (one environment per user, the free plan's limit).
 //! Memory is the server process's alone (the local provider's SSH server is part of it; tmux and
 //! the shells are not). The per-terminal figure is split into the output ring and the screen
-//! model (both sized by config: `terminals.ring_bytes`, the screen's cells) and the rest.
+//! model (both sized by config: `terminals.ring_bytes`, the screen's cells; the model counts
+//! both grids, as tmux runs in the alternate screen) and the rest.
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -48,6 +49,18 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Opens in flight at once (a phone fleet reconnecting is spread out; this only bounds the
 /// bench's own burst).
 const OPEN_CONCURRENCY: usize = 16;
+
+/// What an idle terminal's ring holds: its storage starts at 4 KiB (`Ring::new`) and tmux's
+/// first screen of an 80×24 terminal fits in it.
+const IDLE_RING_KIB: u64 = 4;
+
+/// The screen model of one load terminal, in KiB: main and alternate grid, as every terminal
+/// here runs tmux, which switches to the alternate screen (vt100 allocates that grid then).
+fn screen_kib(max_cells: usize) -> f64 {
+    let mut model = ScreenModel::new(u32::from(COLS), u32::from(ROWS), max_cells);
+    model.process(b"\x1b[?1049h");
+    model.memory_bytes() as f64 / 1024.0
+}
 
 fn main() {
     raise_open_files();
@@ -218,10 +231,12 @@ async fn run(k: &Knobs, ring: Option<usize>) {
     tokio::time::sleep(quiet).await;
     let rss_idle = s.rss_kib();
     let idle_per = rss_idle.saturating_sub(rss_base) as f64 / open_now as f64;
+    let screen_kib = screen_kib(defaults.terminals.screen_max_cells);
     line(
         "server RSS idle (before → with terminals)",
         format!(
-            "{rss_base:>9} KiB → {rss_idle} KiB  = {idle_per:.1} KiB per idle terminal  ({})",
+            "{rss_base:>9} KiB → {rss_idle} KiB  = {idle_per:.1} KiB per idle terminal: ring ≤ {IDLE_RING_KIB} KiB + screen {screen_kib:.0} KiB + the rest {:.1} KiB  ({})",
+            (idle_per - IDLE_RING_KIB as f64 - screen_kib).max(0.0),
             s.memory_detail()
         ),
     );
@@ -284,13 +299,6 @@ async fn run(k: &Knobs, ring: Option<usize>) {
         ),
     );
     let per_terminal = rss_loaded.saturating_sub(rss_base) as f64 / open_now as f64;
-    let screen_kib = ScreenModel::new(
-        u32::from(COLS),
-        u32::from(ROWS),
-        defaults.terminals.screen_max_cells,
-    )
-    .memory_bytes() as f64
-        / 1024.0;
     // The ring's storage grows by doubling, up to its capacity, as output comes.
     let per_terminal_output = (received.load(Ordering::Relaxed) / open_now as u64) as usize;
     let ring_kib = ring_bytes

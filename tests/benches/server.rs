@@ -245,31 +245,49 @@ impl ChildServer {
 
     /// Ask the server to stop (SIGTERM) and wait for it, bounded; killed past the bound.
     pub async fn stop(mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        if let Some(child) = self.child.take() {
+            tokio::task::spawn_blocking(move || terminate(child))
+                .await
+                .expect("stopping the server");
         }
-        let deadline = tokio::time::Instant::now() + EXIT_TIMEOUT;
-        while tokio::time::Instant::now() < deadline {
-            if child.try_wait().ok().flatten().is_some() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let _ = child.kill();
-        let _ = child.wait();
     }
+}
+
+/// SIGTERM, then wait up to `EXIT_TIMEOUT` for the exit (so a profiler in the server, such as
+/// heaptrack, writes its data out), then SIGKILL.
+fn terminate(mut child: std::process::Child) {
+    if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+    let deadline = std::time::Instant::now() + EXIT_TIMEOUT;
+    while std::time::Instant::now() < deadline {
+        if child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 impl Drop for ChildServer {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            terminate(child);
         }
     }
+}
+
+/// `BENCH_SERVER_ENV`: space-separated `NAME=value` pairs for the server's environment, on top of
+/// `PATH` (e.g. `GLIBC_TUNABLES=glibc.malloc.arena_max=2` to compare allocator settings without a
+/// rebuild, or heaptrack's `LD_PRELOAD=.../libheaptrack_preload.so DUMP_HEAPTRACK_OUTPUT=<file>`).
+fn server_env() -> Vec<(String, String)> {
+    std::env::var("BENCH_SERVER_ENV")
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .collect()
 }
 
 fn command(config_path: &Path, home: &Path) -> std::process::Command {
@@ -292,11 +310,7 @@ fn command(config_path: &Path, home: &Path) -> std::process::Command {
         .current_dir(home)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(
-            std::env::var("BENCH_GLIBC_TUNABLES")
-                .ok()
-                .map(|t| ("GLIBC_TUNABLES", t)),
-        )
+        .envs(server_env())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());

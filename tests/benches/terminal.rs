@@ -24,8 +24,8 @@
 //! Knobs: `BENCH_KEYSTROKES` (per path and round, default 300), `BENCH_FLOOD_MB` (MiB, default
 //! 100), `BENCH_ROUNDS` (3), `BENCH_IDLE_SECONDS` (10), `BENCH_EXTRA_TERMINALS` (40; 0 skips);
 //! `BENCH_SERVER_BIN` runs another server binary (a saved earlier build, to compare);
-//! `BENCH_GLIBC_TUNABLES` is passed to the server as `GLIBC_TUNABLES` (to compare allocator
-//! settings without a rebuild); `BENCH_PROFILE_SECONDS` > 0 only types, for that long, for
+//! `BENCH_SERVER_ENV` adds `NAME=value` pairs to the server's environment (`GLIBC_TUNABLES=...` to
+//! compare allocator settings without a rebuild, heaptrack's `LD_PRELOAD`; see `server.rs`); `BENCH_PROFILE_SECONDS` > 0 only types, for that long, for
 //! `perf record -p <server pid>` (the pid is printed), and skips everything else.
 //!
 //! # Where a keystroke's time goes (perf on the server, release build, 2 shared cores, 2026-11-30)
