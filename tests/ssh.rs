@@ -324,6 +324,74 @@ async fn channels_run_concurrently_on_one_connection() {
     f.server.stop().await;
 }
 
+/// A channel whose program reads no input (a raw PTY in front of `sleep`) holds back no other
+/// channel of its connection: russh stops reading the whole connection while one channel's queue
+/// is full, so the server must keep taking input off it. A paste far beyond what the PTY, the
+/// queue and the channel's buffer hold is written without blocking, a second channel on the same
+/// connection answers, and the deaf channel's output says its input was dropped.
+#[tokio::test]
+async fn a_channel_that_reads_no_input_holds_back_no_other() {
+    let f = Fixture::start().await;
+    let client = f.client().await;
+    let deaf = within(client.open_pty(
+        "xterm",
+        80,
+        24,
+        Some("stty raw -echo; echo @@$((6*7)); exec sleep 300"),
+    ))
+    .await
+    .expect("pty");
+    let (mut reader, writer) = deaf.into_split();
+    // Keep reading the deaf channel (the terminal actor always does), collecting its output.
+    let (seen_tx, mut seen) = mpsc::unbounded_channel::<Vec<u8>>();
+    let draining = tokio::spawn(async move {
+        while let Some(event) = reader.next().await {
+            if let PtyEvent::Data(data) = event {
+                let _ = seen_tx.send(data.to_vec());
+            }
+        }
+    });
+    let mut output = Vec::new();
+    collect_until(&mut output, &mut seen, "@@42").await;
+    // 6 MiB of lines: the PTY takes ~68 KiB, the queue and russh's channel queue 32 messages
+    // each, the buffer 1 MiB.
+    let line = format!("{}\n", "p".repeat(1023));
+    let chunk = line.repeat(32);
+    for _ in 0..(6 * 1024 * 1024 / chunk.len()) {
+        within(writer.write(chunk.as_bytes()))
+            .await
+            .expect("a paste into a deaf channel is taken off the connection");
+    }
+    // Another channel of the same connection is served.
+    let mut other = within(client.open_pty("xterm", 80, 24, None))
+        .await
+        .expect("a second channel opens on the connection");
+    within(other.write(b"echo @@$((6*7)) other\n"))
+        .await
+        .expect("write");
+    read_until(&mut other, "@@42 other").await;
+    // The deaf channel's user learns that input was dropped.
+    collect_until(&mut output, &mut seen, "input dropped").await;
+    writer.close().await;
+    other.close().await;
+    draining.abort();
+}
+
+/// Gather chunks from `seen` into `output` until its plain text contains `needle`.
+async fn collect_until(
+    output: &mut Vec<u8>,
+    seen: &mut mpsc::UnboundedReceiver<Vec<u8>>,
+    needle: &str,
+) {
+    let deadline = Instant::now() + WAIT;
+    while !plain(output).contains(needle) {
+        match timeout_at(deadline, seen.recv()).await {
+            Ok(Some(data)) => output.extend_from_slice(&data),
+            _ => panic!("no {needle:?} in the output: {:?}", plain(output)),
+        }
+    }
+}
+
 #[tokio::test]
 async fn exec_lines_streams_lines_in_order() {
     let f = Fixture::start().await;

@@ -10,12 +10,14 @@
 //! up (the shell gets SIGHUP), and whatever is still running after [`KILL_GRACE`] is killed.
 //!
 //! Flow control: output waits for the client's channel window, so a slow client holds the child
-//! back through the PTY or pipe. Input goes to the child through a bounded queue; a child that
-//! stops reading its input stalls this connection (russh acknowledges windows on receipt, not on
-//! consumption), and input it does not take within [`INPUT_STALL_LIMIT`] is dropped so a wedged
-//! child cannot wedge the connection for good — except for a subsystem, whose protocol would be
-//! garbled by a gap (a wedged `sftp-server` stalls only its own connection: the file API opens
-//! one per operation).
+//! back through the PTY or pipe. Input goes to the child through a bounded queue. russh
+//! acknowledges windows on receipt, not on consumption, and stops reading the whole connection
+//! while one channel's queue is full, so a shell's or command's input is always taken off the
+//! connection: it waits for the child up to [`INPUT_BUFFER_BYTES`], and what does not fit, or is
+//! not taken within [`INPUT_STALL_LIMIT`], is dropped with a notice on the channel's stderr — a
+//! terminal whose program reads no input never holds back the others sharing its connection.
+//! A subsystem's input is never dropped (its protocol would be garbled by a gap): a wedged
+//! `sftp-server` stalls only its own connection (the file API opens one per operation).
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -900,7 +902,7 @@ async fn supervise(
         status
     };
     let client = async {
-        let forward = forward_input(rx, input_tx, stall_limit);
+        let forward = forward_input(rx, tx, input_tx, stall_limit);
         let write = write_input(sink, input_rx);
         tokio::pin!(forward, write);
         let mut writing = true;
@@ -968,33 +970,156 @@ async fn pump_output(
 }
 
 /// Client messages to the input queue, until the client closes the channel or the connection
-/// goes. Blocks (bounded by `stall_limit`, [`INPUT_STALL_LIMIT`] for shells and commands) while
-/// the child is not reading.
+/// goes.
+///
+/// With a `stall_limit` (shells and commands) this never leaves russh waiting: russh
+/// acknowledges a channel's window on receipt and stops reading the whole connection while one
+/// channel's message queue is full, so a program that reads no input would otherwise freeze every
+/// other terminal sharing the connection (OpenSSH's sshd keeps per-channel windows instead).
+/// Input the child has not taken waits here, up to [`INPUT_BUFFER_BYTES`]; beyond that, and all
+/// of it once the child has taken nothing for `stall_limit`, it is dropped, and the client is
+/// told once per episode on the channel's stderr. Without a limit (a subsystem, whose protocol a
+/// gap would garble) input is handed over in order, waiting as long as the child does.
 async fn forward_input(
     rx: &mut ChannelReadHalf,
+    tx: &ChannelWriteHalf<Msg>,
     input: mpsc::Sender<Input>,
     stall_limit: Option<Duration>,
 ) {
-    while let Some(msg) = rx.wait().await {
-        let item = match msg {
-            ChannelMsg::Data { data } => Input::Data(data),
-            ChannelMsg::WindowChange {
-                col_width,
-                row_height,
-                ..
-            } => Input::Resize(pty_size(col_width, row_height)),
-            ChannelMsg::Eof => Input::Eof,
-            ChannelMsg::Close => return,
-            _ => continue,
-        };
-        let Some(limit) = stall_limit else {
-            let _ = input.send(item).await; // an error: the child's input is closed
-            continue;
-        };
-        match tokio::time::timeout(limit, input.send(item)).await {
-            Ok(_) => {} // an error means the child's input is closed: nothing to deliver
-            Err(_) => tracing::warn!("local SSH: the child is not reading its input; dropped"),
+    let Some(limit) = stall_limit else {
+        while let Some(msg) = rx.wait().await {
+            match input_item(msg) {
+                Some(Ok(item)) => {
+                    let _ = input.send(item).await; // an error: the child's input is closed
+                }
+                Some(Err(Closed)) => return,
+                None => {}
+            }
         }
+        return;
+    };
+    let mut pending = InputBuffer::default();
+    // The last time the child took input (or input started waiting).
+    let mut progress = tokio::time::Instant::now();
+    let mut told = false;
+    loop {
+        let waiting = !pending.is_empty();
+        let dropped = tokio::select! {
+            msg = rx.wait() => {
+                let Some(msg) = msg else { return };
+                match input_item(msg) {
+                    Some(Ok(item)) => {
+                        if !waiting {
+                            progress = tokio::time::Instant::now();
+                        }
+                        pending.push(item)
+                    }
+                    Some(Err(Closed)) => return,
+                    None => 0,
+                }
+            },
+            permit = input.reserve(), if waiting => {
+                match permit {
+                    Ok(permit) => {
+                        if let Some(item) = pending.pop() {
+                            permit.send(item);
+                        }
+                        progress = tokio::time::Instant::now();
+                        told &= !pending.is_empty();
+                        0
+                    }
+                    // The child's input is closed: nothing will take it.
+                    Err(_) => pending.clear(),
+                }
+            },
+            () = tokio::time::sleep_until(progress + limit), if waiting => {
+                // Sizes and EOF stay queued; the next stall is counted from now.
+                progress = tokio::time::Instant::now();
+                pending.clear_data()
+            },
+        };
+        if dropped > 0 {
+            tracing::warn!(
+                bytes = dropped,
+                "local SSH: the child is not reading its input; dropped"
+            );
+            if !told {
+                told = true;
+                let notice = Bytes::from_static(
+                    b"\r\n[devpocket: input dropped: the program is not reading its input]\r\n",
+                );
+                let _ = tx.extended_data_bytes(1, notice).await;
+            }
+        }
+    }
+}
+
+/// Client input a shell's or command's channel holds while its child does not read it: a large
+/// paste (the PTY itself takes ~4 KiB, the queue [`INPUT_QUEUE`] messages). Past it, input is
+/// dropped (see [`forward_input`]).
+pub const INPUT_BUFFER_BYTES: usize = 1024 * 1024;
+
+/// The client closed the channel.
+struct Closed;
+
+/// What a channel message means for the child's input: `None` for messages that are not input.
+fn input_item(msg: ChannelMsg) -> Option<Result<Input, Closed>> {
+    Some(Ok(match msg {
+        ChannelMsg::Data { data } => Input::Data(data),
+        ChannelMsg::WindowChange {
+            col_width,
+            row_height,
+            ..
+        } => Input::Resize(pty_size(col_width, row_height)),
+        ChannelMsg::Eof => Input::Eof,
+        ChannelMsg::Close => return Some(Err(Closed)),
+        _ => return None,
+    }))
+}
+
+/// Input waiting for the child, bounded to [`INPUT_BUFFER_BYTES`] of data (sizes and EOF are
+/// always kept: they are tiny and must not be lost).
+#[derive(Default)]
+struct InputBuffer {
+    items: std::collections::VecDeque<Input>,
+    data_bytes: usize,
+}
+
+impl InputBuffer {
+    fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Queue `item`; returns the bytes dropped (all of it when it does not fit).
+    fn push(&mut self, item: Input) -> usize {
+        if let Input::Data(data) = &item {
+            if self.data_bytes + data.len() > INPUT_BUFFER_BYTES {
+                return data.len();
+            }
+            self.data_bytes += data.len();
+        }
+        self.items.push_back(item);
+        0
+    }
+
+    fn pop(&mut self) -> Option<Input> {
+        let item = self.items.pop_front()?;
+        if let Input::Data(data) = &item {
+            self.data_bytes -= data.len();
+        }
+        Some(item)
+    }
+
+    /// Drop everything waiting; returns the data bytes dropped.
+    fn clear(&mut self) -> usize {
+        self.items.clear();
+        std::mem::take(&mut self.data_bytes)
+    }
+
+    /// Drop the waiting data (keep sizes and EOF); returns its bytes.
+    fn clear_data(&mut self) -> usize {
+        self.items.retain(|item| !matches!(item, Input::Data(_)));
+        std::mem::take(&mut self.data_bytes)
     }
 }
 
@@ -1045,6 +1170,28 @@ fn exit_code(status: ExitStatus) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn waiting_input_is_bounded_in_data_and_keeps_sizes_and_eof() {
+        let mut buf = InputBuffer::default();
+        let chunk = || Input::Data(Bytes::from(vec![b'x'; 256 * 1024]));
+        for _ in 0..4 {
+            assert_eq!(buf.push(chunk()), 0);
+        }
+        // Full: the next chunk is dropped whole, sizes and EOF still queue.
+        assert_eq!(buf.push(chunk()), 256 * 1024);
+        assert_eq!(buf.push(Input::Resize(pty_size(100, 30))), 0);
+        assert_eq!(buf.push(Input::Eof), 0);
+        assert!(matches!(buf.pop(), Some(Input::Data(_))));
+        assert_eq!(buf.push(chunk()), 0, "room again after the child took some");
+        assert_eq!(buf.clear_data(), INPUT_BUFFER_BYTES);
+        assert!(matches!(buf.pop(), Some(Input::Resize(_))));
+        assert!(matches!(buf.pop(), Some(Input::Eof)));
+        assert!(buf.is_empty());
+        assert_eq!(buf.push(chunk()), 0);
+        assert_eq!(buf.clear(), 256 * 1024);
+        assert!(buf.is_empty());
+    }
 
     #[test]
     fn pty_size_swaps_order_and_clamps() {
