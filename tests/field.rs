@@ -183,8 +183,10 @@ async fn invalid_messages_are_refused_and_split_emoji_arrive_whole(backend: Back
             if frame["type"] == "error" {
                 break;
             }
-            assert_ne!(
-                frame["type"], "output",
+            // tmux's first screen may still be arriving; nothing typed may be in it.
+            assert!(
+                frame["type"] != "output"
+                    || !frame["data"].as_str().unwrap_or_default().contains("typed"),
                 "nothing reaches the shell: {frame}"
             );
         }
