@@ -80,6 +80,7 @@ async fn read_chunk(src: &mut Output) -> std::io::Result<Bytes> {
     })
     .await
 }
+
 /// How long input may wait for a child that does not read it before it is dropped.
 pub const INPUT_STALL_LIMIT: Duration = Duration::from_secs(30);
 /// Time a hung-up shell gets to exit on SIGHUP before it is killed.
@@ -1048,7 +1049,8 @@ async fn forward_input(
                 let notice = Bytes::from_static(
                     b"\r\n[devpocket: input dropped: the program is not reading its input]\r\n",
                 );
-                let _ = tx.extended_data_bytes(1, notice).await;
+                // Bounded: this loop must get back to draining the connection.
+                let _ = tokio::time::timeout(NOTICE_WAIT, tx.extended_data_bytes(1, notice)).await;
             }
         }
     }
@@ -1058,6 +1060,9 @@ async fn forward_input(
 /// paste (the PTY itself takes ~4 KiB, the queue [`INPUT_QUEUE`] messages). Past it, input is
 /// dropped (see [`forward_input`]).
 pub const INPUT_BUFFER_BYTES: usize = 1024 * 1024;
+
+/// How long the dropped-input notice may wait for the client's window.
+const NOTICE_WAIT: Duration = Duration::from_secs(1);
 
 /// The client closed the channel.
 struct Closed;
@@ -1077,49 +1082,65 @@ fn input_item(msg: ChannelMsg) -> Option<Result<Input, Closed>> {
     }))
 }
 
-/// Input waiting for the child, bounded to [`INPUT_BUFFER_BYTES`] of data (sizes and EOF are
-/// always kept: they are tiny and must not be lost).
+/// What one waiting data message is charged beyond its bytes (its `Bytes` handle and queue
+/// slot), so a stream of 1-byte messages is bounded by [`INPUT_BUFFER_BYTES`] too.
+const INPUT_ITEM_OVERHEAD: usize = 64;
+
+/// Input waiting for the child, bounded to [`INPUT_BUFFER_BYTES`] (data plus
+/// [`INPUT_ITEM_OVERHEAD`] per message). A size and EOF are state, not a stream: only the latest
+/// size is kept and handed over first, EOF once, after the data; neither is ever dropped.
 #[derive(Default)]
 struct InputBuffer {
-    items: std::collections::VecDeque<Input>,
-    data_bytes: usize,
+    data: std::collections::VecDeque<Bytes>,
+    charged: usize,
+    resize: Option<pty_process::Size>,
+    eof: bool,
 }
 
 impl InputBuffer {
     fn is_empty(&self) -> bool {
-        self.items.is_empty()
+        self.data.is_empty() && self.resize.is_none() && !self.eof
     }
 
-    /// Queue `item`; returns the bytes dropped (all of it when it does not fit).
+    /// Queue `item`; returns the data bytes dropped (all of it when it does not fit).
     fn push(&mut self, item: Input) -> usize {
-        if let Input::Data(data) = &item {
-            if self.data_bytes + data.len() > INPUT_BUFFER_BYTES {
-                return data.len();
+        match item {
+            Input::Data(data) => {
+                let cost = data.len() + INPUT_ITEM_OVERHEAD;
+                if self.charged + cost > INPUT_BUFFER_BYTES {
+                    return data.len();
+                }
+                self.charged += cost;
+                self.data.push_back(data);
             }
-            self.data_bytes += data.len();
+            Input::Resize(size) => self.resize = Some(size),
+            Input::Eof => self.eof = true,
         }
-        self.items.push_back(item);
         0
     }
 
     fn pop(&mut self) -> Option<Input> {
-        let item = self.items.pop_front()?;
-        if let Input::Data(data) = &item {
-            self.data_bytes -= data.len();
+        if let Some(size) = self.resize.take() {
+            return Some(Input::Resize(size));
         }
-        Some(item)
+        if let Some(data) = self.data.pop_front() {
+            self.charged -= data.len() + INPUT_ITEM_OVERHEAD;
+            return Some(Input::Data(data));
+        }
+        std::mem::take(&mut self.eof).then_some(Input::Eof)
     }
 
     /// Drop everything waiting; returns the data bytes dropped.
     fn clear(&mut self) -> usize {
-        self.items.clear();
-        std::mem::take(&mut self.data_bytes)
+        self.resize = None;
+        self.eof = false;
+        self.clear_data()
     }
 
-    /// Drop the waiting data (keep sizes and EOF); returns its bytes.
+    /// Drop the waiting data (keep the size and EOF); returns its bytes.
     fn clear_data(&mut self) -> usize {
-        self.items.retain(|item| !matches!(item, Input::Data(_)));
-        std::mem::take(&mut self.data_bytes)
+        self.charged = 0;
+        self.data.drain(..).map(|d| d.len()).sum()
     }
 }
 
@@ -1174,22 +1195,31 @@ mod tests {
     #[test]
     fn waiting_input_is_bounded_in_data_and_keeps_sizes_and_eof() {
         let mut buf = InputBuffer::default();
-        let chunk = || Input::Data(Bytes::from(vec![b'x'; 256 * 1024]));
+        let chunk = || Input::Data(Bytes::from(vec![b'x'; 256 * 1024 - INPUT_ITEM_OVERHEAD]));
         for _ in 0..4 {
             assert_eq!(buf.push(chunk()), 0);
         }
-        // Full: the next chunk is dropped whole, sizes and EOF still queue.
-        assert_eq!(buf.push(chunk()), 256 * 1024);
-        assert_eq!(buf.push(Input::Resize(pty_size(100, 30))), 0);
+        // Full: the next chunk is dropped whole, sizes and EOF are still kept (the latest size).
+        assert_eq!(buf.push(chunk()), 256 * 1024 - INPUT_ITEM_OVERHEAD);
+        for cols in 1..=1000 {
+            assert_eq!(buf.push(Input::Resize(pty_size(cols, 30))), 0);
+        }
         assert_eq!(buf.push(Input::Eof), 0);
+        assert!(
+            matches!(buf.pop(), Some(Input::Resize(size)) if format!("{size:?}") == format!("{:?}", pty_size(1000, 30)))
+        );
         assert!(matches!(buf.pop(), Some(Input::Data(_))));
         assert_eq!(buf.push(chunk()), 0, "room again after the child took some");
-        assert_eq!(buf.clear_data(), INPUT_BUFFER_BYTES);
-        assert!(matches!(buf.pop(), Some(Input::Resize(_))));
+        assert_eq!(buf.clear_data(), 4 * (256 * 1024 - INPUT_ITEM_OVERHEAD));
         assert!(matches!(buf.pop(), Some(Input::Eof)));
         assert!(buf.is_empty());
-        assert_eq!(buf.push(chunk()), 0);
-        assert_eq!(buf.clear(), 256 * 1024);
+        // Tiny messages are bounded too: each is charged its overhead.
+        let mut taken = 0;
+        while buf.push(Input::Data(Bytes::from_static(b"x"))) == 0 {
+            taken += 1;
+        }
+        assert_eq!(taken, INPUT_BUFFER_BYTES / (1 + INPUT_ITEM_OVERHEAD));
+        assert_eq!(buf.clear(), taken);
         assert!(buf.is_empty());
     }
 
