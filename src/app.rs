@@ -374,7 +374,7 @@ async fn build_on(
         bus,
         cluster: node.membership().clone(),
         ssh: Arc::new(crate::ssh::pool::SshPool::new(
-            config.provider.ssh_channels_per_connection,
+            provider.ssh_holders_per_connection(config.provider.ssh_channels_per_connection),
         )),
     });
 

@@ -228,7 +228,8 @@ pub struct ProviderConfig {
     /// Holders of one shared SSH connection to an environment (its terminals and its metrics
     /// sampler) before another connection is opened; see [`crate::ssh::pool`]. Keep it below
     /// the environment sshd's `MaxSessions` (OpenSSH default 10): each holder may open a short
-    /// extra channel now and then.
+    /// extra channel now and then. The local provider states its own (see
+    /// [`crate::provider::Provider::ssh_holders_per_connection`]).
     pub ssh_channels_per_connection: usize,
     pub max_create_attempts: u32,
 }

@@ -12,11 +12,13 @@
 //!
 //! Writes never block a terminal: a terminal's row is updated by one task per terminal that
 //! writes the latest state it was given (attach, detach, resize; never per keystroke) and
-//! deletes the row when the terminal ends. A WebSocket's slot is given back by a task spawned
-//! when its guard drops, whatever way the connection ended (panics and aborts included). A row
-//! that could not be deleted (the database was unreachable for a moment) is remembered and
-//! deleted on the next take or registration, so a hiccup does not hold a user's slot until the
-//! node restarts.
+//! deletes the row when the terminal ends. A WebSocket's slot is queued for deletion the moment
+//! its guard drops, whatever way the connection ended (panics and aborts included), and deleted
+//! by a task spawned then; a take on this node first finishes every deletion queued before it,
+//! so a client that reconnects as soon as its connection closed is not counted twice. A row that
+//! could not be deleted (the database was unreachable for a moment) stays queued and is deleted
+//! on the next take or registration, so a hiccup does not hold a user's slot until the node
+//! restarts.
 
 use std::sync::{Arc, Mutex};
 
@@ -39,8 +41,12 @@ pub struct Presence {
     clock: SharedClock,
     node_id: String,
     dead_after: Duration,
-    /// Rows to delete again (see [`MAX_LEAKED`]); never locked across an `.await`.
+    /// Rows to delete: given back, or whose deletion failed (see [`MAX_LEAKED`]); never locked
+    /// across an `.await`.
     leaked: Mutex<Leaked>,
+    /// Held while queued rows are being deleted, so that a take waits for deletions in flight
+    /// (a slot given back a moment ago) before it counts.
+    deleting: tokio::sync::Mutex<()>,
 }
 
 /// Ids of rows whose deletion failed.
@@ -67,6 +73,7 @@ impl Presence {
             node_id,
             dead_after,
             leaked: Mutex::default(),
+            deleting: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -83,14 +90,38 @@ impl Presence {
         }
     }
 
-    /// Delete the rows whose deletion failed before; those that fail again stay remembered.
+    /// A pooled connection on which the queued rows have been deleted (given back, or whose
+    /// deletion failed before; those that fail again stay queued). A deletion in flight on
+    /// another task finishes first. The lock is taken before the connection, so a pool of one
+    /// connection cannot deadlock on it.
+    async fn settled_conn(&self) -> StoreResult<crate::store::DbConn> {
+        let _one_at_a_time = self.deleting.lock().await;
+        let mut conn = self.db.get().await?;
+        self.retry_leaked(&mut conn).await;
+        Ok(conn)
+    }
+
+    /// Delete the queued rows now, unless another task just did (a burst of closes queues many
+    /// and spawns a task each; the first deletes them all).
+    async fn delete_queued(&self) -> StoreResult<()> {
+        let _one_at_a_time = self.deleting.lock().await;
+        if self.leaked().slots.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.db.get().await?;
+        self.retry_leaked(&mut conn).await;
+        Ok(())
+    }
+
+    /// Delete the queued rows; the caller holds `deleting`.
     async fn retry_leaked(&self, conn: &mut crate::store::DbConn) {
         let Leaked {
             slots: slot_ids,
             terminals: terminal_ids,
         } = std::mem::take(&mut *self.leaked());
         for id in slot_ids {
-            if slots::release(conn, &id).await.is_err() {
+            if let Err(e) = slots::release(conn, &id).await {
+                tracing::warn!(slot = %id, error = %e, "could not give a connection slot back; retried with the next one taken");
                 self.leak(|l| &mut l.slots, id);
             }
         }
@@ -127,8 +158,7 @@ impl Presence {
             kind: kind.to_string(),
             opened_at: db_now(self.clock.as_ref()),
         };
-        let mut conn = self.db.get().await?;
-        self.retry_leaked(&mut conn).await;
+        let mut conn = self.settled_conn().await?;
         let taken = slots::take(&mut conn, &row, limit, self.live_since()).await?;
         Ok(taken.then(|| SlotGuard {
             presence: self.clone(),
@@ -190,27 +220,42 @@ pub struct NewTerminal {
     pub tmux_session: String,
 }
 
-/// A WebSocket's slot in the store; given back (by a spawned task) when dropped.
+/// A WebSocket's slot in the store; given back when dropped (queued at once, deleted by a
+/// spawned task; see the module doc).
 pub struct SlotGuard {
     presence: Arc<Presence>,
     id: String,
 }
 
+impl SlotGuard {
+    /// Give the slot back now: returns once the store no longer counts it, on any node (or once
+    /// its deletion failed and was queued to be retried).
+    pub async fn release(mut self) {
+        self.presence
+            .leak(|l| &mut l.slots, std::mem::take(&mut self.id));
+        if let Err(e) = self.presence.delete_queued().await {
+            tracing::warn!(error = %e, "could not give a connection slot back; retried with the next one taken");
+        }
+    }
+}
+
 impl Drop for SlotGuard {
     fn drop(&mut self) {
+        if self.id.is_empty() {
+            return; // released
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             // No runtime (the process is ending): the node's row takes the slot with it.
             return;
         };
-        let (presence, id) = (self.presence.clone(), std::mem::take(&mut self.id));
+        // Queued before the connection's task goes on (the client may already be reconnecting):
+        // a take on this node deletes it, or waits for the task below, before counting.
+        self.presence
+            .leak(|l| &mut l.slots, std::mem::take(&mut self.id));
+        let presence = self.presence.clone();
         runtime.spawn(async move {
-            let result = match presence.db.get().await {
-                Ok(mut conn) => slots::release(&mut conn, &id).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = result {
-                tracing::warn!(slot = %id, error = %e, "could not give a connection slot back; retried with the next one taken");
-                presence.leak(|l| &mut l.slots, id);
+            if let Err(e) = presence.delete_queued().await {
+                tracing::warn!(error = %e, "could not give a connection slot back; retried with the next one taken");
             }
         });
     }
@@ -233,8 +278,7 @@ impl Registration {
         max: usize,
     ) -> StoreResult<Result<TerminalRecord, usize>> {
         let Registration { presence, row } = self;
-        let mut conn = presence.db.get().await?;
-        presence.retry_leaked(&mut conn).await;
+        let mut conn = presence.settled_conn().await?;
         if let Err(held) =
             terminals::insert_within(&mut conn, &row, local_held, max, presence.live_since())
                 .await?

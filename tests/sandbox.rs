@@ -44,8 +44,10 @@ async fn env_with_vars(s: &TestServer, me: &Session, name: &str, vars: Value) ->
 /// Run `command` in the terminal and return what it printed on the line starting with `tag:`
 /// (the echo of the command line itself is skipped: its `$((...))` is not expanded there).
 async fn ask(ws: &mut Ws, tag: &str, command: &str) -> String {
-    input(ws, &format!("echo \"{tag}:$({command}):$((40+2))\"\r")).await;
-    let needle = ":42";
+    // Four digits after a colon: tmux's status line shows the time as HH:MM, so a two-digit
+    // needle like ":42" is found there once an hour.
+    input(ws, &format!("echo \"{tag}:$({command}):$((7000+234))\"\r")).await;
+    let needle = ":7234";
     let (text, _) = read_until(ws, needle).await;
     let text = strip_escapes(&text);
     let marker = format!("{tag}:");

@@ -23,6 +23,8 @@ on_both_backends!(
     logs_and_events_streams,
     replaced_lost_exit_ops_view_and_audit,
     terminals_per_session_are_bounded,
+    a_closed_connection_is_not_counted_against_its_reconnect,
+    ten_terminals_of_a_local_environment_share_one_connection,
 );
 
 async fn echo_resize_and_tmux_persistence(backend: Backend) {
@@ -125,21 +127,25 @@ async fn resume_replays_exactly_the_missing_bytes(backend: Backend) {
         (1..=150).collect::<Vec<_>>(),
         "nothing missing or repeated: {joined:?}"
     );
-    // Offsets are contiguous: every frame continues the previous one.
-    input(&mut ws, "echo done\r").await;
-    let mut last = None;
-    for _ in 0..3 {
-        if let Some(f) = next_json(&mut ws).await
-            && f["type"] == "output"
-        {
-            let end = f["offset"].as_u64().expect("offset");
-            let len = f["data"].as_str().expect("data").len() as u64;
-            if let Some(prev) = last {
-                assert_eq!(end - len, prev, "no gap, no overlap");
-            }
-            last = Some(end);
+    // Offsets are contiguous: every frame continues the previous one, up to the marker's echo
+    // (read until it rather than a number of frames: tmux sends as many as it likes, and only
+    // its status line's clock would bring another one later).
+    input(&mut ws, "echo do$((1))ne\r").await;
+    let (mut last, mut text) = (None, String::new());
+    while !text.contains("do1ne") {
+        let f = next_json(&mut ws).await.expect("output until the marker");
+        if f["type"] != "output" {
+            continue;
         }
+        let data = f["data"].as_str().expect("data");
+        let end = f["offset"].as_u64().expect("offset");
+        if let Some(prev) = last {
+            assert_eq!(end - data.len() as u64, prev, "no gap, no overlap");
+        }
+        last = Some(end);
+        text.push_str(data);
     }
+    assert!(last.is_some(), "output frames carry offsets");
     s.stop().await;
 }
 
@@ -159,6 +165,111 @@ async fn multibyte_output_arrives_intact(backend: Backend) {
         text.matches('😀').count() >= 2000,
         "all four-byte characters arrived"
     );
+    s.stop().await;
+}
+
+/// Read until the server's side of the closing handshake (or the end of the stream).
+async fn drain_to_end(ws: &mut Ws) {
+    tokio::time::timeout(WAIT, async { while let Some(Ok(_)) = ws.next().await {} })
+        .await
+        .expect("the close completes in time");
+}
+
+/// At the per-user WebSocket cap, a client that comes back the moment its connection closed —
+/// closed by the client, or refused by the server after the slot was taken — is admitted: the
+/// closed connection's slot is not counted against it. On PostgreSQL the store's deletion of the
+/// old slot is held up by a row lock: the new connection waits for it instead of being refused
+/// ("Too many connections"), however long the deletion takes.
+async fn a_closed_connection_is_not_counted_against_its_reconnect(backend: Backend) {
+    let s = TestServer::start_with(backend, |c| c.terminals.max_connections_per_user = 1).await;
+    let me = s.register("rhea").await;
+    let events = format!("/api/v1/ws/events?token={}", me.access);
+    let missing = format!(
+        "/api/v1/ws/terminal/{}?token={}",
+        uuid::Uuid::new_v4(),
+        me.access
+    );
+    for _ in 0..10 {
+        let mut ws = connect(&s, &events).await;
+        ping_pong(&mut ws).await;
+        ws.close(None).await.expect("client close");
+        drain_to_end(&mut ws).await;
+        let mut refused = connect(&s, &missing).await;
+        assert_eq!(
+            close_of(&mut refused).await,
+            (1008, "Environment not found".into())
+        );
+    }
+
+    if backend == Backend::Postgres {
+        use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+        let mut ws = connect(&s, &events).await;
+        ping_pong(&mut ws).await;
+        let mut blocker = AsyncPgConnection::establish(&s.db.url)
+            .await
+            .expect("a connection of the test's own");
+        blocker
+            .batch_execute("BEGIN; SELECT id FROM connection_slots FOR UPDATE;")
+            .await
+            .expect("lock the slot rows");
+        ws.close(None).await.expect("client close");
+        drain_to_end(&mut ws).await;
+        let back = {
+            let url = ws_url(&s, &events);
+            tokio::spawn(async move {
+                let (mut ws, _) = tokio_tungstenite::connect_async(url)
+                    .await
+                    .expect("websocket connects");
+                ping_pong(&mut ws).await;
+                ws
+            })
+        };
+        // The server's deletion of the old slot now waits on the test's lock (an old server
+        // would have refused the new connection by now, and `back` would have panicked).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut probe = AsyncPgConnection::establish(&s.db.url)
+            .await
+            .expect("a connection to watch the locks");
+        loop {
+            use diesel::prelude::*;
+            #[derive(QueryableByName)]
+            struct Waiting {
+                #[diesel(sql_type = diesel::sql_types::BigInt)]
+                n: i64,
+            }
+            let waiting: Waiting = diesel_async::RunQueryDsl::get_result(
+                diesel::sql_query(
+                    "SELECT count(*) AS n FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                ),
+                &mut probe,
+            )
+            .await
+            .expect("pg_stat_activity");
+            if waiting.n > 0 {
+                break;
+            }
+            assert!(
+                !back.is_finished(),
+                "the reconnect ended before the old slot was given back"
+            );
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the server never tried to give the slot back"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            !back.is_finished(),
+            "admitted while the old slot was still counted"
+        );
+        blocker.batch_execute("COMMIT").await.expect("unlock");
+        let mut ws = tokio::time::timeout(WAIT, back)
+            .await
+            .expect("the reconnect is admitted in time")
+            .expect("reconnect task");
+        ws.close(None).await.expect("close");
+    }
     s.stop().await;
 }
 
@@ -507,6 +618,37 @@ async fn replaced_lost_exit_ops_view_and_audit(backend: Backend) {
         .get("/api/v1/admin/audit?event=terminal_opened", admin.token())
         .await;
     assert_eq!(opened["total"], 1);
+    s.stop().await;
+}
+
+/// The local provider's SSH server takes 16 channels per connection, so its pool puts 12
+/// holders on one (OpenSSH's `MaxSessions` of 10 keeps remote environments at the configured 8):
+/// ten terminals opened at once, and the environment's metrics sampler, use one connection.
+async fn ten_terminals_of_a_local_environment_share_one_connection(backend: Backend) {
+    let s = TestServer::start_with(backend, |c| {
+        c.terminals.max_connections_per_user = 10;
+        c.terminals.max_terminals_per_session = 10;
+        c.provider.ssh_channels_per_connection = 8;
+    })
+    .await;
+    let me = s.register("tena").await;
+    let env = running_env(&s, &me, "ten").await;
+    let opened = futures_util::future::join_all(
+        (0..10).map(|_| open_terminal(&s, &me, &env, "&cols=80&rows=24")),
+    )
+    .await;
+    assert_eq!(
+        s.ssh_connections().await,
+        1,
+        "ten terminals, one connection"
+    );
+    let mut terminals: Vec<Ws> = opened.into_iter().map(|(ws, _)| ws).collect();
+    for (i, ws) in terminals.iter_mut().enumerate() {
+        input(ws, &format!("echo ten-$(({i}+100))\r")).await;
+        read_until(ws, &format!("ten-{}", i + 100)).await;
+    }
+    assert_eq!(s.ssh_connections().await, 1);
+    drop(terminals);
     s.stop().await;
 }
 

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,7 +37,66 @@ use crate::error::{ApiError, ErrorCode};
 use crate::protocol::{self, ClientFrame, EnvironmentInfo, ServerFrame, StreamFrame};
 use crate::store::environments::{self as store, Environment};
 
-type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+type Ws = WebSocketStream<SlottedIo>;
+
+/// An upgraded connection and, once admitted, its [`ConnectionSlot`]. The slot is given back
+/// before the client can learn that the connection is over, so a client that reconnects at that
+/// moment is not counted twice against `terminals.max_connections_per_user`: before the server
+/// sends a close frame (`close` gives it back and waits for the store), and before the socket
+/// itself closes (fields drop in declaration order: the slot, then the socket).
+pub struct SlottedIo {
+    slot: Option<ConnectionSlot>,
+    io: TokioIo<hyper::upgrade::Upgraded>,
+    /// Counted until the socket is gone: a draining node waits for it
+    /// ([`ConnectionCounts::wait_idle`]).
+    _open: OpenSocket,
+}
+
+impl tokio::io::AsyncRead for SlottedIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for SlottedIo {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
 
 /// Which stream a WebSocket route serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,7 +115,9 @@ const LOG_HISTORY: i64 = 1000;
 #[derive(Default)]
 pub struct ConnectionCounts {
     counts: Mutex<HashMap<String, usize>>,
-    /// Woken when the last WebSocket of this node ends (a draining node waits for it).
+    /// Upgraded sockets of this node, admitted or not ([`OpenSocket`]).
+    open: AtomicUsize,
+    /// Woken when the last socket of this node is gone (a draining node waits for it).
     idle: tokio::sync::Notify,
 }
 
@@ -66,10 +128,33 @@ pub struct LocalSlot {
 }
 
 /// One admitted WebSocket's slots: this node's count and its row in the store, both given back
-/// when it drops (however the connection ended).
+/// when it drops (however the connection ended), or at once by [`ConnectionSlot::release`].
 pub struct ConnectionSlot {
-    _local: LocalSlot,
-    _store: crate::presence::SlotGuard,
+    local: LocalSlot,
+    store: crate::presence::SlotGuard,
+}
+
+impl ConnectionSlot {
+    /// Give both back now; returns once the store no longer counts the slot (on any node), or
+    /// once its deletion failed and was queued to be retried.
+    pub async fn release(self) {
+        let Self { local, store } = self;
+        drop(local);
+        store.release().await;
+    }
+}
+
+/// One upgraded socket of this node, counted until dropped (see [`ConnectionCounts::wait_idle`]).
+pub struct OpenSocket {
+    counts: Arc<ConnectionCounts>,
+}
+
+impl Drop for OpenSocket {
+    fn drop(&mut self) {
+        if self.counts.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.counts.idle.notify_waiters();
+        }
+    }
 }
 
 impl WsKind {
@@ -84,6 +169,14 @@ impl WsKind {
 }
 
 impl ConnectionCounts {
+    /// Count one upgraded socket until the returned guard drops.
+    pub fn open_socket(self: &Arc<Self>) -> OpenSocket {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        OpenSocket {
+            counts: self.clone(),
+        }
+    }
+
     pub fn acquire(self: &Arc<Self>, user_id: &str, limit: usize) -> Option<LocalSlot> {
         let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         let n = map.entry(user_id.to_string()).or_insert(0);
@@ -97,21 +190,17 @@ impl ConnectionCounts {
         })
     }
 
-    /// Wait until this node holds no WebSocket, at most `bound`; `false` when some are still
-    /// open then. A draining node waits here after telling every stream to close, so each one's
-    /// close frame ("reconnect") is sent before the process exits.
+    /// Wait until this node holds no WebSocket socket, at most `bound`; `false` when some are
+    /// still open then. A draining node waits here after telling every stream to close, so each
+    /// one's close frame ("reconnect") is sent before the process exits (a socket counts until it
+    /// is dropped, after its close frame; its slot is given back before that frame).
     pub async fn wait_idle(&self, bound: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + bound;
         loop {
             let notified = self.idle.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self
-                .counts
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_empty()
-            {
+            if self.open.load(Ordering::Acquire) == 0 {
                 return true;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -129,9 +218,6 @@ impl Drop for LocalSlot {
             if *n == 0 {
                 map.remove(&self.user_id);
             }
-        }
-        if map.is_empty() {
-            self.counts.idle.notify_waiters();
         }
     }
 }
@@ -239,9 +325,12 @@ pub fn upgrade(
             .read_buffer_size(WS_READ_BUFFER)
             .max_message_size(Some(app.config.terminals.max_message_bytes))
             .max_frame_size(Some(app.config.terminals.max_message_bytes));
-        let ws =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
-                .await;
+        let io = SlottedIo {
+            slot: None,
+            io: TokioIo::new(upgraded),
+            _open: app.ws_connections.open_socket(),
+        };
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
         let env_id = params
             .iter()
             .find(|(k, _)| k == "environment_id")
@@ -260,7 +349,12 @@ pub fn upgrade(
     Ok(resp)
 }
 
+/// Send a close frame (and flush it). The connection's slot, if it holds one, is given back
+/// first (see [`SlottedIo`]).
 async fn close(ws: &mut Ws, code: u16, reason: &str) {
+    if let Some(slot) = ws.get_mut().slot.take() {
+        slot.release().await;
+    }
     let frame = CloseFrame {
         code: CloseCode::from(code),
         reason: reason.to_string().into(),
@@ -273,13 +367,9 @@ async fn send(ws: &mut Ws, frame: &ServerFrame) -> bool {
     ws.send(Message::text(frame.to_json())).await.is_ok()
 }
 
-/// Authenticate and take a connection slot within the per-user limit over all nodes.
-async fn admit(
-    app: &AppState,
-    ws: &mut Ws,
-    query: &WsQuery,
-    kind: WsKind,
-) -> Option<(AuthUser, ConnectionSlot)> {
+/// Authenticate and take a connection slot within the per-user limit over all nodes; the slot
+/// goes with the socket ([`SlottedIo`]).
+async fn admit(app: &AppState, ws: &mut Ws, query: &WsQuery, kind: WsKind) -> Option<AuthUser> {
     let Some(token) = query.token.as_deref().filter(|t| !t.is_empty()) else {
         close(ws, 1008, "Authentication failed").await;
         return None;
@@ -298,13 +388,10 @@ async fn admit(
         .take_slot(&user.user.id, kind.as_str(), limit)
         .await
     {
-        Ok(Some(store)) => Some((
-            user,
-            ConnectionSlot {
-                _local: local,
-                _store: store,
-            },
-        )),
+        Ok(Some(store)) => {
+            ws.get_mut().slot = Some(ConnectionSlot { local, store });
+            Some(user)
+        }
         Ok(None) => {
             close(ws, 1008, "Too many connections").await;
             None
@@ -356,7 +443,7 @@ async fn run(
             return;
         }
     };
-    let Some((user, _slot)) = admit(&app, &mut ws, &query, kind).await else {
+    let Some(user) = admit(&app, &mut ws, &query, kind).await else {
         return;
     };
     match kind {

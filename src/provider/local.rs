@@ -44,6 +44,11 @@ const MAX_SNAPSHOTS: usize = 5;
 const OWNER_FILE: &str = "owner";
 /// Longest path a Unix socket takes (`sun_path`, including its NUL).
 const SOCKET_PATH_MAX: usize = 107;
+/// Channels of a shared connection kept free for short-lived ones (see
+/// `ssh_holders_per_connection`): at most one per holder is open at once, and holders open them
+/// rarely and briefly, so a few suffice; a channel refused for lack of room is retried by its
+/// holder like any other failed command.
+const SHORT_CHANNEL_ROOM: usize = 4;
 
 /// How environments are kept apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -614,6 +619,15 @@ impl Provider for LocalProvider {
             log_command: setup_script(local_setup),
             status_command: None,
         }
+    }
+
+    /// The local SSH server takes [`crate::ssh::server::MAX_CHANNELS_PER_CONNECTION`] channels
+    /// per connection (it has no `MaxSessions` of OpenSSH's 10); [`SHORT_CHANNEL_ROOM`] of them
+    /// stay free for the short channels holders open now and then (a terminal's `command -v
+    /// tmux`, a metrics sample, a preview's forward). Fewer connections per environment: each
+    /// costs this process ~150–200 KiB (the client and the server side, russh's buffers).
+    fn ssh_holders_per_connection(&self, _configured: usize) -> usize {
+        crate::ssh::server::MAX_CHANNELS_PER_CONNECTION - SHORT_CHANNEL_ROOM
     }
 
     fn metrics_command(&self) -> &'static str {

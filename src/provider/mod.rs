@@ -144,6 +144,14 @@ pub trait Provider: Send + Sync + 'static {
         crate::actors::environment::metrics::COMMAND
     }
 
+    /// Holders of one shared SSH connection to an environment before the pool opens another
+    /// ([`crate::ssh::pool::SshPool`]). `configured` is `provider.ssh_channels_per_connection`,
+    /// sized for OpenSSH's `MaxSessions`; a provider whose SSH server is this process's own
+    /// states its own limit instead.
+    fn ssh_holders_per_connection(&self, configured: usize) -> usize {
+        configured
+    }
+
     /// Release what the provider runs (the local provider's SSH server).
     async fn shutdown(&self) {}
 

@@ -8,7 +8,9 @@
 //! (default 10, sshd_config(5)), and the local provider's server past
 //! [`crate::ssh::server::MAX_CHANNELS_PER_CONNECTION`]. A user here holds one long-lived channel
 //! (a terminal's PTY) and opens short ones (a terminal's `command -v tmux`, a metrics sample), so
-//! the default of 8 users leaves room for those under OpenSSH's default.
+//! the default of 8 users leaves room for those under OpenSSH's default; the local provider puts
+//! 12 on one (16 channels minus room for the short ones, see
+//! [`crate::provider::Provider::ssh_holders_per_connection`]).
 //!
 //! Flow: russh queues each channel's incoming data (bounded) and stalls the whole connection's
 //! reading while one channel's queue is full, so a user of a shared connection must keep reading

@@ -100,9 +100,20 @@ pub async fn ping_pong(ws: &mut Ws) {
         .await
         .expect("send ping");
     loop {
-        let frame = next_json(ws).await.expect("pong before close");
-        if frame["type"] == "pong" {
-            return;
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a pong in time");
+        match msg {
+            Some(Ok(Message::Text(t))) => {
+                let frame: Value = serde_json::from_str(t.as_str()).expect("JSON frame");
+                if frame["type"] == "pong" {
+                    return;
+                }
+            }
+            Some(Ok(Message::Close(f))) => panic!("closed before the pong: {f:?}"),
+            Some(Err(e)) => panic!("failed before the pong: {e}"),
+            None => panic!("ended before the pong"),
+            Some(Ok(_)) => {}
         }
     }
 }
