@@ -230,12 +230,19 @@ pub struct SlotGuard {
 impl SlotGuard {
     /// Give the slot back now: returns once the store no longer counts it, on any node (or once
     /// its deletion failed and was queued to be retried).
+    /// The deletion runs on a task of its own: a caller that stops waiting (a bounded close)
+    /// does not stop it.
     pub async fn release(mut self) {
         self.presence
             .leak(|l| &mut l.slots, std::mem::take(&mut self.id));
-        if let Err(e) = self.presence.delete_queued().await {
-            tracing::warn!(error = %e, "could not give a connection slot back; retried with the next one taken");
-        }
+        let _ = tokio::spawn(delete_queued(self.presence.clone())).await;
+    }
+}
+
+/// [`Presence::delete_queued`], logging a failure (the rows stay queued).
+async fn delete_queued(presence: Arc<Presence>) {
+    if let Err(e) = presence.delete_queued().await {
+        tracing::warn!(error = %e, "could not give a connection slot back; retried with the next one taken");
     }
 }
 
@@ -252,12 +259,7 @@ impl Drop for SlotGuard {
         // a take on this node deletes it, or waits for the task below, before counting.
         self.presence
             .leak(|l| &mut l.slots, std::mem::take(&mut self.id));
-        let presence = self.presence.clone();
-        runtime.spawn(async move {
-            if let Err(e) = presence.delete_queued().await {
-                tracing::warn!(error = %e, "could not give a connection slot back; retried with the next one taken");
-            }
-        });
+        runtime.spawn(delete_queued(self.presence.clone()));
     }
 }
 

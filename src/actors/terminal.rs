@@ -70,7 +70,10 @@ const TERM: &str = "xterm-256color";
 /// Something for the attached WebSocket.
 #[derive(Debug)]
 pub enum Out {
-    Frame(ServerFrame),
+    /// Boxed: a [`ServerFrame`] is 136 bytes (its largest variant, the welcome) and every
+    /// client queue allocates room for [`CLIENT_QUEUE`]'s first 32 messages up front, idle or
+    /// not (4.3 KiB per terminal; boxed, 1 KiB).
+    Frame(Box<ServerFrame>),
     /// Close the WebSocket with this code and reason.
     Close(u16, String),
 }
@@ -370,7 +373,7 @@ impl TerminalState {
     /// Send a control frame to the attached client, if any (never waits).
     fn notify(&self, frame: ServerFrame) {
         if let Some(client) = &self.attached {
-            let _ = client.frames.try_send(Out::Frame(frame));
+            let _ = client.frames.try_send(Out::Frame(Box::new(frame)));
         }
     }
 
@@ -525,10 +528,10 @@ impl Channel {
         match self.ring.read(sink.sent, FRAME_BYTES) {
             Replay::Bytes(bytes) => {
                 sink.sent += bytes.len() as u64;
-                Some(Out::Frame(ServerFrame::Output {
+                Some(Out::Frame(Box::new(ServerFrame::Output {
                     data: utf8(bytes),
                     offset: sink.sent,
-                }))
+                })))
             }
             Replay::Lost { from } => {
                 sink.sent = from;
@@ -536,7 +539,10 @@ impl Channel {
                     "Output came faster than this connection took it; skipping to the current screen",
                 ));
                 match self.screen.repaint() {
-                    Some(data) => Some(Out::Frame(ServerFrame::Output { data, offset: from })),
+                    Some(data) => Some(Out::Frame(Box::new(ServerFrame::Output {
+                        data,
+                        offset: from,
+                    }))),
                     None => {
                         self.ask_redraw(local);
                         None
@@ -549,7 +555,7 @@ impl Channel {
     /// A frame for the client that must not wait (notices); dropped if its queue is full.
     fn tell(&self, frame: ServerFrame) {
         if let Some(sink) = &self.sink {
-            let _ = sink.frames.try_send(Out::Frame(frame));
+            let _ = sink.frames.try_send(Out::Frame(Box::new(frame)));
         }
     }
 
@@ -892,7 +898,8 @@ async fn channel_task(
                     op = None;
                     local.clear();
                     if let (Some(code), Some(_)) = (exit, &ch.sink) {
-                        ch.pending.push_back(Out::Frame(ServerFrame::Exit { code }));
+                        ch.pending
+                            .push_back(Out::Frame(Box::new(ServerFrame::Exit { code })));
                     }
                     ended = true;
                 }
@@ -915,10 +922,10 @@ impl Actor for TerminalActor {
     ) -> Result<Self::State, ActorProcessingErr> {
         args.cols = args.cols.max(1);
         args.rows = args.rows.max(1);
-        // The whole chain of causes goes into the startup error (the client sees it).
-        let opened = args
-            .reach()
-            .connect(args.cols, args.rows)
+        // The whole chain of causes goes into the startup error (the client sees it). Boxed:
+        // ractor runs `pre_start` inside the actor's task, whose size is that of its largest
+        // state for the terminal's whole life, and connecting (SSH, exec, PTY) is the largest.
+        let opened = Box::pin(args.reach().connect(args.cols, args.rows))
             .await
             .map_err(|e| format!("{e:#}"))?;
         let (input, input_rx) = mpsc::channel(INPUT_QUEUE);

@@ -136,13 +136,18 @@ pub struct ConnectionSlot {
 
 impl ConnectionSlot {
     /// Give both back now; returns once the store no longer counts the slot (on any node), or
-    /// once its deletion failed and was queued to be retried.
+    /// once its deletion failed or took longer than [`SLOT_RELEASE_WAIT`] (it stays queued and
+    /// is deleted with the next slot taken).
     pub async fn release(self) {
         let Self { local, store } = self;
         drop(local);
-        store.release().await;
+        let _ = tokio::time::timeout(SLOT_RELEASE_WAIT, store.release()).await;
     }
 }
+
+/// Longest a close frame waits for the store to give its connection's slot back (a database
+/// that is slow or unreachable must not hold the close up; the slot stays queued).
+const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(2);
 
 /// One upgraded socket of this node, counted until dropped (see [`ConnectionCounts::wait_idle`]).
 pub struct OpenSocket {
@@ -443,11 +448,19 @@ async fn run(
             return;
         }
     };
-    let Some(user) = admit(&app, &mut ws, &query, kind).await else {
+    // Boxed, as the terminal's setup below: the task keeps the size of its largest state for
+    // as long as it runs, and what is left once a terminal is open is only the bridge's.
+    let Some(user) = Box::pin(admit(&app, &mut ws, &query, kind)).await else {
         return;
     };
     match kind {
-        WsKind::Terminal => terminal(app, ws, user, &env_id, query, audit).await,
+        WsKind::Terminal => {
+            let user_id = user.user.id.clone();
+            let opened = Box::pin(terminal(&app, ws, user, &env_id, query, audit)).await;
+            if let Some((ws, attachment, env)) = opened {
+                bridge(&app, ws, attachment, &env, &user_id).await;
+            }
+        }
         WsKind::Logs => logs(app, ws, user, &env_id, query).await,
         WsKind::Events => events(app, ws, user).await,
     }
@@ -462,20 +475,20 @@ fn env_info(env: &Environment) -> EnvironmentInfo {
     }
 }
 
+/// Open (or resume) the terminal a WebSocket asks for: the socket back with its attachment and
+/// environment, or `None` once the socket has been told why not (closed).
 async fn terminal(
-    app: AppState,
+    app: &AppState,
     mut ws: Ws,
     user: AuthUser,
     env_id: &str,
     query: WsQuery,
     audit: AuditContext,
-) {
-    let Some(env) = owned_environment(&app, &mut ws, &user, env_id).await else {
-        return;
-    };
+) -> Option<(Ws, crate::actors::terminal::Attachment, Environment)> {
+    let env = owned_environment(app, &mut ws, &user, env_id).await?;
     if env.status != Status::Running {
         close(&mut ws, 1008, "Environment not ready").await;
-        return;
+        return None;
     }
     let cfg = &app.config.terminals;
     // Feedback for the person while SSH connects (up to the connect timeout on a slow machine).
@@ -485,7 +498,7 @@ async fn terminal(
     )
     .await
     {
-        return;
+        return None;
     }
     let target = match app.actors.ssh_target(&env.id).await {
         Ok(Ok(t)) => t,
@@ -496,16 +509,16 @@ async fn terminal(
             )
             .await;
             close(&mut ws, 1011, "Environment unreachable").await;
-            return;
+            return None;
         }
         Err(_) => {
             close(&mut ws, 1013, "Environment busy, try again").await;
-            return;
+            return None;
         }
     };
     let terminal_id = uuid::Uuid::new_v4().to_string();
     let moved = match &query.terminal_id {
-        Some(asked) => moved_here(&app, asked, &env.id, &user.user.id).await,
+        Some(asked) => moved_here(app, asked, &env.id, &user.user.id).await,
         None => None,
     };
     let tmux_session = moved
@@ -594,7 +607,7 @@ async fn terminal(
         Ok(a) => a,
         Err(crate::actors::session::OpenError::Busy) => {
             close(&mut ws, 1013, "Server busy, try again").await;
-            return;
+            return None;
         }
         Err(e) => {
             let _ = send(
@@ -603,7 +616,7 @@ async fn terminal(
             )
             .await;
             close(&mut ws, 1011, "Terminal unavailable").await;
-            return;
+            return None;
         }
     };
     let created = attachment.terminal_id == terminal_id;
@@ -634,7 +647,7 @@ async fn terminal(
         let _ = store::touch_accessed(&mut conn, &env.id, crate::clock::db_now(app.clock.as_ref()))
             .await;
     }
-    bridge(&app, ws, attachment, &env, &user.user.id).await;
+    Some((ws, attachment, env))
 }
 
 /// The row of terminal `asked` when the store says it is this user's terminal on this environment,
