@@ -327,6 +327,8 @@ impl TerminalRecord {
 }
 
 /// Write each new state of one terminal, in order, then delete its row when the record drops.
+/// The writes are boxed: this task rests for the terminal's whole life waiting for a change, and
+/// a store query's future (pool, connection, statement) would otherwise be part of its size.
 async fn write_loop(
     presence: Arc<Presence>,
     terminal_id: String,
@@ -335,28 +337,28 @@ async fn write_loop(
     while states.changed().await.is_ok() {
         let state = *states.borrow_and_update();
         let now = db_now(presence.clock.as_ref());
-        let result = match presence.db.get().await {
-            Ok(mut conn) => {
-                terminals::update_state(
-                    &mut conn,
-                    &terminal_id,
-                    state.attached,
-                    clamp_i32(state.cols),
-                    clamp_i32(state.rows),
-                    now,
-                )
-                .await
-            }
-            Err(e) => Err(e),
-        };
+        let result = Box::pin(async {
+            let mut conn = presence.db.get().await?;
+            terminals::update_state(
+                &mut conn,
+                &terminal_id,
+                state.attached,
+                clamp_i32(state.cols),
+                clamp_i32(state.rows),
+                now,
+            )
+            .await
+        })
+        .await;
         if let Err(e) = result {
             tracing::warn!(terminal = %terminal_id, error = %e, "could not record a terminal's state");
         }
     }
-    let result = match presence.db.get().await {
-        Ok(mut conn) => terminals::delete(&mut conn, &terminal_id).await,
-        Err(e) => Err(e),
-    };
+    let result = Box::pin(async {
+        let mut conn = presence.db.get().await?;
+        terminals::delete(&mut conn, &terminal_id).await
+    })
+    .await;
     if let Err(e) = result {
         tracing::warn!(terminal = %terminal_id, error = %e, "could not remove an ended terminal's row; retried with the next terminal registered");
         presence.leak(|l| &mut l.terminals, terminal_id);

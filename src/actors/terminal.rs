@@ -419,16 +419,9 @@ impl TerminalState {
 /// From the actor to the channel task.
 enum Control {
     /// Make this connection the sink and answer the attach (the replay is cut from the ring in
-    /// the same step as the swap).
-    Attach {
-        connection: u64,
-        frames: mpsc::Sender<Out>,
-        offset: Option<u64>,
-        size: Option<(u32, u32)>,
-        repaint: bool,
-        attachment: Box<Attachment>,
-        reply: RpcReplyPort<Attachment>,
-    },
+    /// the same step as the swap). Boxed: the largest message, and the queue allocates room for
+    /// 32 of them up front.
+    Attach(Box<AttachRequest>),
     /// That connection's WebSocket is gone: stop sending to it.
     Detach { connection: u64 },
     /// Answer with what the terminal shows now.
@@ -439,6 +432,17 @@ enum Control {
         reader: PtyReader,
         writer: PtyWriter,
     },
+}
+
+/// [`Control::Attach`]'s content.
+struct AttachRequest {
+    connection: u64,
+    frames: mpsc::Sender<Out>,
+    offset: Option<u64>,
+    size: Option<(u32, u32)>,
+    repaint: bool,
+    attachment: Box<Attachment>,
+    reply: RpcReplyPort<Attachment>,
 }
 
 /// Where the channel task sends output.
@@ -792,7 +796,8 @@ async fn channel_task(
         tokio::select! {
             biased;
             msg = control.recv() => match msg {
-                Some(Control::Attach { connection, frames, offset, size, repaint, attachment, reply }) => {
+                Some(Control::Attach(request)) => {
+                    let AttachRequest { connection, frames, offset, size, repaint, attachment, reply } = *request;
                     // The client's size wins on attach (a phone rotated while away); the model
                     // takes it first, so a repaint fits the client's screen.
                     let resized = size.filter(|s| *s != ch.size);
@@ -1021,15 +1026,17 @@ impl Actor for TerminalActor {
                 });
                 // The channel task swaps the sink, cuts the replay and answers; if it cannot
                 // take the message the reply port is dropped and the caller hears so.
-                let sent = state.control.try_send(Control::Attach {
-                    connection,
-                    frames: frames_tx.clone(),
-                    offset,
-                    size,
-                    repaint,
-                    attachment,
-                    reply,
-                });
+                let sent = state
+                    .control
+                    .try_send(Control::Attach(Box::new(AttachRequest {
+                        connection,
+                        frames: frames_tx.clone(),
+                        offset,
+                        size,
+                        repaint,
+                        attachment,
+                        reply,
+                    })));
                 if sent.is_err() {
                     tracing::warn!(terminal = %state.args.terminal_id, "attach refused: the channel task is not answering");
                     if state.attached.is_none() {

@@ -290,8 +290,9 @@ fn bad_upgrade() -> ApiError {
 /// buffer is resident for the connection's life and tungstenite zeroes the unused part before
 /// each read: at 128 KiB that memset was ~5% of the server's CPU per keystroke and 128 KiB per
 /// terminal (perf, `cargo bench --bench terminal`). Client frames are small (a keystroke's is
-/// ~40 bytes; a paste is read in several pieces, up to `terminals.max_message_bytes`).
-pub const WS_READ_BUFFER: usize = 4 * 1024;
+/// ~40 bytes; a paste is read in several pieces, up to `terminals.max_message_bytes`: a 64 KiB
+/// paste is 64 reads, microseconds each), so 1 KiB: issue 12 budgets 64 KiB per terminal.
+pub const WS_READ_BUFFER: usize = 1024;
 
 /// Validate the upgrade request, answer 101 and run the stream on the upgraded connection.
 pub fn upgrade(
