@@ -611,7 +611,10 @@ async fn a_hung_machine_never_holds_up_the_session(backend: Backend) {
     s.wait_status(me, &id, "running").await;
 
     // New connections hang; the one the environment has (its metrics sampler's, which the
-    // terminal would share) is hung up first.
+    // terminal would share) is hung up first. The sampler connects as the environment starts
+    // running: wait for that connection to be made, or it could be accepted before the stall
+    // and finish its handshake after the cut, and the terminal would share it.
+    s.wait_ssh_connections(1).await;
     c.vps.stall(true);
     c.vps.cut();
     s.wait_ssh_connections(0).await;
