@@ -31,9 +31,10 @@ use crate::clock::{SharedClock, db_now, from_db, to_db};
 use crate::store::terminals::{self, TerminalRow};
 use crate::store::{Db, StoreResult, slots};
 
-/// Rows whose deletion failed, kept for another try; past this many the rest wait for the node's
-/// restart (which deletes all its rows) — a database down that long has bigger consequences.
-const MAX_LEAKED: usize = 10_000;
+/// Rows queued for deletion (given back, or whose deletion failed and waits for another try);
+/// past this many the rest wait for the node's restart (which deletes all its rows) — a database
+/// down that long has bigger consequences.
+const MAX_QUEUED: usize = 10_000;
 
 /// The store side of this node's terminals and WebSockets.
 pub struct Presence {
@@ -41,19 +42,25 @@ pub struct Presence {
     clock: SharedClock,
     node_id: String,
     dead_after: Duration,
-    /// Rows to delete: given back, or whose deletion failed (see [`MAX_LEAKED`]); never locked
+    /// Rows to delete: given back, or whose deletion failed (see [`MAX_QUEUED`]); never locked
     /// across an `.await`.
-    leaked: Mutex<Leaked>,
+    queued: Mutex<Queued>,
     /// Held while queued rows are being deleted, so that a take waits for deletions in flight
     /// (a slot given back a moment ago) before it counts.
     deleting: tokio::sync::Mutex<()>,
 }
 
-/// Ids of rows whose deletion failed.
+/// Ids of rows to delete.
 #[derive(Default)]
-struct Leaked {
+struct Queued {
     slots: Vec<String>,
     terminals: Vec<String>,
+}
+
+impl Queued {
+    fn is_empty(&self) -> bool {
+        self.slots.is_empty() && self.terminals.is_empty()
+    }
 }
 
 impl std::fmt::Debug for Presence {
@@ -72,20 +79,20 @@ impl Presence {
             clock,
             node_id,
             dead_after,
-            leaked: Mutex::default(),
+            queued: Mutex::default(),
             deleting: tokio::sync::Mutex::new(()),
         }
     }
 
-    fn leaked(&self) -> std::sync::MutexGuard<'_, Leaked> {
-        self.leaked.lock().unwrap_or_else(|e| e.into_inner())
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queued> {
+        self.queued.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Remember a row whose deletion failed, to delete it later.
-    fn leak(&self, pick: impl FnOnce(&mut Leaked) -> &mut Vec<String>, id: String) {
-        let mut leaked = self.leaked();
-        let list = pick(&mut leaked);
-        if list.len() < MAX_LEAKED {
+    /// Queue a row for deletion (see [`MAX_QUEUED`]).
+    fn enqueue(&self, pick: impl FnOnce(&mut Queued) -> &mut Vec<String>, id: String) {
+        let mut queued = self.queue();
+        let list = pick(&mut queued);
+        if list.len() < MAX_QUEUED {
             list.push(id);
         }
     }
@@ -94,10 +101,17 @@ impl Presence {
     /// deletion failed before; those that fail again stay queued). A deletion in flight on
     /// another task finishes first. The lock is taken before the connection, so a pool of one
     /// connection cannot deadlock on it.
+    ///
+    /// With nothing queued (the common case) the lock is only passed through, so takes and
+    /// registrations do not queue behind each other's pool waits.
     async fn settled_conn(&self) -> StoreResult<crate::store::DbConn> {
         let _one_at_a_time = self.deleting.lock().await;
+        if self.queue().is_empty() {
+            drop(_one_at_a_time);
+            return self.db.get().await;
+        }
         let mut conn = self.db.get().await?;
-        self.retry_leaked(&mut conn).await;
+        self.delete_queued_on(&mut conn).await;
         Ok(conn)
     }
 
@@ -105,29 +119,29 @@ impl Presence {
     /// and spawns a task each; the first deletes them all).
     async fn delete_queued(&self) -> StoreResult<()> {
         let _one_at_a_time = self.deleting.lock().await;
-        if self.leaked().slots.is_empty() {
+        if self.queue().is_empty() {
             return Ok(());
         }
         let mut conn = self.db.get().await?;
-        self.retry_leaked(&mut conn).await;
+        self.delete_queued_on(&mut conn).await;
         Ok(())
     }
 
     /// Delete the queued rows; the caller holds `deleting`.
-    async fn retry_leaked(&self, conn: &mut crate::store::DbConn) {
-        let Leaked {
+    async fn delete_queued_on(&self, conn: &mut crate::store::DbConn) {
+        let Queued {
             slots: slot_ids,
             terminals: terminal_ids,
-        } = std::mem::take(&mut *self.leaked());
+        } = std::mem::take(&mut *self.queue());
         for id in slot_ids {
             if let Err(e) = slots::release(conn, &id).await {
                 tracing::warn!(slot = %id, error = %e, "could not give a connection slot back; retried with the next one taken");
-                self.leak(|l| &mut l.slots, id);
+                self.enqueue(|l| &mut l.slots, id);
             }
         }
         for id in terminal_ids {
             if terminals::delete(conn, &id).await.is_err() {
-                self.leak(|l| &mut l.terminals, id);
+                self.enqueue(|l| &mut l.terminals, id);
             }
         }
     }
@@ -234,7 +248,7 @@ impl SlotGuard {
     /// does not stop it.
     pub async fn release(mut self) {
         self.presence
-            .leak(|l| &mut l.slots, std::mem::take(&mut self.id));
+            .enqueue(|l| &mut l.slots, std::mem::take(&mut self.id));
         let _ = tokio::spawn(delete_queued(self.presence.clone())).await;
     }
 }
@@ -258,7 +272,7 @@ impl Drop for SlotGuard {
         // Queued before the connection's task goes on (the client may already be reconnecting):
         // a take on this node deletes it, or waits for the task below, before counting.
         self.presence
-            .leak(|l| &mut l.slots, std::mem::take(&mut self.id));
+            .enqueue(|l| &mut l.slots, std::mem::take(&mut self.id));
         runtime.spawn(delete_queued(self.presence.clone()));
     }
 }
@@ -361,7 +375,7 @@ async fn write_loop(
     .await;
     if let Err(e) = result {
         tracing::warn!(terminal = %terminal_id, error = %e, "could not remove an ended terminal's row; retried with the next terminal registered");
-        presence.leak(|l| &mut l.terminals, terminal_id);
+        presence.enqueue(|l| &mut l.terminals, terminal_id);
     }
 }
 
