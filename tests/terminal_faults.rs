@@ -7,6 +7,8 @@
 //! - terminals of one environment share one SSH connection: a client that stops reading while
 //!   its shell floods holds back no other terminal on it, and a dropped connection is made again
 //!   once for all of them.
+//! - it refuses the probe for tmux: that is no answer, so the terminal never falls back to a plain
+//!   shell that would not survive the next disconnect.
 
 mod support;
 
@@ -23,6 +25,7 @@ on_both_backends!(
     input_a_remote_never_reads_is_dropped_after_the_write_timeout,
     a_dropped_connection_is_reconnected_and_the_stream_continues,
     terminals_share_a_connection_and_a_stalled_client_holds_back_no_other,
+    a_refused_tmux_probe_is_never_taken_for_no_tmux,
 );
 
 /// The paste: 3 MiB in 2 KiB input frames, far beyond what a deaf machine takes (about 1.5
@@ -357,5 +360,75 @@ async fn terminals_share_a_connection_and_a_stalled_client_holds_back_no_other(b
     assert_eq!(s.ssh_connections().await, 1);
     input(&mut b, "echo back-$((3+4))\r").await;
     within("B answers again", read_until(&mut b, "back-7")).await;
+    s.stop().await;
+}
+
+/// A machine that refuses the `command -v tmux` probe (as an SSH server at its session limit
+/// does) has not said it lacks tmux: the open fails plainly (the app retries), and a reconnect
+/// whose probe is refused tries again and comes back inside tmux — never a plain shell with a
+/// "tmux is not installed" notice, whose work the next disconnect would lose.
+async fn a_refused_tmux_probe_is_never_taken_for_no_tmux(backend: Backend) {
+    let sim_config = SimConfig::default();
+    let sim = ContaboSim::start(sim_config.clone()).await;
+    let vps = FakeVps::start(&sim, FakeVpsConfig::default()).await;
+    let s = TestServer::start_with(backend, |c| {
+        support::contabo_sim::use_simulator(c, &sim, &sim_config, vps.port);
+    })
+    .await;
+    let me = s.register("prob").await;
+    let env = running_env(&s, &me, "probe").await;
+
+    vps.refuse_tmux_probes(1);
+    let path = format!("/api/v1/ws/terminal/{env}?token={}", me.access);
+    let mut ws = connect(&s, &path).await;
+    let error = within("the refused open", next_error(&mut ws)).await;
+    assert!(
+        error.starts_with("Cannot open a terminal") && error.contains("whether tmux is installed"),
+        "{error}"
+    );
+    assert_eq!(within("the close", close_of(&mut ws)).await.0, 1011);
+
+    // `${TMUX:+y}` is `y` only inside tmux; the echoed command line never contains the needle.
+    let in_tmux = "echo t-${TMUX:+y}es\r";
+    let (mut ws, _) = within("the next open", open_terminal(&s, &me, &env, "")).await;
+    input(&mut ws, in_tmux).await;
+    within("a shell inside tmux", read_until(&mut ws, "t-yes")).await;
+    input(&mut ws, "kept=4$((1+1)); echo set-$kept\r").await;
+    within("the shell variable", read_until(&mut ws, "set-42")).await;
+
+    vps.refuse_tmux_probes(1);
+    vps.cut();
+    let infos = within("the reconnect", async {
+        let mut infos = Vec::new();
+        while !infos.iter().any(|m: &String| m == "Reconnected") {
+            let frame = next_json(&mut ws).await.expect("frames before the close");
+            assert_ne!(frame["type"], "error", "{frame}");
+            if frame["type"] == "info" {
+                infos.push(frame["message"].as_str().unwrap_or_default().to_string());
+            }
+        }
+        infos
+    })
+    .await;
+    assert!(
+        !infos.iter().any(|m| m.contains("tmux is not installed")),
+        "{infos:?}"
+    );
+    assert!(
+        vps.commands()
+            .iter()
+            .filter(|c| c.contains("command -v tmux"))
+            .count()
+            >= 4,
+        "refused probes were asked again: {:?}",
+        vps.commands()
+    );
+    // The shell of before the drop, kept by tmux.
+    input(&mut ws, "echo kept-$kept\r").await;
+    within(
+        "the same shell after the reconnect",
+        read_until(&mut ws, "kept-42"),
+    )
+    .await;
     s.stop().await;
 }

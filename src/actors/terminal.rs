@@ -337,11 +337,7 @@ impl Reach {
             .await
             .context("cannot connect to the environment")?;
         let open = async {
-            let has_tmux = client
-                .exec("command -v tmux", 1024)
-                .await
-                .map(|o| o.status == Some(0))
-                .unwrap_or(false);
+            let has_tmux = has_tmux(&client).await?;
             let command = has_tmux.then(|| tmux_command(tmux_session));
             let pty = client
                 .open_pty(TERM, cols, rows, command.as_deref())
@@ -359,6 +355,25 @@ impl Reach {
             pty,
             has_tmux,
         })
+    }
+}
+
+/// Whether the environment has tmux: `command -v tmux` exits 0 (found) or with another status
+/// (not found; POSIX gives 1, a missing shell 127). Only an exit status answers the question: a
+/// refused or broken exec channel, or one closed without a status, is an error (the open fails
+/// plainly, a reconnect retries) — never taken for "no tmux", which would silently give the
+/// terminal a plain shell that does not survive a disconnect.
+async fn has_tmux(client: &SshClient) -> anyhow::Result<bool> {
+    use anyhow::Context;
+    let probe = client
+        .exec("command -v tmux", 1024)
+        .await
+        .context("cannot ask the environment whether tmux is installed")?;
+    match probe.status {
+        Some(status) => Ok(status == 0),
+        None => anyhow::bail!(
+            "cannot ask the environment whether tmux is installed: the command ended without an exit status"
+        ),
     }
 }
 

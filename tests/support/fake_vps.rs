@@ -16,7 +16,9 @@
 //!   - containing `cloud-init-output.log`: with `-f`/`-F` (follow) the lines are streamed as they
 //!     are written and the channel stays open until the client closes it; otherwise the lines
 //!     written so far are printed and the command exits 0.
-//!   - `command -v tmux` with `without_tmux`: exits 1 (no tmux on this machine).
+//!   - `command -v tmux` with `without_tmux`: exits 1 (no tmux on this machine). After
+//!     `refuse_tmux_probes(n)`, the next `n` of them are refused (SSH channel failure), as a
+//!     server at its session limit or a broken one answers.
 //!   - containing `cloud-init status`: with `--wait` prints `.` while waiting, then
 //!     `status: done` (exit code 0 or 2) or `status: error` (1) and exits with `cloud_init_exit`;
 //!     without `--wait` prints `status: running` (exit 0) until done. `--long` adds
@@ -32,6 +34,8 @@
 //!   A client writing to one waits for window space for ever once about 1.5 windows are sent.
 //! - `cut()` hangs up every SSH connection being served (an SSH disconnect, so the client's
 //!   channels end at once); new ones are served as before.
+//! - Commands and shells get `TMUX_TMPDIR` = the machine's temp dir, so the tmux server the
+//!   terminals start is the machine's own; dropping the `FakeVps` kills it.
 //! - `shell` with a prior `pty-req` runs `/bin/bash` in a PTY (window changes honoured); without
 //!   one, `/bin/sh` on pipes.
 
@@ -113,6 +117,15 @@ impl Drop for FakeVps {
         if let Some(task) = &self.task {
             task.abort();
         }
+        // The tmux server the terminals started lives on (a daemon) after its clients are
+        // killed; its socket is under the machine's temp dir (`TMUX_TMPDIR`).
+        let _ = std::process::Command::new("tmux")
+            .env("TMUX_TMPDIR", self.shared.workdir.path())
+            .arg("kill-server")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -125,6 +138,8 @@ struct Shared {
     stalled: AtomicBool,
     /// PTY channels of new connections never read input (see the module doc).
     deaf: AtomicBool,
+    /// `command -v tmux` execs still to refuse (see the module doc).
+    refuse_tmux_probes: AtomicUsize,
     held: Mutex<Vec<tokio::net::TcpStream>>,
     /// Bumped by `cut`: every connection being served hangs up.
     cut: tokio::sync::watch::Sender<u64>,
@@ -163,6 +178,7 @@ impl FakeVps {
             connections: AtomicUsize::new(0),
             stalled: AtomicBool::new(false),
             deaf: AtomicBool::new(false),
+            refuse_tmux_probes: AtomicUsize::new(0),
             held: Mutex::new(Vec::new()),
             cut: tokio::sync::watch::Sender::new(0),
             commands: Mutex::new(VecDeque::new()),
@@ -211,6 +227,11 @@ impl FakeVps {
     /// it again (`false`, for new connections). See the module doc.
     pub fn deaf(&self, on: bool) {
         self.shared.deaf.store(on, Ordering::SeqCst);
+    }
+
+    /// Refuse the next `n` `command -v tmux` execs (see the module doc).
+    pub fn refuse_tmux_probes(&self, n: usize) {
+        self.shared.refuse_tmux_probes.store(n, Ordering::SeqCst);
     }
 
     /// Connections accepted and held while stalled.
@@ -552,6 +573,16 @@ impl russh::server::Handler for VpsSession {
         }
         let command = String::from_utf8_lossy(data).into_owned();
         self.record(&command);
+        if command.contains("command -v tmux")
+            && self
+                .shared
+                .refuse_tmux_probes
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            session.channel_failure(channel)?;
+            return Ok(());
+        }
         session.channel_success(channel)?;
         let handle = session.handle();
         let has_pty = self.channels.get(&channel).is_some_and(|s| s.pty.is_some());
@@ -793,6 +824,7 @@ async fn run_command(
         cmd.arg("-c").arg(command);
     }
     cmd.current_dir(&workdir)
+        .env("TMUX_TMPDIR", &workdir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -906,6 +938,7 @@ async fn pty_shell(
         let child = shell
             .env("TERM", &term)
             .current_dir(&workdir)
+            .env("TMUX_TMPDIR", &workdir)
             .kill_on_drop(true)
             .spawn(pts)?;
         Ok((pty, child))
