@@ -12,6 +12,10 @@
 //! block of [`BIG_BLOCK`] bytes or more is mmapped and returned on free: argon2's memory, each
 //! terminal's output ring (`terminals.ring_bytes`) and screen grids when a terminal ends.
 //! Measured by `cargo bench --bench terminal` (server RSS idle with one terminal).
+//!
+//! [`release_start_up_code`] is the same idea for the program's own code: once the server is
+//! up, the pages of its binary mapped so far (mostly code run only at start) are unmapped, so
+//! RSS counts the code the running server still uses rather than everything start touched.
 #![allow(unsafe_code)]
 
 /// Blocks of at least this many bytes are mmapped and unmapped on free: glibc's own default
@@ -33,5 +37,186 @@ pub fn return_big_blocks() -> bool {
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
         true
+    }
+}
+
+/// What [`release_start_up_code`] unmapped: mappings and the resident bytes they had.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Released {
+    pub mappings: usize,
+    pub bytes: u64,
+}
+
+/// Unmap the resident pages of this program's binary that were never written: its code and
+/// read-only data, as mapped so far. Call once the server is up.
+///
+/// Why: the kernel maps a file's pages around every page fault in windows of
+/// `fault_around_bytes` (64 KiB), so running the start-up code (configuration, CLI, migrations,
+/// templates, the listeners) leaves most of the binary's 11 MB of code resident although the
+/// running server never runs it again: 8.9 MiB at start (issue 12, goal 3; the terminal bench's
+/// doc comment). `madvise(MADV_DONTNEED)` on a private file mapping drops the page-table entries
+/// only: the pages stay in the page cache, and code the server runs later is mapped again by a
+/// minor fault (no disk read) — a few hundred faults of about a microsecond each.
+///
+/// Only mappings of the executable with no anonymous pages are touched (read from
+/// `/proc/self/smaps`): a mapping with copy-on-write pages (the relocated RELRO data, `.data`)
+/// holds content the file does not, which `MADV_DONTNEED` would throw away. Linux only
+/// (elsewhere `Ok` with nothing released). Errors: reading `/proc/self/smaps` or the executable's
+/// path; a refused `madvise` skips that mapping.
+pub fn release_start_up_code() -> std::io::Result<Released> {
+    #[cfg(target_os = "linux")]
+    {
+        let exe = std::fs::read_link("/proc/self/exe")?;
+        let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+        let mut released = Released::default();
+        for mapping in parse_smaps(&smaps) {
+            let clean_file_pages = mapping.path == exe.as_os_str().to_string_lossy()
+                && !mapping.writable
+                && mapping.anonymous_kib == 0;
+            if !clean_file_pages || mapping.rss_kib == 0 {
+                continue;
+            }
+            // SAFETY: the range is a whole mapping of this process, read from smaps; it is
+            // read-only and backed by the executable with no anonymous pages, so dropping its
+            // page-table entries loses nothing: the next access maps the same file page again.
+            let done = unsafe {
+                libc::madvise(
+                    mapping.start as *mut libc::c_void,
+                    mapping.end - mapping.start,
+                    libc::MADV_DONTNEED,
+                )
+            } == 0;
+            if done {
+                released.mappings += 1;
+                released.bytes += mapping.rss_kib * 1024;
+            }
+        }
+        Ok(released)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        Ok(Released::default())
+    }
+}
+
+/// One mapping of `/proc/<pid>/smaps` (proc(5)): its range, whether it is writable, its path
+/// (empty for anonymous memory) and its `Rss` and `Anonymous` lines, in KiB.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Mapping {
+    start: usize,
+    end: usize,
+    writable: bool,
+    path: String,
+    rss_kib: u64,
+    anonymous_kib: u64,
+}
+
+/// The mappings of an smaps text. A header line is `start-end perms offset dev inode [path]`;
+/// the `Key: value kB` lines after it belong to it. Unparsable lines are skipped.
+fn parse_smaps(text: &str) -> Vec<Mapping> {
+    let mut mappings: Vec<Mapping> = Vec::new();
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else { continue };
+        if let Some((start, end)) = first.split_once('-') {
+            let range = usize::from_str_radix(start, 16)
+                .ok()
+                .zip(usize::from_str_radix(end, 16).ok());
+            if let Some((start, end)) = range {
+                let perms = fields.next().unwrap_or_default();
+                // offset, dev, inode; the path is the rest of the line (it may hold spaces).
+                let path = fields.nth(3).map_or_else(String::new, |first_word| {
+                    let at = line.find(first_word).unwrap_or(line.len());
+                    line[at..].to_string()
+                });
+                mappings.push(Mapping {
+                    start,
+                    end,
+                    writable: perms.as_bytes().get(1) == Some(&b'w'),
+                    path,
+                    ..Mapping::default()
+                });
+                continue;
+            }
+        }
+        let Some(current) = mappings.last_mut() else {
+            continue;
+        };
+        let kib = || {
+            fields
+                .clone()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        match first {
+            "Rss:" => current.rss_kib = kib(),
+            "Anonymous:" => current.anonymous_kib = kib(),
+            _ => {}
+        }
+    }
+    mappings
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smaps_mappings_are_read_with_their_sizes() {
+        let text = "\
+55d0c0000000-55d0c0100000 r--p 00000000 fd:01 123 /usr/bin/devpocket server
+Size:               1024 kB
+Rss:                 512 kB
+Anonymous:             0 kB
+55d0c0100000-55d0c0200000 r-xp 00100000 fd:01 123 /usr/bin/devpocket server
+Rss:                 900 kB
+Anonymous:             0 kB
+55d0c0300000-55d0c0310000 rw-p 00300000 fd:01 123 /usr/bin/devpocket server
+Rss:                  64 kB
+Anonymous:            60 kB
+7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0                          [stack]
+Rss:                  12 kB
+Anonymous:            12 kB
+";
+        let m = parse_smaps(text);
+        assert_eq!(m.len(), 4);
+        assert_eq!(
+            m[1],
+            Mapping {
+                start: 0x55d0c0100000,
+                end: 0x55d0c0200000,
+                writable: false,
+                path: "/usr/bin/devpocket server".into(),
+                rss_kib: 900,
+                anonymous_kib: 0,
+            }
+        );
+        assert!(m[2].writable && m[2].anonymous_kib == 60);
+        assert_eq!(m[3].path, "[stack]");
+    }
+
+    /// The resident KiB of this executable's never-written mappings.
+    fn clean_code_kib() -> u64 {
+        let exe = std::fs::read_link("/proc/self/exe").expect("exe");
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+        parse_smaps(&smaps)
+            .iter()
+            .filter(|m| m.path == exe.to_string_lossy() && !m.writable && m.anonymous_kib == 0)
+            .map(|m| m.rss_kib)
+            .sum()
+    }
+
+    /// The test binary's own code pages go, and it keeps running (this very code is among them:
+    /// it comes back from the page cache).
+    #[test]
+    fn start_up_code_is_released_and_runs_again() {
+        let before = clean_code_kib();
+        let released = release_start_up_code().expect("smaps readable");
+        let after = clean_code_kib();
+        assert!(released.mappings >= 1, "{released:?}");
+        assert!(released.bytes > 0, "{released:?}");
+        // Other tests run on other threads and map some pages back, never all of them.
+        assert!(after < before, "{before} KiB → {after} KiB resident");
     }
 }
