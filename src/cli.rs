@@ -273,16 +273,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let signals = ShutdownSignals::install();
     raise_open_file_limit();
     let server = app::start(config, Arc::new(SystemClock)).await?;
-    // Up: the code only start ran need not stay mapped (see the function).
-    match crate::memory::release_start_up_code() {
-        Ok(released) => tracing::debug!(
-            mappings = released.mappings,
-            kib = released.bytes / 1024,
-            "unmapped the start-up code pages (they stay in the page cache)"
-        ),
-        Err(e) => tracing::debug!(error = %e, "cannot unmap the start-up code pages"),
-    }
+    // Up: the code only start-up ran need not stay mapped, nor what a burst mapped once the
+    // server is quiet again (see the function).
+    let releaser = tokio::spawn(crate::memory::release_code_when_quiet());
     signals.wait().await;
+    releaser.abort();
     tracing::info!("shutting down: draining requests");
     server.stop().await;
     Ok(())

@@ -14,8 +14,9 @@
 //! Measured by `cargo bench --bench terminal` (server RSS idle with one terminal).
 //!
 //! [`release_start_up_code`] is the same idea for the program's own code: once the server is
-//! up, the pages of its binary mapped so far (mostly code run only at start) are unmapped, so
-//! RSS counts the code the running server still uses rather than everything start touched.
+//! up, and again whenever it goes quiet ([`release_code_when_quiet`]), the pages of its binary
+//! mapped so far are unmapped, so RSS counts the code the server is using rather than every
+//! 64 KiB window of it that start-up or an earlier burst of requests touched.
 #![allow(unsafe_code)]
 
 /// Blocks of at least this many bytes are mmapped and unmapped on free: glibc's own default
@@ -58,9 +59,10 @@ pub struct Released {
 /// only: the pages stay in the page cache, and code the server runs later is mapped again by a
 /// minor fault (no disk read) — a few hundred faults of about a microsecond each.
 ///
-/// Only mappings of the executable with no anonymous pages are touched (read from
-/// `/proc/self/smaps`): a mapping with copy-on-write pages (the relocated RELRO data, `.data`)
-/// holds content the file does not, which `MADV_DONTNEED` would throw away. Linux only
+/// Only read-only mappings of the executable with no anonymous pages, resident or swapped out,
+/// are touched (read from `/proc/self/smaps`): a mapping with copy-on-write pages (the relocated
+/// RELRO data, `.data`) holds content the file does not, which `MADV_DONTNEED` would throw
+/// away — and smaps' `Anonymous` leaves out what is in swap, hence the `Swap` check. Linux only
 /// (elsewhere `Ok` with nothing released). Errors: reading `/proc/self/smaps` or the executable's
 /// path; a refused `madvise` skips that mapping.
 pub fn release_start_up_code() -> std::io::Result<Released> {
@@ -72,7 +74,8 @@ pub fn release_start_up_code() -> std::io::Result<Released> {
         for mapping in parse_smaps(&smaps) {
             let clean_file_pages = mapping.path == exe.as_os_str().to_string_lossy()
                 && !mapping.writable
-                && mapping.anonymous_kib == 0;
+                && mapping.anonymous_kib == 0
+                && mapping.swap_kib == 0;
             if !clean_file_pages || mapping.rss_kib == 0 {
                 continue;
             }
@@ -99,8 +102,100 @@ pub fn release_start_up_code() -> std::io::Result<Released> {
     }
 }
 
+/// How often [`release_code_when_quiet`] looks at the process's CPU time.
+pub const QUIET_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+/// CPU time under which one [`QUIET_CHECK`] period counts as quiet: 5 ms in 5 s, 0.1% of a core
+/// (an idle server's timers, keepalives and a tmux status line redraw stay under it; one login
+/// or one terminal open does not).
+pub const QUIET_CPU: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// When to unmap code pages again: once per quiet spell, i.e. after a [`QUIET_CHECK`] period
+/// that used less than [`QUIET_CPU`] following one that did not (or the start).
+#[derive(Debug)]
+pub struct QuietSpells {
+    last_cpu: std::time::Duration,
+    released: bool,
+}
+
+impl QuietSpells {
+    /// Start from the process's CPU time now; the start counts as busy.
+    pub fn new(cpu_now: std::time::Duration) -> Self {
+        Self {
+            last_cpu: cpu_now,
+            released: false,
+        }
+    }
+
+    /// Record the CPU time at the end of a period; true when the code pages should be released
+    /// now (the first quiet period after a busy one). After a release, [`Self::rebase`].
+    pub fn observe(&mut self, cpu_now: std::time::Duration) -> bool {
+        let used = cpu_now.saturating_sub(self.last_cpu);
+        self.last_cpu = cpu_now;
+        if used >= QUIET_CPU {
+            self.released = false;
+            return false;
+        }
+        !std::mem::replace(&mut self.released, true)
+    }
+
+    /// Measure the next period from `cpu_now`: a release's own cost (reading smaps, the
+    /// `madvise`) is not the server being busy, or an idle server would alternate between
+    /// releasing and "busy".
+    pub fn rebase(&mut self, cpu_now: std::time::Duration) {
+        self.last_cpu = cpu_now;
+    }
+}
+
+/// This process's CPU time, user and system, all threads (`CLOCK_PROCESS_CPUTIME_ID`).
+fn process_cpu_time() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant the C library knows.
+    let ok = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } == 0;
+    if !ok {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::new(
+        u64::try_from(ts.tv_sec).unwrap_or(0),
+        u32::try_from(ts.tv_nsec).unwrap_or(0),
+    )
+}
+
+/// Unmap the binary's clean pages now ([`release_start_up_code`]) and again at the start of
+/// every quiet spell ([`QuietSpells`]), for the life of the server (spawn it once it is up).
+/// A busy server is never interrupted: a release happens only after a [`QUIET_CHECK`] period
+/// in which the whole process used under [`QUIET_CPU`]. What comes back after one is the code
+/// the next requests run, by minor faults from the page cache (about 200 of them, each a
+/// 64 KiB window, for a login and a terminal open).
+/// The release reads `/proc/self/smaps` (file I/O), so it runs on the blocking pool.
+pub async fn release_code_when_quiet() {
+    let release = |why: &'static str| tokio::task::spawn_blocking(move || release_logged(why));
+    let _ = release("the server is up").await;
+    let mut spells = QuietSpells::new(process_cpu_time());
+    loop {
+        tokio::time::sleep(QUIET_CHECK).await;
+        if spells.observe(process_cpu_time()) {
+            let _ = release("the server is quiet").await;
+            spells.rebase(process_cpu_time());
+        }
+    }
+}
+
+fn release_logged(why: &str) {
+    match release_start_up_code() {
+        Ok(released) => tracing::debug!(
+            mappings = released.mappings,
+            kib = released.bytes / 1024,
+            "{why}: unmapped the binary's code pages (they stay in the page cache)"
+        ),
+        Err(e) => tracing::debug!(error = %e, "cannot unmap the binary's code pages"),
+    }
+}
+
 /// One mapping of `/proc/<pid>/smaps` (proc(5)): its range, whether it is writable, its path
-/// (empty for anonymous memory) and its `Rss` and `Anonymous` lines, in KiB.
+/// (empty for anonymous memory) and its `Rss`, `Anonymous` and `Swap` lines, in KiB.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Mapping {
     start: usize,
@@ -109,6 +204,7 @@ struct Mapping {
     path: String,
     rss_kib: u64,
     anonymous_kib: u64,
+    swap_kib: u64,
 }
 
 /// The mappings of an smaps text. A header line is `start-end perms offset dev inode [path]`;
@@ -152,6 +248,7 @@ fn parse_smaps(text: &str) -> Vec<Mapping> {
         match first {
             "Rss:" => current.rss_kib = kib(),
             "Anonymous:" => current.anonymous_kib = kib(),
+            "Swap:" => current.swap_kib = kib(),
             _ => {}
         }
     }
@@ -163,15 +260,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn code_is_released_once_per_quiet_spell() {
+        let ms = std::time::Duration::from_millis;
+        let mut spells = QuietSpells::new(ms(1000));
+        // Busy, then quiet: one release; quiet on: none more.
+        assert!(!spells.observe(ms(1200)));
+        assert!(spells.observe(ms(1201)));
+        assert!(!spells.observe(ms(1202)));
+        assert!(!spells.observe(ms(1206)));
+        // Just under the bound is quiet, at it busy; a new quiet spell releases again.
+        assert!(!spells.observe(ms(1211)));
+        assert!(spells.observe(ms(1215)));
+        // A clock that went back (it cannot, but) is quiet, not an overflow.
+        assert!(!spells.observe(ms(10)));
+        // The release's own cost, rebased away, does not end the quiet spell.
+        spells.rebase(ms(30));
+        assert!(!spells.observe(ms(31)));
+    }
+
+    #[test]
+    fn the_process_cpu_time_advances() {
+        let before = process_cpu_time();
+        let mut x = 0u64;
+        for i in 0..5_000_000u64 {
+            x = std::hint::black_box(x.wrapping_add(i));
+        }
+        assert!(process_cpu_time() > before, "{x}");
+    }
+
+    #[test]
     fn smaps_mappings_are_read_with_their_sizes() {
         let text = "\
 55d0c0000000-55d0c0100000 r--p 00000000 fd:01 123 /usr/bin/devpocket server
 Size:               1024 kB
 Rss:                 512 kB
 Anonymous:             0 kB
+Swap:                  0 kB
 55d0c0100000-55d0c0200000 r-xp 00100000 fd:01 123 /usr/bin/devpocket server
 Rss:                 900 kB
 Anonymous:             0 kB
+Swap:                  4 kB
 55d0c0300000-55d0c0310000 rw-p 00300000 fd:01 123 /usr/bin/devpocket server
 Rss:                  64 kB
 Anonymous:            60 kB
@@ -190,6 +318,7 @@ Anonymous:            12 kB
                 path: "/usr/bin/devpocket server".into(),
                 rss_kib: 900,
                 anonymous_kib: 0,
+                swap_kib: 4,
             }
         );
         assert!(m[2].writable && m[2].anonymous_kib == 60);
@@ -202,7 +331,12 @@ Anonymous:            12 kB
         let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
         parse_smaps(&smaps)
             .iter()
-            .filter(|m| m.path == exe.to_string_lossy() && !m.writable && m.anonymous_kib == 0)
+            .filter(|m| {
+                m.path == exe.to_string_lossy()
+                    && !m.writable
+                    && m.anonymous_kib == 0
+                    && m.swap_kib == 0
+            })
             .map(|m| m.rss_kib)
             .sum()
     }

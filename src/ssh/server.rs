@@ -81,9 +81,11 @@ async fn read_chunk(src: &mut Output) -> std::io::Result<Bytes> {
     .await
 }
 
-/// A PTY read returns at most this much (the line discipline's buffer, N_TTY_BUF_SIZE): a read
-/// this long means the program writes faster than it is read.
-const PTY_FULL_READ: usize = 4096;
+/// A PTY read at least this long means the program writes faster than it is read, so the next
+/// read is not paced ([`OUTPUT_PACE`]). A PTY read returns at most 4 KiB (the line discipline's
+/// buffer, N_TTY_BUF_SIZE) and, while the writer is ahead, 4095 bytes (n_tty keeps a byte of
+/// room), so "full" is taken as half of it: a redraw burst reads tens to hundreds of bytes.
+const PTY_FULL_READ: usize = 2048;
 /// Output pacing of a PTY: after a read shorter than [`PTY_FULL_READ`] (the program writes in
 /// small pieces, as tmux redrawing does), the next read waits this long, so a burst leaves as
 /// a few packets of up to 4 KiB instead of thousands of tens of bytes, each of which costs an
