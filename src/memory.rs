@@ -102,12 +102,13 @@ pub fn release_start_up_code() -> std::io::Result<Released> {
     }
 }
 
-/// How often [`release_code_when_quiet`] looks at the process's CPU time.
-pub const QUIET_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
-/// CPU time under which one [`QUIET_CHECK`] period counts as quiet: 5 ms in 5 s, 0.1% of a core
+/// How often [`release_code_when_quiet`] looks at the process's CPU time: a release follows
+/// the last activity within two to three periods (4–6 s).
+pub const QUIET_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+/// CPU time under which one [`QUIET_CHECK`] period counts as quiet: 2 ms in 2 s, 0.1% of a core
 /// (an idle server's timers, keepalives and a tmux status line redraw stay under it; one login
 /// or one terminal open does not).
-pub const QUIET_CPU: std::time::Duration = std::time::Duration::from_millis(5);
+pub const QUIET_CPU: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// When to unmap code pages again: once per quiet spell, i.e. after a [`QUIET_CHECK`] period
 /// that used less than [`QUIET_CPU`] following one that did not (or the start).
@@ -262,20 +263,26 @@ mod tests {
     #[test]
     fn code_is_released_once_per_quiet_spell() {
         let ms = std::time::Duration::from_millis;
-        let mut spells = QuietSpells::new(ms(1000));
+        let (busy, quiet) = (QUIET_CPU, QUIET_CPU - ms(1));
+        let mut cpu = ms(1000);
+        let mut spells = QuietSpells::new(cpu);
+        let mut next = |used| {
+            cpu += used;
+            spells.observe(cpu)
+        };
         // Busy, then quiet: one release; quiet on: none more.
-        assert!(!spells.observe(ms(1200)));
-        assert!(spells.observe(ms(1201)));
-        assert!(!spells.observe(ms(1202)));
-        assert!(!spells.observe(ms(1206)));
-        // Just under the bound is quiet, at it busy; a new quiet spell releases again.
-        assert!(!spells.observe(ms(1211)));
-        assert!(spells.observe(ms(1215)));
+        assert!(!next(ms(200)));
+        assert!(next(quiet));
+        assert!(!next(quiet));
+        assert!(!next(ms(0)));
+        // At the bound is busy; a new quiet spell releases again.
+        assert!(!next(busy));
+        assert!(next(quiet));
         // A clock that went back (it cannot, but) is quiet, not an overflow.
         assert!(!spells.observe(ms(10)));
         // The release's own cost, rebased away, does not end the quiet spell.
         spells.rebase(ms(30));
-        assert!(!spells.observe(ms(31)));
+        assert!(!spells.observe(ms(30) + quiet));
     }
 
     #[test]
