@@ -97,7 +97,9 @@
 //! allocated by the server. Now the server unmaps its binary's clean pages once it is up and
 //! whenever it goes quiet (`memory::release_code_when_quiet`, `MADV_DONTNEED`): RSS at start
 //! 14.7 → 5.4 MiB, idle with one terminal 18.5 → 7.5–7.8 MiB (4.6–4.9 anonymous, 3.1 mapped
-//! code; 3 runs). The anonymous part is the real cost: heap (the terminal's screen model, 200×50
+//! code; 3 runs with a 5 s quiet check). Variable: the release must land inside the 10 quiet
+//! seconds (one run 17.3 MiB, it came after), and with the final 2 s check one run kept 8.3 MiB
+//! of code mapped (13.4 MiB): what maps it back while idle is not yet known. The anonymous part is the real cost: heap (the terminal's screen model, 200×50
 //! with tmux's alternate screen, is about 0.6 MiB of it), thread stacks, SQLite's page cache.
 
 #[path = "../support/mod.rs"]
