@@ -13,7 +13,7 @@
 //! terminal's output ring (`terminals.ring_bytes`) and screen grids when a terminal ends.
 //! Measured by `cargo bench --bench terminal` (server RSS idle with one terminal).
 //!
-//! [`release_start_up_code`] is the same idea for the program's own code: once the server is
+//! [`release_code_pages`] is the same idea for the program's own code: once the server is
 //! up, and again whenever it goes quiet ([`release_code_when_quiet`]), the pages of its binary
 //! mapped so far are unmapped, so RSS counts the code the server is using rather than every
 //! 64 KiB window of it that start-up or an earlier burst of requests touched.
@@ -41,7 +41,7 @@ pub fn return_big_blocks() -> bool {
     }
 }
 
-/// What [`release_start_up_code`] unmapped: mappings and the resident bytes they had.
+/// What [`release_code_pages`] unmapped: mappings and the resident bytes they had.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Released {
     pub mappings: usize,
@@ -49,7 +49,8 @@ pub struct Released {
 }
 
 /// Unmap the resident pages of this program's binary that were never written: its code and
-/// read-only data, as mapped so far. Call once the server is up.
+/// read-only data, as mapped so far: at start-up's end and at each quiet spell
+/// ([`release_code_when_quiet`]).
 ///
 /// Why: the kernel maps a file's pages around every page fault in windows of
 /// `fault_around_bytes` (64 KiB), so running the start-up code (configuration, CLI, migrations,
@@ -65,7 +66,7 @@ pub struct Released {
 /// away — and smaps' `Anonymous` leaves out what is in swap, hence the `Swap` check. Linux only
 /// (elsewhere `Ok` with nothing released). Errors: reading `/proc/self/smaps` or the executable's
 /// path; a refused `madvise` skips that mapping.
-pub fn release_start_up_code() -> std::io::Result<Released> {
+pub fn release_code_pages() -> std::io::Result<Released> {
     #[cfg(target_os = "linux")]
     {
         let exe = std::fs::read_link("/proc/self/exe")?;
@@ -164,7 +165,7 @@ fn process_cpu_time() -> std::time::Duration {
     )
 }
 
-/// Unmap the binary's clean pages now ([`release_start_up_code`]) and again at the start of
+/// Unmap the binary's clean pages now ([`release_code_pages`]) and again at the start of
 /// every quiet spell ([`QuietSpells`]), for the life of the server (spawn it once it is up).
 /// A busy server is never interrupted: a release happens only after a [`QUIET_CHECK`] period
 /// in which the whole process used under [`QUIET_CPU`]. What comes back after one is the code
@@ -185,7 +186,7 @@ pub async fn release_code_when_quiet() {
 }
 
 fn release_logged(why: &str) {
-    match release_start_up_code() {
+    match release_code_pages() {
         Ok(released) => tracing::debug!(
             mappings = released.mappings,
             kib = released.bytes / 1024,
@@ -353,7 +354,7 @@ Anonymous:            12 kB
     #[test]
     fn start_up_code_is_released_and_runs_again() {
         let before = clean_code_kib();
-        let released = release_start_up_code().expect("smaps readable");
+        let released = release_code_pages().expect("smaps readable");
         let after = clean_code_kib();
         assert!(released.mappings >= 1, "{released:?}");
         assert!(released.bytes > 0, "{released:?}");
